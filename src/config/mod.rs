@@ -1,0 +1,2 @@
+//! Istio YAML → validated, immutable [`crate::model::Snapshot`], with diagnostics that carry
+//! file, line and column.

@@ -1,0 +1,416 @@
+//! The routing snapshot: what the gateway acts on, independent of where it came from.
+//!
+//! Configuration loading (`crate::config`) turns Istio YAML into a [`Snapshot`]; the data
+//! path only ever reads one. A second source (istiod over xDS) can build the same types
+//! without touching the data path. Everything here is immutable once built and shared
+//! behind an `Arc`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The five ALPN values Istio sidecars offer on mTLS connections (`allIstioMtlsALPNs`).
+pub const ISTIO_ALPNS: [&str; 5] = [
+    "istio",
+    "istio-peer-exchange",
+    "istio-http/1.0",
+    "istio-http/1.1",
+    "istio-h2",
+];
+
+/// Everything the gateway needs to route, built once per configuration load.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub settings: Settings,
+    /// One entry per bound socket address; several Gateway servers may share one.
+    pub listeners: Vec<ListenerSpec>,
+    /// Services by (lower-case host, service port number).
+    pub services: HashMap<ServiceKey, Arc<ServicePort>>,
+    pub bridges: Vec<BridgeSpec>,
+    /// Authorization policies that apply to this gateway, in file order.
+    pub authz: Vec<AuthzPolicy>,
+    /// PeerAuthentication mode that applies to this gateway, if any.
+    pub peer_authentication: Option<PeerAuthMode>,
+}
+
+/// Lookup key for a service port: lower-case host plus the *service* port number.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub host: String,
+    pub port: u16,
+}
+
+impl ServiceKey {
+    pub fn new(host: &str, port: u16) -> Self {
+        ServiceKey {
+            host: host.to_ascii_lowercase(),
+            port,
+        }
+    }
+}
+
+/// The gateway's own settings (`strait.dev/v1alpha1` `Bootstrap`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub cluster: String,
+    pub network: String,
+    pub locality: Locality,
+    pub trust_domain: String,
+    pub trust_domain_aliases: Vec<String>,
+    /// Federated trust domains that bring their own root bundle (trust domain → file).
+    pub trust_bundles: BTreeMap<String, PathBuf>,
+    /// Network name → that network's east-west gateways.
+    pub mesh_networks: BTreeMap<String, Vec<NetworkGateway>>,
+    pub cert_dir: PathBuf,
+    pub status_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub drain_duration: Duration,
+    pub client_hello_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Process-wide cap on accepted connections, including ones still in their ClientHello.
+    pub max_connections: Option<usize>,
+    /// ALPN values a passthrough ClientHello must offer one of; empty allows any.
+    pub passthrough_alpn: Vec<String>,
+    pub access_log: AccessLogTarget,
+    pub labels: BTreeMap<String, String>,
+    pub root_namespace: String,
+    /// Worker threads for the data path; `None` means one per available core.
+    pub workers: Option<usize>,
+    /// Warn when a certificate expires within this window.
+    pub cert_expiry_warning: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            cluster: "Kubernetes".into(),
+            network: String::new(),
+            locality: Locality::default(),
+            trust_domain: "cluster.local".into(),
+            trust_domain_aliases: Vec::new(),
+            trust_bundles: BTreeMap::new(),
+            mesh_networks: BTreeMap::new(),
+            cert_dir: PathBuf::from("/etc/certs"),
+            status_addr: SocketAddr::from(([0, 0, 0, 0], 15021)),
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15090)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            drain_duration: Duration::from_secs(45),
+            client_hello_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
+            max_connections: None,
+            passthrough_alpn: ISTIO_ALPNS.iter().map(|s| s.to_string()).collect(),
+            access_log: AccessLogTarget::Stdout,
+            labels: BTreeMap::new(),
+            root_namespace: "istio-system".into(),
+            workers: None,
+            cert_expiry_warning: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stdout,
+    File(PathBuf),
+    Off,
+}
+
+/// `region/zone/subzone`; empty parts are unknown.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+impl Locality {
+    pub fn parse(s: &str) -> Self {
+        let mut parts = s.splitn(3, '/');
+        Locality {
+            region: parts.next().unwrap_or("").to_string(),
+            zone: parts.next().unwrap_or("").to_string(),
+            subzone: parts.next().unwrap_or("").to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Locality {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.zone.is_empty() && self.subzone.is_empty() {
+            return f.write_str(&self.region);
+        }
+        if self.subzone.is_empty() {
+            return write!(f, "{}/{}", self.region, self.zone);
+        }
+        write!(f, "{}/{}/{}", self.region, self.zone, self.subzone)
+    }
+}
+
+/// One east-west gateway of a network, from `meshNetworks.networks.<name>.gateways[]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkGateway {
+    pub address: String,
+    pub port: u16,
+}
+
+/// A bound socket with the Gateway servers that share it.
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    pub addr: SocketAddr,
+    pub servers: Vec<ServerSpec>,
+}
+
+/// One `Gateway.spec.servers[]` entry.
+#[derive(Debug, Clone)]
+pub struct ServerSpec {
+    /// `<gateway namespace>/<gateway name>/<server index>`, for logs and `route`.
+    pub name: String,
+    pub mode: ServerTlsMode,
+    pub hosts: Vec<HostMatch>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerTlsMode {
+    AutoPassthrough,
+    IstioMutual,
+}
+
+/// A Gateway server host pattern, after dropping any `namespace/` prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// `*`
+    Any,
+    /// `*.local` is stored as `.local` (lower case): matches any host ending in it.
+    Suffix(String),
+    /// An exact host (lower case).
+    Exact(String),
+}
+
+impl HostMatch {
+    pub fn parse(pattern: &str) -> Self {
+        let p = match pattern.split_once('/') {
+            Some((_ns, host)) => host,
+            None => pattern,
+        };
+        let p = p.to_ascii_lowercase();
+        if p == "*" {
+            HostMatch::Any
+        } else if let Some(rest) = p.strip_prefix('*') {
+            HostMatch::Suffix(rest.to_string())
+        } else {
+            HostMatch::Exact(p)
+        }
+    }
+
+    /// Whether a (lower-case) service host falls under this pattern.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Any => true,
+            HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+            HostMatch::Exact(e) => e == host,
+        }
+    }
+}
+
+impl std::fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostMatch::Any => f.write_str("*"),
+            HostMatch::Suffix(s) => write!(f, "*{s}"),
+            HostMatch::Exact(e) => f.write_str(e),
+        }
+    }
+}
+
+/// One port of one service (ServiceEntry host × port), with its subsets and endpoints.
+#[derive(Debug, Clone)]
+pub struct ServicePort {
+    /// Lower-case service host.
+    pub host: String,
+    /// Namespace of the ServiceEntry that declared it.
+    pub namespace: String,
+    /// The service port number (what the SNI carries).
+    pub port: u16,
+    /// The port's name (used to find endpoint ports by name).
+    pub port_name: String,
+    /// All endpoints of this service port, each with its resolved target port.
+    pub endpoints: Vec<Endpoint>,
+    /// Service-level traffic policy (DestinationRule `trafficPolicy`, port-level merged in).
+    pub policy: TrafficPolicy,
+    /// Declared subsets by name.
+    pub subsets: BTreeMap<String, Subset>,
+    pub resolution: Resolution,
+}
+
+impl ServicePort {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            host: self.host.clone(),
+            port: self.port,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resolution {
+    #[default]
+    Static,
+    Dns,
+}
+
+/// A DestinationRule subset.
+#[derive(Debug, Clone)]
+pub struct Subset {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Indexes into `ServicePort::endpoints` whose labels match.
+    pub endpoints: Vec<usize>,
+    /// The subset's policy with the service's merged underneath (subset wins).
+    pub policy: TrafficPolicy,
+}
+
+/// One endpoint of a service port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub address: EndpointAddress,
+    /// The port to dial (endpoint port map by port name, else targetPort, else service port).
+    pub port: u16,
+    pub labels: BTreeMap<String, String>,
+    pub locality: Locality,
+    /// Network of the endpoint; empty means the gateway's own.
+    pub network: String,
+    pub weight: u32,
+    pub service_account: Option<String>,
+    /// Labelled `security.istio.io/tlsMode: disabled`: never a passthrough target.
+    pub tls_disabled: bool,
+}
+
+impl Endpoint {
+    pub fn authority(&self) -> String {
+        match &self.address {
+            EndpointAddress::Ip(ip) => SocketAddr::new(*ip, self.port).to_string(),
+            EndpointAddress::Hostname(h) => format!("{h}:{}", self.port),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EndpointAddress {
+    Ip(IpAddr),
+    /// Resolved at connect time (`resolution: DNS`).
+    Hostname(String),
+}
+
+/// DestinationRule traffic policy, as much of it as strait acts on.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrafficPolicy {
+    pub lb: LbPolicy,
+    pub locality_lb: Option<LocalityLbSetting>,
+    pub connect_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub max_connections: Option<u32>,
+    pub max_connection_duration: Option<Duration>,
+    pub outlier: Option<OutlierDetection>,
+    pub tls: UpstreamTls,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    Random,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalityLbSetting {
+    pub enabled: bool,
+    /// `distribute`: from-pattern → (to-pattern → weight percent).
+    pub distribute: Vec<(String, Vec<(String, u32)>)>,
+    /// `failover`: from region → to region.
+    pub failover: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierDetection {
+    pub consecutive_errors: u32,
+    pub interval: Duration,
+    pub base_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+    pub min_health_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        // Envoy's defaults, which Istio inherits.
+        OutlierDetection {
+            consecutive_errors: 5,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 10,
+            min_health_percent: 0,
+        }
+    }
+}
+
+/// How the gateway talks to an endpoint after terminating ISTIO_MUTUAL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum UpstreamTls {
+    #[default]
+    Plaintext,
+    IstioMutual,
+}
+
+/// A `strait.dev/v1alpha1` `Bridge`.
+#[derive(Debug, Clone)]
+pub struct BridgeSpec {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub host: String,
+    pub port: u16,
+    pub subset: Option<String>,
+    pub identity: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerAuthMode {
+    Strict,
+    Permissive,
+    Disable,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthzAction {
+    Allow,
+    Deny,
+}
+
+/// An AuthorizationPolicy that applies to this gateway.
+#[derive(Debug, Clone)]
+pub struct AuthzPolicy {
+    pub name: String,
+    pub action: AuthzAction,
+    pub rules: Vec<AuthzRule>,
+}
+
+/// One `rules[]` entry: all of its non-empty parts must match.
+#[derive(Debug, Clone, Default)]
+pub struct AuthzRule {
+    /// `from[]`: any one source must match (empty = any source).
+    pub from: Vec<AuthzSource>,
+    /// Ports from `to[].operation.ports` (empty = any port).
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuthzSource {
+    pub principals: Vec<String>,
+    pub not_principals: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub not_namespaces: Vec<String>,
+}

@@ -1,0 +1,3 @@
+//! Routing: SNI subset keys, Gateway host matching, service/subset/endpoint lookup.
+
+pub mod sni;

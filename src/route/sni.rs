@@ -1,0 +1,1 @@
+//! Istio subset keys carried in SNI: `outbound_.<port>_.<subset>_.<host>`.

@@ -1,0 +1,1 @@
+//! ClientHello inspection without terminating TLS.
