@@ -1,1 +1,332 @@
 //! Istio subset keys carried in SNI: `outbound_.<port>_.<subset>_.<host>`.
+//!
+//! Sidecars use the DNS-SRV form of the cluster name as the TLS SNI towards another
+//! network (`BuildDNSSrvSubsetKey` in Istio's `pilot/pkg/model/service.go`), e.g.
+//! `outbound_.9080_._.reviews.default.svc.cluster.local` (no subset: the subset is the
+//! empty string between two `_.` separators) or `outbound_.9080_.v2_.reviews.default.svc.cluster.local`.
+//! The gateway routes on the port, subset and host read back from it.
+
+/// The `(port, subset, host)` a client asked for in its SNI, borrowed from the SNI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SubsetKey<'a> {
+    /// The service port (not the endpoint's target port).
+    pub port: u16,
+    /// The DestinationRule subset; `None` for the whole service.
+    pub subset: Option<&'a str>,
+    /// The service host as sent (case preserved; compare case-insensitively).
+    pub host: &'a str,
+}
+
+/// Why an SNI is not a routable Istio outbound subset key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SniMiss {
+    #[error(
+        "SNI is not an Istio subset key: it must start with `outbound_.` (as in outbound_.9080_._.reviews.default.svc.cluster.local)"
+    )]
+    NotSubsetKey,
+    #[error(
+        "SNI is an inbound subset key (`inbound_.`); the gateway routes only outbound keys sent by sidecars in other networks"
+    )]
+    Inbound,
+    #[error(
+        "SNI subset key has fewer than three `_.` separators; expected outbound_.<port>_.<subset>_.<host> (empty subset: outbound_.<port>_._.<host>)"
+    )]
+    MissingSeparator,
+    #[error("SNI subset key has a `_.` separator inside the host; host names cannot contain `_.`")]
+    ExtraSeparator,
+    #[error(
+        "SNI subset key port is not a decimal number in 1..=65535 without sign or leading zeros"
+    )]
+    BadPort,
+    #[error(
+        "SNI subset key subset name is not a DNS-1123 label (lowercase letters, digits and '-', at most 63, starting and ending alphanumeric)"
+    )]
+    InvalidSubset,
+    #[error("SNI subset key has an empty host")]
+    EmptyHost,
+    #[error(
+        "SNI subset key host is not a DNS name (letters, digits, '-' and non-empty labels of at most 63 separated by '.', at most 253 in all)"
+    )]
+    InvalidHost,
+}
+
+impl SniMiss {
+    /// A short snake_case label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SniMiss::NotSubsetKey => "not_subset_key",
+            SniMiss::Inbound => "inbound_key",
+            SniMiss::MissingSeparator => "missing_separator",
+            SniMiss::ExtraSeparator => "extra_separator",
+            SniMiss::BadPort => "bad_port",
+            SniMiss::InvalidSubset => "invalid_subset",
+            SniMiss::EmptyHost => "empty_host",
+            SniMiss::InvalidHost => "invalid_host",
+        }
+    }
+}
+
+const OUTBOUND: &str = "outbound_.";
+const INBOUND: &str = "inbound_.";
+const SEP: &str = "_.";
+
+/// Parse an SNI as an Istio outbound subset key.
+///
+/// As in Istio, the `outbound_.` prefix is case-sensitive; the host may contain upper-case
+/// letters (DNS is case-insensitive; the caller matches hosts without regard to case).
+pub fn parse_subset_key(sni: &str) -> Result<SubsetKey<'_>, SniMiss> {
+    let Some(rest) = sni.strip_prefix(OUTBOUND) else {
+        return Err(if sni.starts_with(INBOUND) {
+            SniMiss::Inbound
+        } else {
+            SniMiss::NotSubsetKey
+        });
+    };
+    let (port, rest) = rest.split_once(SEP).ok_or(SniMiss::MissingSeparator)?;
+    let (subset, host) = rest.split_once(SEP).ok_or(SniMiss::MissingSeparator)?;
+    if host.contains(SEP) {
+        return Err(SniMiss::ExtraSeparator);
+    }
+    let port = parse_port(port).ok_or(SniMiss::BadPort)?;
+    let subset = match subset {
+        "" => None,
+        s if is_dns1123_label(s) => Some(s),
+        _ => return Err(SniMiss::InvalidSubset),
+    };
+    if host.is_empty() {
+        return Err(SniMiss::EmptyHost);
+    }
+    if !is_dns_name(host) {
+        return Err(SniMiss::InvalidHost);
+    }
+    Ok(SubsetKey { port, subset, host })
+}
+
+/// Build the SNI a sidecar sends for `(port, subset, host)`, the inverse of [`parse_subset_key`].
+pub fn build_subset_key(port: u16, subset: Option<&str>, host: &str) -> String {
+    let subset = subset.unwrap_or("");
+    // "outbound_." + up to 5 digits + "_." + subset + "_." + host
+    let mut key =
+        String::with_capacity(OUTBOUND.len() + 5 + 2 * SEP.len() + subset.len() + host.len());
+    key.push_str(OUTBOUND);
+    // Writing into a String cannot fail.
+    let _ = std::fmt::Write::write_fmt(&mut key, format_args!("{port}"));
+    key.push_str(SEP);
+    key.push_str(subset);
+    key.push_str(SEP);
+    key.push_str(host);
+    key
+}
+
+/// Decimal 1..=65535, digits only, no leading zero (sidecars write ports with `strconv.Itoa`).
+fn parse_port(s: &str) -> Option<u16> {
+    let bytes = s.as_bytes();
+    if bytes.is_empty() || bytes.len() > 5 || bytes[0] == b'0' {
+        return None;
+    }
+    let mut value: u32 = 0;
+    for &b in bytes {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        value = value * 10 + u32::from(b - b'0');
+    }
+    u16::try_from(value).ok()
+}
+
+/// Kubernetes DNS-1123 label, which Istio requires of DestinationRule subset names.
+fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.first().is_some_and(alnum)
+        && b.last().is_some_and(alnum)
+        && b.iter().all(|c| alnum(c) || *c == b'-')
+}
+
+/// A DNS host name: labels of letters, digits and `-`, 1..=63 bytes each, 253 in all.
+fn is_dns_name(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn no_subset_key() {
+        let key = parse_subset_key("outbound_.9080_._.reviews.default.svc.cluster.local").unwrap();
+        assert_eq!(
+            key,
+            SubsetKey {
+                port: 9080,
+                subset: None,
+                host: "reviews.default.svc.cluster.local"
+            }
+        );
+    }
+
+    #[test]
+    fn subset_key() {
+        let key =
+            parse_subset_key("outbound_.9080_.v2_.reviews.default.svc.cluster.local").unwrap();
+        assert_eq!(key.port, 9080);
+        assert_eq!(key.subset, Some("v2"));
+        assert_eq!(key.host, "reviews.default.svc.cluster.local");
+        let key = parse_subset_key("outbound_.65535_.canary-1_.a").unwrap();
+        assert_eq!(
+            (key.port, key.subset, key.host),
+            (65535, Some("canary-1"), "a")
+        );
+    }
+
+    #[test]
+    fn host_case_is_preserved() {
+        let key = parse_subset_key("outbound_.443_._.Reviews.Default.SVC.cluster.local").unwrap();
+        assert_eq!(key.host, "Reviews.Default.SVC.cluster.local");
+    }
+
+    #[test]
+    fn build_matches_istio_format() {
+        assert_eq!(
+            build_subset_key(9080, None, "reviews.default.svc.cluster.local"),
+            "outbound_.9080_._.reviews.default.svc.cluster.local"
+        );
+        assert_eq!(
+            build_subset_key(9080, Some("v2"), "reviews.default.svc.cluster.local"),
+            "outbound_.9080_.v2_.reviews.default.svc.cluster.local"
+        );
+        // An empty subset is how Istio spells "no subset".
+        assert_eq!(
+            build_subset_key(1, Some(""), "h"),
+            build_subset_key(1, None, "h")
+        );
+    }
+
+    #[test]
+    fn misses_are_typed() {
+        let cases: &[(&str, SniMiss)] = &[
+            ("reviews.default.svc.cluster.local", SniMiss::NotSubsetKey),
+            ("", SniMiss::NotSubsetKey),
+            (
+                "outbound|9080||reviews.default.svc.cluster.local",
+                SniMiss::NotSubsetKey,
+            ),
+            ("OUTBOUND_.9080_._.reviews", SniMiss::NotSubsetKey),
+            ("outbound.9080_._.reviews", SniMiss::NotSubsetKey),
+            (
+                "inbound_.9080_._.reviews.default.svc.cluster.local",
+                SniMiss::Inbound,
+            ),
+            ("outbound_.", SniMiss::MissingSeparator),
+            (
+                "outbound_.9080_.reviews.default.svc.cluster.local",
+                SniMiss::MissingSeparator,
+            ),
+            ("outbound_.9080", SniMiss::MissingSeparator),
+            (
+                "outbound_.9080_._.reviews_.default",
+                SniMiss::ExtraSeparator,
+            ),
+            ("outbound_.9080_.v1_.v2_.reviews", SniMiss::ExtraSeparator),
+            ("outbound_.9080_._._.", SniMiss::ExtraSeparator),
+            ("outbound_._._.reviews", SniMiss::BadPort),
+            ("outbound_.0_._.reviews", SniMiss::BadPort),
+            ("outbound_.65536_._.reviews", SniMiss::BadPort),
+            ("outbound_.99999_._.reviews", SniMiss::BadPort),
+            ("outbound_.123456_._.reviews", SniMiss::BadPort),
+            ("outbound_.+9080_._.reviews", SniMiss::BadPort),
+            ("outbound_.-1_._.reviews", SniMiss::BadPort),
+            ("outbound_.09080_._.reviews", SniMiss::BadPort),
+            ("outbound_. 9080_._.reviews", SniMiss::BadPort),
+            ("outbound_.9080a_._.reviews", SniMiss::BadPort),
+            ("outbound_.9080_.V2_.reviews", SniMiss::InvalidSubset),
+            ("outbound_.9080_.-v2_.reviews", SniMiss::InvalidSubset),
+            ("outbound_.9080_.v2-_.reviews", SniMiss::InvalidSubset),
+            ("outbound_.9080_.v.2_.reviews", SniMiss::InvalidSubset),
+            ("outbound_.9080_.v_2_.reviews", SniMiss::InvalidSubset),
+            ("outbound_.9080_._.", SniMiss::EmptyHost),
+            ("outbound_.9080_.v1_.", SniMiss::EmptyHost),
+            ("outbound_.9080_._.reviews..svc", SniMiss::InvalidHost),
+            ("outbound_.9080_._..reviews", SniMiss::InvalidHost),
+            ("outbound_.9080_._.reviews.", SniMiss::InvalidHost),
+            ("outbound_.9080_._.rev_iews", SniMiss::InvalidHost),
+            ("outbound_.9080_._.*.svc", SniMiss::InvalidHost),
+            ("outbound_.9080_._.réviews", SniMiss::InvalidHost),
+            ("outbound_.9080_._.a b", SniMiss::InvalidHost),
+        ];
+        for (sni, miss) in cases {
+            assert_eq!(parse_subset_key(sni), Err(*miss), "{sni:?}");
+        }
+        let long_subset = format!("outbound_.1_.{}_.h", "a".repeat(64));
+        assert_eq!(parse_subset_key(&long_subset), Err(SniMiss::InvalidSubset));
+        let ok_subset = format!("outbound_.1_.{}_.h", "a".repeat(63));
+        assert!(parse_subset_key(&ok_subset).is_ok());
+        let long_label = format!("outbound_.1_._.{}.svc", "a".repeat(64));
+        assert_eq!(parse_subset_key(&long_label), Err(SniMiss::InvalidHost));
+        let long_host = format!("outbound_.1_._.{}aa", "a.".repeat(126));
+        assert_eq!(parse_subset_key(&long_host), Err(SniMiss::InvalidHost));
+        let max_host = format!("outbound_.1_._.{}a", "a.".repeat(126));
+        assert_eq!(parse_subset_key(&max_host).map(|k| k.host.len()), Ok(253));
+    }
+
+    #[test]
+    fn reasons_and_messages() {
+        assert_eq!(SniMiss::Inbound.reason(), "inbound_key");
+        assert_eq!(SniMiss::NotSubsetKey.reason(), "not_subset_key");
+        assert_eq!(SniMiss::BadPort.reason(), "bad_port");
+        assert!(
+            SniMiss::MissingSeparator
+                .to_string()
+                .contains("outbound_.<port>_._.<host>")
+        );
+        assert!(
+            SniMiss::Inbound
+                .to_string()
+                .contains("routes only outbound")
+        );
+    }
+
+    fn label() -> impl Strategy<Value = String> {
+        "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?"
+    }
+
+    fn host() -> impl Strategy<Value = String> {
+        proptest::collection::vec("[A-Za-z0-9]([A-Za-z0-9-]{0,20}[A-Za-z0-9])?", 1..6)
+            .prop_map(|labels| labels.join("."))
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_strings_never_panic(s in ".{0,200}") {
+            let _ = parse_subset_key(&s);
+        }
+
+        #[test]
+        fn arbitrary_keys_never_panic(s in "outbound_\\.[0-9_.a-zA-Z-]{0,80}") {
+            if let Ok(key) = parse_subset_key(&s) {
+                prop_assert_eq!(build_subset_key(key.port, key.subset, key.host), s);
+            }
+        }
+
+        #[test]
+        fn build_then_parse_round_trips(
+            port in 1u16..,
+            subset in proptest::option::of(label()),
+            host in host(),
+        ) {
+            let sni = build_subset_key(port, subset.as_deref(), &host);
+            let key = parse_subset_key(&sni).unwrap();
+            prop_assert_eq!(key, SubsetKey { port, subset: subset.as_deref(), host: &host });
+        }
+    }
+}
