@@ -1,4 +1,16 @@
 //! TLS: ClientHello inspection, SPIFFE identities, rustls configurations and certificate files.
 
+pub mod certs;
 pub mod client_hello;
 pub mod spiffe;
+pub mod verify;
+
+pub use certs::{
+    CertError, Identity, PeerIdError, cert_not_after, load_identity, load_trust_bundle,
+    peer_spiffe_id,
+};
+pub use spiffe::{SpiffeId, SpiffeIdError};
+pub use verify::{
+    PeerRejection, Refusal, TrustConfig, classify_handshake_error, client_config,
+    handshake_error_detail, server_config,
+};
