@@ -97,6 +97,9 @@ pub fn init_ca(trust_domain: &str, out: &Path, valid_for: Duration) -> Result<()
 
 /// Issues an SVID for `id` from the CA in `ca_dir` into `out` (created if missing),
 /// valid from a minute ago for `valid_for`.
+///
+/// The ID's trust domain is not tied to the CA's: one mesh root signs the IDs of its
+/// trust domain aliases too. Refuses to overwrite any existing file.
 pub fn issue_svid(
     ca_dir: &Path,
     id: &SpiffeId,

@@ -447,7 +447,26 @@ async fn openssl_s_client_completes_mtls_and_sees_spiffe_server_cert() {
     let client_dir = tmp.path("client");
     ca::issue_svid(&mesh, &id(CLIENT_ID), &client_dir, DAY).unwrap();
     let server = server_config(&gateway, &mesh_trust(), ALPN).unwrap();
+    // TLS 1.3 and 1.2 take different signature-verification paths in the verifier.
+    for (version, shown) in [("-tls1_3", "New, TLSv1.3"), ("-tls1_2", "New, TLSv1.2")] {
+        let (stdout, client_seen) = openssl_s_client(server.clone(), &client_dir, version).await;
+        assert!(stdout.contains(shown), "{stdout}");
+        assert!(stdout.contains("Verify return code: 0 (ok)"), "{stdout}");
+        assert!(stdout.contains("hello from strait"), "{stdout}");
+        assert_eq!(client_seen, id(CLIENT_ID));
+        let server_pem = pem_blocks(&stdout).remove(0);
+        let text = openssl_stdin(&["x509", "-noout", "-ext", "subjectAltName"], &server_pem);
+        assert!(text.contains(&format!("URI:{GATEWAY_ID}")), "{text}");
+    }
+}
 
+/// Runs `openssl s_client` with the SVID in `client_dir` against one connection of a
+/// server using `server`; returns its output and the client ID the server saw.
+async fn openssl_s_client(
+    server: Arc<rustls::ServerConfig>,
+    client_dir: &Path,
+    version: &'static str,
+) -> (String, SpiffeId) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server_task = tokio::spawn(async move {
@@ -458,17 +477,12 @@ async fn openssl_s_client_completes_mtls_and_sees_spiffe_server_cert() {
         tls.shutdown().await?;
         Ok::<_, io::Error>(peer_spiffe_id(&leaf).unwrap())
     });
-
-    let chain = client_dir.join("cert-chain.pem");
+    let client_dir = client_dir.to_owned();
     let output = tokio::task::spawn_blocking(move || {
+        let chain = client_dir.join("cert-chain.pem");
         Command::new("openssl")
-            .args([
-                "s_client",
-                "-connect",
-                &addr.to_string(),
-                "-servername",
-                SUBSET_SNI,
-            ])
+            .args(["s_client", version, "-connect", &addr.to_string()])
+            .args(["-servername", SUBSET_SNI])
             .arg("-cert")
             .arg(&chain)
             .arg("-cert_chain")
@@ -484,17 +498,11 @@ async fn openssl_s_client_completes_mtls_and_sees_spiffe_server_cert() {
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("Verify return code: 0 (ok)"), "{stdout}");
-    assert!(stdout.contains("hello from strait"), "{stdout}");
+    assert!(output.status.success(), "{version}: {stdout}\n{stderr}");
     let client_seen = server_task.await.unwrap().unwrap();
-    assert_eq!(client_seen, id(CLIENT_ID));
-
-    let server_pem = pem_blocks(&stdout).remove(0);
-    let text = openssl_stdin(&["x509", "-noout", "-ext", "subjectAltName"], &server_pem);
-    assert!(text.contains(&format!("URI:{GATEWAY_ID}")), "{text}");
+    (stdout, client_seen)
 }
 
 // ---------------------------------------------------------------------------------

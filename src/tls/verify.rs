@@ -284,6 +284,10 @@ impl<T> Anchors<T> {
 
     /// The anchors for the peer's trust domain, after reading the peer's SPIFFE ID. The
     /// mesh domain and aliases win over a federated entry of the same name.
+    ///
+    /// The ID is read before the chain is verified only to choose the anchors (SPIFFE's
+    /// "bundle of the SVID's trust domain"); the caller trusts it only once the chain
+    /// verifies against them.
     fn for_peer(&self, end_entity: &CertificateDer<'_>) -> Result<(SpiffeId, &T), PeerRejection> {
         let id = peer_spiffe_id(end_entity)?;
         let domain = id.trust_domain();
