@@ -7,8 +7,11 @@
 //! metrics and the admin API; `ca` issues mesh certificates.
 
 pub mod admin;
+pub mod app;
 pub mod ca;
 pub mod config;
+pub mod demo;
+pub mod explain;
 pub mod model;
 pub mod proxy;
 pub mod route;

@@ -1,1 +1,232 @@
-fn main() {}
+//! The `strait` command line: parse arguments, call the library, map errors to exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use strait::app::{self, Source};
+use strait::config;
+use strait::tls::spiffe::SpiffeId;
+
+#[derive(Parser)]
+#[command(
+    name = "strait",
+    version,
+    about = "East-west gateway for multi-network service meshes (Istio AUTO_PASSTHROUGH and ISTIO_MUTUAL)"
+)]
+struct Cli {
+    /// Log level for diagnostics on stderr (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway on a configuration (files or directories of Istio YAML).
+    Run {
+        #[arg(short = 'c', long = "config", required = true, num_args = 1..)]
+        config: Vec<PathBuf>,
+    },
+    /// Validate a configuration; prints FILE:LINE:COL: error|warning: MESSAGE.
+    Check {
+        #[arg(short = 'c', long = "config", required = true, num_args = 1..)]
+        config: Vec<PathBuf>,
+    },
+    /// Explain how an SNI would be routed.
+    Route {
+        /// Configuration file or directory (repeat -c for several).
+        #[arg(short = 'c', long = "config", required = true)]
+        config: Vec<PathBuf>,
+        /// The SNI, e.g. outbound_.9080_._.reviews.default.svc.cluster.local
+        sni: String,
+        /// ALPN protocols the client would offer (comma-separated); default: istio
+        #[arg(long, default_value = "istio")]
+        alpn: String,
+    },
+    /// Mesh CA tooling.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Workload certificates (SVIDs).
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+    /// Run the real gateway with built-in demo workloads on loopback.
+    Demo {
+        /// Port for the demo gateway listener.
+        #[arg(long, default_value_t = 15443)]
+        port: u16,
+        #[arg(long, default_value_t = 15021)]
+        status_port: u16,
+        #[arg(long, default_value_t = 15090)]
+        metrics_port: u16,
+        #[arg(long, default_value_t = 15000)]
+        admin_port: u16,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a mesh CA in Istio's plugged-CA layout.
+    Init {
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime of the root and intermediate, e.g. 87600h.
+        #[arg(long, default_value = "87600h")]
+        valid_for: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Issue an SVID in Istio's file-mounted layout.
+    Issue {
+        /// Directory made by `strait ca init`.
+        #[arg(long)]
+        ca: PathBuf,
+        /// SPIFFE ID, e.g. spiffe://cluster.local/ns/default/sa/reviews
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "24h")]
+        valid_for: String,
+    },
+}
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_level);
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("strait: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn duration(s: &str, flag: &str) -> Result<Duration, String> {
+    config::parse_duration(s).map_err(|e| format!("{flag} {s:?}: {e}"))
+}
+
+fn dispatch(command: Command) -> Result<ExitCode, String> {
+    match command {
+        Command::Run { config } => {
+            app::run_blocking(Source::Paths(config)).map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config } => Ok(check(&config)),
+        Command::Route { config, sni, alpn } => {
+            let loaded = config::load_paths(&config).map_err(|e| e.to_string())?;
+            let alpn: Vec<String> = alpn
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            let report = strait::explain::explain(&loaded.snapshot, &sni, &alpn);
+            print!("{}", report.text);
+            Ok(if report.routes {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Ca {
+            command:
+                CaCommand::Init {
+                    trust_domain,
+                    out,
+                    valid_for,
+                },
+        } => {
+            let valid_for = duration(&valid_for, "--valid-for")?;
+            strait::ca::init_ca(&trust_domain, &out, valid_for).map_err(|e| e.to_string())?;
+            println!(
+                "mesh CA for trust domain {trust_domain} written to {}",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cert {
+            command:
+                CertCommand::Issue {
+                    ca,
+                    id,
+                    out,
+                    valid_for,
+                },
+        } => {
+            let valid_for = duration(&valid_for, "--valid-for")?;
+            let id = SpiffeId::parse(&id).map_err(|e| format!("--id {id:?}: {e}"))?;
+            strait::ca::issue_svid(&ca, &id, &out, valid_for).map_err(|e| e.to_string())?;
+            println!("SVID for {id} written to {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            port,
+            status_port,
+            metrics_port,
+            admin_port,
+        } => {
+            let ports = strait::demo::DemoPorts {
+                gateway: port,
+                status: status_port,
+                metrics: metrics_port,
+                admin: admin_port,
+            };
+            strait::demo::run(ports).map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn check(paths: &[PathBuf]) -> ExitCode {
+    match config::load_paths(paths) {
+        Ok(loaded) => {
+            for d in &loaded.diagnostics {
+                println!("{d}");
+            }
+            let n = loaded.snapshot.services.len();
+            let l = loaded.snapshot.listeners.len();
+            eprintln!(
+                "configuration OK: {l} listener(s), {n} service port(s), {} warning(s)",
+                loaded.diagnostics.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(config::ConfigError::Invalid { diagnostics }) => {
+            for d in &diagnostics {
+                println!("{d}");
+            }
+            let errors = diagnostics
+                .iter()
+                .filter(|d| d.severity == config::Severity::Error)
+                .count();
+            eprintln!("configuration invalid: {errors} error(s)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("strait: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,3 +1,234 @@
-//! Routing: SNI subset keys, Gateway host matching, service/subset/endpoint lookup.
+//! Routing: SNI subset keys, Gateway host matching, service/subset lookup.
+//!
+//! Only declared (service, port, subset) combinations route, as in Istio since
+//! CVE-2021-31921: the SNI is never used as a destination by itself.
 
 pub mod sni;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::model::{ServerSpec, ServiceKey, ServicePort};
+use sni::{SniMiss, parse_subset_key};
+
+/// Why an SNI does not route. Each variant is one `NR` reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteMiss {
+    #[error("the ClientHello carries no SNI; the gateway routes only by SNI")]
+    NoSni,
+    #[error("{0}")]
+    NotSubsetKey(#[from] SniMiss),
+    #[error("host {host} is not covered by the Gateway server hosts [{hosts}]")]
+    HostNotInGateway { host: String, hosts: String },
+    #[error(
+        "no ServiceEntry declares host {host} with port {port}{known}; the SNI must carry the service port, not the target port"
+    )]
+    UnknownService {
+        host: String,
+        port: u16,
+        known: String,
+    },
+    #[error(
+        "subset {subset} of {host} is not declared in a DestinationRule (declared: [{declared}])"
+    )]
+    UnknownSubset {
+        host: String,
+        subset: String,
+        declared: String,
+    },
+    #[error("ALPN [{offered}] offers none of the allowed [{allowed}] (passthroughAlpn)")]
+    AlpnNotAllowed { offered: String, allowed: String },
+}
+
+impl RouteMiss {
+    /// Bounded metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RouteMiss::NoSni => "no_sni",
+            RouteMiss::NotSubsetKey(_) => "not_subset_key",
+            RouteMiss::HostNotInGateway { .. } => "host_not_in_gateway",
+            RouteMiss::UnknownService { .. } => "unknown_service",
+            RouteMiss::UnknownSubset { .. } => "unknown_subset",
+            RouteMiss::AlpnNotAllowed { .. } => "alpn_not_allowed",
+        }
+    }
+}
+
+/// Where an SNI routes.
+#[derive(Debug, Clone)]
+pub struct RouteMatch<'s> {
+    /// Index of the matched server in the listener's list.
+    pub server: usize,
+    pub service: &'s Arc<ServicePort>,
+    /// The declared subset name (as written in the DestinationRule).
+    pub subset: Option<&'s str>,
+}
+
+/// Resolves an SNI against one listener's servers and the service table.
+pub fn resolve<'s>(
+    servers: &'s [ServerSpec],
+    services: &'s HashMap<ServiceKey, Arc<ServicePort>>,
+    sni: Option<&str>,
+) -> Result<RouteMatch<'s>, RouteMiss> {
+    let sni = sni.ok_or(RouteMiss::NoSni)?;
+    let key = parse_subset_key(sni)?;
+    let host = key.host.to_ascii_lowercase();
+    let server = servers
+        .iter()
+        .position(|s| s.hosts.iter().any(|h| h.matches(&host)))
+        .ok_or_else(|| RouteMiss::HostNotInGateway {
+            host: host.clone(),
+            hosts: servers
+                .iter()
+                .flat_map(|s| s.hosts.iter().map(|h| h.to_string()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    let lookup = ServiceKey {
+        host,
+        port: key.port,
+    };
+    let Some(service) = services.get(&lookup) else {
+        let mut ports: Vec<u16> = services
+            .values()
+            .filter(|s| s.host == lookup.host)
+            .map(|s| s.port)
+            .collect();
+        ports.sort_unstable();
+        let known = if ports.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (declared ports of that host: {})",
+                ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        return Err(RouteMiss::UnknownService {
+            host: lookup.host,
+            port: lookup.port,
+            known,
+        });
+    };
+    let subset = match key.subset {
+        None => None,
+        Some(name) => match service.subsets.get_key_value(name) {
+            Some((k, _)) => Some(k.as_str()),
+            None => {
+                return Err(RouteMiss::UnknownSubset {
+                    host: service.host.clone(),
+                    subset: name.to_string(),
+                    declared: service
+                        .subsets
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        },
+    };
+    Ok(RouteMatch {
+        server,
+        service,
+        subset,
+    })
+}
+
+/// Checks the ClientHello's ALPN against `passthroughAlpn` (empty allows any).
+pub fn alpn_allowed<'a>(mut offered: impl Iterator<Item = &'a [u8]>, allowed: &[String]) -> bool {
+    allowed.is_empty() || offered.any(|proto| allowed.iter().any(|a| a.as_bytes() == proto))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{HostMatch, ServerTlsMode, Subset, TrafficPolicy};
+    use std::collections::BTreeMap;
+
+    fn table() -> (Vec<ServerSpec>, HashMap<ServiceKey, Arc<ServicePort>>) {
+        let servers = vec![ServerSpec {
+            name: "istio-system/gw/0".into(),
+            mode: ServerTlsMode::AutoPassthrough,
+            hosts: vec![HostMatch::parse("*.local")],
+        }];
+        let mut subsets = BTreeMap::new();
+        subsets.insert(
+            "v2".to_string(),
+            Subset {
+                name: "v2".into(),
+                labels: BTreeMap::new(),
+                endpoints: vec![],
+                policy: TrafficPolicy::default(),
+            },
+        );
+        let svc = ServicePort {
+            host: "reviews.default.svc.cluster.local".into(),
+            namespace: "default".into(),
+            port: 9080,
+            port_name: "tcp".into(),
+            endpoints: vec![],
+            policy: TrafficPolicy::default(),
+            subsets,
+            resolution: Default::default(),
+        };
+        let mut services = HashMap::new();
+        services.insert(svc.key(), Arc::new(svc));
+        (servers, services)
+    }
+
+    #[test]
+    fn routes_declared_combinations_only() {
+        let (servers, services) = table();
+        let r = resolve(
+            &servers,
+            &services,
+            Some("outbound_.9080_._.reviews.default.svc.cluster.local"),
+        )
+        .unwrap();
+        assert_eq!(r.service.port, 9080);
+        assert_eq!(r.subset, None);
+        let r = resolve(
+            &servers,
+            &services,
+            Some("outbound_.9080_.v2_.Reviews.Default.svc.cluster.local"),
+        )
+        .unwrap();
+        assert_eq!(r.subset, Some("v2"));
+        let miss = |sni: &str| {
+            resolve(&servers, &services, Some(sni))
+                .unwrap_err()
+                .reason()
+        };
+        assert_eq!(
+            miss("outbound_.9080_.v3_.reviews.default.svc.cluster.local"),
+            "unknown_subset"
+        );
+        assert_eq!(
+            miss("outbound_.9081_._.reviews.default.svc.cluster.local"),
+            "unknown_service"
+        );
+        assert_eq!(
+            miss("outbound_.9080_._.reviews.default.svc.example.com"),
+            "host_not_in_gateway"
+        );
+        assert_eq!(miss("reviews.default.svc.cluster.local"), "not_subset_key");
+        assert_eq!(
+            resolve(&servers, &services, None).unwrap_err(),
+            RouteMiss::NoSni
+        );
+    }
+
+    #[test]
+    fn alpn_allow_list() {
+        let allowed = vec!["istio".to_string()];
+        let offer = |v: &[&str]| alpn_allowed(v.iter().map(|s| s.as_bytes()), &allowed);
+        assert!(offer(&["h2", "istio"]));
+        assert!(!offer(&["h2"]));
+        assert!(!offer(&[]));
+        assert!(alpn_allowed(std::iter::empty(), &[]));
+    }
+}

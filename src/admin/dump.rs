@@ -1,0 +1,138 @@
+//! JSON views of the configuration in force and of endpoint state. Private keys are
+//! never part of a snapshot, so nothing here can leak one; certificate paths are shown.
+
+use serde_json::{Value, json};
+
+use crate::model::{
+    AccessLogTarget, EndpointAddress, HostMatch, ServerTlsMode, ServicePort, TrafficPolicy,
+};
+use crate::proxy::{ServiceClusters, Shared};
+use crate::route::sni::build_subset_key;
+
+pub fn config_dump(shared: &Shared) -> Value {
+    let runtime = shared.runtime.load();
+    let snap = &runtime.snapshot;
+    let s = &snap.settings;
+    let mut services: Vec<&ServicePort> = snap.services.values().map(|s| s.as_ref()).collect();
+    services.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
+    json!({
+        "bootstrap": {
+            "cluster": s.cluster,
+            "network": s.network,
+            "locality": s.locality.to_string(),
+            "trustDomain": s.trust_domain,
+            "trustDomainAliases": s.trust_domain_aliases,
+            "certificates": {"dir": s.cert_dir.display().to_string()},
+            "status": s.status_addr.to_string(),
+            "metrics": s.metrics_addr.to_string(),
+            "admin": s.admin_addr.to_string(),
+            "drainDuration": format!("{:?}", s.drain_duration),
+            "clientHelloTimeout": format!("{:?}", s.client_hello_timeout),
+            "connectTimeout": format!("{:?}", s.connect_timeout),
+            "idleTimeout": format!("{:?}", s.idle_timeout),
+            "maxConnections": s.max_connections,
+            "passthroughAlpn": s.passthrough_alpn,
+            "accessLog": match &s.access_log {
+                AccessLogTarget::Stdout => "stdout".to_string(),
+                AccessLogTarget::Off => "off".to_string(),
+                AccessLogTarget::File(p) => p.display().to_string(),
+            },
+            "rootNamespace": s.root_namespace,
+            "labels": s.labels,
+            "meshNetworks": s.mesh_networks.iter().map(|(n, gws)| (n.clone(), json!(gws.iter().map(|g| format!("{}:{}", g.address, g.port)).collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),
+        },
+        "listeners": snap.listeners.iter().map(|l| json!({
+            "address": l.addr.to_string(),
+            "servers": l.servers.iter().map(|srv| json!({
+                "name": srv.name,
+                "mode": match srv.mode { ServerTlsMode::AutoPassthrough => "AUTO_PASSTHROUGH", ServerTlsMode::IstioMutual => "ISTIO_MUTUAL" },
+                "hosts": srv.hosts.iter().map(HostMatch::to_string).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "services": services.iter().map(|svc| json!({
+            "host": svc.host,
+            "namespace": svc.namespace,
+            "port": svc.port,
+            "portName": svc.port_name,
+            "sni": build_subset_key(svc.port, None, &svc.host),
+            "policy": policy(&svc.policy),
+            "subsets": svc.subsets.values().map(|sub| json!({
+                "name": sub.name,
+                "sni": build_subset_key(svc.port, Some(&sub.name), &svc.host),
+                "labels": sub.labels,
+                "endpoints": sub.endpoints.len(),
+                "policy": policy(&sub.policy),
+            })).collect::<Vec<_>>(),
+            "endpoints": svc.endpoints.iter().map(|e| json!({
+                "address": match &e.address { EndpointAddress::Ip(ip) => ip.to_string(), EndpointAddress::Hostname(h) => h.clone() },
+                "port": e.port,
+                "labels": e.labels,
+                "locality": e.locality.to_string(),
+                "network": e.network,
+                "weight": e.weight,
+                "serviceAccount": e.service_account,
+                "tlsDisabled": e.tls_disabled,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "bridges": snap.bridges.iter().map(|b| json!({
+            "name": b.name, "listen": b.listen.to_string(), "host": b.host, "port": b.port,
+            "subset": b.subset, "identity": b.identity,
+        })).collect::<Vec<_>>(),
+        "authorizationPolicies": snap.authz.iter().map(|p| json!({
+            "name": p.name, "action": format!("{:?}", p.action).to_uppercase(), "rules": p.rules.len(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn policy(p: &TrafficPolicy) -> Value {
+    json!({
+        "loadBalancer": format!("{:?}", p.lb),
+        "connectTimeout": p.connect_timeout.map(|d| format!("{d:?}")),
+        "idleTimeout": p.idle_timeout.map(|d| format!("{d:?}")),
+        "maxConnections": p.max_connections,
+        "maxConnectionDuration": p.max_connection_duration.map(|d| format!("{d:?}")),
+        "outlierDetection": p.outlier.as_ref().map(|o| json!({
+            "consecutiveErrors": o.consecutive_errors,
+            "interval": format!("{:?}", o.interval),
+            "baseEjectionTime": format!("{:?}", o.base_ejection_time),
+            "maxEjectionPercent": o.max_ejection_percent,
+            "minHealthPercent": o.min_health_percent,
+        })),
+        "tls": format!("{:?}", p.tls),
+    })
+}
+
+pub fn clusters(shared: &Shared) -> Value {
+    let runtime = shared.runtime.load();
+    let mut keys: Vec<_> = runtime.clusters.keys().collect();
+    keys.sort();
+    let mut out = Vec::new();
+    for key in keys {
+        let ServiceClusters { all, subsets } = &runtime.clusters[key];
+        let mut entries = vec![(None, all)];
+        entries.extend(subsets.iter().map(|(n, c)| (Some(n.as_str()), c)));
+        for (subset, cluster) in entries {
+            out.push(json!({
+                "name": build_subset_key(key.port, subset, &key.host),
+                "service": key.host,
+                "port": key.port,
+                "subset": subset,
+                "activeConnections": cluster.active(),
+                "endpoints": cluster.members.iter().map(|m| json!({
+                    "address": m.endpoint.authority(),
+                    "locality": m.endpoint.locality.to_string(),
+                    "network": m.endpoint.network,
+                    "weight": m.endpoint.weight,
+                    "health": if m.state.is_ejected() { "ejected" } else { "healthy" },
+                    "ejectedForMs": m.state.ejected_for().map(|d| d.as_millis() as u64),
+                    "ejections": m.state.ejection_count(),
+                    "consecutiveFailures": m.state.consecutive_failures(),
+                    "connectFailures": m.state.total_failures(),
+                    "activeConnections": m.state.active(),
+                    "passthroughEligible": !m.endpoint.tls_disabled,
+                })).collect::<Vec<_>>(),
+            }));
+        }
+    }
+    json!({ "clusters": out })
+}

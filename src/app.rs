@@ -1,0 +1,285 @@
+//! `strait run`: load, serve, reload on change or SIGHUP, drain on SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::admin::{self, Role};
+use crate::config::{self, ConfigError, Loaded};
+use crate::model::Snapshot;
+use crate::proxy::{BindError, Gateway, Shared};
+use crate::telemetry::{AccessLog, GatewayIdentity, Telemetry};
+
+/// Why `run` could not start (or stopped abnormally).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Bind(#[from] BindError),
+    #[error("{0}")]
+    Admin(std::io::Error),
+    #[error("cannot open access log: {0}")]
+    AccessLog(std::io::Error),
+    #[error("cannot start runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Paths(Vec<PathBuf>),
+    /// Embedded text (the demo); never reloaded.
+    Text {
+        name: String,
+        yaml: String,
+    },
+}
+
+impl Source {
+    fn load(&self) -> Result<Loaded, ConfigError> {
+        match self {
+            Source::Paths(p) => config::load_paths(p),
+            Source::Text { name, yaml } => config::load_str(name, yaml),
+        }
+    }
+}
+
+/// Builds a multi-thread runtime with the configured worker count.
+pub fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, RunError> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n.max(1));
+    }
+    b.thread_name("strait-worker")
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)
+}
+
+/// Loads the configuration once (to size the runtime), then runs until drained.
+pub fn run_blocking(source: Source) -> Result<(), RunError> {
+    let loaded = source.load()?;
+    for d in &loaded.diagnostics {
+        tracing::warn!("{d}");
+    }
+    let rt = runtime(loaded.snapshot.settings.workers)?;
+    rt.block_on(run(source, loaded, None))
+}
+
+/// A running gateway, for callers that need to know when it is up (the demo, tests).
+pub struct Started {
+    pub shared: Arc<Shared>,
+}
+
+/// Serves `loaded` until SIGTERM/SIGINT, reloading from `source` on change.
+pub async fn run(
+    source: Source,
+    loaded: Loaded,
+    on_started: Option<tokio::sync::oneshot::Sender<Started>>,
+) -> Result<(), RunError> {
+    let snapshot = Arc::new(loaded.snapshot);
+    let settings = snapshot.settings.clone();
+    let access_log = AccessLog::open(&settings.access_log).map_err(RunError::AccessLog)?;
+    let identity = GatewayIdentity {
+        cluster: settings.cluster.clone(),
+        ..GatewayIdentity::default()
+    };
+    let telemetry = Telemetry::new(access_log, identity);
+    telemetry
+        .metrics
+        .config_reloads
+        .with_label_values(&["success"])
+        .inc();
+    let shared = Shared::new(snapshot, telemetry);
+    let mut gateway = Gateway::start(shared.clone()).await?;
+    admin::start(
+        shared.clone(),
+        &[
+            (Role::Status, settings.status_addr),
+            (Role::Metrics, settings.metrics_addr),
+            (Role::Admin, settings.admin_addr),
+        ],
+    )
+    .map_err(RunError::Admin)?;
+    tracing::info!(
+        listeners = ?gateway.bound(),
+        status = %settings.status_addr,
+        metrics = %settings.metrics_addr,
+        admin = %settings.admin_addr,
+        "strait ready"
+    );
+    if let Some(tx) = on_started {
+        let _ = tx.send(Started {
+            shared: shared.clone(),
+        });
+    }
+
+    let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(4);
+    let _watcher = match &source {
+        Source::Paths(_) => watch_files(&loaded.files, reload_tx.clone()),
+        Source::Text { .. } => None,
+    };
+    spawn_sighup(reload_tx);
+
+    let mut stop = stop_signal();
+    loop {
+        tokio::select! {
+            Some(why) = reload_rx.recv() => {
+                // Coalesce a burst of file events into one reload.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                while reload_rx.try_recv().is_ok() {}
+                reload(&source, &mut gateway, why);
+            }
+            _ = stop.recv() => break,
+        }
+    }
+    let drain = gateway
+        .shared
+        .runtime
+        .load()
+        .snapshot
+        .settings
+        .drain_duration;
+    tracing::info!(
+        ?drain,
+        open = shared.open_connections(),
+        "draining: readiness now fails, no new connections"
+    );
+    tokio::select! {
+        () = gateway.shutdown(drain) => {}
+        _ = stop.recv() => tracing::warn!("second signal: exiting now"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn reload(source: &Source, gateway: &mut Gateway, why: &str) {
+    let telemetry = gateway.shared.telemetry.clone();
+    let metrics = &telemetry.metrics;
+    match source.load() {
+        Ok(loaded) => {
+            for d in &loaded.diagnostics {
+                tracing::warn!("{d}");
+            }
+            let old = gateway.shared.runtime.load().snapshot.settings.clone();
+            warn_restart_only(&old, &loaded.snapshot);
+            match gateway.reload(Arc::new(loaded.snapshot)) {
+                Ok(()) => {
+                    metrics.config_reloads.with_label_values(&["success"]).inc();
+                    tracing::info!(trigger = why, "configuration reloaded");
+                }
+                Err(e) => {
+                    metrics.config_reloads.with_label_values(&["failure"]).inc();
+                    tracing::error!(trigger = why, error = %e, "configuration applied, but a listener could not be bound");
+                }
+            }
+        }
+        Err(e) => {
+            metrics.config_reloads.with_label_values(&["failure"]).inc();
+            tracing::error!(
+                trigger = why,
+                "reload rejected; the previous configuration keeps serving:\n{e}"
+            );
+        }
+    }
+}
+
+fn warn_restart_only(old: &crate::model::Settings, new: &Snapshot) {
+    let n = &new.settings;
+    if old.status_addr != n.status_addr
+        || old.metrics_addr != n.metrics_addr
+        || old.admin_addr != n.admin_addr
+        || old.workers != n.workers
+        || old.access_log != n.access_log
+    {
+        tracing::warn!(
+            "Bootstrap status/metrics/admin addresses, workers and accessLog take effect only at restart"
+        );
+    }
+}
+
+/// Watches the configuration files and their directories (Kubernetes ConfigMap mounts
+/// replace files by renaming a symlinked directory, so the directory is what changes).
+fn watch_files(
+    files: &[PathBuf],
+    tx: mpsc::Sender<&'static str>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let handler = move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res
+            && !matches!(ev.kind, notify::EventKind::Access(_))
+        {
+            let _ = tx.try_send("file change");
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch configuration files; reload with SIGHUP");
+            return None;
+        }
+    };
+    let mut dirs: Vec<PathBuf> = files
+        .iter()
+        .map(|f| {
+            if f.is_dir() {
+                f.clone()
+            } else {
+                f.parent()
+                    .map(|p| {
+                        if p.as_os_str().is_empty() {
+                            PathBuf::from(".")
+                        } else {
+                            p.to_path_buf()
+                        }
+                    })
+                    .unwrap_or_else(|| PathBuf::from("."))
+            }
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for d in dirs {
+        if let Err(e) = watcher.watch(&d, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory");
+        }
+    }
+    Some(watcher)
+}
+
+fn spawn_sighup(tx: mpsc::Sender<&'static str>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(mut s) => {
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    let _ = tx.send("SIGHUP").await;
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot install SIGHUP handler"),
+    }
+}
+
+/// Yields once per SIGTERM or SIGINT.
+fn stop_signal() -> mpsc::Receiver<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = mpsc::channel(2);
+    for kind in [SignalKind::terminate(), SignalKind::interrupt()] {
+        let tx = tx.clone();
+        match signal(kind) {
+            Ok(mut s) => {
+                tokio::spawn(async move {
+                    while s.recv().await.is_some() {
+                        let _ = tx.send(()).await;
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot install signal handler"),
+        }
+    }
+    rx
+}

@@ -1,0 +1,165 @@
+//! `strait route`: how one SNI would be routed, step by step, or why it would not.
+
+use std::fmt::Write;
+
+use crate::model::{ServerTlsMode, Snapshot};
+use crate::route::{self, sni::parse_subset_key};
+
+/// The explanation, and whether the name routes on at least one listener.
+pub struct Explanation {
+    pub text: String,
+    pub routes: bool,
+}
+
+pub fn explain(snapshot: &Snapshot, sni: &str, alpn: &[String]) -> Explanation {
+    let mut out = String::new();
+    let mut routes = false;
+    let _ = writeln!(out, "SNI        {sni}");
+    match parse_subset_key(sni) {
+        Ok(k) => {
+            let _ = writeln!(
+                out,
+                "parsed     port={} subset={} host={}",
+                k.port,
+                k.subset.unwrap_or("(none)"),
+                k.host
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(out, "parsed     no: {e}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "ALPN       [{}] allowed [{}]",
+        alpn.join(", "),
+        if snapshot.settings.passthrough_alpn.is_empty() {
+            "any".to_string()
+        } else {
+            snapshot.settings.passthrough_alpn.join(", ")
+        }
+    );
+    if snapshot.listeners.is_empty() {
+        let _ = writeln!(
+            out,
+            "result     does not route: the configuration has no Gateway listener"
+        );
+    }
+    for listener in &snapshot.listeners {
+        let _ = writeln!(out, "\nlistener   {}", listener.addr);
+        let r = route::resolve(&listener.servers, &snapshot.services, Some(sni));
+        let m = match r {
+            Ok(m) => m,
+            Err(miss) => {
+                let _ = writeln!(
+                    out,
+                    "result     does not route (NR {}): {miss}",
+                    miss.reason()
+                );
+                continue;
+            }
+        };
+        let server = &listener.servers[m.server];
+        let mode = match server.mode {
+            ServerTlsMode::AutoPassthrough => "AUTO_PASSTHROUGH",
+            ServerTlsMode::IstioMutual => "ISTIO_MUTUAL",
+        };
+        let hosts: Vec<String> = server.hosts.iter().map(|h| h.to_string()).collect();
+        let _ = writeln!(
+            out,
+            "server     {} ({mode}) hosts [{}]",
+            server.name,
+            hosts.join(", ")
+        );
+        let svc = m.service;
+        let _ = writeln!(
+            out,
+            "service    {}:{} (namespace {}, port name {})",
+            svc.host, svc.port, svc.namespace, svc.port_name
+        );
+        let (indexes, policy) = match m.subset {
+            Some(name) => {
+                let s = &svc.subsets[name];
+                let labels: Vec<String> =
+                    s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let _ = writeln!(out, "subset     {name} labels {{{}}}", labels.join(", "));
+                (s.endpoints.clone(), &s.policy)
+            }
+            None => {
+                let _ = writeln!(out, "subset     (none): all endpoints of the service");
+                ((0..svc.endpoints.len()).collect(), &svc.policy)
+            }
+        };
+        let _ = writeln!(
+            out,
+            "policy     {:?}{}{}",
+            policy.lb,
+            policy
+                .connect_timeout
+                .map(|d| format!(", connectTimeout {d:?}"))
+                .unwrap_or_default(),
+            policy
+                .outlier
+                .as_ref()
+                .map(|o| format!(", outlier detection after {} errors", o.consecutive_errors))
+                .unwrap_or_default()
+        );
+        let passthrough = server.mode == ServerTlsMode::AutoPassthrough;
+        let mut eligible = 0;
+        let _ = writeln!(out, "endpoints  {}", indexes.len());
+        for i in indexes {
+            let Some(e) = svc.endpoints.get(i) else {
+                continue;
+            };
+            let ok = !(passthrough && e.tls_disabled);
+            if ok {
+                eligible += 1;
+            }
+            let _ = writeln!(
+                out,
+                "  {:<24} weight {:<3} locality {:<16} network {:<10} {}",
+                e.authority(),
+                e.weight,
+                if e.locality.region.is_empty() {
+                    "-".to_string()
+                } else {
+                    e.locality.to_string()
+                },
+                if e.network.is_empty() {
+                    "-"
+                } else {
+                    e.network.as_str()
+                },
+                if ok {
+                    "candidate (health: checked at connect)"
+                } else {
+                    "excluded: security.istio.io/tlsMode=disabled cannot terminate the client's mTLS"
+                }
+            );
+        }
+        let alpn_ok = !passthrough
+            || route::alpn_allowed(
+                alpn.iter().map(|s| s.as_bytes()),
+                &snapshot.settings.passthrough_alpn,
+            );
+        if !alpn_ok {
+            let _ = writeln!(
+                out,
+                "result     does not route (NR alpn_not_allowed): the client must offer one of [{}]",
+                snapshot.settings.passthrough_alpn.join(", ")
+            );
+        } else if eligible == 0 {
+            let _ = writeln!(
+                out,
+                "result     routes, but no endpoint can take it: connections get UH (no healthy upstream)"
+            );
+        } else {
+            routes = true;
+            let _ = writeln!(
+                out,
+                "result     routes ({mode}) to {eligible} candidate endpoint(s)"
+            );
+        }
+    }
+    Explanation { text: out, routes }
+}

@@ -1,0 +1,298 @@
+//! The bidirectional pump: bytes both ways until both sides have closed.
+//!
+//! Each direction reads only when the socket is readable and writes everything it read
+//! before reading again, so a slow reader on one side holds back its writer instead of
+//! growing a buffer (backpressure, not buffering). A direction that sees end-of-stream
+//! shuts down the write side of the other socket and the opposite direction keeps
+//! flowing (half-close). Buffers start small, grow while reads fill them, and are
+//! released whenever a socket runs dry, so an idle connection holds no buffer at all.
+
+use std::future::Future;
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// First read buffer of a burst; small so short exchanges stay cheap.
+const INITIAL_BUFFER: usize = 4 * 1024;
+/// Largest read buffer; reached only by bulk transfers.
+const MAX_BUFFER: usize = 256 * 1024;
+
+/// Why the pump stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyEnd {
+    /// Both directions reached end-of-stream.
+    Closed,
+    /// No bytes moved either way for the idle timeout.
+    IdleTimeout,
+    /// The connection reached its maximum duration.
+    DurationTimeout,
+    /// Cut short by the drain deadline.
+    Drained,
+    /// A socket error (usually a reset) ended it.
+    Error,
+}
+
+/// Bytes moved and how it ended.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyOutcome {
+    /// Bytes from downstream to upstream.
+    pub to_upstream: u64,
+    /// Bytes from upstream to downstream.
+    pub to_downstream: u64,
+    pub end: CopyEnd,
+}
+
+/// Limits that end a connection from the outside.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyLimits {
+    pub idle_timeout: Duration,
+    pub max_duration: Option<Duration>,
+}
+
+/// Counters that the pump adds to as bytes move, so metrics are exact and live.
+pub struct ByteCounters<'a> {
+    pub to_upstream: Option<&'a IntCounter>,
+    pub to_downstream: Option<&'a IntCounter>,
+}
+
+/// Shared between both directions and the idle watchdog.
+struct Activity {
+    origin: Instant,
+    last_ms: AtomicU64,
+    to_upstream: AtomicU64,
+    to_downstream: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            to_upstream: AtomicU64::new(0),
+            to_downstream: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let now = self.origin.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Copies between two TCP sockets until both directions have closed, a limit fires, or
+/// `shutdown` completes.
+pub async fn copy_tcp(
+    downstream: &TcpStream,
+    upstream: &TcpStream,
+    limits: CopyLimits,
+    counters: ByteCounters<'_>,
+    shutdown: impl Future<Output = ()>,
+) -> CopyOutcome {
+    let activity = Activity::new();
+    let pumps = async {
+        let (a, b) = tokio::join!(
+            pump_tcp(
+                downstream,
+                upstream,
+                &activity,
+                &activity.to_upstream,
+                counters.to_upstream
+            ),
+            pump_tcp(
+                upstream,
+                downstream,
+                &activity,
+                &activity.to_downstream,
+                counters.to_downstream
+            ),
+        );
+        if a.is_err() || b.is_err() {
+            CopyEnd::Error
+        } else {
+            CopyEnd::Closed
+        }
+    };
+    let end = supervise(pumps, &activity, limits, shutdown).await;
+    CopyOutcome {
+        to_upstream: activity.to_upstream.load(Ordering::Relaxed),
+        to_downstream: activity.to_downstream.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+/// Copies between any two byte streams (TLS on either side). Uses fixed 16 KiB buffers:
+/// a TLS record is at most 16 KiB of plaintext.
+pub async fn copy_streams<D, U>(
+    downstream: D,
+    upstream: U,
+    limits: CopyLimits,
+    counters: ByteCounters<'_>,
+    shutdown: impl Future<Output = ()>,
+) -> CopyOutcome
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Activity::new();
+    let (mut dr, mut dw) = tokio::io::split(downstream);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let pumps = async {
+        let (a, b) = tokio::join!(
+            pump_stream(
+                &mut dr,
+                &mut uw,
+                &activity,
+                &activity.to_upstream,
+                counters.to_upstream
+            ),
+            pump_stream(
+                &mut ur,
+                &mut dw,
+                &activity,
+                &activity.to_downstream,
+                counters.to_downstream
+            ),
+        );
+        if a.is_err() || b.is_err() {
+            CopyEnd::Error
+        } else {
+            CopyEnd::Closed
+        }
+    };
+    let end = supervise(pumps, &activity, limits, shutdown).await;
+    CopyOutcome {
+        to_upstream: activity.to_upstream.load(Ordering::Relaxed),
+        to_downstream: activity.to_downstream.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+async fn supervise(
+    pumps: impl Future<Output = CopyEnd>,
+    activity: &Activity,
+    limits: CopyLimits,
+    shutdown: impl Future<Output = ()>,
+) -> CopyEnd {
+    let idle = async {
+        loop {
+            let idle_for = activity.idle_for();
+            if idle_for >= limits.idle_timeout {
+                return;
+            }
+            tokio::time::sleep(limits.idle_timeout - idle_for).await;
+        }
+    };
+    let max_duration = async {
+        match limits.max_duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        end = pumps => end,
+        () = idle => CopyEnd::IdleTimeout,
+        () = max_duration => CopyEnd::DurationTimeout,
+        () = shutdown => CopyEnd::Drained,
+    }
+}
+
+async fn pump_tcp(
+    from: &TcpStream,
+    to: &TcpStream,
+    activity: &Activity,
+    total: &AtomicU64,
+    counter: Option<&IntCounter>,
+) -> io::Result<()> {
+    let mut size = INITIAL_BUFFER;
+    let mut buf: Option<Vec<u8>> = None;
+    loop {
+        from.readable().await?;
+        let b = buf.get_or_insert_with(|| Vec::with_capacity(size));
+        b.clear();
+        match from.try_read_buf(b) {
+            Ok(0) => {
+                // End of stream one way: pass the FIN on, keep the other way open.
+                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                return Ok(());
+            }
+            Ok(n) => {
+                write_all_tcp(to, &b[..n]).await?;
+                account(activity, total, counter, n);
+                if n == b.capacity() && size < MAX_BUFFER {
+                    size = (size * 4).min(MAX_BUFFER);
+                    buf = None;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // The socket ran dry: give the buffer back while we wait.
+                buf = None;
+                size = INITIAL_BUFFER.max(size / 4);
+            }
+            Err(e) => {
+                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Writes all of `data` to a TCP socket shared by reference.
+pub(crate) async fn write_all_tcp(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn pump_stream<R, W>(
+    from: &mut R,
+    to: &mut W,
+    activity: &Activity,
+    total: &AtomicU64,
+    counter: Option<&IntCounter>,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = to.shutdown().await;
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return Ok(());
+        }
+        to.write_all(&buf[..n]).await?;
+        to.flush().await?;
+        account(activity, total, counter, n);
+    }
+}
+
+fn account(activity: &Activity, total: &AtomicU64, counter: Option<&IntCounter>, n: usize) {
+    total.fetch_add(n as u64, Ordering::Relaxed);
+    if let Some(c) = counter {
+        c.inc_by(n as u64);
+    }
+    activity.touch();
+}

@@ -1,0 +1,176 @@
+//! One connection, one result: the per-connection record that feeds metrics and the
+//! access log exactly once, when it is dropped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use super::{IstioLabels, RouteCounters, Telemetry};
+
+/// Envoy-style response flags, as operators read them in access logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFlag {
+    /// `-`: nothing abnormal.
+    None,
+    /// `NR`: no route for the SNI (unknown name, host outside the Gateway, undeclared subset, wrong ALPN).
+    NoRoute,
+    /// `UH`: the route has no healthy endpoint.
+    NoHealthyUpstream,
+    /// `UF`: every upstream connect attempt failed.
+    UpstreamConnectFailure,
+    /// `UO`: a connection limit refused it.
+    UpstreamOverflow,
+    /// `DC`: the client went away before the gateway could route it.
+    DownstreamConnectionTermination,
+    /// `DPE`: the client did not speak TLS, or its ClientHello was malformed, too large or too slow.
+    DownstreamProtocolError,
+    /// `DT`: closed by `maxConnectionDuration`.
+    DurationTimeout,
+    /// `UT`: closed by the idle timeout.
+    IdleTimeout,
+    /// `UAEX`: refused by authorization or peer authentication (ISTIO_MUTUAL).
+    Unauthorized,
+}
+
+impl ResponseFlag {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlag::None => "-",
+            ResponseFlag::NoRoute => "NR",
+            ResponseFlag::NoHealthyUpstream => "UH",
+            ResponseFlag::UpstreamConnectFailure => "UF",
+            ResponseFlag::UpstreamOverflow => "UO",
+            ResponseFlag::DownstreamConnectionTermination => "DC",
+            ResponseFlag::DownstreamProtocolError => "DPE",
+            ResponseFlag::DurationTimeout => "DT",
+            ResponseFlag::IdleTimeout => "UT",
+            ResponseFlag::Unauthorized => "UAEX",
+        }
+    }
+
+    /// Whether this flag means the connection was refused (as opposed to ended by a timer).
+    pub fn is_refusal(self) -> bool {
+        !matches!(
+            self,
+            ResponseFlag::None | ResponseFlag::DurationTimeout | ResponseFlag::IdleTimeout
+        )
+    }
+}
+
+/// Everything learned about one downstream connection.
+pub struct ConnectionResult {
+    telemetry: Arc<Telemetry>,
+    start_wall: SystemTime,
+    start: Instant,
+    pub listener: SocketAddr,
+    pub downstream: SocketAddr,
+    pub sni: Option<String>,
+    pub alpn: Option<String>,
+    pub service: Option<String>,
+    pub subset: Option<String>,
+    pub upstream: Option<SocketAddr>,
+    pub peer_identity: Option<String>,
+    /// Bytes received from the client (ClientHello included).
+    pub received: u64,
+    /// Bytes sent to the client.
+    pub sent: u64,
+    pub flag: ResponseFlag,
+    /// A fixed, bounded string saying why (metric label and log field).
+    pub reason: &'static str,
+    /// Free text for the access log only (e.g. the connect error).
+    pub detail: Option<String>,
+    route: Option<(IstioLabels, RouteCounters)>,
+}
+
+impl ConnectionResult {
+    pub fn new(telemetry: Arc<Telemetry>, listener: SocketAddr, downstream: SocketAddr) -> Self {
+        telemetry.metrics.accepted.inc();
+        telemetry.metrics.active.inc();
+        ConnectionResult {
+            telemetry,
+            start_wall: SystemTime::now(),
+            start: Instant::now(),
+            listener,
+            downstream,
+            sni: None,
+            alpn: None,
+            service: None,
+            subset: None,
+            upstream: None,
+            peer_identity: None,
+            received: 0,
+            sent: 0,
+            flag: ResponseFlag::None,
+            reason: "",
+            detail: None,
+            route: None,
+        }
+    }
+
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.start.elapsed()
+    }
+
+    /// Records a refusal (or abnormal end) with its flag and bounded reason.
+    pub fn refuse(&mut self, flag: ResponseFlag, reason: &'static str) {
+        self.flag = flag;
+        self.reason = reason;
+    }
+
+    /// Marks the connection as routed to a service: counts `istio_tcp_connections_opened_total`
+    /// and returns the byte counters the copy loop adds to as data flows.
+    pub fn open_route(&mut self, labels: IstioLabels) -> RouteCounters {
+        let counters = self.telemetry.metrics.open_route(&labels);
+        self.route = Some((labels, counters.clone()));
+        counters
+    }
+
+    fn access_log_line(&self) -> String {
+        let ts: time::OffsetDateTime = self.start_wall.into();
+        let start = ts
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        serde_json::json!({
+            "start_time": start,
+            "listener": self.listener.to_string(),
+            "downstream": self.downstream.to_string(),
+            "sni": self.sni,
+            "alpn": self.alpn,
+            "service": self.service,
+            "subset": self.subset,
+            "upstream": self.upstream.map(|a| a.to_string()),
+            "peer_identity": self.peer_identity,
+            "bytes_received": self.received,
+            "bytes_sent": self.sent,
+            "duration_ms": self.start.elapsed().as_millis() as u64,
+            "response_flag": self.flag.as_str(),
+            "reason": if self.reason.is_empty() { None } else { Some(self.reason) },
+            "detail": self.detail,
+        })
+        .to_string()
+    }
+}
+
+impl Drop for ConnectionResult {
+    fn drop(&mut self) {
+        let m = &self.telemetry.metrics;
+        m.active.dec();
+        m.connection_seconds
+            .observe(self.start.elapsed().as_secs_f64());
+        if self.flag.is_refusal() {
+            m.refusals
+                .with_label_values(&[self.flag.as_str(), self.reason])
+                .inc();
+        }
+        if let Some((labels, _)) = &self.route {
+            m.close_route(labels, self.flag.as_str());
+        }
+        if self.telemetry.access_log.enabled() {
+            self.telemetry.access_log.write(self.access_log_line());
+        }
+    }
+}

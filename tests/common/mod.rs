@@ -1,0 +1,560 @@
+//! Shared test helpers: free ports, a test CA, TLS echo workloads, a running `strait`
+//! process with a configuration, TLS clients and a tiny HTTP client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const REVIEWS: &str = "reviews.default.svc.cluster.local";
+pub const RATINGS: &str = "ratings.default.svc.cluster.local";
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A unique scratch directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "strait-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A throwaway CA for workload certificates.
+pub struct TestCa {
+    pub root: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "strait test root");
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        TestCa {
+            root: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A leaf certificate with DNS name `workload.test` and the given SPIFFE URI.
+    pub fn issue(&self, spiffe: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let mut params = CertificateParams::new(vec!["workload.test".to_string()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::URI(spiffe.try_into().unwrap()));
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+
+    pub fn root_store(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.root.clone()).unwrap();
+        roots
+    }
+}
+
+/// A TLS server standing in for a meshed workload: terminates TLS with its own
+/// certificate and echoes every byte back. Counts connections it accepted.
+pub struct Workload {
+    pub addr: SocketAddr,
+    pub spiffe: String,
+    pub accepted: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Workload {
+    pub async fn start(ca: &TestCa, spiffe: &str) -> Workload {
+        let (chain, key) = ca.issue(spiffe);
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        // A sidecar accepts the Istio ALPNs; h2 stands in for an app protocol.
+        config.alpn_protocols = vec![
+            b"istio".to_vec(),
+            b"istio-peer-exchange".to_vec(),
+            b"h2".to_vec(),
+        ];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let (mut r, mut w) = tokio::io::split(tls);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if w.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    // Echo done: close our side after the client's close.
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Workload {
+            addr,
+            spiffe: spiffe.to_string(),
+            accepted,
+            task,
+        }
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+/// Verifies the server's chain against the test root (name `workload.test`, whatever
+/// SNI was sent) and remembers the certificate the client saw.
+#[derive(Debug)]
+pub struct WorkloadVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    pub seen: Mutex<Option<CertificateDer<'static>>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for WorkloadVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.seen.lock().unwrap() = Some(end_entity.clone().into_owned());
+        let name = ServerName::try_from("workload.test").unwrap();
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &name, ocsp, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+pub fn client_config(
+    ca: &TestCa,
+    alpn: &[&str],
+) -> (Arc<rustls::ClientConfig>, Arc<WorkloadVerifier>) {
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(ca.root_store()),
+        provider(),
+    )
+    .build()
+    .unwrap();
+    let verifier = Arc::new(WorkloadVerifier {
+        inner,
+        seen: Mutex::new(None),
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    (Arc::new(config), verifier)
+}
+
+/// Opens TLS through the gateway; returns the stream and the SPIFFE URI of the
+/// certificate the client saw.
+pub async fn tls_connect(
+    gateway: SocketAddr,
+    ca: &TestCa,
+    sni: &str,
+    alpn: &[&str],
+) -> std::io::Result<(tokio_rustls::client::TlsStream<TcpStream>, String)> {
+    let (config, verifier) = client_config(ca, alpn);
+    let tcp = TcpStream::connect(gateway).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    let seen = verifier
+        .seen
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("server cert seen");
+    Ok((tls, spiffe_of(&seen)))
+}
+
+/// The URI SAN of a certificate.
+pub fn spiffe_of(cert: &CertificateDer<'_>) -> String {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).unwrap();
+    for ext in x509.extensions() {
+        if let x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) =
+            ext.parsed_extension()
+        {
+            for name in &san.general_names {
+                if let x509_parser::extensions::GeneralName::URI(u) = name {
+                    return u.to_string();
+                }
+            }
+        }
+    }
+    String::new()
+}
+
+/// Sends `line` and reads the echo.
+pub async fn echo_once<S>(stream: &mut S, line: &[u8]) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(line).await.unwrap();
+    let mut back = vec![0u8; line.len()];
+    stream.read_exact(&mut back).await.unwrap();
+    back
+}
+
+/// A `strait run` process on a configuration; killed on drop.
+pub struct Strait {
+    pub child: Child,
+    pub dir: TempDir,
+    pub status: SocketAddr,
+    pub metrics: SocketAddr,
+    pub admin: SocketAddr,
+    pub gateway: SocketAddr,
+    pub stdout: Arc<Mutex<Vec<String>>>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+/// Ports for a gateway under test.
+#[derive(Clone, Copy)]
+pub struct Ports {
+    pub gateway: u16,
+    pub status: u16,
+    pub metrics: u16,
+    pub admin: u16,
+}
+
+impl Ports {
+    pub fn new() -> Ports {
+        Ports {
+            gateway: free_port(),
+            status: free_port(),
+            metrics: free_port(),
+            admin: free_port(),
+        }
+    }
+
+    /// The Bootstrap document for these ports, plus extra `spec` lines (indented 2).
+    pub fn bootstrap(&self, extra: &str) -> String {
+        format!(
+            "apiVersion: strait.dev/v1alpha1\nkind: Bootstrap\nmetadata: {{name: test}}\nspec:\n  status: 127.0.0.1:{}\n  metrics: 127.0.0.1:{}\n  admin: 127.0.0.1:{}\n  clientHelloTimeout: 2s\n  connectTimeout: 1s\n  drainDuration: 5s\n{extra}",
+            self.status, self.metrics, self.admin
+        )
+    }
+
+    /// A Gateway with one AUTO_PASSTHROUGH server on 127.0.0.1:<gateway>.
+    pub fn gateway_doc(&self, hosts: &[&str]) -> String {
+        let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: cross-network-gateway, namespace: istio-system}}\nspec:\n  selector: {{istio: eastwestgateway}}\n  servers:\n  - port: {{number: {}, name: tls, protocol: TLS}}\n    bind: 127.0.0.1\n    tls: {{mode: AUTO_PASSTHROUGH}}\n    hosts: [{}]\n",
+            self.gateway,
+            hosts.join(", ")
+        )
+    }
+}
+
+pub fn strait_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_strait")
+}
+
+impl Strait {
+    /// Writes `config` to a file and runs `strait run -c <file>`, waiting for readiness.
+    pub fn start(ports: Ports, config: &str) -> Strait {
+        Self::start_with(ports, config, &[])
+    }
+
+    pub fn start_with(ports: Ports, config: &str, env: &[(&str, &str)]) -> Strait {
+        let dir = TempDir::new("gw");
+        let path = dir.write("strait.yaml", config);
+        let mut cmd = Command::new(strait_bin());
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        pump_lines(child.stdout.take().unwrap(), stdout.clone());
+        pump_lines(child.stderr.take().unwrap(), stderr.clone());
+        let s = Strait {
+            child,
+            dir,
+            status: SocketAddr::from(([127, 0, 0, 1], ports.status)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], ports.metrics)),
+            admin: SocketAddr::from(([127, 0, 0, 1], ports.admin)),
+            gateway: SocketAddr::from(([127, 0, 0, 1], ports.gateway)),
+            stdout,
+            stderr,
+        };
+        s.wait_ready(Duration::from_secs(20));
+        s
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("strait.yaml")
+    }
+
+    pub fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok((200, _)) = http_get(self.status, "/healthz/ready") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "strait not ready within {within:?}; stderr:\n{}",
+            self.stderr.lock().unwrap().join("\n")
+        );
+    }
+
+    pub fn metrics_text(&self) -> String {
+        http_get(self.metrics, "/stats/prometheus").unwrap().1
+    }
+
+    /// The value of one sample line (`name{labels}`), summing every series whose labels
+    /// include all of `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics_text(), name, labels)
+    }
+
+    /// Access log lines (JSON), parsed.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Polls until `f` holds or `within` passes.
+    pub fn eventually(&self, within: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        false
+    }
+}
+
+impl Drop for Strait {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pump_lines(r: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            into.lock().unwrap().push(line);
+        }
+    });
+}
+
+/// Sums the samples of `name` whose label set includes `labels`.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut total = 0.0;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let (metric, label_text) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric != name {
+            continue;
+        }
+        if labels
+            .iter()
+            .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
+        {
+            total += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    total
+}
+
+/// A blocking HTTP/1.1 GET; returns status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Reads whatever the gateway sends before closing (e.g. a TLS alert), bounded.
+pub async fn read_until_close(stream: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(within, stream.read_to_end(&mut out)).await;
+    match r {
+        Ok(Ok(_)) => Some(out),
+        Ok(Err(_)) => Some(out),
+        Err(_) => None,
+    }
+}
+
+/// A ClientHello as rustls would send it, for raw-socket tests.
+pub fn client_hello_bytes(sni: &str, alpn: &[&str]) -> Vec<u8> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    let mut conn = rustls::ClientConnection::new(
+        Arc::new(config),
+        ServerName::try_from(sni.to_string()).unwrap(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}

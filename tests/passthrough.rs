@@ -1,0 +1,584 @@
+//! AUTO_PASSTHROUGH end to end: real rustls clients through the `strait` binary to real
+//! rustls workloads, over loopback.
+
+mod common;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rustls::pki_types::ServerName;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+const SPIFFE_V1: &str = "spiffe://cluster.local/ns/default/sa/reviews-v1";
+const SPIFFE_V2: &str = "spiffe://cluster.local/ns/default/sa/reviews-v2";
+const SPIFFE_RATINGS: &str = "spiffe://cluster.local/ns/default/sa/ratings";
+
+fn sni(port: u16, subset: &str, host: &str) -> String {
+    format!("outbound_.{port}_.{subset}_.{host}")
+}
+
+struct Mesh {
+    ca: TestCa,
+    v1: Workload,
+    v2: Workload,
+    ratings: Workload,
+    /// A workload without a sidecar: labelled tlsMode disabled, never a passthrough target.
+    plain: Workload,
+}
+
+impl Mesh {
+    async fn start() -> Mesh {
+        let ca = TestCa::new();
+        Mesh {
+            v1: Workload::start(&ca, SPIFFE_V1).await,
+            v2: Workload::start(&ca, SPIFFE_V2).await,
+            ratings: Workload::start(&ca, SPIFFE_RATINGS).await,
+            plain: Workload::start(&ca, "spiffe://cluster.local/ns/default/sa/plain").await,
+            ca,
+        }
+    }
+
+    /// ServiceEntries and a DestinationRule for reviews (v1, v2, a plaintext endpoint and
+    /// `extra_endpoint`, if any) and ratings.
+    fn services(&self, extra_reviews_endpoint: Option<u16>) -> String {
+        let extra = extra_reviews_endpoint
+            .map(|p| {
+                format!(
+                    "  - address: 127.0.0.1\n    ports: {{tcp-reviews: {p}}}\n    labels: {{app: reviews, version: v1, security.istio.io/tlsMode: istio}}\n"
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [{REVIEWS}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - {{number: 9080, name: tcp-reviews, protocol: TCP}}
+  endpoints:
+  - address: 127.0.0.1
+    ports: {{tcp-reviews: {v1}}}
+    labels: {{app: reviews, version: v1, security.istio.io/tlsMode: istio}}
+  - address: 127.0.0.1
+    ports: {{tcp-reviews: {v2}}}
+    labels: {{app: reviews, version: v2, security.istio.io/tlsMode: istio}}
+  - address: 127.0.0.1
+    ports: {{tcp-reviews: {plain}}}
+    labels: {{app: reviews, version: v2, security.istio.io/tlsMode: disabled}}
+{extra}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: default}}
+spec:
+  host: {REVIEWS}
+  subsets:
+  - name: v1
+    labels: {{version: v1}}
+  - name: v2
+    labels: {{version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ratings, namespace: default}}
+spec:
+  hosts: [{RATINGS}]
+  resolution: STATIC
+  ports:
+  - {{number: 9080, name: tcp, protocol: TCP, targetPort: {ratings}}}
+  endpoints:
+  - address: 127.0.0.1
+    labels: {{app: ratings, security.istio.io/tlsMode: istio}}
+"#,
+            v1 = self.v1.addr.port(),
+            v2 = self.v2.addr.port(),
+            plain = self.plain.addr.port(),
+            ratings = self.ratings.addr.port(),
+        )
+    }
+
+    fn config(
+        &self,
+        ports: &Ports,
+        bootstrap_extra: &str,
+        hosts: &[&str],
+        extra: Option<u16>,
+    ) -> String {
+        format!(
+            "{}---\n{}---\n{}",
+            ports.bootstrap(bootstrap_extra),
+            ports.gateway_doc(hosts),
+            self.services(extra)
+        )
+    }
+
+    fn gateway(&self, bootstrap_extra: &str) -> Strait {
+        let ports = Ports::new();
+        Strait::start(
+            ports,
+            &self.config(&ports, bootstrap_extra, &["*.local"], None),
+        )
+    }
+}
+
+/// Writes `total` bytes of a deterministic pattern and reads the echo at the same time;
+/// returns (hash sent, hash received, bytes received).
+async fn stream_and_hash<S>(stream: S, total: usize, seed: u8) -> ([u8; 32], [u8; 32], usize)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut r, mut w) = tokio::io::split(stream);
+    let writer = tokio::spawn(async move {
+        let mut hasher = Sha256::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut sent = 0usize;
+        let mut x = seed as u32;
+        while sent < total {
+            let n = chunk.len().min(total - sent);
+            for b in chunk[..n].iter_mut() {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                *b = (x >> 16) as u8;
+            }
+            hasher.update(&chunk[..n]);
+            w.write_all(&chunk[..n]).await.unwrap();
+            sent += n;
+        }
+        w.flush().await.unwrap();
+        (hasher.finalize(), w)
+    });
+    let mut hasher = Sha256::new();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    while got < total {
+        let n = r.read(&mut buf).await.unwrap();
+        assert!(n > 0, "stream ended after {got} of {total} bytes");
+        hasher.update(&buf[..n]);
+        got += n;
+    }
+    let (sent_hash, _w) = writer.await.unwrap();
+    (sent_hash.into(), hasher.finalize().into(), got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_passes_through_and_64_mib_each_way_arrive_intact() {
+    let mesh = Mesh::start().await;
+    let gw = mesh.gateway("");
+    let (tls, seen) = tls_connect(gw.gateway, &mesh.ca, &sni(9080, "", RATINGS), &["istio"])
+        .await
+        .unwrap();
+    // The client verified the workload's own certificate: TLS went end to end.
+    assert_eq!(seen, SPIFFE_RATINGS);
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"istio"[..]));
+    let (sent, received, n) = stream_and_hash(tls, 64 << 20, 7).await;
+    assert_eq!(n, 64 << 20);
+    assert_eq!(sent, received, "echoed bytes differ from the bytes sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_connections_stay_intact() {
+    let mesh = Mesh::start().await;
+    let gw = mesh.gateway("");
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let addr = gw.gateway;
+        let (config, _) = client_config(&mesh.ca, &["istio"]);
+        let name = sni(9080, if i % 2 == 0 { "v1" } else { "" }, REVIEWS);
+        tasks.push(tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(ServerName::try_from(name).unwrap(), tcp)
+                .await
+                .unwrap();
+            // 200 × 336 KiB ≈ 64 MiB each way in total.
+            stream_and_hash(tls, 336 * 1024, i as u8).await
+        }));
+    }
+    for t in tasks {
+        let (sent, received, _) = t.await.unwrap();
+        assert_eq!(sent, received);
+    }
+}
+
+/// Rewrites the first write (rustls' ClientHello record) with `transform`, sending the
+/// result as separate writes spaced by `gap`; everything after passes through.
+struct Reshape<S> {
+    inner: S,
+    transform: Option<Box<dyn FnOnce(&[u8]) -> Vec<Vec<u8>> + Send + Unpin>>,
+    pending: std::collections::VecDeque<Vec<u8>>,
+    consumed: usize,
+    gap: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> Reshape<S> {
+    fn new(
+        inner: S,
+        gap: Duration,
+        f: impl FnOnce(&[u8]) -> Vec<Vec<u8>> + Send + Unpin + 'static,
+    ) -> Self {
+        Reshape {
+            inner,
+            transform: Some(Box::new(f)),
+            pending: Default::default(),
+            consumed: 0,
+            gap,
+            sleep: None,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Reshape<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if let Some(f) = this.transform.take() {
+            this.pending = f(buf).into();
+            this.consumed = buf.len();
+        }
+        while let Some(front) = this.pending.front_mut() {
+            if let Some(s) = this.sleep.as_mut() {
+                std::task::ready!(s.as_mut().poll(cx));
+                this.sleep = None;
+            }
+            let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, front))?;
+            front.drain(..n);
+            if front.is_empty() {
+                this.pending.pop_front();
+                if !this.pending.is_empty() {
+                    this.sleep = Some(Box::pin(tokio::time::sleep(this.gap)));
+                }
+            }
+            if this.pending.is_empty() {
+                return Poll::Ready(Ok(std::mem::take(&mut this.consumed)));
+            }
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Reshape<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+use std::future::Future;
+
+/// Splits one handshake record into `n` records carrying consecutive fragments.
+fn split_records(record: &[u8], n: usize) -> Vec<u8> {
+    assert_eq!(record[0], 22);
+    let body = &record[5..];
+    let step = body.len().div_ceil(n);
+    let mut out = Vec::new();
+    for part in body.chunks(step) {
+        out.extend_from_slice(&[22, record[1], record[2]]);
+        out.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+async fn connect_reshaped(
+    gw: std::net::SocketAddr,
+    ca: &TestCa,
+    name: &str,
+    alpn: &[&str],
+    gap: Duration,
+    f: impl FnOnce(&[u8]) -> Vec<Vec<u8>> + Send + Unpin + 'static,
+) -> std::io::Result<(tokio_rustls::client::TlsStream<Reshape<TcpStream>>, String)> {
+    let (config, verifier) = client_config(ca, alpn);
+    let tcp = TcpStream::connect(gw).await?;
+    tcp.set_nodelay(true)?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(
+            ServerName::try_from(name.to_string()).unwrap(),
+            Reshape::new(tcp, gap, f),
+        )
+        .await?;
+    let seen = verifier.seen.lock().unwrap().clone().unwrap();
+    Ok((tls, spiffe_of(&seen)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragmented_and_large_client_hellos_are_routed() {
+    let mesh = Mesh::start().await;
+    let gw = mesh.gateway("");
+    let name = sni(9080, "", RATINGS);
+
+    // One byte per write.
+    let (mut tls, seen) = connect_reshaped(
+        gw.gateway,
+        &mesh.ca,
+        &name,
+        &["istio"],
+        Duration::from_millis(1),
+        |b| b.iter().map(|&x| vec![x]).collect(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(seen, SPIFFE_RATINGS);
+    assert_eq!(
+        echo_once(&mut tls, b"one byte at a time\n").await,
+        b"one byte at a time\n"
+    );
+
+    // Three TLS records, each in its own write.
+    let (mut tls, seen) = connect_reshaped(
+        gw.gateway,
+        &mesh.ca,
+        &name,
+        &["istio"],
+        Duration::from_millis(5),
+        |b| {
+            let split = split_records(b, 3);
+            assert_eq!(split.len(), b.len() + 10, "three records");
+            vec![split]
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(seen, SPIFFE_RATINGS);
+    assert_eq!(
+        echo_once(&mut tls, b"three records\n").await,
+        b"three records\n"
+    );
+
+    // An 8 KiB ClientHello (a long ALPN list), split into 1 KiB writes.
+    let filler: Vec<String> = (0..44)
+        .map(|i| format!("x-{i:03}-{}", "p".repeat(190)))
+        .collect();
+    let mut alpn: Vec<&str> = filler.iter().map(String::as_str).collect();
+    alpn.push("istio");
+    let hello_len = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let len = hello_len.clone();
+    let (mut tls, seen) = connect_reshaped(
+        gw.gateway,
+        &mesh.ca,
+        &name,
+        &alpn,
+        Duration::from_millis(1),
+        move |b| {
+            len.store(b.len(), std::sync::atomic::Ordering::Relaxed);
+            b.chunks(1024).map(<[u8]>::to_vec).collect()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(hello_len.load(std::sync::atomic::Ordering::Relaxed) > 8 * 1024);
+    assert_eq!(seen, SPIFFE_RATINGS);
+    assert_eq!(
+        echo_once(&mut tls, b"large hello\n").await,
+        b"large hello\n"
+    );
+}
+
+fn is_alert(err: &std::io::Error, alert: &str) -> bool {
+    format!("{err:?}").contains(alert)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_allow_list_is_enforced_and_configurable() {
+    let mesh = Mesh::start().await;
+    let gw = mesh.gateway("");
+    let name = sni(9080, "", RATINGS);
+    let err = tls_connect(gw.gateway, &mesh.ca, &name, &["h2", "http/1.1"])
+        .await
+        .err()
+        .expect("refused");
+    assert!(is_alert(&err, "UnrecognisedName"), "{err:?}");
+    let err = tls_connect(gw.gateway, &mesh.ca, &name, &[])
+        .await
+        .err()
+        .expect("refused");
+    assert!(is_alert(&err, "UnrecognisedName"), "{err:?}");
+    assert!(gw.eventually(Duration::from_secs(5), || gw.stderr_text().contains("alpn")));
+    let log = gw.stderr_text();
+    assert!(
+        log.contains(&name) && log.contains("h2,http/1.1"),
+        "refusal names the SNI and ALPN: {log}"
+    );
+    drop(gw);
+
+    let gw = mesh.gateway("  passthroughAlpn: []\n");
+    let (mut tls, seen) = tls_connect(gw.gateway, &mesh.ca, &name, &["h2"])
+        .await
+        .unwrap();
+    assert_eq!(seen, SPIFFE_RATINGS);
+    assert_eq!(echo_once(&mut tls, b"any alpn\n").await, b"any alpn\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subsets_select_endpoints_and_plaintext_endpoints_are_never_targets() {
+    let mesh = Mesh::start().await;
+    let gw = mesh.gateway("");
+    for _ in 0..6 {
+        let (_, seen) = tls_connect(gw.gateway, &mesh.ca, &sni(9080, "v2", REVIEWS), &["istio"])
+            .await
+            .unwrap();
+        assert_eq!(seen, SPIFFE_V2, "subset v2 reaches only v2");
+    }
+    for _ in 0..4 {
+        let (_, seen) = tls_connect(gw.gateway, &mesh.ca, &sni(9080, "v1", REVIEWS), &["istio"])
+            .await
+            .unwrap();
+        assert_eq!(seen, SPIFFE_V1);
+    }
+    let mut seen_all = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let (_, seen) = tls_connect(gw.gateway, &mesh.ca, &sni(9080, "", REVIEWS), &["istio"])
+            .await
+            .unwrap();
+        seen_all.insert(seen);
+    }
+    assert_eq!(
+        seen_all.into_iter().collect::<Vec<_>>(),
+        vec![SPIFFE_V1.to_string(), SPIFFE_V2.to_string()],
+        "no subset reaches every mTLS endpoint"
+    );
+    assert_eq!(
+        mesh.plain.accepted(),
+        0,
+        "tlsMode: disabled endpoint was dialled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_unmatched_names_get_unrecognized_name() {
+    let mesh = Mesh::start().await;
+    let ports = Ports::new();
+    let gw = Strait::start(
+        ports,
+        &mesh.config(&ports, "", &["reviews.default.svc.cluster.local"], None),
+    );
+    for name in [
+        sni(9080, "", "nope.default.svc.cluster.local"),
+        sni(9080, "", RATINGS),   // declared, but outside this Gateway's hosts
+        sni(9999, "", REVIEWS),   // undeclared port
+        sni(9080, "v9", REVIEWS), // undeclared subset
+        REVIEWS.to_string(),      // not a subset key
+    ] {
+        let err = tls_connect(gw.gateway, &mesh.ca, &name, &["istio"])
+            .await
+            .err()
+            .expect("refused");
+        assert!(is_alert(&err, "UnrecognisedName"), "{name}: {err:?}");
+    }
+    let (_, seen) = tls_connect(gw.gateway, &mesh.ca, &sni(9080, "v1", REVIEWS), &["istio"])
+        .await
+        .unwrap();
+    assert_eq!(seen, SPIFFE_V1);
+    assert_eq!(mesh.ratings.accepted(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_silent_clients_are_closed_while_others_are_served() {
+    let mesh = Mesh::start().await;
+    let gw = mesh.gateway(""); // clientHelloTimeout: 2s
+
+    let mut silent = TcpStream::connect(gw.gateway).await.unwrap();
+    let mut trickle = TcpStream::connect(gw.gateway).await.unwrap();
+    let hello = client_hello_bytes(&sni(9080, "", RATINGS), &["istio"]);
+    trickle.write_all(&hello[..10]).await.unwrap();
+    let mut garbage = TcpStream::connect(gw.gateway).await.unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+
+    // Garbage is closed at once, with nothing sent back.
+    let back = read_until_close(&mut garbage, Duration::from_secs(1))
+        .await
+        .expect("garbage closed promptly");
+    assert!(back.is_empty(), "no TLS alert for non-TLS bytes: {back:?}");
+
+    // A good client is served while the silent ones wait.
+    let (mut tls, _) = tls_connect(gw.gateway, &mesh.ca, &sni(9080, "", RATINGS), &["istio"])
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_once(&mut tls, b"still serving\n").await,
+        b"still serving\n"
+    );
+
+    for s in [&mut silent, &mut trickle] {
+        read_until_close(s, Duration::from_secs(4))
+            .await
+            .expect("closed after clientHelloTimeout");
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1800),
+        "closed too early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(4),
+        "closed too late: {waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_costs_no_connection() {
+    let mesh = Mesh::start().await;
+    let ports = Ports::new();
+    let dead = free_port(); // nothing listens here
+    let gw = Strait::start(ports, &mesh.config(&ports, "", &["*.local"], Some(dead)));
+    for i in 0..24 {
+        let (mut tls, seen) =
+            tls_connect(gw.gateway, &mesh.ca, &sni(9080, "v1", REVIEWS), &["istio"])
+                .await
+                .unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
+        assert_eq!(seen, SPIFFE_V1);
+        assert_eq!(echo_once(&mut tls, b"ok\n").await, b"ok\n");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_keeps_the_reply_flowing() {
+    let mesh = Mesh::start().await;
+    let gw = mesh.gateway("");
+    let (tls, _) = tls_connect(gw.gateway, &mesh.ca, &sni(9080, "", RATINGS), &["istio"])
+        .await
+        .unwrap();
+    let (mut r, mut w) = tokio::io::split(tls);
+    let payload: Vec<u8> = (0..(4 << 20)).map(|i| (i % 251) as u8).collect();
+    let expected = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await.unwrap();
+        // close_notify and FIN: the client will send nothing more.
+        w.shutdown().await.unwrap();
+        w
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut back))
+        .await
+        .expect("reply finished")
+        .ok();
+    let _w = writer.await.unwrap();
+    assert_eq!(
+        back.len(),
+        expected.len(),
+        "reply cut short after the client's FIN"
+    );
+    assert!(back == expected);
+}
