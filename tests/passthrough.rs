@@ -206,11 +206,13 @@ async fn two_hundred_concurrent_connections_stay_intact() {
     }
 }
 
+type Transform = Box<dyn FnOnce(&[u8]) -> Vec<Vec<u8>> + Send + Unpin>;
+
 /// Rewrites the first write (rustls' ClientHello record) with `transform`, sending the
 /// result as separate writes spaced by `gap`; everything after passes through.
 struct Reshape<S> {
     inner: S,
-    transform: Option<Box<dyn FnOnce(&[u8]) -> Vec<Vec<u8>> + Send + Unpin>>,
+    transform: Option<Transform>,
     pending: std::collections::VecDeque<Vec<u8>>,
     consumed: usize,
     gap: Duration,
@@ -403,13 +405,11 @@ async fn alpn_allow_list_is_enforced_and_configurable() {
     let name = sni(9080, "", RATINGS);
     let err = tls_connect(gw.gateway, &mesh.ca, &name, &["h2", "http/1.1"])
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(is_alert(&err, "UnrecognisedName"), "{err:?}");
     let err = tls_connect(gw.gateway, &mesh.ca, &name, &[])
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(is_alert(&err, "UnrecognisedName"), "{err:?}");
     assert!(gw.eventually(Duration::from_secs(5), || gw.stderr_text().contains("alpn")));
     let log = gw.stderr_text();
@@ -479,8 +479,7 @@ async fn unknown_and_unmatched_names_get_unrecognized_name() {
     ] {
         let err = tls_connect(gw.gateway, &mesh.ca, &name, &["istio"])
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(is_alert(&err, "UnrecognisedName"), "{name}: {err:?}");
     }
     let (_, seen) = tls_connect(gw.gateway, &mesh.ca, &sni(9080, "v1", REVIEWS), &["istio"])
