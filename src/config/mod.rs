@@ -133,14 +133,11 @@ fn load_sources(
 ) -> Result<Loaded, ConfigError> {
     let mut parsed = document::Parsed::default();
     for (i, source) in sources.iter().enumerate() {
-        // One file's tree at a time: only the read documents outlive the loop.
-        match yaml::parse_stream(i as u32, source.as_ref()) {
-            Ok(docs) => {
-                for doc in &docs {
-                    document::read_document(&mut sink, doc, &mut parsed);
-                }
-            }
-            Err(e) => sink.error(e.loc, format!("YAML syntax error: {}", e.message)),
+        let read = yaml::for_each_document(i as u32, source.as_ref(), &mut sink, |sink, doc| {
+            document::read_document(sink, &doc, &mut parsed)
+        });
+        if let Err(e) = read {
+            sink.error(e.loc, format!("YAML syntax error: {}", e.message));
         }
     }
     let snapshot = build::build(&mut sink, parsed);

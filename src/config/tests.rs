@@ -1284,3 +1284,36 @@ proptest! {
         let _ = load_str("fuzz.yaml", &src[..end]);
     }
 }
+
+#[test]
+fn deeply_nested_input_is_refused_not_a_crash() {
+    for depth in [200, 5_000, 100_000] {
+        let flow = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let block = "a:\n".to_string() + &"- ".repeat(depth) + "x\n";
+        for src in [flow, block] {
+            let e = load_err(&src);
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert!(e[0].contains("error: YAML syntax error: "), "{e:?}");
+        }
+    }
+    let e = load_err(&format!("a: {}{}\n", "[".repeat(70), "]".repeat(70)));
+    assert_eq!(
+        e,
+        ["t.yaml:1:67: error: YAML syntax error: nesting deeper than 64 levels; refused"]
+    );
+}
+
+#[test]
+fn alias_bombs_are_refused() {
+    let mut src = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..12 {
+        let prev = i - 1;
+        src.push_str(&format!("a{i}: &a{i} [*a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}]\n"));
+    }
+    let e = load_err(&src);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].ends_with("YAML syntax error: aliases expand to more than 100000 nodes; refused"),
+        "{e:?}"
+    );
+}
