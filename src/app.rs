@@ -11,6 +11,7 @@ use crate::config::{self, ConfigError, Loaded};
 use crate::model::Snapshot;
 use crate::proxy::{BindError, Gateway, Shared};
 use crate::telemetry::{AccessLog, GatewayIdentity, Telemetry};
+use crate::tls::material;
 
 /// Why `run` could not start (or stopped abnormally).
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,8 @@ pub enum RunError {
     AccessLog(std::io::Error),
     #[error("cannot start runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("gateway certificates: {0}")]
+    Certs(#[from] crate::tls::CertError),
 }
 
 /// Where the configuration comes from.
@@ -93,7 +96,10 @@ pub async fn run(
         .config_reloads
         .with_label_values(&["success"])
         .inc();
-    let shared = Shared::new(snapshot, telemetry);
+    let shared = Shared::new(snapshot.clone(), telemetry);
+    if material::needed(&snapshot) {
+        install_tls(&shared, &snapshot)?;
+    }
     let mut gateway = Gateway::start(shared.clone()).await?;
     admin::start(
         shared.clone(),
@@ -119,7 +125,11 @@ pub async fn run(
 
     let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(4);
     let _watcher = match &source {
-        Source::Paths(_) => watch_files(&loaded.files, reload_tx.clone()),
+        Source::Paths(_) => {
+            let mut files = loaded.files.clone();
+            files.extend(material::watched_paths(&snapshot));
+            watch_files(&files, reload_tx.clone())
+        }
         Source::Text { .. } => None,
     };
     spawn_sighup(reload_tx);
@@ -166,6 +176,18 @@ fn reload(source: &Source, gateway: &mut Gateway, why: &str) {
             }
             let old = gateway.shared.runtime.load().snapshot.settings.clone();
             warn_restart_only(&old, &loaded.snapshot);
+            if material::needed(&loaded.snapshot)
+                && let Err(e) = install_tls(&gateway.shared, &loaded.snapshot)
+            {
+                // Keep the certificates in use; a half-written rotation will be retried
+                // on the next file event.
+                metrics.config_reloads.with_label_values(&["failure"]).inc();
+                tracing::error!(
+                    trigger = why,
+                    "certificate reload failed, keeping the previous ones: {e}"
+                );
+                return;
+            }
             match gateway.reload(Arc::new(loaded.snapshot)) {
                 Ok(()) => {
                     metrics.config_reloads.with_label_values(&["success"]).inc();
@@ -185,6 +207,37 @@ fn reload(source: &Source, gateway: &mut Gateway, why: &str) {
             );
         }
     }
+}
+
+/// Loads the gateway's SVID and trust bundles, installs them for new handshakes (open
+/// connections keep theirs), and exports their expiry.
+fn install_tls(shared: &Shared, snapshot: &Snapshot) -> Result<(), crate::tls::CertError> {
+    let m = material::load(snapshot)?;
+    let warn_within = snapshot.settings.cert_expiry_warning;
+    let now = std::time::SystemTime::now();
+    for (role, file, expiry) in &m.expiries {
+        let secs = expiry
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        shared
+            .telemetry
+            .metrics
+            .cert_expiry
+            .with_label_values(&[*role, file.display().to_string().as_str()])
+            .set(secs);
+        match expiry.duration_since(now) {
+            Ok(left) if left < warn_within => tracing::warn!(
+                file = %file.display(), role, "certificate expires in {}h", left.as_secs() / 3600
+            ),
+            Err(_) => tracing::warn!(file = %file.display(), role, "certificate has expired"),
+            _ => {}
+        }
+    }
+    if let Some(id) = &m.spiffe_id {
+        tracing::info!(identity = %id, "gateway certificates loaded");
+    }
+    shared.tls.store(Some(Arc::new(m)));
+    Ok(())
 }
 
 fn warn_restart_only(old: &crate::model::Settings, new: &Snapshot) {

@@ -252,7 +252,7 @@ strait demo is running: an AUTO_PASSTHROUGH gateway on 127.0.0.1:{gw} in front o
 Paste these into another terminal:
 
 # TLS goes end to end: the workload (not the gateway) answers, and echoes your line.
-(echo hello through strait; sleep 1) | openssl s_client -quiet -connect 127.0.0.1:{gw} -servername {v2} -alpn istio -CAfile {roots} -verify_return_error
+(echo hello through strait; sleep 1) | openssl s_client -quiet -no_ign_eof -connect 127.0.0.1:{gw} -servername {v2} -alpn istio -CAfile {roots} -verify_return_error
 
 # The certificate the client sees is the workload's SPIFFE SVID.
 openssl s_client -connect 127.0.0.1:{gw} -servername {ratings} -alpn istio -CAfile {roots} </dev/null 2>/dev/null | openssl x509 -noout -ext subjectAltName

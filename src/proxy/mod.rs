@@ -3,7 +3,9 @@
 pub mod copy;
 pub mod hello;
 mod listener;
+mod mutual;
 mod passthrough;
+mod rewind;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -11,12 +13,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::model::{ServiceKey, Snapshot};
 use crate::telemetry::Telemetry;
+use crate::tls::material::TlsMaterial;
 use crate::upstream::{Cluster, StateRegistry};
 
 pub use listener::BindError;
@@ -104,6 +107,8 @@ pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
     pub telemetry: Arc<Telemetry>,
     pub registry: StateRegistry,
+    /// The gateway's own SVID and mTLS configurations, when the configuration needs them.
+    pub tls: ArcSwapOption<TlsMaterial>,
     drain: watch::Sender<DrainState>,
     /// Downstream connections being handled, for `maxConnections` and drain.
     open: AtomicUsize,
@@ -119,6 +124,7 @@ impl Shared {
             runtime: ArcSwap::from_pointee(runtime),
             telemetry,
             registry,
+            tls: ArcSwapOption::empty(),
             drain: watch::channel(DrainState::Serving).0,
             open: AtomicUsize::new(0),
             idle: Notify::new(),

@@ -6,13 +6,15 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::copy::{ByteCounters, CopyEnd, CopyLimits, copy_tcp, write_all_tcp};
+use super::copy::{ByteCounters, CopyEnd, CopyLimits, CopyOutcome, copy_tcp, write_all_tcp};
 use super::hello::{Alert, HelloError, read_client_hello, refuse_with_alert};
 use super::{Shared, closing};
-use crate::model::ServerTlsMode;
+use crate::model::{ServerTlsMode, Settings};
 use crate::route::{self, RouteMiss};
 use crate::telemetry::{ConnectionResult, IstioLabels, ResponseFlag};
-use crate::upstream::{self, AttemptFailure, ConnectError, ConnectObserver, Purpose};
+use crate::upstream::{
+    self, AttemptFailure, Cluster, ClusterSlot, ConnectError, ConnectObserver, Connected, Purpose,
+};
 
 /// Upstream connect attempts per connection, each to a distinct endpoint.
 pub(crate) const MAX_CONNECT_ATTEMPTS: usize = 3;
@@ -81,10 +83,10 @@ pub(super) async fn handle(
         return refuse_no_route(&mut stream, &mut result, &miss).await;
     }
     if mode == ServerTlsMode::IstioMutual {
-        // Terminating mTLS needs the gateway's SVID; see `mutual`.
-        result.refuse(ResponseFlag::NoRoute, "istio_mutual_unavailable");
-        refuse_with_alert(&mut stream, Some(Alert::HandshakeFailure)).await;
-        return;
+        let service = route.service.clone();
+        let subset = route.subset.map(str::to_string);
+        drop(route);
+        return super::mutual::serve(&shared, &runtime, service, subset, stream, buf, result).await;
     }
 
     result.service = Some(route.service.host.clone());
@@ -109,27 +111,114 @@ pub(super) async fn handle(
     let counters = result.open_route(labels);
     counters.received.inc_by(buf.len() as u64);
 
-    let Some(_slot) = cluster.admit() else {
-        result.refuse(ResponseFlag::UpstreamOverflow, "cluster_max_connections");
-        refuse_with_alert(&mut stream, Some(Alert::InternalError)).await;
+    let upstream = match open_upstream(
+        &shared,
+        settings,
+        cluster,
+        Purpose::Passthrough,
+        &mut result,
+    )
+    .await
+    {
+        Ok(u) => u,
+        Err(alert) => {
+            refuse_with_alert(&mut stream, Some(alert)).await;
+            return;
+        }
+    };
+    // Replay the ClientHello exactly as received, then splice.
+    if let Err(e) = write_all_tcp(&upstream.stream, &buf).await {
+        result.refuse(
+            ResponseFlag::UpstreamConnectFailure,
+            "upstream_write_failed",
+        );
+        result.detail = Some(e.to_string());
         return;
+    }
+    drop(buf);
+    let outcome = copy_tcp(
+        &stream,
+        &upstream.stream,
+        copy_limits(cluster, settings),
+        ByteCounters {
+            to_upstream: Some(&counters.received),
+            to_downstream: Some(&counters.sent),
+        },
+        closing(shared.subscribe_drain()),
+    )
+    .await;
+    record_copy(&mut result, &outcome);
+}
+
+/// Limits for the copy: the cluster's policy over the Bootstrap defaults.
+pub(super) fn copy_limits(cluster: &Cluster, settings: &Settings) -> CopyLimits {
+    CopyLimits {
+        idle_timeout: cluster.policy.idle_timeout.unwrap_or(settings.idle_timeout),
+        max_duration: cluster.policy.max_connection_duration,
+    }
+}
+
+/// Adds the copy's bytes and end to the connection's result.
+pub(super) fn record_copy(result: &mut ConnectionResult, outcome: &CopyOutcome) {
+    result.received += outcome.to_upstream;
+    result.sent += outcome.to_downstream;
+    match outcome.end {
+        CopyEnd::Closed | CopyEnd::Error | CopyEnd::Drained => {}
+        CopyEnd::IdleTimeout => result.refuse(ResponseFlag::IdleTimeout, "idle_timeout"),
+        CopyEnd::DurationTimeout => {
+            result.refuse(ResponseFlag::DurationTimeout, "max_connection_duration")
+        }
+    }
+}
+
+/// An upstream connection, holding its place in the cluster's connection budget.
+pub(super) struct Opened {
+    pub connected: Connected,
+    _slot: ClusterSlot,
+}
+
+impl std::ops::Deref for Opened {
+    type Target = Connected;
+    fn deref(&self) -> &Connected {
+        &self.connected
+    }
+}
+
+/// Admits the connection to the cluster and connects to one of its endpoints. On
+/// failure, records the refusal and returns the TLS alert the client should get.
+pub(super) async fn open_upstream(
+    shared: &Shared,
+    settings: &Settings,
+    cluster: &Arc<Cluster>,
+    purpose: Purpose,
+    result: &mut ConnectionResult,
+) -> Result<Opened, Alert> {
+    let Some(slot) = cluster.admit() else {
+        result.refuse(ResponseFlag::UpstreamOverflow, "cluster_max_connections");
+        tracing::info!(peer = %result.downstream, service = %cluster.service.host, "refused UO: connectionPool.tcp.maxConnections reached");
+        return Err(Alert::InternalError);
     };
     let connect_timeout = cluster
         .policy
         .connect_timeout
         .unwrap_or(settings.connect_timeout);
-    let observer = MetricsObserver(&shared);
     let connected = upstream::connect(
         cluster,
-        Purpose::Passthrough,
+        purpose,
         &settings.locality,
         connect_timeout,
         MAX_CONNECT_ATTEMPTS,
-        &observer,
+        &MetricsObserver(shared),
     )
     .await;
-    let upstream = match connected {
-        Ok(c) => c,
+    match connected {
+        Ok(c) => {
+            result.upstream = Some(c.addr);
+            Ok(Opened {
+                connected: c,
+                _slot: slot,
+            })
+        }
         Err(e) => {
             let (flag, reason, alert) = match &e {
                 ConnectError::NoHealthyEndpoint => (
@@ -146,51 +235,14 @@ pub(super) async fn handle(
             result.refuse(flag, reason);
             result.detail = Some(e.to_string());
             tracing::info!(
-                %peer,
-                sni = offer.sni.as_deref().unwrap_or("-"),
-                service = %route.service.host,
-                subset = route.subset.unwrap_or("-"),
+                peer = %result.downstream,
+                sni = result.sni.as_deref().unwrap_or("-"),
+                service = %cluster.service.host,
+                subset = cluster.subset.as_deref().unwrap_or("-"),
                 error = %e,
                 "refused: {}", flag.as_str()
             );
-            refuse_with_alert(&mut stream, Some(alert)).await;
-            return;
-        }
-    };
-    result.upstream = Some(upstream.addr);
-
-    // Replay the ClientHello exactly as received, then splice.
-    if let Err(e) = write_all_tcp(&upstream.stream, &buf).await {
-        result.refuse(
-            ResponseFlag::UpstreamConnectFailure,
-            "upstream_write_failed",
-        );
-        result.detail = Some(e.to_string());
-        return;
-    }
-    drop(buf);
-    let limits = CopyLimits {
-        idle_timeout: cluster.policy.idle_timeout.unwrap_or(settings.idle_timeout),
-        max_duration: cluster.policy.max_connection_duration,
-    };
-    let outcome = copy_tcp(
-        &stream,
-        &upstream.stream,
-        limits,
-        ByteCounters {
-            to_upstream: Some(&counters.received),
-            to_downstream: Some(&counters.sent),
-        },
-        closing(shared.subscribe_drain()),
-    )
-    .await;
-    result.received += outcome.to_upstream;
-    result.sent = outcome.to_downstream;
-    match outcome.end {
-        CopyEnd::Closed | CopyEnd::Error | CopyEnd::Drained => {}
-        CopyEnd::IdleTimeout => result.refuse(ResponseFlag::IdleTimeout, "idle_timeout"),
-        CopyEnd::DurationTimeout => {
-            result.refuse(ResponseFlag::DurationTimeout, "max_connection_duration")
+            Err(alert)
         }
     }
 }

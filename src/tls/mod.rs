@@ -2,6 +2,7 @@
 
 pub mod certs;
 pub mod client_hello;
+pub mod material;
 pub mod spiffe;
 pub mod verify;
 

@@ -1,0 +1,165 @@
+//! ISTIO_MUTUAL: terminate the client's mTLS with the gateway's SVID, learn the peer's
+//! SPIFFE ID, apply AuthorizationPolicy, then forward the decrypted stream to the
+//! routed endpoint (in plaintext, or re-encrypted where a DestinationRule asks for
+//! ISTIO_MUTUAL).
+
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::copy::{ByteCounters, copy_streams};
+use super::hello::{Alert, refuse_with_alert};
+use super::passthrough::{copy_limits, open_upstream, record_copy};
+use super::rewind::Rewind;
+use super::{Runtime, Shared, closing};
+use crate::authz::{Peer, authorize};
+use crate::model::{ServicePort, UpstreamTls};
+use crate::route::sni::build_subset_key;
+use crate::telemetry::{ConnectionResult, IstioLabels, ResponseFlag};
+use crate::tls::{classify_handshake_error, handshake_error_detail, peer_spiffe_id};
+use crate::upstream::Purpose;
+
+pub(super) async fn serve(
+    shared: &Arc<Shared>,
+    runtime: &Runtime,
+    service: Arc<ServicePort>,
+    subset: Option<String>,
+    mut stream: TcpStream,
+    hello: Vec<u8>,
+    mut result: ConnectionResult,
+) {
+    let settings = &runtime.snapshot.settings;
+    result.service = Some(service.host.clone());
+    result.subset = subset.clone();
+    let Some(material) = shared.tls.load_full() else {
+        result.refuse(ResponseFlag::NoRoute, "no_gateway_certificate");
+        tracing::error!(
+            "ISTIO_MUTUAL server has no certificate loaded from {}",
+            settings.cert_dir.display()
+        );
+        refuse_with_alert(&mut stream, Some(Alert::HandshakeFailure)).await;
+        return;
+    };
+    let listener_port = result.listener.port();
+
+    // The handshake reads the ClientHello we already consumed, then the rest from the socket.
+    let acceptor = tokio_rustls::TlsAcceptor::from(material.server.clone());
+    let handshake = acceptor.accept(Rewind::new(hello, stream));
+    let tls = match tokio::time::timeout(settings.client_hello_timeout, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let refusal = classify_handshake_error(&e);
+            result.refuse(ResponseFlag::Unauthorized, refusal.reason());
+            let detail = handshake_error_detail(&e);
+            tracing::info!(peer = %result.downstream, reason = refusal.reason(), "mTLS handshake refused: {detail}");
+            result.detail = Some(detail);
+            return;
+        }
+        Err(_) => {
+            result.refuse(ResponseFlag::DownstreamProtocolError, "handshake_timeout");
+            return;
+        }
+    };
+    let peer_id = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(peer_spiffe_id);
+    let peer_id = match peer_id {
+        Some(Ok(id)) => id,
+        // The verifier already required exactly one SPIFFE ID; this is a second guard.
+        _ => {
+            result.refuse(ResponseFlag::Unauthorized, "bad_spiffe_id");
+            return;
+        }
+    };
+    result.peer_identity = Some(peer_id.to_string());
+
+    let mut trust_domains = vec![settings.trust_domain.clone()];
+    trust_domains.extend(settings.trust_domain_aliases.iter().cloned());
+    let peer = Peer {
+        id: &peer_id,
+        trust_domains: &trust_domains,
+        port: listener_port,
+    };
+    if let Err(denied) = authorize(&runtime.snapshot.authz, &peer) {
+        result.refuse(ResponseFlag::Unauthorized, denied.reason());
+        tracing::info!(peer = %result.downstream, identity = %peer_id, "refused: {denied}");
+        result.detail = Some(denied.to_string());
+        let mut tls = tls;
+        let _ = tls.shutdown().await;
+        return;
+    }
+
+    let Some(cluster) = runtime
+        .clusters
+        .get(&service.key())
+        .and_then(|c| c.get(subset.as_deref()))
+        .cloned()
+    else {
+        result.refuse(ResponseFlag::NoHealthyUpstream, "no_cluster");
+        return;
+    };
+    let labels = IstioLabels::new(
+        &shared.telemetry.identity,
+        &service.host,
+        &service.namespace,
+        subset.as_deref(),
+        Some(&peer_id.principal()),
+        true,
+    );
+    let counters = result.open_route(labels);
+    let upstream =
+        match open_upstream(shared, settings, &cluster, Purpose::Terminated, &mut result).await {
+            Ok(u) => u,
+            Err(_) => {
+                // The client's TLS session is ours: close it cleanly.
+                let mut tls = tls;
+                let _ = tls.shutdown().await;
+                return;
+            }
+        };
+    let limits = copy_limits(&cluster, settings);
+    let counters = ByteCounters {
+        to_upstream: Some(&counters.received),
+        to_downstream: Some(&counters.sent),
+    };
+    let drain = closing(shared.subscribe_drain());
+    let opened = upstream;
+    let outcome = if cluster.policy.tls == UpstreamTls::IstioMutual {
+        let Some(client) = material.client(None) else {
+            result.refuse(ResponseFlag::UpstreamConnectFailure, "no_client_config");
+            return;
+        };
+        let sni = build_subset_key(service.port, subset.as_deref(), &service.host);
+        let name = match ServerName::try_from(sni) {
+            Ok(n) => n,
+            Err(_) => {
+                result.refuse(ResponseFlag::UpstreamConnectFailure, "bad_upstream_sni");
+                return;
+            }
+        };
+        let connected = opened.connected;
+        let _guard = connected.guard;
+        let up = tokio_rustls::TlsConnector::from(client.clone())
+            .connect(name, connected.stream)
+            .await;
+        match up {
+            Ok(up) => copy_streams(tls, up, limits, counters, drain).await,
+            Err(e) => {
+                let refusal = classify_handshake_error(&e);
+                result.refuse(ResponseFlag::UpstreamConnectFailure, refusal.reason());
+                result.detail = Some(handshake_error_detail(&e));
+                return;
+            }
+        }
+    } else {
+        let connected = opened.connected;
+        let _guard = connected.guard;
+        copy_streams(tls, connected.stream, limits, counters, drain).await
+    };
+    record_copy(&mut result, &outcome);
+}

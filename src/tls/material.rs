@@ -1,0 +1,115 @@
+//! The gateway's own TLS material: its SVID, the trust configuration, and the rustls
+//! configurations built from them. Loaded from files at start and again whenever the
+//! files change; a failed reload keeps the previous material.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::certs::{CertError, cert_not_after, load_identity, load_trust_bundle};
+use super::spiffe::SpiffeId;
+use super::verify::{TrustConfig, client_config, server_config};
+use crate::model::{ISTIO_ALPNS, Snapshot, UpstreamTls};
+
+/// What ISTIO_MUTUAL servers, bridges and mTLS origination use.
+pub struct TlsMaterial {
+    pub server: Arc<rustls::ServerConfig>,
+    /// Client configurations by expected peer identity (`None`: any peer of a trusted domain).
+    clients: BTreeMap<Option<String>, Arc<rustls::ClientConfig>>,
+    pub spiffe_id: Option<SpiffeId>,
+    /// (role, file, expiry) of each certificate in use.
+    pub expiries: Vec<(&'static str, PathBuf, SystemTime)>,
+}
+
+impl TlsMaterial {
+    /// The client configuration for an expected peer (built at load for every identity
+    /// the configuration names).
+    pub fn client(&self, expected: Option<&str>) -> Option<&Arc<rustls::ClientConfig>> {
+        self.clients.get(&expected.map(str::to_string))
+    }
+}
+
+/// Whether the snapshot needs the gateway's own certificates at all: passthrough alone
+/// never terminates TLS, so a pure AUTO_PASSTHROUGH gateway runs without them.
+pub fn needed(snapshot: &Snapshot) -> bool {
+    let mutual_server = snapshot
+        .listeners
+        .iter()
+        .flat_map(|l| &l.servers)
+        .any(|s| s.mode == crate::model::ServerTlsMode::IstioMutual);
+    let originates = snapshot.services.values().any(|s| {
+        s.policy.tls == UpstreamTls::IstioMutual
+            || s.subsets
+                .values()
+                .any(|x| x.policy.tls == UpstreamTls::IstioMutual)
+    });
+    mutual_server || originates || !snapshot.bridges.is_empty()
+}
+
+/// Files whose change should reload the material.
+pub fn watched_paths(snapshot: &Snapshot) -> Vec<PathBuf> {
+    let s = &snapshot.settings;
+    let mut v = vec![s.cert_dir.clone()];
+    v.extend(s.trust_bundles.values().cloned());
+    v
+}
+
+/// Loads the SVID and trust bundles named by the snapshot and builds the configurations.
+pub fn load(snapshot: &Snapshot) -> Result<TlsMaterial, CertError> {
+    let s = &snapshot.settings;
+    let identity = load_identity(&s.cert_dir)?;
+    let mut federated = BTreeMap::new();
+    for (td, path) in &s.trust_bundles {
+        federated.insert(td.clone(), load_trust_bundle(path)?);
+    }
+    let trust = TrustConfig {
+        trust_domain: s.trust_domain.clone(),
+        aliases: s.trust_domain_aliases.clone(),
+        federated,
+    };
+    let alpn: Vec<&[u8]> = ISTIO_ALPNS.iter().map(|a| a.as_bytes()).collect();
+    let server = server_config(&identity, &trust, &alpn)?;
+    let mut clients = BTreeMap::new();
+    let mut expected: Vec<Option<String>> = vec![None];
+    expected.extend(snapshot.bridges.iter().map(|b| b.identity.clone()));
+    for e in expected {
+        if clients.contains_key(&e) {
+            continue;
+        }
+        let peer = match &e {
+            Some(id) => Some(SpiffeId::parse(id).map_err(|err| CertError::Trust {
+                what: format!("expected identity {id}"),
+                reason: err.to_string(),
+            })?),
+            None => None,
+        };
+        let cfg = client_config(&identity, &trust, peer.as_ref(), &[b"istio"])?;
+        clients.insert(e, cfg);
+    }
+    let mut expiries = vec![(
+        "leaf",
+        s.cert_dir.join(super::certs::CERT_CHAIN),
+        identity.not_after,
+    )];
+    for root in &identity.roots {
+        if let Ok(t) = cert_not_after(root) {
+            expiries.push(("root", s.cert_dir.join(super::certs::ROOT_CERT), t));
+        }
+    }
+    for (td, path) in &s.trust_bundles {
+        if let Some(t) = trust
+            .federated
+            .get(td)
+            .and_then(|certs| certs.iter().filter_map(|c| cert_not_after(c).ok()).min())
+        {
+            expiries.push(("federated_root", path.clone(), t));
+        }
+    }
+    Ok(TlsMaterial {
+        server,
+        clients,
+        spiffe_id: identity.spiffe_id,
+        expiries,
+    })
+}

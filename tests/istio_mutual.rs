@@ -1,0 +1,398 @@
+//! ISTIO_MUTUAL end to end: certificates made with the `strait ca` / `strait cert`
+//! commands, the gateway terminating mTLS, policy deciding, plaintext to a sidecar-less
+//! workload; refusals counted under their own reasons; certificate rotation.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use rustls::pki_types::ServerName;
+use strait::tls::{TrustConfig, client_config, load_identity};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const ECHO: &str = "echo.default.svc.cluster.local";
+const GW_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/eastwest";
+
+fn strait(args: &[&str]) {
+    let out = Command::new(strait_bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "strait {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ca_init(dir: &Path, td: &str) -> PathBuf {
+    let p = dir.join(format!("ca-{td}"));
+    strait(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        td,
+        "--out",
+        p.to_str().unwrap(),
+    ]);
+    p
+}
+
+fn issue(ca: &Path, id: &str, out: &Path) -> PathBuf {
+    strait(&[
+        "cert",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--id",
+        id,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    out.to_path_buf()
+}
+
+/// A sidecar-less workload: plaintext TCP echo.
+async fn plaintext_echo() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+fn config(ports: &Ports, certs: &Path, echo_port: u16, policies: &str) -> String {
+    format!(
+        r#"{bootstrap}---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: mtls, namespace: istio-system}}
+spec:
+  servers:
+  - port: {{number: {gw}, name: tls, protocol: TLS}}
+    bind: 127.0.0.1
+    tls: {{mode: ISTIO_MUTUAL}}
+    hosts: ["*.local"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo, namespace: default}}
+spec:
+  hosts: [{ECHO}]
+  ports: [{{number: 9080, name: tcp, targetPort: {echo_port}}}]
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+    labels: {{app: echo, security.istio.io/tlsMode: disabled}}
+{policies}"#,
+        bootstrap = ports.bootstrap(&format!(
+            "  trustDomain: cluster.local\n  trustDomainAliases: [old.local]\n  certificates: {{dir: {}}}\n",
+            certs.display()
+        )),
+        gw = ports.gateway,
+    )
+}
+
+/// Connects with the client identity in `certs`; the gateway must present `GW_ID`.
+async fn mtls_connect(
+    gw: std::net::SocketAddr,
+    certs: &Path,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut id = load_identity(certs).unwrap();
+    // Whatever the client presents, it trusts the mesh root to verify the gateway.
+    id.roots = load_identity(&certs.parent().unwrap().join("gw"))
+        .unwrap()
+        .roots;
+    let trust = TrustConfig {
+        trust_domain: "cluster.local".into(),
+        aliases: vec!["old.local".into()],
+        federated: Default::default(),
+    };
+    let expected = strait::tls::SpiffeId::parse(GW_ID).unwrap();
+    let config = client_config(&id, &trust, Some(&expected), &[b"istio"]).unwrap();
+    let tcp = TcpStream::connect(gw).await?;
+    let name = ServerName::try_from(format!("outbound_.9080_._.{ECHO}")).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    // TLS 1.3 reports a refused client certificate only on the first read.
+    tls.write_all(b"ping\n").await?;
+    let mut back = [0u8; 5];
+    tls.read_exact(&mut back).await?;
+    assert_eq!(&back, b"ping\n");
+    Ok(tls)
+}
+
+struct Setup {
+    dir: TempDir,
+    mesh_ca: PathBuf,
+    gw_certs: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = TempDir::new("mtls");
+    let mesh_ca = ca_init(dir.path(), "cluster.local");
+    let gw_certs = issue(&mesh_ca, GW_ID, &dir.path().join("gw"));
+    Setup {
+        dir,
+        mesh_ca,
+        gw_certs,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_clients_pass_and_every_bad_certificate_is_refused_with_its_reason() {
+    let s = setup();
+    let (echo, _task) = plaintext_echo().await;
+    let ports = Ports::new();
+    let gw = Strait::start(ports, &config(&ports, &s.gw_certs, echo.port(), ""));
+
+    let good = issue(
+        &s.mesh_ca,
+        "spiffe://cluster.local/ns/foo/sa/sleep",
+        &s.dir.path().join("good"),
+    );
+    let mut tls = mtls_connect(gw.gateway, &good).await.unwrap();
+    assert_eq!(
+        echo_once(&mut tls, b"decrypted and forwarded\n").await,
+        b"decrypted and forwarded\n"
+    );
+    drop(tls);
+
+    let alias = issue(
+        &s.mesh_ca,
+        "spiffe://old.local/ns/foo/sa/sleep",
+        &s.dir.path().join("alias"),
+    );
+    mtls_connect(gw.gateway, &alias)
+        .await
+        .expect("trust-domain alias passes");
+
+    let rogue_ca = ca_init(s.dir.path(), "rogue.example");
+    let rogue = issue(
+        &rogue_ca,
+        "spiffe://cluster.local/ns/foo/sa/sleep",
+        &s.dir.path().join("rogue"),
+    );
+    mtls_connect(gw.gateway, &rogue)
+        .await
+        .expect_err("another CA is refused");
+
+    let foreign = issue(
+        &s.mesh_ca,
+        "spiffe://other.td/ns/foo/sa/sleep",
+        &s.dir.path().join("foreign"),
+    );
+    mtls_connect(gw.gateway, &foreign)
+        .await
+        .expect_err("unlisted trust domain is refused");
+
+    let expired_dir = s.dir.path().join("expired");
+    let now = SystemTime::now();
+    strait::ca::issue_svid_with_validity(
+        &s.mesh_ca,
+        &strait::tls::SpiffeId::parse("spiffe://cluster.local/ns/foo/sa/sleep").unwrap(),
+        &expired_dir,
+        now - Duration::from_secs(7200),
+        now - Duration::from_secs(3600),
+    )
+    .unwrap();
+    mtls_connect(gw.gateway, &expired_dir)
+        .await
+        .expect_err("expired cert is refused");
+
+    // No client certificate at all: openssl with only the CA file.
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &gw.gateway.to_string(),
+            "-servername",
+        ])
+        .arg(format!("outbound_.9080_._.{ECHO}"))
+        .args(["-alpn", "istio", "-CAfile"])
+        .arg(s.gw_certs.join("root-cert.pem"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("ping"), "{text}");
+
+    let refused = |reason: &str| {
+        gw.metric(
+            "strait_refusals_total",
+            &[("response_flag", "UAEX"), ("reason", reason)],
+        )
+    };
+    assert!(
+        gw.eventually(Duration::from_secs(5), || refused("no_client_cert") == 1.0),
+        "{}",
+        gw.metrics_text()
+    );
+    assert_eq!(refused("untrusted_chain"), 1.0, "{:?}", gw.access_log());
+    assert_eq!(refused("other"), 0.0, "{:?}", gw.access_log());
+    assert_eq!(refused("untrusted_trust_domain"), 1.0);
+    assert_eq!(refused("expired"), 1.0);
+    let opened = gw.metric(
+        "istio_tcp_connections_opened_total",
+        &[
+            ("connection_security_policy", "mutual_tls"),
+            ("source_principal", "spiffe://cluster.local/ns/foo/sa/sleep"),
+        ],
+    );
+    assert_eq!(
+        opened,
+        1.0,
+        "{}",
+        gw.metrics_text()
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let peers: Vec<String> = gw
+        .access_log()
+        .iter()
+        .filter_map(|l| l["peer_identity"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        peers.contains(&"spiffe://cluster.local/ns/foo/sa/sleep".to_string()),
+        "{peers:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_client_with_a_mesh_certificate_reaches_the_workload() {
+    let s = setup();
+    let (echo, _task) = plaintext_echo().await;
+    let ports = Ports::new();
+    let gw = Strait::start(ports, &config(&ports, &s.gw_certs, echo.port(), ""));
+    let client = issue(
+        &s.mesh_ca,
+        "spiffe://cluster.local/ns/foo/sa/sleep",
+        &s.dir.path().join("c"),
+    );
+    let gateway = gw.gateway.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        let script = format!(
+            "(echo hello-over-mtls; sleep 1) | timeout 10 openssl s_client -quiet -no_ign_eof -connect {gateway} -servername outbound_.9080_._.{ECHO} -alpn istio -cert {c}/cert-chain.pem -cert_chain {c}/cert-chain.pem -key {c}/key.pem -CAfile {c}/root-cert.pem -verify_return_error",
+            c = client.display()
+        );
+        Command::new("sh").arg("-c").arg(script).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("hello-over-mtls"),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(stderr.contains("verify return:1"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_policy_allows_and_denies_by_principal_and_namespace() {
+    let s = setup();
+    let (echo, _task) = plaintext_echo().await;
+    let ports = Ports::new();
+    let policies = r#"---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-foo, namespace: istio-system}
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: ["cluster.local/ns/foo/*"]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-curl, namespace: istio-system}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: ["*/sa/curl"]}
+"#;
+    let gw = Strait::start(ports, &config(&ports, &s.gw_certs, echo.port(), policies));
+    let id = |p: &str, n: &str| issue(&s.mesh_ca, p, &s.dir.path().join(n));
+    mtls_connect(
+        gw.gateway,
+        &id("spiffe://cluster.local/ns/foo/sa/sleep", "a"),
+    )
+    .await
+    .expect("allowed by allow-foo");
+    mtls_connect(
+        gw.gateway,
+        &id("spiffe://cluster.local/ns/foo/sa/curl", "b"),
+    )
+    .await
+    .expect_err("deny-curl wins over allow-foo");
+    mtls_connect(
+        gw.gateway,
+        &id("spiffe://cluster.local/ns/bar/sa/sleep", "c"),
+    )
+    .await
+    .expect_err("no ALLOW policy matches");
+    let refused = |reason: &str| gw.metric("strait_refusals_total", &[("reason", reason)]);
+    assert!(
+        gw.eventually(Duration::from_secs(5), || refused("denied_by_policy")
+            == 1.0)
+    );
+    assert_eq!(refused("not_allowed_by_policy"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_certificates_keeps_open_connections_and_serves_the_new_one() {
+    let s = setup();
+    let (echo, _task) = plaintext_echo().await;
+    let ports = Ports::new();
+    let gw = Strait::start(ports, &config(&ports, &s.gw_certs, echo.port(), ""));
+    let client = issue(
+        &s.mesh_ca,
+        "spiffe://cluster.local/ns/foo/sa/sleep",
+        &s.dir.path().join("c"),
+    );
+    let mut open = mtls_connect(gw.gateway, &client).await.unwrap();
+    let first = open.get_ref().1.peer_certificates().unwrap()[0].clone();
+
+    // Rotate: a new CA (root and all) and a new gateway SVID, written in place.
+    let new_ca = ca_init(s.dir.path(), "cluster.local-2");
+    let staged = s.dir.path().join("staged");
+    issue(&new_ca, GW_ID, &staged);
+    for f in ["cert-chain.pem", "key.pem", "root-cert.pem"] {
+        let tmp = s.gw_certs.join(format!(".{f}.tmp"));
+        std::fs::copy(staged.join(f), &tmp).unwrap();
+        std::fs::rename(&tmp, s.gw_certs.join(f)).unwrap();
+    }
+    let new_client = issue(
+        &new_ca,
+        "spiffe://cluster.local/ns/foo/sa/sleep",
+        &s.dir.path().join("c2"),
+    );
+    let mut rotated = None;
+    for _ in 0..100 {
+        if let Ok(tls) = mtls_connect(gw.gateway, &new_client).await {
+            rotated = Some(tls);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rotated = rotated.expect("new handshakes use the rotated certificate and root");
+    let second = rotated.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_ne!(first, second, "gateway presents the new certificate");
+    // The connection opened before the rotation still flows.
+    assert_eq!(echo_once(&mut open, b"still here\n").await, b"still here\n");
+}
