@@ -139,7 +139,7 @@ fn split_sep(s: &str) -> Option<(&str, &str)> {
 /// Decimal 1..=65535, digits only, no leading zero (sidecars write ports with `strconv.Itoa`).
 fn parse_port(s: &str) -> Option<u16> {
     let bytes = s.as_bytes();
-    if bytes.is_empty() || bytes.len() > 5 || bytes[0] == b'0' {
+    if bytes.is_empty() || bytes.len() > 5 || bytes.first() == Some(&b'0') {
         return None;
     }
     let mut value: u32 = 0;

@@ -288,17 +288,16 @@ fn locate(buf: &[u8]) -> Result<Option<Located>, NotTls> {
 
         // Feed the handshake header from this fragment as far as it goes.
         if hs_total.is_none() {
-            for &b in available.iter().take(HANDSHAKE_HEADER_LEN - hs_seen) {
-                hs_header[hs_seen] = b;
+            for (&b, slot) in available.iter().zip(hs_header.iter_mut().skip(hs_seen)) {
+                *slot = b;
                 hs_seen += 1;
                 if hs_seen == 1 && b != HANDSHAKE_CLIENT_HELLO {
                     return Err(NotTls::NotClientHello { msg_type: b });
                 }
             }
             if hs_seen == HANDSHAKE_HEADER_LEN {
-                let body_len = usize::from(hs_header[1]) << 16
-                    | usize::from(hs_header[2]) << 8
-                    | usize::from(hs_header[3]);
+                let [_, b1, b2, b3] = hs_header;
+                let body_len = usize::from(b1) << 16 | usize::from(b2) << 8 | usize::from(b3);
                 let total = HANDSHAKE_HEADER_LEN + body_len;
                 // Even packed into the fewest records this cannot fit under the cap.
                 let min_records = total.div_ceil(MAX_RECORD_PAYLOAD).max(1);
@@ -604,8 +603,10 @@ impl<'a> Reader<'a> {
     }
 
     fn u16(&mut self, what: &'static str) -> Result<u16, NotTls> {
-        let b = self.take(2, what)?;
-        Ok(u16::from(b[0]) << 8 | u16::from(b[1]))
+        match *self.take(2, what)? {
+            [hi, lo] => Ok(u16::from(hi) << 8 | u16::from(lo)),
+            _ => Err(NotTls::Malformed(what)),
+        }
     }
 
     fn u8_prefixed(&mut self, what: &'static str) -> Result<&'a [u8], NotTls> {
@@ -801,6 +802,25 @@ mod tests {
             matches!(h.body, Cow::Borrowed(_)),
             "one record must not allocate"
         );
+    }
+
+    #[test]
+    fn rustls_tls12_only_hello() {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"istio".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from(ISTIO_V2_SNI).unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut buf = Vec::new();
+        conn.write_tls(&mut buf).unwrap();
+        let h = complete(&buf);
+        assert_eq!(h.sni(), Some(ISTIO_V2_SNI));
+        assert_eq!(h.alpn_display(), "istio");
+        assert_eq!(h.legacy_version(), 0x0303);
     }
 
     #[test]
