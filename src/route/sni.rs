@@ -82,11 +82,8 @@ pub fn parse_subset_key(sni: &str) -> Result<SubsetKey<'_>, SniMiss> {
             SniMiss::NotSubsetKey
         });
     };
-    let (port, rest) = rest.split_once(SEP).ok_or(SniMiss::MissingSeparator)?;
-    let (subset, host) = rest.split_once(SEP).ok_or(SniMiss::MissingSeparator)?;
-    if host.contains(SEP) {
-        return Err(SniMiss::ExtraSeparator);
-    }
+    let (port, rest) = split_sep(rest).ok_or(SniMiss::MissingSeparator)?;
+    let (subset, host) = split_sep(rest).ok_or(SniMiss::MissingSeparator)?;
     let port = parse_port(port).ok_or(SniMiss::BadPort)?;
     let subset = match subset {
         "" => None,
@@ -97,7 +94,12 @@ pub fn parse_subset_key(sni: &str) -> Result<SubsetKey<'_>, SniMiss> {
         return Err(SniMiss::EmptyHost);
     }
     if !is_dns_name(host) {
-        return Err(SniMiss::InvalidHost);
+        // Host names have no `_`, so a fourth separator is caught here; name it precisely.
+        return Err(if split_sep(host).is_some() {
+            SniMiss::ExtraSeparator
+        } else {
+            SniMiss::InvalidHost
+        });
     }
     Ok(SubsetKey { port, subset, host })
 }
@@ -118,10 +120,26 @@ pub fn build_subset_key(port: u16, subset: Option<&str>, host: &str) -> String {
     key
 }
 
+/// Split at the first `_.`. A byte scan: this runs per connection, and `str::split_once`
+/// with a string pattern sets up a substring searcher that costs more than the scan.
+fn split_sep(s: &str) -> Option<(&str, &str)> {
+    let bytes = s.as_bytes();
+    let mut from = 0;
+    let at = loop {
+        let at = from + bytes.get(from..)?.iter().position(|&c| c == b'_')?;
+        if bytes.get(at + 1) == Some(&b'.') {
+            break at;
+        }
+        from = at + 1;
+    };
+    // `_` is ASCII, so both cut points are char boundaries and `get` cannot fail.
+    Some((s.get(..at)?, s.get(at + SEP.len()..)?))
+}
+
 /// Decimal 1..=65535, digits only, no leading zero (sidecars write ports with `strconv.Itoa`).
 fn parse_port(s: &str) -> Option<u16> {
     let bytes = s.as_bytes();
-    if bytes.is_empty() || bytes.len() > 5 || bytes[0] == b'0' {
+    if bytes.is_empty() || bytes.len() > 5 || bytes.first() == Some(&b'0') {
         return None;
     }
     let mut value: u32 = 0;
@@ -147,15 +165,24 @@ fn is_dns1123_label(s: &str) -> bool {
 
 /// A DNS host name: labels of letters, digits and `-`, 1..=63 bytes each, 253 in all.
 fn is_dns_name(s: &str) -> bool {
-    s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || c == b'-')
-        })
+    let b = s.as_bytes();
+    b.len() <= 253
+        // One branch-free pass over the bytes, then the label structure.
+        && b.iter().fold(true, |ok, &c| ok & HOST_BYTE[usize::from(c)])
+        && b.split(|&c| c == b'.').all(|label| (1..=63).contains(&label.len()))
 }
+
+/// Bytes allowed in a host name: `[A-Za-z0-9.-]`.
+static HOST_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        table[c] = b.is_ascii_alphanumeric() || b == b'-' || b == b'.';
+        c += 1;
+    }
+    table
+};
 
 #[cfg(test)]
 mod tests {

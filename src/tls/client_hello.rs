@@ -18,6 +18,11 @@ use std::ops::Range;
 /// headers plus the handshake message. A ClientHello that needs more is [`NotTls::TooLarge`].
 pub const MAX_CLIENT_HELLO_BYTES: usize = 64 * 1024;
 
+/// The most TLS records a ClientHello may be fragmented over. Real clients use one to five
+/// (16 KiB each); the parser re-walks the record headers on every call, so a client
+/// trickling one-byte records must not make each call walk thousands of them.
+pub const MAX_CLIENT_HELLO_RECORDS: usize = 256;
+
 const RECORD_HEADER_LEN: usize = 5;
 const HANDSHAKE_HEADER_LEN: usize = 4;
 /// RFC 8446 §5.1: a plaintext record fragment is at most 2^14 bytes.
@@ -71,6 +76,11 @@ pub enum NotTls {
         "ClientHello needs {needed} bytes, more than the {MAX_CLIENT_HELLO_BYTES}-byte limit the gateway buffers"
     )]
     TooLarge { needed: usize },
+    /// The ClientHello is fragmented over more than [`MAX_CLIENT_HELLO_RECORDS`] records.
+    #[error(
+        "ClientHello fragmented over more than {MAX_CLIENT_HELLO_RECORDS} TLS records; clients send it in 16 KiB records"
+    )]
+    TooManyRecords,
     /// Lengths or fields inside the records or the ClientHello are inconsistent.
     #[error("malformed ClientHello: {0}")]
     Malformed(&'static str),
@@ -86,6 +96,7 @@ impl NotTls {
             NotTls::BadRecordVersion { .. } => "bad_record_version",
             NotTls::NotClientHello { .. } => "not_client_hello",
             NotTls::TooLarge { .. } => "too_large",
+            NotTls::TooManyRecords => "too_many_records",
             NotTls::Malformed(_) => "malformed",
         }
     }
@@ -174,6 +185,19 @@ impl ClientHello<'_> {
     pub fn body(&self) -> &[u8] {
         &self.body
     }
+
+    /// Detach from the receive buffer (copies the body if it was borrowed), so the buffer
+    /// can be handed on while the parsed hello is kept.
+    pub fn into_owned(self) -> ClientHello<'static> {
+        ClientHello {
+            body: Cow::Owned(self.body.into_owned()),
+            record_bytes: self.record_bytes,
+            records: self.records,
+            legacy_version: self.legacy_version,
+            sni: self.sni,
+            alpn: self.alpn,
+        }
+    }
 }
 
 impl std::fmt::Debug for ClientHello<'_> {
@@ -245,6 +269,9 @@ fn locate(buf: &[u8]) -> Result<Option<Located>, NotTls> {
     let mut hs_total: Option<usize> = None;
 
     loop {
+        if records == MAX_CLIENT_HELLO_RECORDS {
+            return Err(NotTls::TooManyRecords);
+        }
         let Some(payload_len) = record_header(buf.get(pos..).unwrap_or_default(), records == 0)?
         else {
             return Ok(None);
@@ -261,17 +288,16 @@ fn locate(buf: &[u8]) -> Result<Option<Located>, NotTls> {
 
         // Feed the handshake header from this fragment as far as it goes.
         if hs_total.is_none() {
-            for &b in available.iter().take(HANDSHAKE_HEADER_LEN - hs_seen) {
-                hs_header[hs_seen] = b;
+            for (&b, slot) in available.iter().zip(hs_header.iter_mut().skip(hs_seen)) {
+                *slot = b;
                 hs_seen += 1;
                 if hs_seen == 1 && b != HANDSHAKE_CLIENT_HELLO {
                     return Err(NotTls::NotClientHello { msg_type: b });
                 }
             }
             if hs_seen == HANDSHAKE_HEADER_LEN {
-                let body_len = usize::from(hs_header[1]) << 16
-                    | usize::from(hs_header[2]) << 8
-                    | usize::from(hs_header[3]);
+                let [_, b1, b2, b3] = hs_header;
+                let body_len = usize::from(b1) << 16 | usize::from(b2) << 8 | usize::from(b3);
                 let total = HANDSHAKE_HEADER_LEN + body_len;
                 // Even packed into the fewest records this cannot fit under the cap.
                 let min_records = total.div_ceil(MAX_RECORD_PAYLOAD).max(1);
@@ -489,9 +515,10 @@ fn parse_server_name(data: &[u8], data_offset: usize) -> Result<Range<usize>, No
                 "host_name empty or longer than 255 bytes",
             ));
         }
+        // Branch-free over the bytes: this runs for every connection.
         if !name
             .iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'))
+            .fold(true, |ok, &c| ok & HOST_NAME_BYTE[usize::from(c)])
         {
             return Err(NotTls::Malformed(
                 "host_name has characters other than letters, digits, '-', '.', '_'",
@@ -503,6 +530,19 @@ fn parse_server_name(data: &[u8], data_offset: usize) -> Result<Range<usize>, No
     // A server_name extension with only unknown name types carries no host name.
     host.ok_or(NotTls::Malformed("server_name without a host_name entry"))
 }
+
+/// Bytes accepted in an SNI host_name: `[A-Za-z0-9._-]`. `_` is not valid in host names
+/// but Istio's subset keys (`outbound_.9080_._.host`) are sent as SNI and contain it.
+static HOST_NAME_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        table[c] = b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_';
+        c += 1;
+    }
+    table
+};
 
 /// RFC 7301 §3.1: `ProtocolName protocol_name_list<2..2^16-1>`, each name `<1..2^8-1>`.
 fn parse_alpn(data: &[u8], data_offset: usize) -> Result<Range<usize>, NotTls> {
@@ -563,8 +603,10 @@ impl<'a> Reader<'a> {
     }
 
     fn u16(&mut self, what: &'static str) -> Result<u16, NotTls> {
-        let b = self.take(2, what)?;
-        Ok(u16::from(b[0]) << 8 | u16::from(b[1]))
+        match *self.take(2, what)? {
+            [hi, lo] => Ok(u16::from(hi) << 8 | u16::from(lo)),
+            _ => Err(NotTls::Malformed(what)),
+        }
     }
 
     fn u8_prefixed(&mut self, what: &'static str) -> Result<&'a [u8], NotTls> {
@@ -763,6 +805,25 @@ mod tests {
     }
 
     #[test]
+    fn rustls_tls12_only_hello() {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"istio".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from(ISTIO_V2_SNI).unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut buf = Vec::new();
+        conn.write_tls(&mut buf).unwrap();
+        let h = complete(&buf);
+        assert_eq!(h.sni(), Some(ISTIO_V2_SNI));
+        assert_eq!(h.alpn_display(), "istio");
+        assert_eq!(h.legacy_version(), 0x0303);
+    }
+
+    #[test]
     fn alpn_allow_list() {
         let buf = rustls_hello(ISTIO_SNI, &["h2", "istio"]);
         let h = complete(&buf);
@@ -859,7 +920,7 @@ mod tests {
             refragment(&read_vector("rustls_pq_1800.bin"), 3),
             into_records(
                 &handshake_message(&rustls_hello(ISTIO_SNI, &["istio"])),
-                &[1],
+                &[1, 1, 1, 2],
             ),
         ] {
             for end in 0..buf.len() {
@@ -924,10 +985,31 @@ mod tests {
             over as u8,
         ];
         assert!(matches!(not_tls(&buf), NotTls::TooLarge { .. }));
-        // Tiny records whose headers push the total over the cap.
-        let msg = handshake_message(&padded(&rustls_hello(ISTIO_SNI, &[]), 40_000));
-        let buf = into_records(&msg, &[6]);
+        // Small records whose headers push the total over the cap.
+        let msg = handshake_message(&padded(&rustls_hello(ISTIO_SNI, &[]), 64_600));
+        assert!(msg.len() + 4 * RECORD_HEADER_LEN <= MAX_CLIENT_HELLO_BYTES);
+        let buf = into_records(&msg, &[300]);
         assert!(matches!(not_tls(&buf), NotTls::TooLarge { .. }));
+        // Refused at the first record that would end past the cap, before it arrives.
+        let first_over = (MAX_CLIENT_HELLO_BYTES / 305) * 305;
+        assert!(matches!(
+            not_tls(&buf[..first_over + 5]),
+            NotTls::TooLarge { .. }
+        ));
+    }
+
+    #[test]
+    fn record_count_is_bounded() {
+        let msg = handshake_message(&rustls_hello(ISTIO_SNI, &["istio"]));
+        let at_cap = into_records(&msg, &[msg.len().div_ceil(MAX_CLIENT_HELLO_RECORDS)]);
+        assert_eq!(complete(&at_cap).sni(), Some(ISTIO_SNI));
+        let over = into_records(&msg, &[1]);
+        assert!(msg.len() > MAX_CLIENT_HELLO_RECORDS);
+        assert_eq!(not_tls(&over), NotTls::TooManyRecords);
+        assert_eq!(not_tls(&over).reason(), "too_many_records");
+        // Decided as soon as the record after the last allowed one starts, not at the end.
+        let cut = over.len() - (msg.len() - MAX_CLIENT_HELLO_RECORDS) * 6 + 1;
+        assert_eq!(not_tls(&over[..cut]), NotTls::TooManyRecords);
     }
 
     #[test]
@@ -1238,7 +1320,7 @@ mod tests {
         #[test]
         fn random_fragmentation_parses_the_same(
             which in 0usize..5,
-            sizes in proptest::collection::vec(1usize..600, 1..12),
+            sizes in proptest::collection::vec(8usize..600, 1..12),
         ) {
             let original = &vectors()[which];
             let expected = summary(original);
