@@ -85,7 +85,6 @@ pub(super) async fn handle(
     if mode == ServerTlsMode::IstioMutual {
         let service = route.service.clone();
         let subset = route.subset.map(str::to_string);
-        drop(route);
         return super::mutual::serve(&shared, &runtime, service, subset, stream, buf, result).await;
     }
 
