@@ -179,7 +179,7 @@ impl Metrics {
         let tcp_sent = counter_vec(
             r,
             "istio_tcp_sent_bytes_total",
-            "Bytes sent to the downstream client.",
+            "Bytes sent to the downstream client from the service (the gateway's own refusal alert is not counted).",
             &ISTIO_LABELS,
         );
         let tcp_received = counter_vec(
