@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 
 use crate::proxy::Shared;
+use crate::telemetry::EndpointSample;
 
 /// Which endpoints a server answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,11 +133,12 @@ fn respond(req: &Request<Incoming>, roles: &[Role], shared: &Shared) -> Response
             }
         }
         "/stats/prometheus" | "/metrics" if has(Role::Metrics) => {
+            refresh_endpoint_metrics(shared);
             let body = shared.telemetry.metrics.render();
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             r
         }
@@ -152,6 +154,36 @@ fn respond(req: &Request<Incoming>, roles: &[Role], shared: &Shared) -> Response
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Samples every declared endpoint's outlier state into the endpoint gauges. Endpoint
+/// state is shared by a service's clusters, so the all-endpoints cluster covers them.
+fn refresh_endpoint_metrics(shared: &Shared) {
+    let runtime = shared.runtime.load();
+    let endpoints: Vec<(&str, u16, String, bool, u64)> = runtime
+        .clusters
+        .iter()
+        .flat_map(|(key, clusters)| {
+            clusters.all.members.iter().map(move |m| {
+                (
+                    key.host.as_str(),
+                    key.port,
+                    m.endpoint.authority(),
+                    !m.state.is_ejected(),
+                    u64::from(m.state.ejection_count()),
+                )
+            })
+        })
+        .collect();
+    shared.telemetry.metrics.set_endpoints(endpoints.iter().map(
+        |(service, port, endpoint, healthy, ejections)| EndpointSample {
+            service,
+            port: *port,
+            endpoint,
+            healthy: *healthy,
+            ejections: *ejections,
+        },
+    ));
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

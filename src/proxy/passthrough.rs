@@ -99,10 +99,9 @@ pub(super) async fn handle(
         refuse_with_alert(&mut stream, Some(Alert::HandshakeFailure)).await;
         return;
     };
-    let labels = IstioLabels::new(
+    let labels = IstioLabels::for_route(
         &shared.telemetry.identity,
-        &route.service.host,
-        &route.service.namespace,
+        route.service,
         route.subset,
         None,
         false,

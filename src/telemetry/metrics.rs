@@ -4,29 +4,49 @@
 //! flags, and fixed reason strings. Nothing a client sends (an SNI, an ALPN) becomes a
 //! label value, so a flood of random names cannot grow the number of series.
 
+use std::path::Path;
+use std::sync::Mutex;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
-/// Istio's label set for the `istio_tcp_*` metrics, in this order.
-const ISTIO_LABELS: [&str; 15] = [
+use crate::model::ServicePort;
+
+/// Istio's label set for the `istio_tcp_*` metrics, in the order Istio's stats filter
+/// emits them (`istio/proxy` `istio_stats.cc`, ztunnel's `CommonTrafficLabels`).
+pub const ISTIO_LABELS: [&str; 23] = [
     "reporter",
     "source_workload",
     "source_workload_namespace",
     "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
     "source_cluster",
     "destination_workload",
     "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
     "destination_service",
     "destination_service_name",
     "destination_service_namespace",
-    "destination_version",
+    "destination_canonical_service",
+    "destination_canonical_revision",
     "destination_cluster",
     "request_protocol",
     "response_flags",
     "connection_security_policy",
 ];
+
+/// Position of `response_flags` in [`ISTIO_LABELS`].
+const RESPONSE_FLAGS: usize = 21;
+
+/// Labels of the per-endpoint series: one series per declared endpoint of a service port.
+const ENDPOINT_LABELS: [&str; 3] = ["destination_service", "destination_port", "endpoint"];
 
 /// Every metric the gateway exports, registered once per process.
 pub struct Metrics {
@@ -49,6 +69,9 @@ pub struct Metrics {
     pub endpoint_healthy: IntGaugeVec,
     pub endpoint_ejections: IntCounterVec,
     pub accept_errors: IntCounterVec,
+    /// Serialises rebuilding the per-endpoint series with gathering them, so a scrape
+    /// never sees a counter half-rebuilt.
+    endpoint_refresh: Mutex<()>,
 }
 
 /// Identity of the gateway itself, which fills Istio's `source_*` labels: an east-west
@@ -58,15 +81,62 @@ pub struct GatewayIdentity {
     pub workload: String,
     pub namespace: String,
     pub cluster: String,
+    /// The gateway's `app` label.
+    pub app: String,
+    /// The gateway's `version` label, when it has one.
+    pub version: Option<String>,
+    pub canonical_service: String,
+    pub canonical_revision: String,
 }
 
 impl Default for GatewayIdentity {
+    /// The names Istio's east-west gateway install uses, overridden by the variables
+    /// Kubernetes and istio-agent set in a gateway pod (`ISTIO_META_WORKLOAD_NAME`,
+    /// `POD_NAMESPACE`), so the same image reports correctly wherever it is deployed.
     fn default() -> Self {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let workload =
+            env("ISTIO_META_WORKLOAD_NAME").unwrap_or_else(|| "istio-eastwestgateway".into());
         GatewayIdentity {
-            workload: "istio-eastwestgateway".into(),
-            namespace: "istio-system".into(),
+            namespace: env("POD_NAMESPACE").unwrap_or_else(|| "istio-system".into()),
             cluster: "Kubernetes".into(),
+            app: "istio-eastwestgateway".into(),
+            version: None,
+            canonical_service: workload.clone(),
+            canonical_revision: "latest".into(),
+            workload,
         }
+    }
+}
+
+impl GatewayIdentity {
+    /// Applies the gateway's own Bootstrap `labels` the way Istio derives canonical names
+    /// from pod labels (`service.istio.io/canonical-name`, then `app.kubernetes.io/name`,
+    /// then `app`; revision from `service.istio.io/canonical-revision`, then
+    /// `app.kubernetes.io/version`, then `version`).
+    pub fn with_labels(mut self, labels: &std::collections::BTreeMap<String, String>) -> Self {
+        let first = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).cloned());
+        if let Some(app) = first(&["app", "app.kubernetes.io/name"]) {
+            self.app = app;
+        }
+        if let Some(v) = first(&["version", "app.kubernetes.io/version"]) {
+            self.version = Some(v);
+        }
+        if let Some(c) = first(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ]) {
+            self.canonical_service = c;
+        }
+        if let Some(r) = first(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ]) {
+            self.canonical_revision = r;
+        }
+        self
     }
 }
 
@@ -109,7 +179,7 @@ impl Metrics {
         let tcp_sent = counter_vec(
             r,
             "istio_tcp_sent_bytes_total",
-            "Bytes sent to the downstream client.",
+            "Bytes sent to the downstream client from the service (the gateway's own refusal alert is not counted).",
             &ISTIO_LABELS,
         );
         let tcp_received = counter_vec(
@@ -196,9 +266,9 @@ impl Metrics {
         let endpoint_healthy = IntGaugeVec::new(
             Opts::new(
                 "strait_endpoint_healthy",
-                "1 when the endpoint is eligible for traffic, 0 while ejected.",
+                "1 when the endpoint is eligible for traffic, 0 while outlier detection ejects it.",
             ),
-            &["destination_service", "endpoint"],
+            &ENDPOINT_LABELS,
         )
         .expect("valid metric definition");
         r.register(Box::new(endpoint_healthy.clone()))
@@ -206,8 +276,8 @@ impl Metrics {
         let endpoint_ejections = counter_vec(
             r,
             "strait_endpoint_ejections_total",
-            "Outlier-detection ejections, by service and endpoint.",
-            &["destination_service", "endpoint"],
+            "Outlier-detection ejections, by service port and endpoint.",
+            &ENDPOINT_LABELS,
         );
         let accept_errors = counter_vec(
             r,
@@ -215,6 +285,11 @@ impl Metrics {
             "Errors from accept(2), by kind (e.g. fd_exhausted).",
             &["kind"],
         );
+        // Both results exist from the start, so a failure shows as 0 → 1 rather than as a
+        // series appearing out of nowhere.
+        for result in ["success", "failure"] {
+            config_reloads.with_label_values(&[result]);
+        }
         Metrics {
             registry,
             tcp_opened,
@@ -235,11 +310,16 @@ impl Metrics {
             endpoint_healthy,
             endpoint_ejections,
             accept_errors,
+            endpoint_refresh: Mutex::new(()),
         }
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
+        let _guard = self
+            .endpoint_refresh
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec only fails on inconsistent metric families, which the
         // registry prevents; an empty page is the honest fallback.
@@ -253,6 +333,58 @@ impl Metrics {
     }
 }
 
+/// The state of one declared endpoint, sampled when metrics are scraped.
+#[derive(Debug, Clone, Copy)]
+pub struct EndpointSample<'a> {
+    pub service: &'a str,
+    pub port: u16,
+    /// The endpoint's `address:port`.
+    pub endpoint: &'a str,
+    pub healthy: bool,
+    /// Ejections since the endpoint was first declared.
+    pub ejections: u64,
+}
+
+impl Metrics {
+    /// Replaces the per-endpoint series with `samples`: endpoints no longer declared
+    /// disappear, so the number of series follows the configuration, never the traffic.
+    pub fn set_endpoints<'a>(&self, samples: impl IntoIterator<Item = EndpointSample<'a>>) {
+        let _guard = self
+            .endpoint_refresh
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.endpoint_healthy.reset();
+        self.endpoint_ejections.reset();
+        for s in samples {
+            let port = s.port.to_string();
+            let labels = [s.service, port.as_str(), s.endpoint];
+            self.endpoint_healthy
+                .with_label_values(&labels)
+                .set(i64::from(s.healthy));
+            let ejections = self.endpoint_ejections.with_label_values(&labels);
+            // The same endpoint can appear twice (two ServiceEntries); count it once.
+            if ejections.get() < s.ejections {
+                ejections.inc_by(s.ejections - ejections.get());
+            }
+        }
+    }
+
+    /// Records when a certificate in use expires (`role`: e.g. `server`, `root`; `file`:
+    /// where it was read from). Setting the same role and file again replaces the value.
+    pub fn set_cert_expiry(&self, role: &str, file: &Path, not_after_unix: i64) {
+        self.cert_expiry
+            .with_label_values(&[role, &file.display().to_string()])
+            .set(not_after_unix);
+    }
+
+    /// Drops the expiry series of a certificate no longer in use.
+    pub fn forget_cert_expiry(&self, role: &str, file: &Path) {
+        let _ = self
+            .cert_expiry
+            .remove_label_values(&[role, &file.display().to_string()]);
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -262,15 +394,76 @@ impl Default for Metrics {
 /// The Istio label values for one (service, subset) as seen by this gateway.
 #[derive(Debug, Clone)]
 pub struct IstioLabels {
-    values: [String; 15],
+    values: [String; 23],
+}
+
+/// The SPIFFE URI form Istio uses for principals, whichever form the caller holds.
+fn principal_uri(p: &str) -> String {
+    if p.starts_with("spiffe://") {
+        p.to_string()
+    } else {
+        format!("spiffe://{p}")
+    }
 }
 
 impl IstioLabels {
+    /// Labels for a connection to `service_host` (and `subset`): `destination_version`
+    /// is the subset name. Prefer [`IstioLabels::for_route`], which reads the version
+    /// from the subset's labels.
     pub fn new(
         gw: &GatewayIdentity,
         service_host: &str,
         service_namespace: &str,
         subset: Option<&str>,
+        source_principal: Option<&str>,
+        mutual_tls: bool,
+    ) -> Self {
+        Self::build(
+            gw,
+            service_host,
+            service_namespace,
+            subset,
+            source_principal,
+            mutual_tls,
+        )
+    }
+
+    /// Labels for a connection routed to `service` (and `subset`), as an Envoy
+    /// east-west gateway fills them: `source_*` is the gateway itself, except
+    /// `source_principal`, which is the client's verified SPIFFE ID when the gateway
+    /// terminated mTLS (ISTIO_MUTUAL; `mutual_tls` also sets
+    /// `connection_security_policy="mutual_tls"`). `destination_version` comes from
+    /// the subset's `version` label; anything the gateway cannot know is `unknown`.
+    pub fn for_route(
+        gw: &GatewayIdentity,
+        service: &ServicePort,
+        subset: Option<&str>,
+        source_principal: Option<&str>,
+        mutual_tls: bool,
+    ) -> Self {
+        let version = subset
+            .and_then(|name| service.subsets.get(name))
+            .and_then(|s| {
+                s.labels
+                    .get("version")
+                    .or_else(|| s.labels.get("app.kubernetes.io/version"))
+            })
+            .map(String::as_str);
+        Self::build(
+            gw,
+            &service.host,
+            &service.namespace,
+            version,
+            source_principal,
+            mutual_tls,
+        )
+    }
+
+    fn build(
+        gw: &GatewayIdentity,
+        service_host: &str,
+        service_namespace: &str,
+        version: Option<&str>,
         source_principal: Option<&str>,
         mutual_tls: bool,
     ) -> Self {
@@ -281,14 +474,25 @@ impl IstioLabels {
                 "source".into(),
                 gw.workload.clone(),
                 gw.namespace.clone(),
-                source_principal.map_or_else(unknown, |p| format!("spiffe://{p}")),
+                source_principal.map_or_else(unknown, principal_uri),
+                gw.app.clone(),
+                gw.version.clone().unwrap_or_else(unknown),
+                gw.canonical_service.clone(),
+                gw.canonical_revision.clone(),
                 gw.cluster.clone(),
+                // The destination workload is a pod behind an endpoint address; a
+                // passthrough gateway has no workload metadata for it.
                 unknown(),
                 unknown(),
+                // No upstream TLS at the gateway, so no destination principal.
+                unknown(),
+                unknown(),
+                version.map_or_else(unknown, str::to_string),
                 service_host.to_string(),
                 name.to_string(),
                 service_namespace.to_string(),
-                subset.map_or_else(unknown, str::to_string),
+                unknown(),
+                "latest".into(),
                 gw.cluster.clone(),
                 "tcp".into(),
                 "-".into(),
@@ -301,9 +505,17 @@ impl IstioLabels {
         }
     }
 
-    fn with_flag<'a>(&'a self, flag: &'a str) -> [&'a str; 15] {
-        let mut v: [&str; 15] = std::array::from_fn(|i| self.values[i].as_str());
-        v[13] = flag;
+    /// The value of one label, by name.
+    pub fn get(&self, label: &str) -> Option<&str> {
+        ISTIO_LABELS
+            .iter()
+            .position(|l| *l == label)
+            .map(|i| self.values[i].as_str())
+    }
+
+    fn with_flag<'a>(&'a self, flag: &'a str) -> [&'a str; 23] {
+        let mut v: [&str; 23] = std::array::from_fn(|i| self.values[i].as_str());
+        v[RESPONSE_FLAGS] = flag;
         v
     }
 }
@@ -331,5 +543,203 @@ impl Metrics {
         self.tcp_closed
             .with_label_values(&labels.with_flag(flag))
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Resolution, Subset, TrafficPolicy};
+    use std::collections::BTreeMap;
+
+    fn reviews() -> ServicePort {
+        let subset = |name: &str, labels: &[(&str, &str)]| {
+            (
+                name.to_string(),
+                Subset {
+                    name: name.to_string(),
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    endpoints: vec![],
+                    policy: TrafficPolicy::default(),
+                },
+            )
+        };
+        ServicePort {
+            host: "reviews.bookinfo.svc.cluster.local".into(),
+            namespace: "bookinfo".into(),
+            port: 9080,
+            port_name: "tcp".into(),
+            endpoints: vec![],
+            policy: TrafficPolicy::default(),
+            subsets: [
+                subset("v1", &[("version", "v1")]),
+                subset("canary", &[("version", "v3"), ("track", "canary")]),
+                subset("blue", &[("track", "blue")]),
+            ]
+            .into_iter()
+            .collect(),
+            resolution: Resolution::Static,
+        }
+    }
+
+    fn gateway() -> GatewayIdentity {
+        GatewayIdentity {
+            workload: "istio-eastwestgateway".into(),
+            namespace: "istio-system".into(),
+            cluster: "cluster-east".into(),
+            app: "istio-eastwestgateway".into(),
+            version: None,
+            canonical_service: "istio-eastwestgateway".into(),
+            canonical_revision: "latest".into(),
+        }
+    }
+
+    #[test]
+    fn passthrough_labels_describe_the_gateway_as_source_and_the_service_as_destination() {
+        let l = IstioLabels::for_route(&gateway(), &reviews(), None, None, false);
+        let expect = [
+            ("reporter", "source"),
+            ("source_workload", "istio-eastwestgateway"),
+            ("source_workload_namespace", "istio-system"),
+            ("source_principal", "unknown"),
+            ("source_cluster", "cluster-east"),
+            ("source_canonical_revision", "latest"),
+            ("destination_service", "reviews.bookinfo.svc.cluster.local"),
+            ("destination_service_name", "reviews"),
+            ("destination_service_namespace", "bookinfo"),
+            ("destination_version", "unknown"),
+            ("destination_principal", "unknown"),
+            ("destination_workload", "unknown"),
+            ("destination_canonical_revision", "latest"),
+            ("destination_cluster", "cluster-east"),
+            ("request_protocol", "tcp"),
+            ("response_flags", "-"),
+            ("connection_security_policy", "unknown"),
+        ];
+        for (k, v) in expect {
+            assert_eq!(l.get(k), Some(v), "{k}");
+        }
+        assert!(l.with_flag("UF").contains(&"UF"));
+    }
+
+    #[test]
+    fn destination_version_comes_from_the_subset_labels_not_its_name() {
+        let svc = reviews();
+        let version = |subset| {
+            IstioLabels::for_route(&gateway(), &svc, Some(subset), None, false)
+                .get("destination_version")
+                .map(str::to_string)
+        };
+        assert_eq!(version("v1").as_deref(), Some("v1"));
+        assert_eq!(version("canary").as_deref(), Some("v3"));
+        assert_eq!(version("blue").as_deref(), Some("unknown"));
+    }
+
+    #[test]
+    fn mutual_tls_fills_source_principal_and_security_policy() {
+        let svc = reviews();
+        for peer in [
+            "spiffe://cluster.local/ns/default/sa/productpage",
+            "cluster.local/ns/default/sa/productpage",
+        ] {
+            let l = IstioLabels::for_route(&gateway(), &svc, None, Some(peer), true);
+            assert_eq!(
+                l.get("source_principal"),
+                Some("spiffe://cluster.local/ns/default/sa/productpage")
+            );
+            assert_eq!(l.get("connection_security_policy"), Some("mutual_tls"));
+        }
+    }
+
+    #[test]
+    fn gateway_labels_follow_istio_canonical_name_rules() {
+        let labels: BTreeMap<String, String> = [
+            ("app", "eastwest"),
+            ("service.istio.io/canonical-name", "ew-gateway"),
+            ("version", "1.2"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let gw = gateway().with_labels(&labels);
+        assert_eq!(gw.app, "eastwest");
+        assert_eq!(gw.canonical_service, "ew-gateway");
+        assert_eq!(gw.canonical_revision, "1.2");
+        assert_eq!(gw.version.as_deref(), Some("1.2"));
+    }
+
+    fn series(m: &Metrics, name: &str) -> Vec<String> {
+        String::from_utf8(m.render())
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn endpoint_series_follow_the_declared_endpoints() {
+        let m = Metrics::new();
+        let sample = |endpoint, healthy, ejections| EndpointSample {
+            service: "reviews.default.svc.cluster.local",
+            port: 9080,
+            endpoint,
+            healthy,
+            ejections,
+        };
+        m.set_endpoints([
+            sample("10.0.0.1:9080", true, 0),
+            sample("10.0.0.2:9080", false, 2),
+        ]);
+        let healthy = series(&m, "strait_endpoint_healthy");
+        assert_eq!(healthy.len(), 2, "{healthy:?}");
+        assert!(
+            healthy
+                .iter()
+                .any(|l| l.contains("10.0.0.2:9080") && l.ends_with(" 0"))
+        );
+        assert!(
+            healthy
+                .iter()
+                .any(|l| l.contains("10.0.0.1:9080") && l.ends_with(" 1"))
+        );
+        let ejections = series(&m, "strait_endpoint_ejections_total");
+        assert!(
+            ejections
+                .iter()
+                .any(|l| l.contains("10.0.0.2:9080") && l.ends_with(" 2"))
+        );
+
+        // A reload removed 10.0.0.2: its series go with it.
+        m.set_endpoints([sample("10.0.0.1:9080", true, 1)]);
+        let healthy = series(&m, "strait_endpoint_healthy");
+        assert_eq!(healthy.len(), 1, "{healthy:?}");
+        let ejections = series(&m, "strait_endpoint_ejections_total");
+        assert_eq!(ejections.len(), 1, "{ejections:?}");
+        assert!(ejections[0].ends_with(" 1"));
+    }
+
+    #[test]
+    fn cert_expiry_is_set_replaced_and_forgotten() {
+        let m = Metrics::new();
+        let file = Path::new("/etc/certs/cert-chain.pem");
+        m.set_cert_expiry("server", file, 1_900_000_000);
+        m.set_cert_expiry("server", file, 1_950_000_000);
+        let s = series(&m, "strait_cert_expiry_timestamp_seconds");
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert!(s[0].contains("role=\"server\"") && s[0].ends_with(" 1950000000"));
+        m.forget_cert_expiry("server", file);
+        assert!(series(&m, "strait_cert_expiry_timestamp_seconds").is_empty());
+    }
+
+    #[test]
+    fn reload_results_are_exposed_from_the_start() {
+        let m = Metrics::new();
+        let s = series(&m, "strait_config_reloads_total");
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert!(s.iter().all(|l| l.ends_with(" 0")));
     }
 }

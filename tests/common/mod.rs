@@ -558,3 +558,161 @@ pub fn client_hello_bytes(sni: &str, alpn: &[&str]) -> Vec<u8> {
     conn.write_tls(&mut out).unwrap();
     out
 }
+
+impl Strait {
+    /// Runs `strait [args] run -c <file>` with `env` set and `env_remove` unset, without
+    /// waiting for readiness (for tests that watch startup itself).
+    pub fn spawn(
+        ports: Ports,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        env_remove: &[&str],
+    ) -> Strait {
+        let dir = TempDir::new("gw");
+        let path = dir.write("strait.yaml", config);
+        let mut cmd = Command::new(strait_bin());
+        cmd.args(args)
+            .arg("run")
+            .arg("-c")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        for k in env_remove {
+            cmd.env_remove(k);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        pump_lines(child.stdout.take().unwrap(), stdout.clone());
+        pump_lines(child.stderr.take().unwrap(), stderr.clone());
+        Strait {
+            child,
+            dir,
+            status: SocketAddr::from(([127, 0, 0, 1], ports.status)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], ports.metrics)),
+            admin: SocketAddr::from(([127, 0, 0, 1], ports.admin)),
+            gateway: SocketAddr::from(([127, 0, 0, 1], ports.gateway)),
+            stdout,
+            stderr,
+        }
+    }
+}
+
+/// Checks a Prometheus text exposition with `promtool check metrics` (Debian package
+/// `prometheus`). `None` when promtool is not installed; the caller decides how loudly
+/// to skip.
+pub fn promtool_check(text: &str) -> Option<Result<(), String>> {
+    let mut child = match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(Err(format!("cannot run promtool: {e}"))),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(if out.status.success() && report.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(report)
+    })
+}
+
+/// A byte stream that counts what passes through it each way, to compare with what the
+/// gateway reports.
+pub struct Counting<S> {
+    pub inner: S,
+    pub written: Arc<AtomicU64>,
+    pub read: Arc<AtomicU64>,
+}
+
+impl<S> Counting<S> {
+    pub fn new(inner: S) -> Counting<S> {
+        Counting {
+            inner,
+            written: Arc::new(AtomicU64::new(0)),
+            read: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counting<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counting<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Sends raw bytes to an HTTP server and returns everything it answers before closing
+/// (bounded by `within`); `None` if it neither answered nor closed in time.
+pub fn http_raw(addr: SocketAddr, request: &[u8], within: Duration) -> Option<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(within)).ok()?;
+    // The server may close before reading everything; that is an answer too.
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Ok(_) => Some(String::from_utf8_lossy(&out).into_owned()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            None
+        }
+        Err(_) => Some(String::from_utf8_lossy(&out).into_owned()),
+    }
+}
