@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::copy::{ByteCounters, CopyEnd, CopyLimits, copy_tcp, write_all_tcp};
+use super::copy::{ByteCounters, CopyEnd, CopyLimits, copy_tcp};
 use super::hello::{Alert, HelloError, read_client_hello, refuse_with_alert};
 use super::{Shared, closing};
 use crate::model::ServerTlsMode;
@@ -114,18 +114,18 @@ pub(super) async fn handle(
         refuse_with_alert(&mut stream, Some(Alert::InternalError)).await;
         return;
     };
-    let connect_timeout = cluster
-        .policy
-        .connect_timeout
-        .unwrap_or(settings.connect_timeout);
+    let connect_timeout = cluster.connect_timeout(settings.connect_timeout);
     let observer = MetricsObserver(&shared);
-    let connected = upstream::connect(
+    // Connected means the endpoint answered the replayed ClientHello, so one that
+    // accepts and then resets is a failed attempt, and the next endpoint is tried.
+    let connected = upstream::connect_and_replay(
         cluster,
         Purpose::Passthrough,
-        &settings.locality,
+        settings,
         connect_timeout,
         MAX_CONNECT_ATTEMPTS,
         &observer,
+        &buf,
     )
     .await;
     let upstream = match connected {
@@ -159,19 +159,10 @@ pub(super) async fn handle(
     };
     result.upstream = Some(upstream.addr);
 
-    // Replay the ClientHello exactly as received, then splice.
-    if let Err(e) = write_all_tcp(&upstream.stream, &buf).await {
-        result.refuse(
-            ResponseFlag::UpstreamConnectFailure,
-            "upstream_write_failed",
-        );
-        result.detail = Some(e.to_string());
-        return;
-    }
     drop(buf);
     let limits = CopyLimits {
-        idle_timeout: cluster.policy.idle_timeout.unwrap_or(settings.idle_timeout),
-        max_duration: cluster.policy.max_connection_duration,
+        idle_timeout: cluster.idle_timeout(settings.idle_timeout),
+        max_duration: cluster.max_connection_duration(),
     };
     let outcome = copy_tcp(
         &stream,
