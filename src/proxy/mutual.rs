@@ -103,25 +103,32 @@ pub(super) async fn serve(
         result.refuse(ResponseFlag::NoHealthyUpstream, "no_cluster");
         return;
     };
-    let labels = IstioLabels::new(
+    let labels = IstioLabels::for_route(
         &shared.telemetry.identity,
-        &service.host,
-        &service.namespace,
+        &service,
         subset.as_deref(),
         Some(&peer_id.principal()),
         true,
     );
     let counters = result.open_route(labels);
-    let upstream =
-        match open_upstream(shared, settings, &cluster, Purpose::Terminated, &mut result).await {
-            Ok(u) => u,
-            Err(_) => {
-                // The client's TLS session is ours: close it cleanly.
-                let mut tls = tls;
-                let _ = tls.shutdown().await;
-                return;
-            }
-        };
+    let upstream = match open_upstream(
+        shared,
+        settings,
+        &cluster,
+        Purpose::Terminated,
+        None,
+        &mut result,
+    )
+    .await
+    {
+        Ok(u) => u,
+        Err(_) => {
+            // The client's TLS session is ours: close it cleanly.
+            let mut tls = tls;
+            let _ = tls.shutdown().await;
+            return;
+        }
+    };
     let limits = copy_limits(&cluster, settings);
     let counters = ByteCounters {
         to_upstream: Some(&counters.received),

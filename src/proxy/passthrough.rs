@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::copy::{ByteCounters, CopyEnd, CopyLimits, CopyOutcome, copy_tcp, write_all_tcp};
+use super::copy::{ByteCounters, CopyEnd, CopyLimits, CopyOutcome, copy_tcp};
 use super::hello::{Alert, HelloError, read_client_hello, refuse_with_alert};
 use super::{Shared, closing};
 use crate::model::{ServerTlsMode, Settings};
@@ -114,6 +114,8 @@ pub(super) async fn handle(
         settings,
         cluster,
         Purpose::Passthrough,
+        // The ClientHello goes to the endpoint exactly as received.
+        Some(&buf),
         &mut result,
     )
     .await
@@ -124,15 +126,6 @@ pub(super) async fn handle(
             return;
         }
     };
-    // Replay the ClientHello exactly as received, then splice.
-    if let Err(e) = write_all_tcp(&upstream.stream, &buf).await {
-        result.refuse(
-            ResponseFlag::UpstreamConnectFailure,
-            "upstream_write_failed",
-        );
-        result.detail = Some(e.to_string());
-        return;
-    }
     drop(buf);
     let outcome = copy_tcp(
         &stream,
@@ -151,8 +144,8 @@ pub(super) async fn handle(
 /// Limits for the copy: the cluster's policy over the Bootstrap defaults.
 pub(super) fn copy_limits(cluster: &Cluster, settings: &Settings) -> CopyLimits {
     CopyLimits {
-        idle_timeout: cluster.policy.idle_timeout.unwrap_or(settings.idle_timeout),
-        max_duration: cluster.policy.max_connection_duration,
+        idle_timeout: cluster.idle_timeout(settings.idle_timeout),
+        max_duration: cluster.max_connection_duration(),
     }
 }
 
@@ -182,13 +175,15 @@ impl std::ops::Deref for Opened {
     }
 }
 
-/// Admits the connection to the cluster and connects to one of its endpoints. On
-/// failure, records the refusal and returns the TLS alert the client should get.
+/// Admits the connection to the cluster and connects to one of its endpoints, writing
+/// `replay` (the ClientHello) first when given. On failure, records the refusal and
+/// returns the TLS alert the client should get.
 pub(super) async fn open_upstream(
     shared: &Shared,
     settings: &Settings,
     cluster: &Arc<Cluster>,
     purpose: Purpose,
+    replay: Option<&[u8]>,
     result: &mut ConnectionResult,
 ) -> Result<Opened, Alert> {
     let Some(slot) = cluster.admit() else {
@@ -196,19 +191,35 @@ pub(super) async fn open_upstream(
         tracing::info!(peer = %result.downstream, service = %cluster.service.host, "refused UO: connectionPool.tcp.maxConnections reached");
         return Err(Alert::InternalError);
     };
-    let connect_timeout = cluster
-        .policy
-        .connect_timeout
-        .unwrap_or(settings.connect_timeout);
-    let connected = upstream::connect(
-        cluster,
-        purpose,
-        &settings.locality,
-        connect_timeout,
-        MAX_CONNECT_ATTEMPTS,
-        &MetricsObserver(shared),
-    )
-    .await;
+    let connect_timeout = cluster.connect_timeout(settings.connect_timeout);
+    let observer = MetricsObserver(shared);
+    let connected = match replay {
+        // Connected means the endpoint answered the replayed ClientHello, so one that
+        // accepts and then resets is a failed attempt, and the next endpoint is tried.
+        Some(opening) => {
+            upstream::connect_and_replay(
+                cluster,
+                purpose,
+                settings,
+                connect_timeout,
+                MAX_CONNECT_ATTEMPTS,
+                &observer,
+                opening,
+            )
+            .await
+        }
+        None => {
+            upstream::connect(
+                cluster,
+                purpose,
+                settings,
+                connect_timeout,
+                MAX_CONNECT_ATTEMPTS,
+                &observer,
+            )
+            .await
+        }
+    };
     match connected {
         Ok(c) => {
             result.upstream = Some(c.addr);

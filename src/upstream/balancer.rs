@@ -1,8 +1,9 @@
-//! Load balancers (`ROUND_ROBIN`, `LEAST_REQUEST`, `RANDOM`, all weighted) over the
-//! healthy endpoints of the best locality priority.
+//! Load balancers (`ROUND_ROBIN`, `LEAST_REQUEST`, `RANDOM`, all weighted by endpoint
+//! `weight`) over the eligible, healthy endpoints that the locality plan allows.
 
-use super::{Cluster, Cursor, Purpose};
-use crate::model::{LbPolicy, Locality};
+use super::locality::Plan;
+use super::{Cluster, Cursor, Purpose, outlier};
+use crate::model::LbPolicy;
 
 /// Outcome of a pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,76 +79,61 @@ fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-/// Locality priority of an endpoint relative to the gateway: lower is preferred.
-fn priority(ep: &Locality, gw: &Locality, failover: &[(String, String)]) -> u8 {
-    if gw.region.is_empty() {
-        return 0;
-    }
-    if ep.region == gw.region {
-        if ep.zone == gw.zone {
-            if ep.subzone == gw.subzone { 0 } else { 1 }
-        } else {
-            2
-        }
-    } else if failover
-        .iter()
-        .any(|(from, to)| *from == gw.region && *to == ep.region)
-    {
-        3
-    } else {
-        4
-    }
-}
-
-pub(super) fn pick(cluster: &Cluster, purpose: Purpose, gw: &Locality, exclude: &[usize]) -> Pick {
+pub(super) fn pick(
+    cluster: &Cluster,
+    plan: &Plan,
+    purpose: Purpose,
+    network: &str,
+    exclude: &[usize],
+) -> Pick {
     let members = &cluster.members;
     let mut eligible: Vec<usize> = (0..members.len())
-        .filter(|&i| purpose == Purpose::Terminated || !members[i].endpoint.tls_disabled)
+        .filter(|&i| {
+            purpose == Purpose::Terminated
+                || super::passthrough_exclusion(&members[i].endpoint, network).is_none()
+        })
         .collect();
     if eligible.is_empty() {
         return Pick::NoEndpoint;
     }
-    let total_eligible = eligible.len();
-    eligible.retain(|i| !exclude.contains(i));
-    let healthy: Vec<usize> = eligible
+    // Health is judged over every eligible member, before this connection's own
+    // failed attempts are set aside.
+    let healthy_count = eligible
         .iter()
-        .copied()
-        .filter(|&i| !members[i].state.is_ejected())
-        .collect();
+        .filter(|&&i| !members[i].state.is_ejected())
+        .count();
     let min_health = cluster
         .policy
         .outlier
         .as_ref()
         .map_or(0, |o| o.min_health_percent);
     // Below minHealthPercent, ejection is ignored (Envoy's panic threshold).
-    let pool = if min_health > 0 && healthy.len() * 100 < total_eligible * min_health as usize {
-        eligible
-    } else {
-        healthy
+    let panic = outlier::panicking(healthy_count, eligible.len(), min_health);
+    eligible.retain(|&i| !exclude.contains(&i) && (panic || !members[i].state.is_ejected()));
+    let pool = match plan {
+        Plan::Flat => eligible,
+        Plan::Priority(prio) => {
+            let best = eligible.iter().map(|&i| prio[i]).min().unwrap_or(0);
+            eligible.retain(|&i| prio[i] == best);
+            eligible
+        }
+        Plan::Distribute {
+            group_of,
+            group_weight,
+        } => {
+            eligible.retain(|&i| group_of[i].is_some());
+            match pick_group(&eligible, group_of, group_weight) {
+                Some(g) => {
+                    eligible.retain(|&i| group_of[i] == Some(g));
+                    eligible
+                }
+                None => Vec::new(),
+            }
+        }
     };
     if pool.is_empty() {
         return Pick::NoHealthy;
     }
-    // Locality-aware priority takes effect with outlier detection, as in Istio.
-    let locality_on = cluster.policy.outlier.is_some()
-        && cluster
-            .policy
-            .locality_lb
-            .as_ref()
-            .is_none_or(|l| l.enabled);
-    let pool = if locality_on {
-        let failover = cluster
-            .policy
-            .locality_lb
-            .as_ref()
-            .map(|l| l.failover.as_slice())
-            .unwrap_or(&[]);
-        let prio = |i: usize| priority(&members[i].endpoint.locality, gw, failover);
-        let best = pool.iter().map(|&i| prio(i)).min().unwrap_or(0);
-        pool.into_iter().filter(|&i| prio(i) == best).collect()
-    } else {
-        pool
-    };
     let choice = match cluster.balancer.lb {
         LbPolicy::RoundRobin => round_robin(cluster, &pool),
         LbPolicy::Random => weighted_random(cluster, &pool),
@@ -156,17 +142,48 @@ pub(super) fn pick(cluster: &Cluster, purpose: Purpose, gw: &Locality, exclude: 
     Pick::Member(choice)
 }
 
+/// A locality group, at random by `distribute` weight, among the groups that still have
+/// a member in `pool`.
+fn pick_group(pool: &[usize], group_of: &[Option<usize>], weights: &[u64]) -> Option<usize> {
+    let mut present = vec![false; weights.len()];
+    for &i in pool {
+        if let Some(g) = group_of[i] {
+            present[g] = true;
+        }
+    }
+    let total: u64 = (0..weights.len())
+        .filter(|&g| present[g])
+        .map(|g| weights[g])
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = fastrand::u64(0..total);
+    for g in (0..weights.len()).filter(|&g| present[g]) {
+        if r < weights[g] {
+            return Some(g);
+        }
+        r -= weights[g];
+    }
+    None
+}
+
 fn round_robin(cluster: &Cluster, pool: &[usize]) -> usize {
     let schedule = &cluster.balancer.schedule;
     if pool.len() == cluster.members.len() {
         let n = cluster.balancer.cursor.next();
         return schedule[n % schedule.len()] as usize;
     }
-    // Walk the schedule from the cursor to the next member in the pool.
+    // Walk the schedule from the cursor to the next member in the pool, so the pool
+    // keeps the members' weighted order.
+    let mut in_pool = vec![false; cluster.members.len()];
+    for &i in pool {
+        in_pool[i] = true;
+    }
     for _ in 0..schedule.len() {
         let n = cluster.balancer.cursor.next();
         let m = schedule[n % schedule.len()] as usize;
-        if pool.contains(&m) {
+        if in_pool[m] {
             return m;
         }
     }
@@ -221,14 +238,236 @@ mod tests {
         assert_eq!(smooth_schedule(&[1, 1, 1]), vec![0, 1, 2]);
     }
 
+    use std::collections::BTreeMap;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::Arc;
+
+    use crate::model::Locality;
+    use crate::model::{
+        Endpoint, EndpointAddress, LocalityLbSetting, OutlierDetection, ServicePort, TrafficPolicy,
+    };
+    use crate::upstream::{Origin, StateRegistry};
+
+    fn endpoint(last: u8, weight: u32, locality: &str, network: &str) -> Endpoint {
+        Endpoint {
+            address: EndpointAddress::Ip(IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))),
+            port: 8080,
+            labels: BTreeMap::new(),
+            locality: Locality::parse(locality),
+            network: network.into(),
+            weight,
+            service_account: None,
+            tls_disabled: false,
+        }
+    }
+
+    fn cluster(endpoints: Vec<Endpoint>, policy: TrafficPolicy) -> Cluster {
+        let service = Arc::new(ServicePort {
+            host: "svc.test".into(),
+            namespace: "default".into(),
+            port: 80,
+            port_name: "tcp".into(),
+            endpoints,
+            policy,
+            subsets: BTreeMap::new(),
+            resolution: Default::default(),
+        });
+        Cluster::new(service, None, &StateRegistry::default()).unwrap()
+    }
+
+    fn lb(lb: LbPolicy) -> TrafficPolicy {
+        TrafficPolicy {
+            lb,
+            ..Default::default()
+        }
+    }
+
+    /// How many of `n` picks each member gets.
+    fn counts(c: &Cluster, origin: Origin<'_>, n: usize) -> Vec<usize> {
+        let mut out = vec![0; c.members.len()];
+        for _ in 0..n {
+            out[c.pick(Purpose::Passthrough, origin, &[]).member().unwrap()] += 1;
+        }
+        out
+    }
+
+    fn nowhere() -> Locality {
+        Locality::default()
+    }
+
     #[test]
-    fn locality_priority_order() {
+    fn round_robin_is_exact_and_cycles() {
+        let c = cluster(
+            (1..=3).map(|i| endpoint(i, 1, "", "")).collect(),
+            lb(LbPolicy::RoundRobin),
+        );
+        let gw = nowhere();
+        let order: Vec<usize> = (0..6)
+            .map(|_| c.pick(Purpose::Passthrough, &gw, &[]).member().unwrap())
+            .collect();
+        assert_eq!(order, vec![0, 1, 2, 0, 1, 2]);
+        assert_eq!(counts(&c, (&gw).into(), 300), vec![100, 100, 100]);
+    }
+
+    #[test]
+    fn weights_are_honoured_by_all_three_balancers() {
+        let gw = nowhere();
+        let eps = || vec![endpoint(1, 80, "", ""), endpoint(2, 20, "", "")];
+        // Round robin is exact.
+        let rr = cluster(eps(), lb(LbPolicy::RoundRobin));
+        assert_eq!(counts(&rr, (&gw).into(), 1000), vec![800, 200]);
+        // Random ones are within 2 points over 20,000 picks (sd ~0.3 points).
+        fastrand::seed(7);
+        for policy in [LbPolicy::Random, LbPolicy::LeastRequest] {
+            let c = cluster(eps(), lb(policy));
+            let n = counts(&c, (&gw).into(), 20_000);
+            let share = n[0] as f64 / 20_000.0;
+            assert!((share - 0.8).abs() < 0.02, "{policy:?}: {n:?}");
+        }
+    }
+
+    #[test]
+    fn least_request_keeps_new_connections_off_a_loaded_endpoint() {
+        let gw = nowhere();
+        let c = cluster(
+            (1..=3).map(|i| endpoint(i, 1, "", "")).collect(),
+            lb(LbPolicy::LeastRequest),
+        );
+        c.members[0]
+            .state
+            .active
+            .store(10, std::sync::atomic::Ordering::Relaxed);
+        let n = counts(&c, (&gw).into(), 1000);
+        assert_eq!(n[0], 0, "{n:?}");
+        assert!(n[1] > 400 && n[2] > 400, "{n:?}");
+    }
+
+    fn with_outlier(min_health: u32) -> TrafficPolicy {
+        TrafficPolicy {
+            outlier: Some(OutlierDetection {
+                consecutive_errors: 1,
+                max_ejection_percent: 100,
+                min_health_percent: min_health,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ejected_endpoints_are_skipped_until_panic() {
+        let gw = nowhere();
+        let eps = || (1..=4).map(|i| endpoint(i, 1, "", "")).collect::<Vec<_>>();
+        let c = cluster(eps(), with_outlier(0));
+        assert!(c.record_failure(0).is_some());
+        assert!(c.record_failure(1).is_some());
+        assert_eq!(counts(&c, (&gw).into(), 100), vec![0, 0, 50, 50]);
+        // At 50% healthy and minHealthPercent 75, ejection is ignored.
+        let c = cluster(eps(), with_outlier(75));
+        c.record_failure(0);
+        c.record_failure(1);
+        assert_eq!(counts(&c, (&gw).into(), 100), vec![25, 25, 25, 25]);
+        // Tried members are excluded even in panic.
+        assert_eq!(
+            c.pick(Purpose::Passthrough, &gw, &[0, 1, 2, 3]),
+            Pick::NoHealthy
+        );
+    }
+
+    #[test]
+    fn locality_prefers_own_then_fails_over_by_priority() {
         let gw = Locality::parse("r1/z1/s1");
-        let p = |s: &str| priority(&Locality::parse(s), &gw, &[("r1".into(), "r3".into())]);
-        assert_eq!(p("r1/z1/s1"), 0);
-        assert_eq!(p("r1/z1/s2"), 1);
-        assert_eq!(p("r1/z2/s1"), 2);
-        assert_eq!(p("r3/z1/s1"), 3);
-        assert_eq!(p("r2/z1/s1"), 4);
+        let mut policy = with_outlier(0);
+        policy.locality_lb = Some(LocalityLbSetting {
+            enabled: true,
+            distribute: vec![],
+            failover: vec![("r1".into(), "r3".into())],
+        });
+        let c = cluster(
+            vec![
+                endpoint(1, 1, "r2/z1/s1", ""),
+                endpoint(2, 1, "r3/z1/s1", ""),
+                endpoint(3, 1, "r1/z2/s1", ""),
+                endpoint(4, 1, "r1/z1/s1", ""),
+            ],
+            policy,
+        );
+        assert_eq!(counts(&c, (&gw).into(), 10), vec![0, 0, 0, 10]);
+        c.record_failure(3);
+        assert_eq!(counts(&c, (&gw).into(), 10), vec![0, 0, 10, 0]);
+        c.record_failure(2);
+        assert_eq!(
+            counts(&c, (&gw).into(), 10),
+            vec![0, 10, 0, 0],
+            "failover rule: r3 before r2"
+        );
+        c.record_failure(1);
+        assert_eq!(counts(&c, (&gw).into(), 10), vec![10, 0, 0, 0]);
+    }
+
+    #[test]
+    fn distribute_splits_between_localities() {
+        let gw = Locality::parse("r1/z1/s1");
+        let policy = TrafficPolicy {
+            locality_lb: Some(LocalityLbSetting {
+                enabled: true,
+                distribute: vec![(
+                    "r1/z1/*".into(),
+                    vec![("r1/z1/*".into(), 80), ("r1/z2/*".into(), 20)],
+                )],
+                failover: vec![],
+            }),
+            ..Default::default()
+        };
+        let c = cluster(
+            vec![
+                endpoint(1, 1, "r1/z1/s1", ""),
+                endpoint(2, 1, "r1/z1/s2", ""),
+                endpoint(3, 1, "r1/z2/s1", ""),
+                endpoint(4, 1, "r2/z1/s1", ""),
+            ],
+            policy,
+        );
+        fastrand::seed(11);
+        let n = counts(&c, (&gw).into(), 20_000);
+        let share = |k: usize| n[k] as f64 / 20_000.0;
+        assert!((share(0) + share(1) - 0.8).abs() < 0.02, "{n:?}");
+        assert!((share(0) - 0.4).abs() < 0.02, "{n:?}");
+        assert!((share(2) - 0.2).abs() < 0.02, "{n:?}");
+        assert_eq!(n[3], 0, "r2 is named by no rule");
+    }
+
+    #[test]
+    fn passthrough_sees_only_the_gateway_network() {
+        let gw = nowhere();
+        let c = cluster(
+            vec![
+                endpoint(1, 1, "", "net-a"),
+                endpoint(2, 1, "", "net-b"),
+                endpoint(3, 1, "", ""),
+            ],
+            lb(LbPolicy::RoundRobin),
+        );
+        let in_a = Origin {
+            locality: &gw,
+            network: "net-a",
+        };
+        assert_eq!(counts(&c, in_a, 10), vec![5, 0, 5]);
+        // Terminated traffic may use any network (the bridge reaches it via its gateway).
+        let t: Vec<usize> = (0..3)
+            .map(|_| c.pick(Purpose::Terminated, in_a, &[]).member().unwrap())
+            .collect();
+        assert!(t.contains(&1));
+        // A gateway with no network set sees everything, as Istio without a network view.
+        assert_eq!(counts(&c, (&gw).into(), 9), vec![3, 3, 3]);
+        let in_c = Origin {
+            locality: &gw,
+            network: "net-c",
+        };
+        let only_b = cluster(vec![endpoint(2, 1, "", "net-b")], lb(LbPolicy::RoundRobin));
+        assert_eq!(
+            only_b.pick(Purpose::Passthrough, in_c, &[]),
+            Pick::NoEndpoint
+        );
     }
 }

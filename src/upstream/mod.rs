@@ -1,10 +1,14 @@
 //! Endpoint choice and connection: clusters (service port × subset), load balancers,
-//! locality priority, outlier state, and connect with bounded retry.
+//! locality, outlier state, name resolution, and connect with bounded retry.
 //!
-//! Endpoint state (active connections, consecutive failures, ejection) lives in a
-//! [`StateRegistry`] keyed by service and endpoint, so it survives configuration reloads.
+//! Endpoint state (active connections, consecutive failures, ejection, cached DNS
+//! answers) lives in a [`StateRegistry`] keyed by service and endpoint, so it survives
+//! configuration reloads.
 
 mod balancer;
+mod dns;
+mod locality;
+mod outlier;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,9 +18,12 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
-use crate::model::{Endpoint, EndpointAddress, Locality, ServiceKey, ServicePort, TrafficPolicy};
+use crate::model::{
+    Endpoint, EndpointAddress, Locality, ServiceKey, ServicePort, Settings, TrafficPolicy,
+};
 
 pub use balancer::Pick;
+pub use dns::DEFAULT_DNS_TTL;
 
 /// Milliseconds since the process started: a cheap monotonic clock for atomics.
 fn now_ms() -> u64 {
@@ -24,25 +31,66 @@ fn now_ms() -> u64 {
     ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
+/// Where the gateway stands: its locality (for locality-aware balancing) and network
+/// (for the passthrough network view).
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub locality: &'a Locality,
+    /// Empty: the gateway does not know its network and sees every endpoint.
+    pub network: &'a str,
+}
+
+impl<'a> From<&'a Settings> for Origin<'a> {
+    fn from(s: &'a Settings) -> Self {
+        Origin {
+            locality: &s.locality,
+            network: &s.network,
+        }
+    }
+}
+
+impl<'a> From<&'a Locality> for Origin<'a> {
+    fn from(locality: &'a Locality) -> Self {
+        Origin {
+            locality,
+            network: "",
+        }
+    }
+}
+
 /// Live state of one endpoint, shared by every cluster that contains it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EndpointState {
     active: AtomicU32,
     consecutive_failures: AtomicU32,
-    /// `now_ms()` until which the endpoint is ejected; 0 when not ejected.
+    /// `now_ms()` until which the endpoint is ejected; 0 when never ejected.
     ejected_until: AtomicU64,
+    /// Envoy's ejection multiplier: grows per ejection, decays while healthy.
+    multiplier: AtomicU32,
     ejections: AtomicU32,
     total_failures: AtomicU64,
+    dns: dns::DnsCache,
 }
 
 impl EndpointState {
+    fn new(dns_ttl: Duration) -> Self {
+        EndpointState {
+            active: AtomicU32::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            multiplier: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            total_failures: AtomicU64::new(0),
+            dns: dns::DnsCache::new(dns_ttl),
+        }
+    }
+
     pub fn active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
     }
 
     pub fn is_ejected(&self) -> bool {
-        let until = self.ejected_until.load(Ordering::Relaxed);
-        until != 0 && now_ms() < until
+        self.ejected_for().is_some()
     }
 
     /// Remaining ejection time, if ejected.
@@ -56,30 +104,58 @@ impl EndpointState {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
 
+    /// Ejections since the endpoint first appeared (monotonic, for metrics).
     pub fn ejection_count(&self) -> u32 {
         self.ejections.load(Ordering::Relaxed)
     }
 
+    /// Failed connect attempts since the endpoint first appeared.
     pub fn total_failures(&self) -> u64 {
         self.total_failures.load(Ordering::Relaxed)
     }
 }
 
 /// Endpoint states by (service, endpoint authority); reused across snapshots.
-#[derive(Default)]
 pub struct StateRegistry {
     states: Mutex<HashMap<(ServiceKey, String), Arc<EndpointState>>>,
+    dns_ttl: Duration,
+}
+
+impl Default for StateRegistry {
+    fn default() -> Self {
+        Self::with_dns_ttl(DEFAULT_DNS_TTL)
+    }
 }
 
 impl StateRegistry {
+    /// A registry whose DNS endpoints keep each answer for `dns_ttl`.
+    pub fn with_dns_ttl(dns_ttl: Duration) -> Self {
+        StateRegistry {
+            states: Mutex::new(HashMap::new()),
+            dns_ttl,
+        }
+    }
+
     pub fn state_for(&self, service: &ServiceKey, endpoint: &Endpoint) -> Arc<EndpointState> {
         // A poisoned lock only means another thread panicked mid-insert; the map is
         // still a valid map, so keep using it.
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
         states
             .entry((service.clone(), endpoint.authority()))
-            .or_default()
+            .or_insert_with(|| Arc::new(EndpointState::new(self.dns_ttl)))
             .clone()
+    }
+
+    /// Every endpoint state with its service and authority, sorted: for metrics that
+    /// are computed at scrape time (health gauges, ejection totals).
+    pub fn endpoints(&self) -> Vec<(ServiceKey, String, Arc<EndpointState>)> {
+        let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = states
+            .iter()
+            .map(|((k, a), s)| (k.clone(), a.clone(), s.clone()))
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
     }
 
     /// Drops state no cluster refers to any more (after a reload removed endpoints).
@@ -101,9 +177,12 @@ pub struct Member {
 pub struct Cluster {
     pub service: Arc<ServicePort>,
     pub subset: Option<String>,
+    /// The subset's policy where it sets a section, the service's otherwise.
     pub policy: TrafficPolicy,
     pub members: Vec<Member>,
     balancer: balancer::Balancer,
+    /// Locality plan for the first gateway locality seen (the snapshot's own).
+    plan: OnceLock<(Locality, locality::Plan)>,
     active: AtomicU32,
 }
 
@@ -111,10 +190,38 @@ pub struct Cluster {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
     /// AUTO_PASSTHROUGH: the endpoint must terminate the client's mTLS itself, so
-    /// endpoints labelled `security.istio.io/tlsMode: disabled` are never picked.
+    /// endpoints labelled `security.istio.io/tlsMode: disabled` are never picked, and
+    /// only the gateway's own network is seen (Istio's `REQUESTED_NETWORK_VIEW`):
+    /// endpoints of another network are reached through that network's gateway, not
+    /// dialled from here.
     Passthrough,
     /// The gateway (or bridge) speaks for the client: any endpoint will do.
     Terminated,
+}
+
+/// Why an endpoint can never be a passthrough target from a gateway in
+/// `gateway_network`, or `None` when it can be.
+pub fn passthrough_exclusion(endpoint: &Endpoint, gateway_network: &str) -> Option<&'static str> {
+    if endpoint.tls_disabled {
+        Some("security.istio.io/tlsMode=disabled cannot terminate the client's mTLS")
+    } else if !gateway_network.is_empty()
+        && !endpoint.network.is_empty()
+        && endpoint.network != gateway_network
+    {
+        Some("in another network: reached through that network's gateway")
+    } else {
+        None
+    }
+}
+
+/// Share of `maxConnectionDuration` added at random to each connection's limit, so
+/// connections opened together are not all closed (and reopened) together.
+pub const MAX_DURATION_JITTER_PERCENT: u32 = 10;
+
+/// `d` plus `fraction` (0..1) of the jitter allowance.
+fn jittered(d: Duration, fraction: f64) -> Duration {
+    let extra = d.mul_f64(MAX_DURATION_JITTER_PERCENT as f64 / 100.0 * fraction.clamp(0.0, 1.0));
+    d.saturating_add(extra)
 }
 
 impl Cluster {
@@ -149,6 +256,7 @@ impl Cluster {
             subset: subset.map(str::to_string),
             policy,
             members,
+            plan: OnceLock::new(),
             active: AtomicU32::new(0),
         })
     }
@@ -177,39 +285,99 @@ impl Cluster {
         }
     }
 
-    /// Members eligible for `purpose`, grouped by locality priority, health applied.
-    pub fn pick(&self, purpose: Purpose, gateway: &Locality, exclude: &[usize]) -> Pick {
-        balancer::pick(self, purpose, gateway, exclude)
+    /// `connectionPool.tcp.connectTimeout`, else the gateway's default.
+    pub fn connect_timeout(&self, default: Duration) -> Duration {
+        self.policy.connect_timeout.unwrap_or(default)
     }
 
-    /// Records a connect failure; ejects the endpoint when outlier detection says so.
-    /// Returns true when this failure ejected it.
-    pub fn record_failure(&self, member: usize) -> bool {
-        let Some(m) = self.members.get(member) else {
-            return false;
+    /// `connectionPool.tcp.idleTimeout`, else the gateway's default.
+    pub fn idle_timeout(&self, default: Duration) -> Duration {
+        self.policy.idle_timeout.unwrap_or(default)
+    }
+
+    /// The lifetime limit for one new connection: `maxConnectionDuration` plus up to
+    /// [`MAX_DURATION_JITTER_PERCENT`] at random.
+    pub fn max_connection_duration(&self) -> Option<Duration> {
+        self.policy
+            .max_connection_duration
+            .filter(|d| !d.is_zero())
+            .map(|d| jittered(d, fastrand::f64()))
+    }
+
+    /// Picks a member eligible for `purpose` that is not in `exclude`: locality plan,
+    /// health and load balancer applied.
+    pub fn pick<'a>(
+        &self,
+        purpose: Purpose,
+        origin: impl Into<Origin<'a>>,
+        exclude: &[usize],
+    ) -> Pick {
+        let origin = origin.into();
+        let computed;
+        let plan = match self.plan.get() {
+            Some((l, p)) if l == origin.locality => p,
+            Some(_) => {
+                computed = self.plan_for(origin.locality);
+                &computed
+            }
+            None => {
+                &self
+                    .plan
+                    .get_or_init(|| (origin.locality.clone(), self.plan_for(origin.locality)))
+                    .1
+            }
         };
+        balancer::pick(self, plan, purpose, origin.network, exclude)
+    }
+
+    fn plan_for(&self, gateway: &Locality) -> locality::Plan {
+        let localities: Vec<&Locality> =
+            self.members.iter().map(|m| &m.endpoint.locality).collect();
+        let weights: Vec<u32> = self.members.iter().map(|m| m.endpoint.weight).collect();
+        locality::Plan::new(&self.policy, gateway, &localities, &weights)
+    }
+
+    /// Records a failed connect attempt; ejects the endpoint when outlier detection says
+    /// so. Returns the ejection time when this failure ejected it.
+    pub fn record_failure(&self, member: usize) -> Option<Duration> {
+        let m = self.members.get(member)?;
         m.state.total_failures.fetch_add(1, Ordering::Relaxed);
         let failures = m.state.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        let Some(od) = &self.policy.outlier else {
-            return false;
-        };
+        let od = self.policy.outlier.as_ref()?;
         if failures < od.consecutive_errors.max(1) || m.state.is_ejected() {
-            return false;
+            return None;
         }
-        // maxEjectionPercent, with Envoy's rule that at least one host may be ejected.
         let ejected = self.members.iter().filter(|m| m.state.is_ejected()).count();
-        let cap = ((self.members.len() as u64 * od.max_ejection_percent as u64) / 100).max(1);
-        if ejected as u64 >= cap {
-            return false;
+        if !outlier::may_eject(ejected, self.members.len(), od.max_ejection_percent) {
+            return None;
         }
-        let n = m.state.ejections.fetch_add(1, Ordering::Relaxed) + 1;
-        // The ejection time grows with each repeat ejection, as in Envoy.
-        let ms = od.base_ejection_time.as_millis() as u64 * n.min(10) as u64;
+        let now = now_ms();
+        let until = m.state.ejected_until.load(Ordering::Relaxed);
+        let healthy_for = Duration::from_millis(if until == 0 {
+            0
+        } else {
+            now.saturating_sub(until)
+        });
+        let (time, multiplier) = outlier::next_ejection(
+            od.base_ejection_time,
+            od.interval,
+            m.state.multiplier.load(Ordering::Relaxed),
+            healthy_for,
+        );
+        m.state.multiplier.store(multiplier, Ordering::Relaxed);
         m.state
             .ejected_until
-            .store(now_ms() + ms.max(1), Ordering::Relaxed);
+            .store(now + time.as_millis() as u64, Ordering::Relaxed);
+        m.state.ejections.fetch_add(1, Ordering::Relaxed);
         m.state.consecutive_failures.store(0, Ordering::Relaxed);
-        true
+        tracing::info!(
+            service = %self.service.host,
+            endpoint = %m.endpoint.authority(),
+            failures,
+            ejected_for = ?time,
+            "endpoint ejected by outlier detection"
+        );
+        Some(time)
     }
 
     pub fn record_success(&self, member: usize) {
@@ -249,11 +417,13 @@ pub enum ConnectError {
 }
 
 /// One failed attempt, for metrics.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptFailure {
     Refused,
     Timeout,
     Resolve,
+    /// Accepted, then closed or reset before answering the replayed ClientHello.
+    Reset,
     Other,
 }
 
@@ -263,6 +433,7 @@ impl AttemptFailure {
             AttemptFailure::Refused => "refused",
             AttemptFailure::Timeout => "timeout",
             AttemptFailure::Resolve => "resolve",
+            AttemptFailure::Reset => "reset",
             AttemptFailure::Other => "other",
         }
     }
@@ -280,23 +451,74 @@ pub struct Connected {
 pub trait ConnectObserver {
     fn attempt(&self);
     fn failure(&self, kind: AttemptFailure, took: Duration);
+    /// `took` is the TCP connect time.
     fn success(&self, took: Duration);
+    /// Outlier detection ejected `cluster.members[member]` for `time`.
+    fn ejected(&self, cluster: &Cluster, member: usize, time: Duration) {
+        let _ = (cluster, member, time);
+    }
 }
 
 /// Connects to an endpoint of `cluster`: up to `max_attempts` distinct endpoints, each
-/// bounded by `timeout`.
-pub async fn connect(
+/// bounded by `timeout` (resolution included).
+pub async fn connect<'a>(
     cluster: &Cluster,
     purpose: Purpose,
-    gateway: &Locality,
+    origin: impl Into<Origin<'a>>,
     timeout: Duration,
     max_attempts: usize,
     observer: &(dyn ConnectObserver + Sync),
 ) -> Result<Connected, ConnectError> {
+    connect_inner(
+        cluster,
+        purpose,
+        origin.into(),
+        timeout,
+        max_attempts,
+        observer,
+        None,
+    )
+    .await
+}
+
+/// Like [`connect`], and also writes `opening` (a client's ClientHello) and waits, up to
+/// `timeout` again, for the endpoint's first byte. An endpoint that accepts and then closes
+/// or resets without answering counts as a failed attempt and the next endpoint is
+/// tried: the client has seen nothing yet, so replaying its ClientHello elsewhere is safe.
+pub async fn connect_and_replay<'a>(
+    cluster: &Cluster,
+    purpose: Purpose,
+    origin: impl Into<Origin<'a>>,
+    timeout: Duration,
+    max_attempts: usize,
+    observer: &(dyn ConnectObserver + Sync),
+    opening: &[u8],
+) -> Result<Connected, ConnectError> {
+    connect_inner(
+        cluster,
+        purpose,
+        origin.into(),
+        timeout,
+        max_attempts,
+        observer,
+        Some(opening),
+    )
+    .await
+}
+
+async fn connect_inner(
+    cluster: &Cluster,
+    purpose: Purpose,
+    origin: Origin<'_>,
+    timeout: Duration,
+    max_attempts: usize,
+    observer: &(dyn ConnectObserver + Sync),
+    opening: Option<&[u8]>,
+) -> Result<Connected, ConnectError> {
     let mut tried: Vec<usize> = Vec::new();
     let mut last = String::new();
     while tried.len() < max_attempts.max(1) {
-        let Some(idx) = cluster.pick(purpose, gateway, &tried).member() else {
+        let Some(idx) = cluster.pick(purpose, origin, &tried).member() else {
             break;
         };
         tried.push(idx);
@@ -305,9 +527,21 @@ pub async fn connect(
         let guard = ActiveGuard(member.state.clone());
         observer.attempt();
         let started = Instant::now();
-        match connect_endpoint(&member.endpoint, timeout).await {
+        let outcome = match connect_endpoint(member, timeout).await {
             Ok((stream, addr)) => {
-                observer.success(started.elapsed());
+                let took = started.elapsed();
+                match opening {
+                    Some(bytes) => await_answer(&stream, bytes, timeout)
+                        .await
+                        .map(|()| (stream, addr, took)),
+                    None => Ok((stream, addr, took)),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok((stream, addr, took)) => {
+                observer.success(took);
                 cluster.record_success(idx);
                 return Ok(Connected {
                     stream,
@@ -318,7 +552,9 @@ pub async fn connect(
             }
             Err((kind, msg)) => {
                 observer.failure(kind, started.elapsed());
-                cluster.record_failure(idx);
+                if let Some(time) = cluster.record_failure(idx) {
+                    observer.ejected(cluster, idx, time);
+                }
                 tracing::debug!(endpoint = %member.endpoint.authority(), error = %msg, "upstream connect failed");
                 last = format!("{}: {msg}", member.endpoint.authority());
             }
@@ -334,35 +570,85 @@ pub async fn connect(
     }
 }
 
+/// Writes `opening` and waits until the endpoint has something to say (its first byte
+/// stays in the socket for the copy that follows).
+async fn await_answer(
+    stream: &TcpStream,
+    opening: &[u8],
+    timeout: Duration,
+) -> Result<(), (AttemptFailure, String)> {
+    let exchange = async {
+        let mut written = 0;
+        while written < opening.len() {
+            stream.writable().await.map_err(reset)?;
+            match stream.try_write(&opening[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(reset(e)),
+            }
+        }
+        let mut probe = [0u8; 1];
+        match stream.peek(&mut probe).await {
+            Ok(0) => Err((
+                AttemptFailure::Reset,
+                "closed the connection without answering".to_string(),
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(reset(e)),
+        }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        // Connected and silent is slow, not broken (a loaded workload may take a while
+        // to answer a handshake): hand the connection to the copy, which waits as long
+        // as the idle timeout allows. Only a close or reset before answering is a
+        // failed attempt.
+        Err(_) => Ok(()),
+    }
+}
+
+fn reset(e: std::io::Error) -> (AttemptFailure, String) {
+    (
+        AttemptFailure::Reset,
+        format!("failed before answering: {e}"),
+    )
+}
+
 async fn connect_endpoint(
-    endpoint: &Endpoint,
+    member: &Member,
     timeout: Duration,
 ) -> Result<(TcpStream, SocketAddr), (AttemptFailure, String)> {
+    let endpoint = &member.endpoint;
     let attempt = async {
-        let addr = match &endpoint.address {
-            EndpointAddress::Ip(ip) => SocketAddr::new(*ip, endpoint.port),
-            EndpointAddress::Hostname(host) => {
-                let mut addrs = tokio::net::lookup_host((host.as_str(), endpoint.port))
-                    .await
-                    .map_err(|e| (AttemptFailure::Resolve, format!("resolve {host}: {e}")))?;
-                addrs.next().ok_or_else(|| {
-                    (
-                        AttemptFailure::Resolve,
-                        format!("resolve {host}: no addresses"),
-                    )
-                })?
-            }
+        let addrs = match &endpoint.address {
+            EndpointAddress::Ip(ip) => vec![SocketAddr::new(*ip, endpoint.port)],
+            EndpointAddress::Hostname(host) => member
+                .state
+                .dns
+                .resolve(host, endpoint.port)
+                .await
+                .map_err(|e| (AttemptFailure::Resolve, e))?,
         };
-        let stream = TcpStream::connect(addr).await.map_err(|e| {
-            let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                AttemptFailure::Refused
-            } else {
-                AttemptFailure::Other
-            };
-            (kind, e.to_string())
-        })?;
-        let _ = stream.set_nodelay(true);
-        Ok((stream, addr))
+        // A name may have several addresses (`localhost`: ::1 and 127.0.0.1); the first
+        // that takes the connection wins, all under the one attempt's timeout.
+        let mut last = (AttemptFailure::Other, "no address".to_string());
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok((stream, addr));
+                }
+                Err(e) => {
+                    let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                        AttemptFailure::Refused
+                    } else {
+                        AttemptFailure::Other
+                    };
+                    last = (kind, format!("{addr}: {e}"));
+                }
+            }
+        }
+        Err(last)
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
@@ -380,5 +666,19 @@ pub(crate) struct Cursor(AtomicUsize);
 impl Cursor {
     pub(crate) fn next(&self) -> usize {
         self.0.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_duration_jitter_only_lengthens_and_stays_within_ten_percent() {
+        let d = Duration::from_secs(100);
+        assert_eq!(jittered(d, 0.0), d);
+        assert_eq!(jittered(d, 1.0), Duration::from_secs(110));
+        assert_eq!(jittered(d, 0.5), Duration::from_secs(105));
+        assert_eq!(jittered(d, 7.0), Duration::from_secs(110));
     }
 }

@@ -716,3 +716,84 @@ pub fn http_raw(addr: SocketAddr, request: &[u8], within: Duration) -> Option<St
         Err(_) => Some(String::from_utf8_lossy(&out).into_owned()),
     }
 }
+
+impl Workload {
+    /// Like [`Workload::start`], on a chosen address: brings a stopped workload back on
+    /// the port its endpoint names.
+    pub async fn start_at(ca: &TestCa, spiffe: &str, addr: SocketAddr) -> Workload {
+        let (chain, key) = ca.issue(spiffe);
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"istio".to_vec(), b"istio-peer-exchange".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let (mut r, mut w) = tokio::io::split(tls);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Workload {
+            addr,
+            spiffe: spiffe.to_string(),
+            accepted,
+            task,
+        }
+    }
+}
+
+impl Strait {
+    /// The admin `/clusters` document.
+    pub fn clusters(&self) -> serde_json::Value {
+        let (status, body) = http_get(self.admin, "/clusters").unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// One endpoint's entry in `/clusters` (cluster named by its SNI key, endpoint by
+    /// `host:port`).
+    pub fn endpoint_state(&self, cluster: &str, endpoint: &str) -> serde_json::Value {
+        let doc = self.clusters();
+        let c = doc["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == cluster)
+            .unwrap_or_else(|| panic!("no cluster {cluster} in {doc}"))
+            .clone();
+        c["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["address"] == endpoint)
+            .unwrap_or_else(|| panic!("no endpoint {endpoint} in {c}"))
+            .clone()
+    }
+}
+
+/// One TLS connection through the gateway to `sni` that echoes a line and closes;
+/// returns the SPIFFE ID of the workload that answered.
+pub async fn round_trip(gateway: SocketAddr, ca: &TestCa, sni: &str) -> std::io::Result<String> {
+    let (mut tls, seen) = tls_connect(gateway, ca, sni, &["istio"]).await?;
+    assert_eq!(echo_once(&mut tls, b"ping\n").await, b"ping\n");
+    let _ = tls.shutdown().await;
+    Ok(seen)
+}
