@@ -232,10 +232,14 @@ async fn a_second_process_takes_over_with_no_refused_connection() {
     );
     // Continuous new connections, each a short verified stream, throttled so the whole
     // run stays in the low thousands of connections.
+    // Around the moment the old process stops accepting, they connect back to back, so
+    // its accept queue is rarely empty when it closes.
     let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<JoinHandle<(u64, Vec<StreamFailure>)>> = (0..6u64)
+    let burst = Arc::new(AtomicBool::new(false));
+    let workers: Vec<JoinHandle<(u64, Vec<StreamFailure>)>> = (0..8u64)
         .map(|w| {
             let stop = stop.clone();
+            let burst = burst.clone();
             let gateway = old.gateway;
             tokio::spawn(async move {
                 let sni = sni(REVIEWS);
@@ -247,7 +251,9 @@ async fn a_second_process_takes_over_with_no_refused_connection() {
                         Ok(_) => ok += 1,
                         Err(e) => failed.push(e),
                     }
-                    tokio::time::sleep(Duration::from_millis(15)).await;
+                    if !burst.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(15)).await;
+                    }
                 }
                 (ok, failed)
             })
@@ -267,7 +273,11 @@ async fn a_second_process_takes_over_with_no_refused_connection() {
     tokio::time::sleep(Duration::from_millis(400)).await;
 
     old.signal(libc::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    burst.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    burst.store(false, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, Ordering::Relaxed);
 
     let mut served = 0;
@@ -644,4 +654,37 @@ async fn a_configmap_directory_swap_reloads_and_hidden_entries_are_skipped() {
     // The removed listener refuses new connections; its live streams run to the end.
     assert!(refused_within(addr(second), Duration::from_secs(3)).await);
     expect_intact(on_removed, 30 * 8192).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_a_second_signal_exits_at_once() {
+    let reviews = RawEcho::start().await;
+    let ports = Ports::new();
+    let mut gw = Strait::start(
+        ports,
+        &docs(&[
+            bootstrap(&ports, "  drainDuration: 30s\n"),
+            gateway("east-west", ports.gateway),
+            service(REVIEWS, reviews.addr.port()),
+        ]),
+    );
+    assert_eq!(reloads(&gw, "success"), 1.0);
+    gw.signal(libc::SIGHUP);
+    assert!(gw.eventually(Duration::from_secs(3), || reloads(&gw, "success") == 2.0));
+
+    // A connection that would hold the drain for its whole 30 s.
+    let mut held = RawSession::open(gw.gateway, &sni(REVIEWS), 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    held.exchange(1024).await.unwrap();
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait_stderr("draining", Duration::from_secs(2)));
+    assert!(gw.child.try_wait().unwrap().is_none());
+    let second = Instant::now();
+    gw.signal(libc::SIGTERM);
+    assert!(
+        gw.wait_exit(Duration::from_secs(3)).is_some(),
+        "a second signal should exit at once"
+    );
+    assert!(second.elapsed() < Duration::from_secs(3));
 }
