@@ -125,10 +125,10 @@ pub async fn run(
 
     let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(4);
     let _watcher = match &source {
-        Source::Paths(_) => {
-            let mut files = loaded.files.clone();
-            files.extend(material::watched_paths(&snapshot));
-            watch_files(&files, reload_tx.clone())
+        Source::Paths(paths) => {
+            let mut watched = paths.clone();
+            watched.extend(material::watched_paths(&snapshot));
+            watch_files(&watched, reload_tx.clone())
         }
         Source::Text { .. } => None,
     };
@@ -155,8 +155,9 @@ pub async fn run(
         .drain_duration;
     tracing::info!(
         ?drain,
-        open = shared.open_connections(),
-        "draining: readiness now fails, no new connections"
+        live = shared.live_connections(),
+        overlap = ?crate::proxy::ACCEPT_OVERLAP.min(drain),
+        "draining: readiness now fails; accepting stops after the overlap (a second signal exits at once)"
     );
     tokio::select! {
         () = gateway.shutdown(drain) => {}
@@ -191,19 +192,31 @@ fn reload(source: &Source, gateway: &mut Gateway, why: &str) {
             match gateway.reload(Arc::new(loaded.snapshot)) {
                 Ok(()) => {
                     metrics.config_reloads.with_label_values(&["success"]).inc();
-                    tracing::info!(trigger = why, "configuration reloaded");
+                    tracing::info!(trigger = why, listeners = ?gateway.bound(), "configuration reloaded");
                 }
                 Err(e) => {
                     metrics.config_reloads.with_label_values(&["failure"]).inc();
-                    tracing::error!(trigger = why, error = %e, "configuration applied, but a listener could not be bound");
+                    tracing::error!(
+                        trigger = why,
+                        "reload rejected; the previous configuration keeps serving: {e}"
+                    );
                 }
             }
         }
         Err(e) => {
             metrics.config_reloads.with_label_values(&["failure"]).inc();
+            // Every diagnostic, each with its file, line and column.
+            let detail = match &e {
+                ConfigError::Invalid { diagnostics } => diagnostics
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                ConfigError::Io { .. } => e.to_string(),
+            };
             tracing::error!(
                 trigger = why,
-                "reload rejected; the previous configuration keeps serving:\n{e}"
+                "reload rejected; the previous configuration keeps serving:\n{detail}"
             );
         }
     }
@@ -254,10 +267,15 @@ fn warn_restart_only(old: &crate::model::Settings, new: &Snapshot) {
     }
 }
 
-/// Watches the configuration files and their directories (Kubernetes ConfigMap mounts
-/// replace files by renaming a symlinked directory, so the directory is what changes).
+/// Watches the configured paths: each directory, and the directory holding each file.
+///
+/// Watching directories rather than files is what catches atomic replacement: an editor
+/// or `mv` renames a new file over the old one, and a Kubernetes ConfigMap mount swaps
+/// its `..data` symlink to a new hidden `..<timestamp>` directory, so the files the user
+/// names never change in place. Any event other than a read triggers a reload (after a
+/// short pause to coalesce the burst); reloading an unchanged configuration is harmless.
 fn watch_files(
-    files: &[PathBuf],
+    paths: &[PathBuf],
     tx: mpsc::Sender<&'static str>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
@@ -275,32 +293,26 @@ fn watch_files(
             return None;
         }
     };
-    let mut dirs: Vec<PathBuf> = files
-        .iter()
-        .map(|f| {
-            if f.is_dir() {
-                f.clone()
-            } else {
-                f.parent()
-                    .map(|p| {
-                        if p.as_os_str().is_empty() {
-                            PathBuf::from(".")
-                        } else {
-                            p.to_path_buf()
-                        }
-                    })
-                    .unwrap_or_else(|| PathBuf::from("."))
-            }
-        })
-        .collect();
+    let mut dirs: Vec<PathBuf> = paths.iter().map(|p| watched_dir(p)).collect();
     dirs.sort();
     dirs.dedup();
     for d in dirs {
         if let Err(e) = watcher.watch(&d, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory");
+            tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory; reload with SIGHUP");
         }
     }
     Some(watcher)
+}
+
+/// The directory whose entries change when `path` is replaced.
+fn watched_dir(path: &std::path::Path) -> PathBuf {
+    if path.is_dir() {
+        return path.to_path_buf();
+    }
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 fn spawn_sighup(tx: mpsc::Sender<&'static str>) {

@@ -44,7 +44,9 @@ pub fn start(shared: Arc<Shared>, addrs: &[(Role, SocketAddr)]) -> std::io::Resu
     }
     let mut listeners = Vec::new();
     for (addr, roles) in grouped {
-        let l = std::net::TcpListener::bind(addr).map_err(|e| {
+        // SO_REUSEPORT, like the gateway listeners: a replacement process binds these
+        // ports while this one drains.
+        let l = crate::proxy::bind_reuseport(addr).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!(
@@ -57,7 +59,6 @@ pub fn start(shared: Arc<Shared>, addrs: &[(Role, SocketAddr)]) -> std::io::Resu
                 ),
             )
         })?;
-        l.set_nonblocking(true)?;
         listeners.push((l, roles));
     }
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -65,8 +65,8 @@ fn summary(diagnostics: &[Diagnostic]) -> String {
     }
 }
 
-/// Loads files, or directories of `*.yaml`/`*.yml` files (sorted by name, not recursive),
-/// each holding any number of YAML documents.
+/// Loads files, or directories of `*.yaml`/`*.yml` files (sorted by name, not recursive,
+/// skipping names that start with a dot), each holding any number of YAML documents.
 pub fn load_paths(paths: &[PathBuf]) -> Result<Loaded, ConfigError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -82,6 +82,12 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Loaded, ConfigError> {
             for entry in std::fs::read_dir(path).map_err(io(path))? {
                 let entry = entry.map_err(io(path))?;
                 let p = entry.path();
+                // Hidden entries are not configuration: a Kubernetes ConfigMap mount keeps
+                // its real files in `..<timestamp>/` behind a `..data` symlink, and editors
+                // leave `.name.yaml.swp`-style files beside the ones being edited.
+                if entry.file_name().as_encoded_bytes().starts_with(b".") {
+                    continue;
+                }
                 let yaml = p
                     .extension()
                     .and_then(|e| e.to_str())

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::model::{ServiceKey, Snapshot};
@@ -22,7 +22,7 @@ use crate::telemetry::Telemetry;
 use crate::tls::material::TlsMaterial;
 use crate::upstream::{Cluster, StateRegistry};
 
-pub use listener::BindError;
+pub use listener::{BindError, bind_reuseport};
 
 /// The clusters of one service port: all endpoints, and one per declared subset.
 #[derive(Debug)]
@@ -110,8 +110,10 @@ pub struct Shared {
     /// The gateway's own SVID and mTLS configurations, when the configuration needs them.
     pub tls: ArcSwapOption<TlsMaterial>,
     drain: watch::Sender<DrainState>,
-    /// Downstream connections being handled, for `maxConnections` and drain.
+    /// Downstream connections admitted under `maxConnections`.
     open: AtomicUsize,
+    /// Connection tasks alive, counted from the moment of accept: what a drain waits for.
+    live: AtomicUsize,
     idle: Notify,
     ready: AtomicBool,
 }
@@ -127,6 +129,7 @@ impl Shared {
             tls: ArcSwapOption::empty(),
             drain: watch::channel(DrainState::Serving).0,
             open: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
             idle: Notify::new(),
             ready: AtomicBool::new(false),
         })
@@ -174,13 +177,26 @@ impl Shared {
         (prev < limit).then_some(guard)
     }
 
-    /// Stops accepting, waits for live connections up to `deadline`, then closes the rest.
+    /// Connection tasks alive (accepted and not yet finished).
+    pub fn live_connections(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Counts one accepted connection until the guard drops; taken by the accept loop
+    /// before the connection's task is spawned, so a drain never misses it.
+    pub(crate) fn track(self: &Arc<Self>) -> LiveGuard {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        LiveGuard(self.clone())
+    }
+
+    /// Marks the gateway draining (readiness fails), waits for live connections up to
+    /// `deadline`, then tells the rest to close. Accepting is stopped by the caller.
     pub async fn drain(&self, deadline: Duration) {
         self.drain.send_replace(DrainState::Draining);
         let all_closed = async {
             loop {
                 let notified = self.idle.notified();
-                if self.open_connections() == 0 {
+                if self.live_connections() == 0 {
                     return;
                 }
                 notified.await;
@@ -188,12 +204,12 @@ impl Shared {
         };
         if tokio::time::timeout(deadline, all_closed).await.is_err() {
             tracing::info!(
-                open = self.open_connections(),
+                open = self.live_connections(),
                 "drain deadline reached; closing remaining connections"
             );
             self.drain.send_replace(DrainState::Closing);
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while self.open_connections() > 0 {
+                while self.live_connections() > 0 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             })
@@ -207,7 +223,16 @@ struct OpenGuard(Arc<Shared>);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts one live connection task; released on drop.
+pub(crate) struct LiveGuard(Arc<Shared>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
         }
     }
@@ -218,10 +243,36 @@ pub(crate) async fn closing(mut rx: watch::Receiver<DrainState>) {
     let _ = rx.wait_for(|s| *s == DrainState::Closing).await;
 }
 
+/// How long listeners keep accepting after a drain begins, readiness already failing:
+/// a replacement process started together with the signal gets time to bind the same
+/// ports (see `listener` on why stopping is not simply closing). Capped by the drain
+/// duration.
+pub const ACCEPT_OVERLAP: Duration = Duration::from_secs(1);
+
+/// One listening address: its accept task and the switch that stops it.
+struct ListenerTask {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl ListenerTask {
+    fn spawn(listener: tokio::net::TcpListener, addr: SocketAddr, shared: Arc<Shared>) -> Self {
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(listener::accept_loop(listener, addr, shared, stopped));
+        ListenerTask { stop, task }
+    }
+
+    /// Stops accepting; the task sweeps the queue and closes the socket.
+    fn stop(self) -> JoinHandle<()> {
+        let _ = self.stop.send(());
+        self.task
+    }
+}
+
 /// The running gateway: its shared state and one accept task per listener.
 pub struct Gateway {
     pub shared: Arc<Shared>,
-    listeners: HashMap<SocketAddr, JoinHandle<()>>,
+    listeners: HashMap<SocketAddr, ListenerTask>,
 }
 
 impl Gateway {
@@ -231,7 +282,12 @@ impl Gateway {
             shared,
             listeners: HashMap::new(),
         };
-        gw.sync_listeners()?;
+        let addrs = listener_addrs(&gw.shared.runtime.load().snapshot);
+        for (addr, l) in bind_all(&addrs)? {
+            tracing::info!(%addr, "listening");
+            let task = ListenerTask::spawn(l, addr, gw.shared.clone());
+            gw.listeners.insert(addr, task);
+        }
         gw.shared.set_ready(true);
         Ok(gw)
     }
@@ -241,43 +297,72 @@ impl Gateway {
         self.listeners.keys().copied().collect()
     }
 
-    /// Installs a new snapshot and opens/closes listeners to match it. Listeners that
-    /// cannot be bound are reported; the rest of the new configuration still applies.
+    /// Applies a validated snapshot as one step: new listeners are bound first, so a
+    /// port that cannot be bound rejects the whole reload and the previous configuration
+    /// keeps serving untouched. Then the snapshot is swapped in, new listeners start
+    /// accepting and removed ones stop; connections already open, on any listener, keep
+    /// the route and upstream they picked.
     pub fn reload(&mut self, snapshot: Arc<Snapshot>) -> Result<(), BindError> {
+        let wanted = listener_addrs(&snapshot);
+        let missing: Vec<SocketAddr> = wanted
+            .iter()
+            .copied()
+            .filter(|a| !self.listeners.contains_key(a))
+            .collect();
+        let fresh = bind_all(&missing)?;
         self.shared.install(snapshot);
-        self.sync_listeners()
-    }
-
-    fn sync_listeners(&mut self) -> Result<(), BindError> {
-        let runtime = self.shared.runtime.load();
-        let wanted: Vec<SocketAddr> = runtime.snapshot.listeners.iter().map(|l| l.addr).collect();
-        self.listeners.retain(|addr, task| {
-            let keep = wanted.contains(addr);
-            if !keep {
-                tracing::info!(%addr, "listener removed; its live connections continue");
-                task.abort();
-            }
-            keep
-        });
-        for addr in wanted {
-            if self.listeners.contains_key(&addr) {
-                continue;
-            }
-            let listener = listener::bind(addr)?;
+        for (addr, l) in fresh {
             tracing::info!(%addr, "listening");
-            let task = tokio::spawn(listener::accept_loop(listener, addr, self.shared.clone()));
+            let task = ListenerTask::spawn(l, addr, self.shared.clone());
             self.listeners.insert(addr, task);
+        }
+        let removed: Vec<SocketAddr> = self
+            .listeners
+            .keys()
+            .copied()
+            .filter(|a| !wanted.contains(a))
+            .collect();
+        for addr in removed {
+            if let Some(task) = self.listeners.remove(&addr) {
+                tracing::info!(%addr, "listener removed from the configuration");
+                drop(task.stop());
+            }
         }
         Ok(())
     }
 
-    /// Graceful shutdown: readiness fails, accepting stops, live connections get
-    /// `deadline` to finish.
+    /// Graceful shutdown: readiness fails at once; listeners keep accepting for
+    /// [`ACCEPT_OVERLAP`], then sweep their queues and close; live connections get what
+    /// is left of `deadline` to finish, then the rest are closed.
     pub async fn shutdown(mut self, deadline: Duration) {
+        let began = tokio::time::Instant::now();
         self.shared.drain.send_replace(DrainState::Draining);
-        for (_, task) in self.listeners.drain() {
-            task.abort();
+        tokio::time::sleep(ACCEPT_OVERLAP.min(deadline)).await;
+        let tasks: Vec<JoinHandle<()>> = self.listeners.drain().map(|(_, t)| t.stop()).collect();
+        for t in tasks {
+            let _ = t.await;
         }
-        self.shared.drain(deadline).await;
+        tracing::info!(
+            live = self.shared.live_connections(),
+            "stopped accepting; waiting for live connections"
+        );
+        self.shared
+            .drain(deadline.saturating_sub(began.elapsed()))
+            .await;
     }
+}
+
+fn listener_addrs(snapshot: &Snapshot) -> Vec<SocketAddr> {
+    let mut addrs: Vec<SocketAddr> = snapshot.listeners.iter().map(|l| l.addr).collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs
+}
+
+/// Binds every address or none: on failure the sockets bound so far are closed.
+fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<(SocketAddr, tokio::net::TcpListener)>, BindError> {
+    addrs
+        .iter()
+        .map(|&addr| listener::bind(addr).map(|l| (addr, l)))
+        .collect()
 }

@@ -797,3 +797,354 @@ pub async fn round_trip(gateway: SocketAddr, ca: &TestCa, sni: &str) -> std::io:
     let _ = tls.shutdown().await;
     Ok(seen)
 }
+
+// ---- Lifecycle helpers: plain TCP upstreams, verified byte streams, launching options.
+
+/// The byte at `offset` of stream `seed`: a pattern that catches lost, repeated and
+/// reordered bytes.
+pub fn pattern_byte(seed: u64, offset: u64) -> u8 {
+    let x = offset.wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    (x ^ (x >> 8) ^ (x >> 17) ^ (x >> 29)) as u8
+}
+
+pub fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern_byte(seed, offset + i as u64);
+    }
+}
+
+/// A plain TCP echo server standing in for a workload: after the gateway replays the
+/// ClientHello, every byte comes back as sent. Cheap enough for heavy load tests.
+pub struct RawEcho {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawEcho {
+    pub async fn start() -> RawEcho {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        RawEcho {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+/// A plain TCP server that, once it has read the replayed ClientHello, writes `limit`
+/// bytes of pattern (seed 0) as fast as the connection takes them, then closes.
+/// `pushed` counts bytes the kernel accepted from it, over all connections.
+pub struct Firehose {
+    pub addr: SocketAddr,
+    pub pushed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Firehose {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Firehose {
+    pub async fn start(limit: u64) -> Firehose {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pushed = Arc::new(AtomicU64::new(0));
+        let total = pushed.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let total = total.clone();
+                tokio::spawn(async move {
+                    let mut hello = [0u8; 4096];
+                    if !matches!(stream.read(&mut hello).await, Ok(n) if n > 0) {
+                        return;
+                    }
+                    let mut chunk = vec![0u8; 64 * 1024];
+                    let mut offset = 0u64;
+                    while offset < limit {
+                        let n = (limit - offset).min(chunk.len() as u64) as usize;
+                        fill_pattern(0, offset, &mut chunk[..n]);
+                        if stream.write_all(&chunk[..n]).await.is_err() {
+                            return;
+                        }
+                        offset += n as u64;
+                        total.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        Firehose { addr, pushed, task }
+    }
+
+    pub fn pushed(&self) -> u64 {
+        self.pushed.load(Ordering::Relaxed)
+    }
+}
+
+/// How a verified stream through the gateway failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamFailure {
+    /// The TCP connect itself failed (nothing listening, or reset during the handshake).
+    Refused(String),
+    /// Connected, but closed or reset before the ClientHello came back.
+    NotServed(String),
+    /// Broke after `verified` bytes of echo had arrived intact.
+    Broken { verified: u64, error: String },
+    /// A byte came back different from what was sent.
+    Corrupt { at: u64 },
+}
+
+/// A raw session through the gateway to an echo upstream: ClientHello with `sni`, then
+/// verified pattern bytes.
+pub struct RawSession {
+    pub stream: TcpStream,
+    seed: u64,
+    offset: u64,
+}
+
+impl RawSession {
+    /// Connects, sends a ClientHello for `sni` and waits (up to `within`) for its echo.
+    pub async fn open(
+        gateway: SocketAddr,
+        sni: &str,
+        seed: u64,
+        within: Duration,
+    ) -> Result<RawSession, StreamFailure> {
+        let mut stream = TcpStream::connect(gateway)
+            .await
+            .map_err(|e| StreamFailure::Refused(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let hello = client_hello_bytes(sni, &["istio"]);
+        let round = async {
+            stream.write_all(&hello).await?;
+            let mut back = vec![0u8; hello.len()];
+            stream.read_exact(&mut back).await?;
+            Ok::<_, std::io::Error>(back)
+        };
+        match tokio::time::timeout(within, round).await {
+            Ok(Ok(back)) if back == hello => Ok(RawSession {
+                stream,
+                seed,
+                offset: 0,
+            }),
+            Ok(Ok(_)) => Err(StreamFailure::Corrupt { at: 0 }),
+            Ok(Err(e)) => Err(StreamFailure::NotServed(e.to_string())),
+            Err(_) => Err(StreamFailure::NotServed(format!(
+                "no ClientHello echo within {within:?}"
+            ))),
+        }
+    }
+
+    /// Sends `len` pattern bytes and checks their echo.
+    pub async fn exchange(&mut self, len: usize) -> Result<(), StreamFailure> {
+        let mut out = vec![0u8; len];
+        fill_pattern(self.seed, self.offset, &mut out);
+        let broken = |verified: u64, e: std::io::Error| StreamFailure::Broken {
+            verified,
+            error: e.to_string(),
+        };
+        self.stream
+            .write_all(&out)
+            .await
+            .map_err(|e| broken(self.offset, e))?;
+        let mut back = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            match tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut back[got..]))
+                .await
+            {
+                Ok(Ok(0)) => {
+                    return Err(broken(
+                        self.offset + got as u64,
+                        std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                    ));
+                }
+                Ok(Ok(n)) => got += n,
+                Ok(Err(e)) => return Err(broken(self.offset + got as u64, e)),
+                Err(_) => {
+                    return Err(broken(
+                        self.offset + got as u64,
+                        std::io::Error::from(std::io::ErrorKind::TimedOut),
+                    ));
+                }
+            }
+        }
+        if let Some(i) = out.iter().zip(&back).position(|(a, b)| a != b) {
+            return Err(StreamFailure::Corrupt {
+                at: self.offset + i as u64,
+            });
+        }
+        self.offset += len as u64;
+        Ok(())
+    }
+
+    /// Closes our side and expects the echo side to close cleanly with nothing extra.
+    pub async fn finish(mut self) -> Result<u64, StreamFailure> {
+        let verified = self.offset;
+        let _ = self.stream.shutdown().await;
+        let mut rest = Vec::new();
+        match tokio::time::timeout(Duration::from_secs(10), self.stream.read_to_end(&mut rest))
+            .await
+        {
+            Ok(Ok(_)) if rest.is_empty() => Ok(verified),
+            Ok(Ok(_)) => Err(StreamFailure::Corrupt { at: verified }),
+            Ok(Err(e)) => Err(StreamFailure::Broken {
+                verified,
+                error: e.to_string(),
+            }),
+            Err(_) => Err(StreamFailure::Broken {
+                verified,
+                error: "no close from the far side".into(),
+            }),
+        }
+    }
+}
+
+/// One verified stream: `chunks` exchanges of `chunk` bytes, `pause` apart, then a
+/// clean close. Returns the bytes verified.
+pub async fn echo_stream(
+    gateway: SocketAddr,
+    sni: &str,
+    seed: u64,
+    chunks: usize,
+    chunk: usize,
+    pause: Duration,
+) -> Result<u64, StreamFailure> {
+    let mut s = RawSession::open(gateway, sni, seed, Duration::from_secs(10)).await?;
+    for i in 0..chunks {
+        if i > 0 && !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        s.exchange(chunk).await?;
+    }
+    s.finish().await
+}
+
+impl Strait {
+    /// Runs `strait run -c PATHS...` without waiting for readiness. `nofile`, if set,
+    /// lowers the child's RLIMIT_NOFILE before it starts.
+    pub fn launch(ports: Ports, dir: TempDir, paths: &[PathBuf], nofile: Option<u64>) -> Strait {
+        let mut cmd = Command::new(strait_bin());
+        cmd.arg("run");
+        for p in paths {
+            cmd.arg("-c").arg(p);
+        }
+        cmd.env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n as libc::rlim_t,
+                        rlim_max: n as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        pump_lines(child.stdout.take().unwrap(), stdout.clone());
+        pump_lines(child.stderr.take().unwrap(), stderr.clone());
+        Strait {
+            child,
+            dir,
+            status: SocketAddr::from(([127, 0, 0, 1], ports.status)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], ports.metrics)),
+            admin: SocketAddr::from(([127, 0, 0, 1], ports.admin)),
+            gateway: SocketAddr::from(([127, 0, 0, 1], ports.gateway)),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits until a stderr line contains `needle`.
+    pub fn wait_stderr(&self, needle: &str, within: Duration) -> bool {
+        self.eventually(within, || {
+            self.stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains(needle))
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the process, in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// CPU time used so far (user + system), in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the parenthesised command name; utime and stime are 14 and 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+
+    /// Open file descriptors of the process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+/// Writes `text` to `path` atomically (a temporary file renamed over it), the way
+/// editors and config management replace files.
+pub fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
