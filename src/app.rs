@@ -89,7 +89,8 @@ pub async fn run(
     let identity = GatewayIdentity {
         cluster: settings.cluster.clone(),
         ..GatewayIdentity::default()
-    };
+    }
+    .with_labels(&settings.labels);
     let telemetry = Telemetry::new(access_log, identity);
     telemetry
         .metrics
@@ -100,7 +101,7 @@ pub async fn run(
     if material::needed(&snapshot) {
         install_tls(&shared, &snapshot)?;
     }
-    let mut gateway = Gateway::start(shared.clone()).await?;
+    // Status first, so readiness answers 503 until every listener is bound.
     admin::start(
         shared.clone(),
         &[
@@ -110,6 +111,7 @@ pub async fn run(
         ],
     )
     .map_err(RunError::Admin)?;
+    let mut gateway = Gateway::start(shared.clone()).await?;
     tracing::info!(
         listeners = ?gateway.bound(),
         status = %settings.status_addr,
@@ -163,6 +165,8 @@ pub async fn run(
         () = gateway.shutdown(drain) => {}
         _ = stop.recv() => tracing::warn!("second signal: exiting now"),
     }
+    // Every connection's log line is queued by now; let the writer finish them.
+    shared.telemetry.access_log.flush(Duration::from_secs(2));
     tracing::info!("stopped");
     Ok(())
 }

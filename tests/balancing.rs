@@ -398,7 +398,7 @@ async fn connect_timeout_from_the_destination_rule_overrides_bootstrap() {
     let ca = TestCa::new();
     let (hole, _fillers, _socket) = black_hole();
     let endpoint = ep("127.0.0.1", hole.port(), "");
-    // Bootstrap says 1s (the test harness default).
+    // Bootstrap says 5s (the test harness default).
     let gw = gateway(
         Ports::new(),
         "",
@@ -427,7 +427,7 @@ async fn connect_timeout_from_the_destination_rule_overrides_bootstrap() {
         quick >= Duration::from_millis(190) && quick < Duration::from_millis(700),
         "{quick:?}"
     );
-    assert!(patient >= Duration::from_millis(990), "{patient:?}");
+    assert!(patient >= Duration::from_millis(4990), "{patient:?}");
     assert_eq!(
         gw.metric(
             "strait_upstream_connect_failures_total",

@@ -623,13 +623,21 @@ async fn sigterm_turns_readiness_to_503_while_live_connections_drain() {
         http_get(gw.status, "/healthz/ready").unwrap().1,
         "draining\n"
     );
-    // The live connection still works while readiness fails; new ones are not taken.
+    // The live connection still works while readiness fails; after the short accept
+    // overlap (which lets a replacement process bind), new ones are not taken.
     assert_eq!(echo_once(&mut live, b"during drain").await, b"during drain");
-    assert!(
-        tls_connect(gw.gateway, &mesh.ca, &sni("", RATINGS), &["istio"])
+    let mut refused = false;
+    for _ in 0..30 {
+        if tls_connect(gw.gateway, &mesh.ca, &sni("", RATINGS), &["istio"])
             .await
             .is_err()
-    );
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "new connections still accepted 3 s into the drain");
     live.shutdown().await.unwrap();
     drop(live);
     assert_eq!(

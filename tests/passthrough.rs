@@ -201,7 +201,9 @@ async fn two_hundred_concurrent_connections_stay_intact() {
         }));
     }
     for t in tasks {
-        let (sent, received, _) = t.await.unwrap();
+        let Ok((sent, received, _)) = t.await else {
+            panic!("a connection failed; gateway log:\n{}", gw.stderr_text());
+        };
         assert_eq!(sent, received);
     }
 }

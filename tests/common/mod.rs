@@ -333,7 +333,7 @@ impl Ports {
     /// The Bootstrap document for these ports, plus extra `spec` lines (indented 2).
     pub fn bootstrap(&self, extra: &str) -> String {
         format!(
-            "apiVersion: strait.dev/v1alpha1\nkind: Bootstrap\nmetadata: {{name: test}}\nspec:\n  status: 127.0.0.1:{}\n  metrics: 127.0.0.1:{}\n  admin: 127.0.0.1:{}\n  clientHelloTimeout: 2s\n  connectTimeout: 1s\n  drainDuration: 5s\n{extra}",
+            "apiVersion: strait.dev/v1alpha1\nkind: Bootstrap\nmetadata: {{name: test}}\nspec:\n  status: 127.0.0.1:{}\n  metrics: 127.0.0.1:{}\n  admin: 127.0.0.1:{}\n  clientHelloTimeout: 2s\n  connectTimeout: 5s\n  drainDuration: 5s\n{extra}",
             self.status, self.metrics, self.admin
         )
     }
