@@ -111,7 +111,12 @@ pub fn explain(snapshot: &Snapshot, sni: &str, alpn: &[String]) -> Explanation {
             let Some(e) = svc.endpoints.get(i) else {
                 continue;
             };
-            let ok = !(passthrough && e.tls_disabled);
+            let excluded = if passthrough {
+                crate::upstream::passthrough_exclusion(e, &snapshot.settings.network)
+            } else {
+                None
+            };
+            let ok = excluded.is_none();
             if ok {
                 eligible += 1;
             }
@@ -130,10 +135,9 @@ pub fn explain(snapshot: &Snapshot, sni: &str, alpn: &[String]) -> Explanation {
                 } else {
                     e.network.as_str()
                 },
-                if ok {
-                    "candidate (health: checked at connect)"
-                } else {
-                    "excluded: security.istio.io/tlsMode=disabled cannot terminate the client's mTLS"
+                match excluded {
+                    None => "candidate (health: checked at connect)".to_string(),
+                    Some(why) => format!("excluded: {why}"),
                 }
             );
         }

@@ -424,6 +424,8 @@ pub enum AttemptFailure {
     Resolve,
     /// Accepted, then closed or reset before answering the replayed ClientHello.
     Reset,
+    /// This process ran out of file descriptors: the endpoint is not at fault.
+    LocalExhaustion,
     Other,
 }
 
@@ -434,6 +436,7 @@ impl AttemptFailure {
             AttemptFailure::Timeout => "timeout",
             AttemptFailure::Resolve => "resolve",
             AttemptFailure::Reset => "reset",
+            AttemptFailure::LocalExhaustion => "fd_exhausted",
             AttemptFailure::Other => "other",
         }
     }
@@ -552,7 +555,11 @@ async fn connect_inner(
             }
             Err((kind, msg)) => {
                 observer.failure(kind, started.elapsed());
-                if let Some(time) = cluster.record_failure(idx) {
+                // Running out of descriptors here says nothing about the endpoint, so it
+                // must not count towards ejecting a healthy one.
+                if !matches!(kind, AttemptFailure::LocalExhaustion)
+                    && let Some(time) = cluster.record_failure(idx)
+                {
                     observer.ejected(cluster, idx, time);
                 }
                 tracing::debug!(endpoint = %member.endpoint.authority(), error = %msg, "upstream connect failed");
@@ -641,6 +648,8 @@ async fn connect_endpoint(
                 Err(e) => {
                     let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
                         AttemptFailure::Refused
+                    } else if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                        AttemptFailure::LocalExhaustion
                     } else {
                         AttemptFailure::Other
                     };
