@@ -25,7 +25,8 @@ impl Denied {
 
 /// The peer as policy sees it.
 pub struct Peer<'a> {
-    pub id: &'a SpiffeId,
+    /// `None` for a client without a certificate (PeerAuthentication PERMISSIVE).
+    pub id: Option<&'a SpiffeId>,
     /// The mesh trust domain and its aliases: a principal written with any of them
     /// matches a peer from any of them, as in Istio.
     pub trust_domains: &'a [String],
@@ -68,7 +69,7 @@ fn rule_matches(rule: &AuthzRule, peer: &Peer<'_>) -> bool {
 
 fn source_matches(s: &AuthzSource, peer: &Peer<'_>) -> bool {
     let principal_ok = |patterns: &[String]| patterns.iter().any(|p| principal_matches(p, peer));
-    let ns = peer.id.namespace().unwrap_or("");
+    let ns = peer.id.and_then(SpiffeId::namespace).unwrap_or("");
     let ns_ok = |patterns: &[String]| patterns.iter().any(|p| wildcard(p, ns));
     (s.principals.is_empty() || principal_ok(&s.principals))
         && !principal_ok(&s.not_principals)
@@ -79,11 +80,16 @@ fn source_matches(s: &AuthzSource, peer: &Peer<'_>) -> bool {
 /// `td/ns/x/sa/y` patterns with `*` prefix/suffix wildcards; the trust domain part
 /// matches across the mesh domain and its aliases.
 fn principal_matches(pattern: &str, peer: &Peer<'_>) -> bool {
-    let principal = peer.id.principal();
+    // An unauthenticated peer has no principal: it matches no pattern (so
+    // `notPrincipals: ["*"]` selects exactly the unauthenticated, as in Istio).
+    let Some(id) = peer.id else {
+        return false;
+    };
+    let principal = id.principal();
     if wildcard(pattern, &principal) {
         return true;
     }
-    let td = peer.id.trust_domain();
+    let td = id.trust_domain();
     if !peer.trust_domains.iter().any(|t| t == td) {
         return false;
     }
@@ -136,7 +142,7 @@ mod tests {
         authorize(
             policies,
             &Peer {
-                id: &id,
+                id: Some(&id),
                 trust_domains: &tds,
                 port,
             },

@@ -531,3 +531,70 @@ fn a_missing_gateway_certificate_is_a_clear_error_at_start() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Runs openssl without a client certificate; returns what came back.
+async fn openssl_without_cert(gw: std::net::SocketAddr, roots: &Path) -> String {
+    let roots = roots.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let script = format!(
+            "(echo anonymous-hello; sleep 1) | timeout 10 openssl s_client -quiet -no_ign_eof -connect {gw} -servername outbound_.9080_._.{ECHO} -alpn istio -CAfile {}",
+            roots.display()
+        );
+        let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_peer_authentication_admits_clients_without_a_certificate() {
+    let s = setup();
+    let (echo, _task) = plaintext_echo().await;
+    let permissive = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec:\n  mtls: {mode: PERMISSIVE}\n";
+    let ports = Ports::new();
+    let gw = Strait::start(ports, &config(&ports, &s.gw_certs, echo.port(), permissive));
+    let roots = s.gw_certs.join("root-cert.pem");
+    assert!(
+        openssl_without_cert(gw.gateway, &roots)
+            .await
+            .contains("anonymous-hello")
+    );
+    // A presented certificate must still verify.
+    let rogue_ca = ca_init(s.dir.path(), "rogue.example");
+    let rogue = issue(
+        &rogue_ca,
+        "spiffe://cluster.local/ns/foo/sa/sleep",
+        &s.dir.path().join("rogue"),
+    );
+    mtls_connect(gw.gateway, &rogue)
+        .await
+        .expect_err("an untrusted certificate is still refused");
+    drop(gw);
+
+    // Istio's idiom for "authenticated only": DENY notPrincipals ["*"].
+    let deny_anonymous = format!(
+        "{permissive}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-identity, namespace: istio-system}}\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source: {{notPrincipals: [\"*\"]}}\n"
+    );
+    let ports = Ports::new();
+    let gw = Strait::start(
+        ports,
+        &config(&ports, &s.gw_certs, echo.port(), &deny_anonymous),
+    );
+    assert!(
+        !openssl_without_cert(gw.gateway, &roots)
+            .await
+            .contains("anonymous-hello")
+    );
+    let good = issue(
+        &s.mesh_ca,
+        "spiffe://cluster.local/ns/foo/sa/sleep",
+        &s.dir.path().join("good"),
+    );
+    mtls_connect(gw.gateway, &good)
+        .await
+        .expect("an identified client passes");
+    assert!(gw.eventually(Duration::from_secs(5), || {
+        gw.metric("strait_refusals_total", &[("reason", "denied_by_policy")]) == 1.0
+    }));
+}

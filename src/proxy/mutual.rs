@@ -62,32 +62,34 @@ pub(super) async fn serve(
             return;
         }
     };
-    let peer_id = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(peer_spiffe_id);
-    let peer_id = match peer_id {
-        Some(Ok(id)) => id,
-        // The verifier already required exactly one SPIFFE ID; this is a second guard.
-        _ => {
-            result.refuse(ResponseFlag::Unauthorized, "bad_spiffe_id");
-            return;
-        }
+    // With PeerAuthentication PERMISSIVE a client may present no certificate; one that
+    // is presented has been verified to carry exactly one SPIFFE ID.
+    let peer_id = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        None => None,
+        Some(cert) => match peer_spiffe_id(cert) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                result.refuse(ResponseFlag::Unauthorized, "bad_spiffe_id");
+                return;
+            }
+        },
     };
-    result.peer_identity = Some(peer_id.to_string());
+    result.peer_identity = peer_id.as_ref().map(ToString::to_string);
 
     let mut trust_domains = vec![settings.trust_domain.clone()];
     trust_domains.extend(settings.trust_domain_aliases.iter().cloned());
     let peer = Peer {
-        id: &peer_id,
+        id: peer_id.as_ref(),
         trust_domains: &trust_domains,
         port: listener_port,
     };
     if let Err(denied) = authorize(&runtime.snapshot.authz, &peer) {
         result.refuse(ResponseFlag::Unauthorized, denied.reason());
-        tracing::info!(peer = %result.downstream, identity = %peer_id, "refused: {denied}");
+        tracing::info!(
+            peer = %result.downstream,
+            identity = result.peer_identity.as_deref().unwrap_or("(none)"),
+            "refused: {denied}"
+        );
         result.detail = Some(denied.to_string());
         let mut tls = tls;
         let _ = tls.shutdown().await;
@@ -107,8 +109,8 @@ pub(super) async fn serve(
         &shared.telemetry.identity,
         &service,
         subset.as_deref(),
-        Some(&peer_id.principal()),
-        true,
+        peer_id.as_ref().map(|id| id.principal()).as_deref(),
+        peer_id.is_some(),
     );
     let counters = result.open_route(labels);
     let upstream = match open_upstream(

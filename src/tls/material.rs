@@ -9,8 +9,8 @@ use std::time::SystemTime;
 
 use super::certs::{CertError, cert_not_after, load_identity, load_trust_bundle};
 use super::spiffe::SpiffeId;
-use super::verify::{TrustConfig, client_config, server_config};
-use crate::model::{ISTIO_ALPNS, Snapshot, UpstreamTls};
+use super::verify::{ClientAuth, TrustConfig, client_config, server_config_with};
+use crate::model::{ISTIO_ALPNS, PeerAuthMode, Snapshot, UpstreamTls};
 
 /// What ISTIO_MUTUAL servers, bridges and mTLS origination use.
 pub struct TlsMaterial {
@@ -69,7 +69,13 @@ pub fn load(snapshot: &Snapshot) -> Result<TlsMaterial, CertError> {
         federated,
     };
     let alpn: Vec<&[u8]> = ISTIO_ALPNS.iter().map(|a| a.as_bytes()).collect();
-    let server = server_config(&identity, &trust, &alpn)?;
+    // PeerAuthentication STRICT (or none) requires a client certificate; PERMISSIVE and
+    // DISABLE let a client without one through, unauthenticated.
+    let client_auth = match snapshot.peer_authentication {
+        Some(PeerAuthMode::Permissive | PeerAuthMode::Disable) => ClientAuth::Optional,
+        Some(PeerAuthMode::Strict) | None => ClientAuth::Required,
+    };
+    let server = server_config_with(&identity, &trust, &alpn, client_auth)?;
     let mut clients = BTreeMap::new();
     let mut expected: Vec<Option<String>> = vec![None];
     expected.extend(snapshot.bridges.iter().map(|b| b.identity.clone()));

@@ -12,6 +12,6 @@ pub use certs::{
 };
 pub use spiffe::{SpiffeId, SpiffeIdError};
 pub use verify::{
-    PeerRejection, Refusal, TrustConfig, classify_handshake_error, client_config,
-    handshake_error_detail, server_config,
+    ClientAuth, PeerRejection, Refusal, TrustConfig, classify_handshake_error, client_config,
+    handshake_error_detail, server_config, server_config_with,
 };

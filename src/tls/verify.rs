@@ -203,8 +203,30 @@ pub fn server_config(
     trust: &TrustConfig,
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ServerConfig>, CertError> {
+    server_config_with(id, trust, alpn, ClientAuth::Required)
+}
+
+/// Whether an ISTIO_MUTUAL server insists on a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// PeerAuthentication STRICT (and the default): no certificate, no connection.
+    Required,
+    /// PeerAuthentication PERMISSIVE: a client without a certificate is let through
+    /// with no identity (so only policies that do not name a source can allow it); a
+    /// certificate that is presented must still verify.
+    Optional,
+}
+
+/// Like [`server_config`], with the client-certificate requirement chosen.
+pub fn server_config_with(
+    id: &Identity,
+    trust: &TrustConfig,
+    alpn: &[&[u8]],
+    client_auth: ClientAuth,
+) -> Result<Arc<rustls::ServerConfig>, CertError> {
     let provider = provider();
-    let verifier = SpiffeClientVerifier::new(id, trust, &provider)?;
+    let mut verifier = SpiffeClientVerifier::new(id, trust, &provider)?;
+    verifier.mandatory = client_auth == ClientAuth::Required;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -336,6 +358,7 @@ struct SpiffeClientVerifier {
     anchors: Anchors<Arc<dyn ClientCertVerifier>>,
     hints: Vec<DistinguishedName>,
     algorithms: WebPkiSupportedAlgorithms,
+    mandatory: bool,
 }
 
 impl SpiffeClientVerifier {
@@ -357,6 +380,7 @@ impl SpiffeClientVerifier {
             anchors,
             hints,
             algorithms: provider.signature_verification_algorithms,
+            mandatory: true,
         })
     }
 }
@@ -367,7 +391,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     fn verify_client_cert(
