@@ -372,12 +372,19 @@ impl Strait {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let s = Strait::from_command(cmd, dir, ports);
+        s.wait_ready(Duration::from_secs(20));
+        s
+    }
+
+    /// Spawns `cmd` (a configured `strait` command), collecting its stdout and stderr.
+    fn from_command(mut cmd: Command, dir: TempDir, ports: Ports) -> Strait {
         let mut child = cmd.spawn().unwrap();
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         pump_lines(child.stdout.take().unwrap(), stdout.clone());
         pump_lines(child.stderr.take().unwrap(), stderr.clone());
-        let s = Strait {
+        Strait {
             child,
             dir,
             status: SocketAddr::from(([127, 0, 0, 1], ports.status)),
@@ -386,9 +393,7 @@ impl Strait {
             gateway: SocketAddr::from(([127, 0, 0, 1], ports.gateway)),
             stdout,
             stderr,
-        };
-        s.wait_ready(Duration::from_secs(20));
-        s
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -585,21 +590,7 @@ impl Strait {
         for k in env_remove {
             cmd.env_remove(k);
         }
-        let mut child = cmd.spawn().unwrap();
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        pump_lines(child.stdout.take().unwrap(), stdout.clone());
-        pump_lines(child.stderr.take().unwrap(), stderr.clone());
-        Strait {
-            child,
-            dir,
-            status: SocketAddr::from(([127, 0, 0, 1], ports.status)),
-            metrics: SocketAddr::from(([127, 0, 0, 1], ports.metrics)),
-            admin: SocketAddr::from(([127, 0, 0, 1], ports.admin)),
-            gateway: SocketAddr::from(([127, 0, 0, 1], ports.gateway)),
-            stdout,
-            stderr,
-        }
+        Strait::from_command(cmd, dir, ports)
     }
 }
 
@@ -1082,21 +1073,7 @@ impl Strait {
                 });
             }
         }
-        let mut child = cmd.spawn().unwrap();
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        pump_lines(child.stdout.take().unwrap(), stdout.clone());
-        pump_lines(child.stderr.take().unwrap(), stderr.clone());
-        Strait {
-            child,
-            dir,
-            status: SocketAddr::from(([127, 0, 0, 1], ports.status)),
-            metrics: SocketAddr::from(([127, 0, 0, 1], ports.metrics)),
-            admin: SocketAddr::from(([127, 0, 0, 1], ports.admin)),
-            gateway: SocketAddr::from(([127, 0, 0, 1], ports.gateway)),
-            stdout,
-            stderr,
-        }
+        Strait::from_command(cmd, dir, ports)
     }
 
     /// Waits until a stderr line contains `needle`.
