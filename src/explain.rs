@@ -3,7 +3,8 @@
 use std::fmt::Write;
 
 use crate::model::{ServerTlsMode, Snapshot};
-use crate::route::{self, sni::parse_subset_key};
+use crate::route;
+use crate::route::sni::{build_subset_key, parse_subset_key};
 
 /// The explanation, and whether the name routes on at least one listener.
 pub struct Explanation {
@@ -12,6 +13,7 @@ pub struct Explanation {
 }
 
 pub fn explain(snapshot: &Snapshot, sni: &str, alpn: &[String]) -> Explanation {
+    let live = LiveHealth::fetch(snapshot.settings.admin_addr);
     let mut out = String::new();
     let mut routes = false;
     let _ = writeln!(out, "SNI        {sni}");
@@ -136,7 +138,13 @@ pub fn explain(snapshot: &Snapshot, sni: &str, alpn: &[String]) -> Explanation {
                     e.network.as_str()
                 },
                 match excluded {
-                    None => "candidate (health: checked at connect)".to_string(),
+                    None => format!(
+                        "candidate, {}",
+                        live.describe(
+                            &build_subset_key(svc.port, m.subset, &svc.host),
+                            &e.authority()
+                        )
+                    ),
                     Some(why) => format!("excluded: {why}"),
                 }
             );
@@ -166,4 +174,62 @@ pub fn explain(snapshot: &Snapshot, sni: &str, alpn: &[String]) -> Explanation {
         }
     }
     Explanation { text: out, routes }
+}
+
+/// Endpoint health as a running gateway reports it on its admin port, when one answers.
+struct LiveHealth {
+    clusters: Option<serde_json::Value>,
+    admin: std::net::SocketAddr,
+}
+
+impl LiveHealth {
+    fn fetch(admin: std::net::SocketAddr) -> LiveHealth {
+        LiveHealth {
+            clusters: fetch_clusters(admin),
+            admin,
+        }
+    }
+
+    fn describe(&self, cluster: &str, endpoint: &str) -> String {
+        let Some(clusters) = &self.clusters else {
+            return format!("health unknown (no gateway answering on {})", self.admin);
+        };
+        let found = clusters["clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["name"].as_str() == Some(cluster))
+            .flat_map(|c| c["endpoints"].as_array().into_iter().flatten())
+            .find(|e| e["address"].as_str() == Some(endpoint));
+        match found {
+            Some(e) => format!(
+                "{} (live from {}: {} active, {} connect failures)",
+                e["health"].as_str().unwrap_or("unknown"),
+                self.admin,
+                e["activeConnections"],
+                e["connectFailures"]
+            ),
+            None => format!("not in the configuration running on {}", self.admin),
+        }
+    }
+}
+
+/// `GET /clusters` from the admin port, bounded to a fraction of a second.
+fn fetch_clusters(admin: std::net::SocketAddr) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_millis(300);
+    let addr = if admin.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], admin.port()))
+    } else {
+        admin
+    };
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.write_all(b"GET /clusters HTTP/1.1\r\nHost: strait\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut body = Vec::new();
+    s.take(16 << 20).read_to_end(&mut body).ok()?;
+    let text = String::from_utf8_lossy(&body);
+    let (_, json) = text.split_once("\r\n\r\n")?;
+    serde_json::from_str(json).ok()
 }

@@ -583,3 +583,40 @@ async fn half_close_keeps_the_reply_flowing() {
     );
     assert!(back == expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_explains_a_name_with_live_endpoint_health() {
+    let mesh = Mesh::start().await;
+    let gw = mesh.gateway("");
+    let route = |name: String| {
+        std::process::Command::new(strait_bin())
+            .args(["route", "-c"])
+            .arg(gw.config_path())
+            .arg(name)
+            .output()
+            .unwrap()
+    };
+    let out = route(sni(9080, "v1", REVIEWS));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("subset     v1 labels {version=v1}"), "{text}");
+    let v1 = format!("127.0.0.1:{}", mesh.v1.addr.port());
+    let line = text
+        .lines()
+        .find(|l| l.contains(&v1))
+        .expect("v1 endpoint listed");
+    assert!(line.contains("healthy (live from"), "{line}");
+    assert!(
+        !text.contains(&format!("127.0.0.1:{}", mesh.v2.addr.port())),
+        "{text}"
+    );
+
+    let out = route(sni(9080, "v9", REVIEWS));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("does not route (NR unknown_subset)"),
+        "{text}"
+    );
+    assert!(text.contains("declared: [v1, v2]"), "{text}");
+}
