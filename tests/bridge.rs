@@ -358,3 +358,58 @@ async fn bridge_prefers_its_own_network_fails_over_to_the_remote_one_and_returns
         "remote used while local healthy"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_the_bridge_listener() {
+    let mesh = Mesh::new();
+    let local_l = std::net::TcpListener::bind("127.0.0.4:0").unwrap();
+    let local_addr = local_l.local_addr().unwrap();
+    let local = raw_echo_on(local_l);
+    let ports = Ports::new();
+    let first = at("127.0.0.1", ports.gateway);
+    let gw = at("127.0.0.2", free_port());
+    let bridge = Strait::start(
+        ports,
+        &network1_bridge(
+            &ports,
+            first,
+            &mesh.bridge,
+            gw,
+            GATEWAY_ID,
+            &[local_addr],
+            "",
+        ),
+    );
+    let app = TcpStream::connect(first).await.unwrap();
+    assert_eq!(bulk_echo(app, 3, 1024).await, Ok(1024));
+
+    let second = at("127.0.0.1", free_port());
+    replace_file(
+        &bridge.config_path(),
+        &network1_bridge(
+            &ports,
+            second,
+            &mesh.bridge,
+            gw,
+            GATEWAY_ID,
+            &[local_addr],
+            "",
+        ),
+    );
+    let mut moved = false;
+    for _ in 0..200 {
+        if TcpStream::connect(second).await.is_ok() && TcpStream::connect(first).await.is_err() {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        moved,
+        "listener did not move; stderr:\n{}",
+        bridge.stderr_text()
+    );
+    let app = TcpStream::connect(second).await.unwrap();
+    assert_eq!(bulk_echo(app, 4, 1024).await, Ok(1024));
+    assert!(local.accepted() >= 2);
+}
