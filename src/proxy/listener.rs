@@ -28,7 +28,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
-use super::{Shared, passthrough};
+use super::{Shared, bridge, passthrough};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -126,11 +126,17 @@ pub async fn accept_loop(
 }
 
 /// Hands an accepted connection to its own task, tracked for the drain from this moment.
+/// The configuration in force says what the address is: a Bridge or a Gateway listener.
 fn serve(shared: &Arc<Shared>, addr: SocketAddr, stream: TcpStream, peer: SocketAddr) {
     let live = shared.track();
+    let is_bridge = shared.runtime.load().bridge_at(&addr).is_some();
     let shared = shared.clone();
     tokio::spawn(async move {
-        passthrough::handle(shared, addr, stream, peer).await;
+        if is_bridge {
+            bridge::handle(shared, addr, stream, peer).await;
+        } else {
+            passthrough::handle(shared, addr, stream, peer).await;
+        }
         drop(live);
     });
 }

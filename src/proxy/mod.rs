@@ -1,5 +1,6 @@
 //! Listeners and the per-connection flow: accept → inspect → route → connect → copy.
 
+mod bridge;
 pub mod copy;
 pub mod hello;
 mod listener;
@@ -17,7 +18,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::model::{ServiceKey, Snapshot};
+use crate::model::{BridgeSpec, ServiceKey, Snapshot};
 use crate::telemetry::Telemetry;
 use crate::tls::material::TlsMaterial;
 use crate::upstream::{Cluster, StateRegistry};
@@ -46,6 +47,8 @@ pub struct Runtime {
     pub clusters: HashMap<ServiceKey, ServiceClusters>,
     /// Listener address → index into `snapshot.listeners`.
     listeners: HashMap<SocketAddr, usize>,
+    /// Bridge listener address → index into `snapshot.bridges`.
+    bridges: HashMap<SocketAddr, usize>,
 }
 
 impl Runtime {
@@ -77,10 +80,17 @@ impl Runtime {
             .enumerate()
             .map(|(i, l)| (l.addr, i))
             .collect();
+        let bridges = snapshot
+            .bridges
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.listen, i))
+            .collect();
         Runtime {
             snapshot,
             clusters,
             listeners,
+            bridges,
         }
     }
 
@@ -89,6 +99,13 @@ impl Runtime {
             .get(addr)
             .and_then(|&i| self.snapshot.listeners.get(i))
             .map_or(&[], |l| l.servers.as_slice())
+    }
+
+    /// The Bridge listening on `addr`, if one does.
+    pub fn bridge_at(&self, addr: &SocketAddr) -> Option<&BridgeSpec> {
+        self.bridges
+            .get(addr)
+            .and_then(|&i| self.snapshot.bridges.get(i))
     }
 }
 
@@ -352,8 +369,14 @@ impl Gateway {
     }
 }
 
+/// Every address to listen on: Gateway servers and Bridges alike.
 fn listener_addrs(snapshot: &Snapshot) -> Vec<SocketAddr> {
-    let mut addrs: Vec<SocketAddr> = snapshot.listeners.iter().map(|l| l.addr).collect();
+    let mut addrs: Vec<SocketAddr> = snapshot
+        .listeners
+        .iter()
+        .map(|l| l.addr)
+        .chain(snapshot.bridges.iter().map(|b| b.listen))
+        .collect();
     addrs.sort();
     addrs.dedup();
     addrs

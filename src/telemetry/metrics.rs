@@ -505,6 +505,13 @@ impl IstioLabels {
         }
     }
 
+    /// The same labels with `destination_principal` set: the SPIFFE ID the far end
+    /// presented when this process originated the mTLS (a bridge).
+    pub fn with_destination_principal(mut self, principal: &str) -> Self {
+        self.values[11] = principal_uri(principal);
+        self
+    }
+
     /// The value of one label, by name.
     pub fn get(&self, label: &str) -> Option<&str> {
         ISTIO_LABELS

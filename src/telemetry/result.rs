@@ -69,6 +69,9 @@ pub struct ConnectionResult {
     pub service: Option<String>,
     pub subset: Option<String>,
     pub upstream: Option<SocketAddr>,
+    /// Network of the endpoint picked, when it is not this process's own (a bridge
+    /// reaching it through that network's gateway).
+    pub upstream_network: Option<String>,
     pub peer_identity: Option<String>,
     /// Bytes received from the client (ClientHello included).
     pub received: u64,
@@ -97,6 +100,7 @@ impl ConnectionResult {
             service: None,
             subset: None,
             upstream: None,
+            upstream_network: None,
             peer_identity: None,
             received: 0,
             sent: 0,
@@ -161,6 +165,7 @@ impl ConnectionResult {
             "service": self.service,
             "subset": self.subset,
             "upstream": self.upstream.map(|a| a.to_string()),
+            "upstream_network": self.upstream_network,
             "peer_identity": self.peer_identity,
             "bytes_received": self.received,
             "bytes_sent": self.sent,

@@ -88,9 +88,11 @@ pub(super) fn pick(
 ) -> Pick {
     let members = &cluster.members;
     let mut eligible: Vec<usize> = (0..members.len())
-        .filter(|&i| {
-            purpose == Purpose::Terminated
-                || super::passthrough_exclusion(&members[i].endpoint, network).is_none()
+        .filter(|&i| match purpose {
+            Purpose::Passthrough => {
+                super::passthrough_exclusion(&members[i].endpoint, network).is_none()
+            }
+            Purpose::Terminated | Purpose::Bridge => true,
         })
         .collect();
     if eligible.is_empty() {
@@ -110,6 +112,15 @@ pub(super) fn pick(
     // Below minHealthPercent, ejection is ignored (Envoy's panic threshold).
     let panic = outlier::panicking(healthy_count, eligible.len(), min_health);
     eligible.retain(|&i| !exclude.contains(&i) && (panic || !members[i].state.is_ejected()));
+    // A bridge's own network is a tier above every other: remote networks cost a
+    // gateway hop and are the failover, whatever the locality plan says within a tier.
+    if purpose == Purpose::Bridge
+        && eligible
+            .iter()
+            .any(|&i| super::in_network(&members[i].endpoint, network))
+    {
+        eligible.retain(|&i| super::in_network(&members[i].endpoint, network));
+    }
     let pool = match plan {
         Plan::Flat => eligible,
         Plan::Priority(prio) => {
@@ -469,5 +480,64 @@ mod tests {
             only_b.pick(Purpose::Passthrough, in_c, &[]),
             Pick::NoEndpoint
         );
+    }
+
+    #[test]
+    fn bridge_prefers_its_own_network_and_fails_over_to_others() {
+        let gw = Locality::parse("r1/z1");
+        let policy = TrafficPolicy {
+            lb: LbPolicy::RoundRobin,
+            outlier: Some(OutlierDetection {
+                consecutive_errors: 1,
+                max_ejection_percent: 100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = cluster(
+            vec![
+                endpoint(1, 1, "r1/z2", "net-a"),
+                endpoint(2, 1, "r1/z1", "net-b"),
+                endpoint(3, 1, "r1/z1", ""),
+                endpoint(4, 5, "r1/z1", "net-b"),
+            ],
+            policy,
+        );
+        let in_a = Origin {
+            locality: &gw,
+            network: "net-a",
+        };
+        let pick = |exclude: &[usize]| c.pick(Purpose::Bridge, in_a, exclude);
+        // Own network (and no network) first; locality decides within it: z1 is the
+        // bridge's own zone, so member 2 (no network, z1) wins over member 0 (z2).
+        for _ in 0..4 {
+            assert_eq!(pick(&[]), Pick::Member(2));
+        }
+        // The caller set it aside (tried, or unreachable): the own network's other zone.
+        assert_eq!(pick(&[2]), Pick::Member(0));
+        // No local endpoint left: remote ones, by weight.
+        let mut remote = [0usize; 4];
+        for _ in 0..12 {
+            remote[pick(&[0, 2]).member().unwrap()] += 1;
+        }
+        assert_eq!(remote, [0, 2, 0, 10]);
+        // Local endpoints ejected: traffic fails over to the remote network, and comes
+        // back once they are healthy again (here: a fresh cluster state).
+        c.record_failure(0);
+        c.record_failure(2);
+        assert!(c.members[0].state.is_ejected() && c.members[2].state.is_ejected());
+        let m = pick(&[]).member().unwrap();
+        assert!(m == 1 || m == 3, "picked {m}");
+        c.members[0]
+            .state
+            .ejected_until
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        c.members[2]
+            .state
+            .ejected_until
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(pick(&[]), Pick::Member(2));
+        // Passthrough never sees another network, whatever a bridge would do.
+        assert_ne!(c.pick(Purpose::Passthrough, in_a, &[0, 2]), Pick::Member(1));
     }
 }

@@ -195,8 +195,21 @@ pub enum Purpose {
     /// endpoints of another network are reached through that network's gateway, not
     /// dialled from here.
     Passthrough,
-    /// The gateway (or bridge) speaks for the client: any endpoint will do.
+    /// The gateway speaks for the client: any endpoint will do.
     Terminated,
+    /// A bridge speaks for a local client: every endpoint is a candidate, but those in
+    /// the bridge's own network (dialled directly) are preferred while any of them is
+    /// healthy; endpoints of other networks (reached through their network's gateway)
+    /// take traffic only when none is. The caller leaves out endpoints it cannot reach
+    /// (a network without a gateway) through `exclude`.
+    Bridge,
+}
+
+/// Whether `endpoint` lives in `own_network`. An endpoint without a network is taken to
+/// be in the caller's own; one that names a network is elsewhere unless it names the
+/// caller's.
+pub fn in_network(endpoint: &Endpoint, own_network: &str) -> bool {
+    endpoint.network.is_empty() || endpoint.network == own_network
 }
 
 /// Why an endpoint can never be a passthrough target from a gateway in
@@ -664,6 +677,67 @@ async fn connect_endpoint(
         Err(_) => Err((
             AttemptFailure::Timeout,
             format!("connect timed out after {timeout:?}"),
+        )),
+    }
+}
+
+impl Member {
+    /// Counts one connection to this endpoint as active until the guard drops (for
+    /// least-request balancing and `/clusters`).
+    pub fn activate(&self) -> ActiveGuard {
+        self.state.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(self.state.clone())
+    }
+}
+
+/// Opens a TCP connection to the member's endpoint (resolving a hostname endpoint
+/// through its DNS cache), bounded by `timeout`.
+pub async fn dial_endpoint(
+    member: &Member,
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), (AttemptFailure, String)> {
+    connect_endpoint(member, timeout).await
+}
+
+/// Opens a TCP connection to `host:port` (an IP address or a name resolved now),
+/// bounded by `timeout`: used for a network's gateway, which is not a cluster member.
+pub async fn dial_address(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), (AttemptFailure, String)> {
+    let attempt = async {
+        let addrs: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => tokio::net::lookup_host((host, port))
+                .await
+                .map_err(|e| (AttemptFailure::Resolve, format!("{host}: {e}")))?
+                .collect(),
+        };
+        let mut last = (AttemptFailure::Resolve, format!("{host}: no address"));
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok((stream, addr));
+                }
+                Err(e) => {
+                    let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                        AttemptFailure::Refused
+                    } else {
+                        AttemptFailure::Other
+                    };
+                    last = (kind, format!("{addr}: {e}"));
+                }
+            }
+        }
+        Err(last)
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err((
+            AttemptFailure::Timeout,
+            format!("connect to {host}:{port} timed out after {timeout:?}"),
         )),
     }
 }

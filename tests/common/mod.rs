@@ -1125,3 +1125,501 @@ pub fn replace_file(path: &Path, text: &str) {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+// ---- Bridge helpers: mesh certificates from the CLI, echo workloads on given sockets,
+// ---- bulk verified transfers, and Linux network namespaces.
+
+/// Runs `strait ARGS` and asserts it succeeded.
+pub fn strait_cli(args: &[&str]) {
+    let out = Command::new(strait_bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "strait {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `strait ca init --trust-domain TD --out DIR/ca-TD`; returns the CA directory.
+pub fn mesh_ca(dir: &Path, trust_domain: &str) -> PathBuf {
+    let p = dir.join(format!("ca-{trust_domain}"));
+    strait_cli(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        trust_domain,
+        "--out",
+        p.to_str().unwrap(),
+    ]);
+    p
+}
+
+/// `strait cert issue --ca CA --id ID --out OUT`; returns OUT.
+pub fn mesh_cert(ca: &Path, id: &str, out: &Path) -> PathBuf {
+    strait_cli(&[
+        "cert",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--id",
+        id,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    out.to_path_buf()
+}
+
+/// A plain TCP echo serving on an already bound listener (e.g. one made inside a
+/// network namespace).
+pub fn raw_echo_on(listener: StdListener) -> RawEcho {
+    listener.set_nonblocking(true).unwrap();
+    let listener = TcpListener::from_std(listener).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            count.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    RawEcho {
+        addr,
+        accepted,
+        task,
+    }
+}
+
+/// A stand-in for a sidecar in front of a workload: terminates mTLS itself with an SVID
+/// from `certs` (Istio's file layout), requires a client certificate of the mesh
+/// (`trust_domain`), records each client's SPIFFE ID and echoes the decrypted bytes.
+pub struct MeshedEcho {
+    pub addr: SocketAddr,
+    pub peers: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MeshedEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl MeshedEcho {
+    pub fn start_on(listener: StdListener, certs: &Path, trust_domain: &str) -> MeshedEcho {
+        let id = strait::tls::load_identity(certs).unwrap();
+        let trust = strait::tls::TrustConfig {
+            trust_domain: trust_domain.into(),
+            aliases: Vec::new(),
+            federated: Default::default(),
+        };
+        let config = strait::tls::server_config(&id, &trust, &[b"istio"]).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let seen = peers.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    if let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first())
+                    {
+                        seen.lock().unwrap().push(spiffe_of(cert));
+                    }
+                    let (mut r, mut w) = tokio::io::split(tls);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        MeshedEcho { addr, peers, task }
+    }
+}
+
+/// Sends `len` bytes of pattern through `stream` while reading the echo back
+/// concurrently, checks every byte, then half-closes and expects a clean end with
+/// nothing extra. Returns the bytes verified.
+pub async fn bulk_echo(stream: TcpStream, seed: u64, len: u64) -> Result<u64, String> {
+    let (mut r, mut w) = stream.into_split();
+    let writer = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut off = 0u64;
+        while off < len {
+            let n = buf.len().min((len - off) as usize);
+            fill_pattern(seed, off, &mut buf[..n]);
+            w.write_all(&buf[..n])
+                .await
+                .map_err(|e| format!("write at {off}: {e}"))?;
+            off += n as u64;
+        }
+        w.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+        Ok::<_, String>(w)
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut off = 0u64;
+        loop {
+            let n = r
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("read at {off}: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            for (i, b) in buf[..n].iter().enumerate() {
+                if *b != pattern_byte(seed, off + i as u64) {
+                    return Err(format!("corrupt byte at {}", off + i as u64));
+                }
+            }
+            off += n as u64;
+        }
+        Ok(off)
+    };
+    let (w, got) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(writer, reader)
+    })
+    .await
+    .map_err(|_| "bulk echo timed out".to_string())?;
+    w?;
+    let got = got?;
+    if got != len {
+        return Err(format!("echo ended after {got} of {len} bytes"));
+    }
+    Ok(got)
+}
+
+/// A Linux network namespace made for one test, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl NetNs {
+    /// Creates a namespace with a unique name and its loopback up.
+    pub fn create(tag: &str) -> Result<NetNs, String> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "strait-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name])?;
+        // From here on, drop deletes it even if the next step fails.
+        let ns = NetNs { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Connects two namespaces with a veth pair: `a_cidr` on `a`'s end, `b_cidr` on `b`'s.
+    pub fn link(a: &NetNs, a_cidr: &str, b: &NetNs, b_cidr: &str) -> Result<(), String> {
+        // Interfaces are created inside the namespaces, so their names only need to
+        // be unique there; deleting a namespace deletes its end of the pair.
+        ip(&[
+            "link", "add", "veth-a", "netns", &a.name, "type", "veth", "peer", "name", "veth-b",
+            "netns", &b.name,
+        ])?;
+        for (ns, cidr, dev) in [(a, a_cidr, "veth-a"), (b, b_cidr, "veth-b")] {
+            ip(&["-n", &ns.name, "addr", "add", cidr, "dev", dev])?;
+            ip(&["-n", &ns.name, "link", "set", dev, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it creates live
+    /// there, and keep working from any thread afterwards.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(&path).unwrap();
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on a valid namespace fd affects only this thread.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    /// A listener bound inside this namespace.
+    pub fn listen(&self, addr: &str) -> StdListener {
+        let addr = addr.to_string();
+        self.run(move || StdListener::bind(addr).unwrap())
+    }
+
+    /// A tokio connection made from inside this namespace.
+    pub fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let s =
+            self.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?;
+        s.set_nonblocking(true)?;
+        TcpStream::from_std(s)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+impl Strait {
+    /// Runs `strait run -c <file>` inside network namespace `ns` (`ip netns exec`) and
+    /// waits for readiness, probed from inside the namespace.
+    pub fn start_in(ns: &NetNs, ports: Ports, config: &str) -> Strait {
+        let dir = TempDir::new("gw");
+        let path = dir.write("strait.yaml", config);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, strait_bin(), "run", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        pump_lines(child.stdout.take().unwrap(), stdout.clone());
+        pump_lines(child.stderr.take().unwrap(), stderr.clone());
+        let s = Strait {
+            child,
+            dir,
+            status: SocketAddr::from(([127, 0, 0, 1], ports.status)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], ports.metrics)),
+            admin: SocketAddr::from(([127, 0, 0, 1], ports.admin)),
+            gateway: SocketAddr::from(([127, 0, 0, 1], ports.gateway)),
+            stdout,
+            stderr,
+        };
+        ns.run(|| s.wait_ready(Duration::from_secs(20)));
+        s
+    }
+
+    /// Waits until an access log line satisfies `f`; returns it.
+    pub fn wait_log(
+        &self,
+        within: Duration,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(l) = self.access_log().into_iter().find(|l| f(l)) {
+                return Some(l);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+// ---- A cross-network world: a bridge in network1, a gateway in network2.
+
+pub const GATEWAY_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/eastwest";
+pub const BRIDGE_ID: &str = "spiffe://cluster.local/ns/default/sa/bridge";
+pub const WORKLOAD_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
+
+/// How network2's gateway treats the bridge's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FarEnd {
+    /// The gateway terminates mTLS, authorizes the bridge and forwards plaintext to a
+    /// sidecar-less workload.
+    IstioMutual,
+    /// The gateway passes TLS through to a workload that terminates mTLS itself.
+    AutoPassthrough,
+}
+
+/// A mesh CA (trust domain cluster.local) and SVIDs issued by the CLI.
+pub struct Mesh {
+    pub dir: TempDir,
+    pub ca: PathBuf,
+    pub bridge: PathBuf,
+    pub gateway: PathBuf,
+    pub workload: PathBuf,
+}
+
+impl Mesh {
+    pub fn new() -> Mesh {
+        let dir = TempDir::new("mesh");
+        let ca = mesh_ca(dir.path(), "cluster.local");
+        let bridge = mesh_cert(&ca, BRIDGE_ID, &dir.path().join("bridge"));
+        let gateway = mesh_cert(&ca, GATEWAY_ID, &dir.path().join("gateway"));
+        let workload = mesh_cert(&ca, WORKLOAD_ID, &dir.path().join("workload"));
+        Mesh {
+            dir,
+            ca,
+            bridge,
+            gateway,
+            workload,
+        }
+    }
+
+    /// Another SVID from the mesh CA.
+    pub fn issue(&self, id: &str, name: &str) -> PathBuf {
+        mesh_cert(&self.ca, id, &self.dir.path().join(name))
+    }
+}
+
+/// network2's gateway: a `far` server on `bind:ports.gateway` for the reviews service,
+/// whose one endpoint is `workload`; ISTIO_MUTUAL allows only the bridge's identity.
+pub fn network2_gateway(
+    ports: &Ports,
+    bind: &str,
+    certs: &Path,
+    far: FarEnd,
+    workload: SocketAddr,
+) -> String {
+    let (mode, tls_mode, policy) = match far {
+        FarEnd::IstioMutual => (
+            "ISTIO_MUTUAL",
+            "disabled",
+            format!(
+                "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: bridges-only, namespace: istio-system}}\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source: {{principals: [\"{}\"]}}\n",
+                BRIDGE_ID.trim_start_matches("spiffe://")
+            ),
+        ),
+        FarEnd::AutoPassthrough => ("AUTO_PASSTHROUGH", "istio", String::new()),
+    };
+    format!(
+        r#"{bootstrap}---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: cross-network-gateway, namespace: istio-system}}
+spec:
+  servers:
+  - port: {{number: {port}, name: tls, protocol: TLS}}
+    bind: {bind}
+    tls: {{mode: {mode}}}
+    hosts: ["*.local"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [{REVIEWS}]
+  ports: [{{number: 9080, name: tcp, targetPort: {wport}}}]
+  resolution: STATIC
+  endpoints:
+  - address: {wip}
+    network: network2
+    labels: {{version: v1, security.istio.io/tlsMode: {tls_mode}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: default}}
+spec:
+  host: {REVIEWS}
+  subsets:
+  - name: v1
+    labels: {{version: v1}}
+{policy}"#,
+        bootstrap = ports.bootstrap(&format!(
+            "  cluster: cluster2\n  network: network2\n  trustDomain: cluster.local\n  certificates: {{dir: {}}}\n",
+            certs.display()
+        )),
+        port = ports.gateway,
+        wport = workload.port(),
+        wip = workload.ip(),
+    )
+}
+
+/// network1's bridge on `listen` for reviews v1: one endpoint in network2 (reached via
+/// `gateway`), plus `local` endpoints in network1; `identity` is the far end expected.
+/// `traffic_policy` goes under the DestinationRule's `trafficPolicy` (indented 4).
+pub fn network1_bridge(
+    ports: &Ports,
+    listen: SocketAddr,
+    certs: &Path,
+    gateway: SocketAddr,
+    identity: &str,
+    local: &[SocketAddr],
+    traffic_policy: &str,
+) -> String {
+    let mut endpoints = String::from(
+        "  - address: 10.255.0.7\n    network: network2\n    labels: {version: v1, security.istio.io/tlsMode: istio}\n",
+    );
+    for l in local {
+        endpoints.push_str(&format!(
+            "  - address: {}\n    ports: {{tcp: {}}}\n    network: network1\n    labels: {{version: v1}}\n",
+            l.ip(),
+            l.port()
+        ));
+    }
+    let policy = if traffic_policy.is_empty() {
+        String::new()
+    } else {
+        format!("  trafficPolicy:\n{traffic_policy}")
+    };
+    format!(
+        r#"{bootstrap}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [{REVIEWS}]
+  ports: [{{number: 9080, name: tcp}}]
+  resolution: STATIC
+  endpoints:
+{endpoints}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: default}}
+spec:
+  host: {REVIEWS}
+{policy}  subsets:
+  - name: v1
+    labels: {{version: v1}}
+---
+apiVersion: strait.dev/v1alpha1
+kind: Bridge
+metadata: {{name: reviews}}
+spec:
+  listen: "{listen}"
+  host: {REVIEWS}
+  port: 9080
+  subset: v1
+  identity: {identity}
+"#,
+        bootstrap = ports.bootstrap(&format!(
+            "  cluster: cluster1\n  network: network1\n  trustDomain: cluster.local\n  certificates: {{dir: {}}}\n  meshNetworks:\n    networks:\n      network2:\n        endpoints: [{{fromRegistry: cluster2}}]\n        gateways: [{{address: {}, port: {}}}]\n",
+            certs.display(),
+            gateway.ip(),
+            gateway.port()
+        )),
+    )
+}

@@ -1,0 +1,415 @@
+//! The sidecar-less bridge on loopback: a `Bridge` in network1 carries a local app's
+//! plaintext through network2's gateway (127.0.0.2) to the workload, with mTLS from the
+//! bridge's SVID; both far-end modes, both wrong-identity refusals, and failover
+//! between networks. `tests/netns.rs` runs the same path across real namespaces.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const MIB: u64 = 1024 * 1024;
+const SNI: &str = "outbound_.9080_.v1_.reviews.default.svc.cluster.local";
+
+fn at(ip: &str, port: u16) -> SocketAddr {
+    format!("{ip}:{port}").parse().unwrap()
+}
+
+fn str_of<'a>(line: &'a serde_json::Value, key: &str) -> &'a str {
+    line[key].as_str().unwrap_or("")
+}
+
+/// The far end for `far`: a plaintext echo (ISTIO_MUTUAL) or a workload terminating
+/// mTLS itself (AUTO_PASSTHROUGH), on 127.0.0.3.
+enum Far {
+    Plain(RawEcho),
+    Meshed(MeshedEcho),
+}
+
+impl Far {
+    fn start(far: FarEnd, mesh: &Mesh) -> Far {
+        let l = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
+        match far {
+            FarEnd::IstioMutual => Far::Plain(raw_echo_on(l)),
+            FarEnd::AutoPassthrough => {
+                Far::Meshed(MeshedEcho::start_on(l, &mesh.workload, "cluster.local"))
+            }
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Far::Plain(e) => e.addr,
+            Far::Meshed(e) => e.addr,
+        }
+    }
+}
+
+async fn carries_32_mib_each_way(far: FarEnd) {
+    let mesh = Mesh::new();
+    let workload = Far::start(far, &mesh);
+    let gw_ports = Ports::new();
+    let gateway = Strait::start(
+        gw_ports,
+        &network2_gateway(&gw_ports, "127.0.0.2", &mesh.gateway, far, workload.addr()),
+    );
+    let gw_addr = at("127.0.0.2", gw_ports.gateway);
+    let br_ports = Ports::new();
+    let listen = at("127.0.0.1", br_ports.gateway);
+    let expected = match far {
+        FarEnd::IstioMutual => GATEWAY_ID,
+        FarEnd::AutoPassthrough => WORKLOAD_ID,
+    };
+    let bridge = Strait::start(
+        br_ports,
+        &network1_bridge(&br_ports, listen, &mesh.bridge, gw_addr, expected, &[], ""),
+    );
+
+    let app = TcpStream::connect(listen).await.unwrap();
+    let moved = bulk_echo(app, 7, 32 * MIB).await;
+    assert_eq!(
+        moved,
+        Ok(32 * MIB),
+        "bridge stderr:\n{}\ngateway stderr:\n{}",
+        bridge.stderr_text(),
+        gateway.stderr_text()
+    );
+
+    // The bridge's half: the far end it verified, the gateway it went through, the SNI.
+    let b = bridge
+        .wait_log(Duration::from_secs(5), |l| {
+            str_of(l, "listener") == listen.to_string()
+        })
+        .expect("bridge access log line");
+    assert_eq!(str_of(&b, "response_flag"), "-", "{b}");
+    assert_eq!(str_of(&b, "peer_identity"), expected);
+    assert_eq!(str_of(&b, "upstream"), gw_addr.to_string());
+    assert_eq!(str_of(&b, "upstream_network"), "network2");
+    assert_eq!(str_of(&b, "sni"), SNI);
+    assert_eq!(str_of(&b, "service"), REVIEWS);
+    assert_eq!(str_of(&b, "subset"), "v1");
+    assert_eq!(b["bytes_received"], 32 * MIB);
+    assert_eq!(b["bytes_sent"], 32 * MIB);
+    let labels = [
+        ("destination_service", REVIEWS),
+        ("destination_principal", expected),
+        ("source_cluster", "cluster1"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(
+        bridge.metric("istio_tcp_received_bytes_total", &labels),
+        (32 * MIB) as f64
+    );
+    assert_eq!(
+        bridge.metric("istio_tcp_sent_bytes_total", &labels),
+        (32 * MIB) as f64
+    );
+
+    // The gateway's half: the same SNI, and (where it terminates) the bridge's identity.
+    let g = gateway
+        .wait_log(Duration::from_secs(5), |l| str_of(l, "sni") == SNI)
+        .expect("gateway access log line");
+    assert_eq!(str_of(&g, "response_flag"), "-", "{g}");
+    assert_eq!(str_of(&g, "service"), REVIEWS);
+    assert_eq!(str_of(&g, "upstream"), workload.addr().to_string());
+    match &workload {
+        Far::Plain(_) => {
+            assert_eq!(str_of(&g, "peer_identity"), BRIDGE_ID);
+            let labels = [
+                ("destination_service", REVIEWS),
+                ("source_principal", BRIDGE_ID),
+                ("source_cluster", "cluster2"),
+                ("connection_security_policy", "mutual_tls"),
+            ];
+            assert_eq!(
+                gateway.metric("istio_tcp_sent_bytes_total", &labels),
+                (32 * MIB) as f64
+            );
+        }
+        Far::Meshed(w) => {
+            // The session is end to end: the workload itself saw the bridge's SVID.
+            assert_eq!(*w.peers.lock().unwrap(), vec![BRIDGE_ID.to_string()]);
+            // Ciphertext is a little larger than the plaintext it carries.
+            assert!(g["bytes_received"].as_u64().unwrap() > 32 * MIB, "{g}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_carries_32_mib_each_way_through_an_istio_mutual_gateway() {
+    carries_32_mib_each_way(FarEnd::IstioMutual).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_carries_32_mib_each_way_end_to_end_through_an_auto_passthrough_gateway() {
+    carries_32_mib_each_way(FarEnd::AutoPassthrough).await;
+}
+
+/// Writes a line and reads until close: what the app gets back.
+async fn app_exchange(listen: SocketAddr) -> Vec<u8> {
+    let mut s = TcpStream::connect(listen).await.unwrap();
+    let _ = s.write_all(b"hello\n").await;
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await;
+    back
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_identities_fail_closed_with_a_reason_on_both_sides() {
+    let mesh = Mesh::new();
+    let workload = Far::start(FarEnd::IstioMutual, &mesh);
+
+    // 1. network2's gateway holds an SVID of another trust domain: the bridge refuses it.
+    let evil_ca = mesh_ca(mesh.dir.path(), "evil.local");
+    let evil = mesh_cert(
+        &evil_ca,
+        "spiffe://evil.local/ns/istio-system/sa/eastwest",
+        &mesh.dir.path().join("evil-gw"),
+    );
+    let gw_ports = Ports::new();
+    let gateway = Strait::start(
+        gw_ports,
+        &network2_gateway(
+            &gw_ports,
+            "127.0.0.2",
+            &evil,
+            FarEnd::IstioMutual,
+            workload.addr(),
+        ),
+    );
+    let gw_addr = at("127.0.0.2", gw_ports.gateway);
+    let br_ports = Ports::new();
+    let listen = at("127.0.0.1", br_ports.gateway);
+    let bridge = Strait::start(
+        br_ports,
+        &network1_bridge(
+            &br_ports,
+            listen,
+            &mesh.bridge,
+            gw_addr,
+            GATEWAY_ID,
+            &[],
+            "",
+        ),
+    );
+    assert_eq!(app_exchange(listen).await, b"", "nothing may pass");
+    let b = bridge
+        .wait_log(Duration::from_secs(5), |l| {
+            str_of(l, "response_flag") != "-"
+        })
+        .expect("bridge refusal logged");
+    assert_eq!(str_of(&b, "response_flag"), "UF", "{b}");
+    assert_eq!(str_of(&b, "reason"), "untrusted_trust_domain", "{b}");
+    assert!(
+        str_of(&b, "detail").contains("spiffe://evil.local/ns/istio-system/sa/eastwest"),
+        "{b}"
+    );
+    let g = gateway
+        .wait_log(Duration::from_secs(5), |l| {
+            str_of(l, "response_flag") != "-"
+        })
+        .expect("gateway refusal logged");
+    assert_eq!(str_of(&g, "response_flag"), "UAEX", "{g}");
+    assert!(!str_of(&g, "detail").is_empty(), "{g}");
+    assert_eq!(
+        bridge.metric(
+            "strait_refusals_total",
+            &[
+                ("response_flag", "UF"),
+                ("reason", "untrusted_trust_domain")
+            ]
+        ),
+        1.0
+    );
+    drop((gateway, bridge));
+
+    // 2. A bridge whose identity the gateway's policy does not allow.
+    let gw_ports = Ports::new();
+    let gateway = Strait::start(
+        gw_ports,
+        &network2_gateway(
+            &gw_ports,
+            "127.0.0.2",
+            &mesh.gateway,
+            FarEnd::IstioMutual,
+            workload.addr(),
+        ),
+    );
+    let gw_addr = at("127.0.0.2", gw_ports.gateway);
+    let intruder = mesh.issue("spiffe://cluster.local/ns/default/sa/intruder", "intruder");
+    let br_ports = Ports::new();
+    let listen = at("127.0.0.1", br_ports.gateway);
+    let bridge = Strait::start(
+        br_ports,
+        &network1_bridge(&br_ports, listen, &intruder, gw_addr, GATEWAY_ID, &[], ""),
+    );
+    assert_eq!(app_exchange(listen).await, b"", "nothing may pass");
+    let g = gateway
+        .wait_log(Duration::from_secs(5), |l| {
+            str_of(l, "response_flag") != "-"
+        })
+        .expect("gateway refusal logged");
+    assert_eq!(str_of(&g, "response_flag"), "UAEX", "{g}");
+    assert_eq!(
+        str_of(&g, "peer_identity"),
+        "spiffe://cluster.local/ns/default/sa/intruder"
+    );
+    assert!(str_of(&g, "detail").contains("bridges-only"), "{g}");
+    let b = bridge
+        .wait_log(Duration::from_secs(5), |l| {
+            str_of(l, "listener") == listen.to_string()
+        })
+        .expect("bridge line logged");
+    assert_eq!(str_of(&b, "peer_identity"), GATEWAY_ID, "{b}");
+    assert_eq!(str_of(&b, "reason"), "far_end_closed_without_data", "{b}");
+    assert_eq!(b["bytes_sent"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_prefers_its_own_network_fails_over_to_the_remote_one_and_returns() {
+    let mesh = Mesh::new();
+    let remote = Far::start(FarEnd::IstioMutual, &mesh);
+    let gw_ports = Ports::new();
+    let gateway = Strait::start(
+        gw_ports,
+        &network2_gateway(
+            &gw_ports,
+            "127.0.0.2",
+            &mesh.gateway,
+            FarEnd::IstioMutual,
+            remote.addr(),
+        ),
+    );
+    let gw_addr = at("127.0.0.2", gw_ports.gateway);
+    let local_l = std::net::TcpListener::bind("127.0.0.4:0").unwrap();
+    let local_addr = local_l.local_addr().unwrap();
+    let local = raw_echo_on(local_l);
+    let br_ports = Ports::new();
+    let listen = at("127.0.0.1", br_ports.gateway);
+    let bridge = Strait::start(
+        br_ports,
+        &network1_bridge(
+            &br_ports,
+            listen,
+            &mesh.bridge,
+            gw_addr,
+            GATEWAY_ID,
+            &[local_addr],
+            "    outlierDetection: {consecutiveErrors: 1, interval: 1s, baseEjectionTime: 1s, maxEjectionPercent: 100}\n",
+        ),
+    );
+    let round = || async {
+        let app = TcpStream::connect(listen).await.unwrap();
+        bulk_echo(app, 1, 4096).await
+    };
+    let gateway_lines = || {
+        gateway
+            .access_log()
+            .iter()
+            .filter(|l| str_of(l, "sni") == SNI)
+            .count()
+    };
+
+    // Local endpoint healthy: all traffic stays in network1, dialled directly.
+    for _ in 0..4 {
+        assert_eq!(round().await, Ok(4096));
+    }
+    assert_eq!(local.accepted(), 4);
+    assert_eq!(gateway_lines(), 0);
+
+    // Local endpoint gone: every connection still succeeds, through network2.
+    drop(local);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..4 {
+        assert_eq!(round().await, Ok(4096), "{}", bridge.stderr_text());
+    }
+    assert!(
+        gateway.eventually(Duration::from_secs(5), || gateway_lines() == 4),
+        "gateway saw {} connections",
+        gateway_lines()
+    );
+    let b = bridge
+        .wait_log(Duration::from_secs(5), |l| {
+            str_of(l, "upstream_network") == "network2"
+        })
+        .unwrap();
+    assert_eq!(str_of(&b, "peer_identity"), GATEWAY_ID);
+
+    // Back again: once its ejection ends, traffic returns to network1.
+    let local = raw_echo_on(std::net::TcpListener::bind(local_addr).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while local.accepted() == 0 && std::time::Instant::now() < deadline {
+        assert_eq!(round().await, Ok(4096));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(local.accepted() > 0, "traffic never came back to network1");
+    let via_gateway = gateway_lines();
+    for _ in 0..4 {
+        assert_eq!(round().await, Ok(4096));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        gateway_lines(),
+        via_gateway,
+        "remote used while local healthy"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_the_bridge_listener() {
+    let mesh = Mesh::new();
+    let local_l = std::net::TcpListener::bind("127.0.0.4:0").unwrap();
+    let local_addr = local_l.local_addr().unwrap();
+    let local = raw_echo_on(local_l);
+    let ports = Ports::new();
+    let first = at("127.0.0.1", ports.gateway);
+    let gw = at("127.0.0.2", free_port());
+    let bridge = Strait::start(
+        ports,
+        &network1_bridge(
+            &ports,
+            first,
+            &mesh.bridge,
+            gw,
+            GATEWAY_ID,
+            &[local_addr],
+            "",
+        ),
+    );
+    let app = TcpStream::connect(first).await.unwrap();
+    assert_eq!(bulk_echo(app, 3, 1024).await, Ok(1024));
+
+    let second = at("127.0.0.1", free_port());
+    replace_file(
+        &bridge.config_path(),
+        &network1_bridge(
+            &ports,
+            second,
+            &mesh.bridge,
+            gw,
+            GATEWAY_ID,
+            &[local_addr],
+            "",
+        ),
+    );
+    let mut moved = false;
+    for _ in 0..200 {
+        if TcpStream::connect(second).await.is_ok() && TcpStream::connect(first).await.is_err() {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        moved,
+        "listener did not move; stderr:\n{}",
+        bridge.stderr_text()
+    );
+    let app = TcpStream::connect(second).await.unwrap();
+    assert_eq!(bulk_echo(app, 4, 1024).await, Ok(1024));
+    assert!(local.accepted() >= 2);
+}
