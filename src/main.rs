@@ -207,8 +207,9 @@ fn check(paths: &[PathBuf]) -> ExitCode {
             }
             let n = loaded.snapshot.services.len();
             let l = loaded.snapshot.listeners.len();
+            let b = loaded.snapshot.bridges.len();
             eprintln!(
-                "configuration OK: {l} listener(s), {n} service port(s), {} warning(s)",
+                "configuration OK: {l} gateway listener(s), {b} bridge(s), {n} service port(s), {} warning(s)",
                 loaded.diagnostics.len()
             );
             ExitCode::SUCCESS
