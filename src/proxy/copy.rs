@@ -6,33 +6,21 @@
 //! shuts down the write side of the other socket and the opposite direction keeps
 //! flowing (half-close). Buffers start small, grow while reads fill them, and are
 //! released whenever a socket runs dry, so an idle connection holds no buffer at all.
-//!
-//! Between two TCP sockets, a read that fills a 64 KiB buffer marks a bulk transfer: the
-//! direction then moves bytes socket → pipe → socket with `splice(2)`, never copying them
-//! through user space, until the socket runs dry, when the pipe is closed again (so idle
-//! and chatty connections hold no pipe). Where the kernel cannot splice, the buffered
-//! copy carries on. `benches/README.md` has the measurements behind these choices.
 
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// First read buffer of a burst; small so short exchanges stay cheap.
 const INITIAL_BUFFER: usize = 4 * 1024;
-/// Largest read buffer; reached only by bulk transfers that cannot splice.
+/// Largest read buffer; reached only by bulk transfers.
 const MAX_BUFFER: usize = 256 * 1024;
-/// A read that fills a buffer this big marks a bulk transfer, which then moves through
-/// a pipe with `splice(2)` (no copy through user space) until the socket runs dry.
-const SPLICE_AFTER: usize = 64 * 1024;
-/// Pipe size asked for, and most bytes moved per `splice(2)` call.
-const SPLICE_CHUNK: usize = 256 * 1024;
 
 /// Why the pump stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,7 +215,6 @@ async fn pump_tcp(
 ) -> io::Result<()> {
     let mut size = INITIAL_BUFFER;
     let mut buf: Option<Vec<u8>> = None;
-    let mut splice_ok = true;
     loop {
         from.readable().await?;
         let b = buf.get_or_insert_with(|| Vec::with_capacity(size));
@@ -241,19 +228,9 @@ async fn pump_tcp(
             Ok(n) => {
                 write_all_tcp(to, &b[..n]).await?;
                 account(activity, total, counter, n);
-                if n == b.capacity() {
-                    if size >= SPLICE_AFTER && splice_ok {
-                        // A bulk transfer: move the rest through a pipe, no copies.
-                        buf = None;
-                        match splice_burst(from, to, activity, total, counter).await? {
-                            Burst::Dry => size = INITIAL_BUFFER,
-                            Burst::Eof => return Ok(()),
-                            Burst::Unsupported => splice_ok = false,
-                        }
-                    } else if size < MAX_BUFFER {
-                        size = (size * 4).min(MAX_BUFFER);
-                        buf = None;
-                    }
+                if n == b.capacity() && size < MAX_BUFFER {
+                    size = (size * 4).min(MAX_BUFFER);
+                    buf = None;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -266,122 +243,6 @@ async fn pump_tcp(
                 return Err(e);
             }
         }
-    }
-}
-
-/// How a run of `splice(2)` calls ended.
-enum Burst {
-    /// The source socket ran dry; the pipe is closed again.
-    Dry,
-    /// End of stream, already passed on as a FIN.
-    Eof,
-    /// The kernel cannot splice these sockets; nothing was moved.
-    Unsupported,
-}
-
-/// Moves bytes `from` → pipe → `to` with `splice(2)` until `from` runs dry or ends.
-/// Every byte that leaves the pipe is counted; the pipe is always empty on return
-/// (other than on error, when the connection is over anyway).
-async fn splice_burst(
-    from: &TcpStream,
-    to: &TcpStream,
-    activity: &Activity,
-    total: &AtomicU64,
-    counter: Option<&IntCounter>,
-) -> io::Result<Burst> {
-    let Ok(pipe) = Pipe::new() else {
-        // Out of descriptors: stay on the buffered copy rather than fail the connection.
-        return Ok(Burst::Unsupported);
-    };
-    let mut first = true;
-    loop {
-        from.readable().await?;
-        let moved = from.try_io(Interest::READABLE, || {
-            splice(from.as_raw_fd(), pipe.write.as_raw_fd(), SPLICE_CHUNK)
-        });
-        let mut in_pipe = match moved {
-            Ok(0) => {
-                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
-                return Ok(Burst::Eof);
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Dry),
-            Err(e) if first && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
-                return Ok(Burst::Unsupported);
-            }
-            Err(e) => {
-                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
-                return Err(e);
-            }
-        };
-        first = false;
-        while in_pipe > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(pipe.read.as_raw_fd(), to.as_raw_fd(), in_pipe)
-            }) {
-                Ok(n) => {
-                    in_pipe -= n;
-                    account(activity, total, counter, n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-/// A non-blocking pipe, the kernel-side buffer of a splice.
-struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
-}
-
-impl Pipe {
-    fn new() -> io::Result<Pipe> {
-        let mut fds = [0 as libc::c_int; 2];
-        // SAFETY: `fds` is a valid array of two ints for pipe2 to fill; on success both are
-        // fresh descriptors that nothing else owns, so wrapping them in OwnedFd (which
-        // closes them exactly once, on drop) is sound.
-        let (read, write) = unsafe {
-            if libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
-        };
-        // A bigger pipe means fewer system calls per byte; the kernel may refuse (per-user
-        // pipe page limits), and the default 64 KiB still works.
-        // SAFETY: F_SETPIPE_SZ takes an int argument and touches no memory of ours.
-        unsafe {
-            libc::fcntl(
-                write.as_raw_fd(),
-                libc::F_SETPIPE_SZ,
-                SPLICE_CHUNK as libc::c_int,
-            );
-        }
-        Ok(Pipe { read, write })
-    }
-}
-
-/// One non-blocking `splice(2)` between two descriptors, at most `len` bytes.
-fn splice(fd_in: RawFd, fd_out: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: both descriptors are open for the whole call (borrowed from a live TcpStream
-    // or the Pipe, which outlive it); the offsets must be null for pipes and sockets; the
-    // kernel reads and writes no memory of ours.
-    let n = unsafe {
-        libc::splice(
-            fd_in,
-            std::ptr::null_mut(),
-            fd_out,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
     }
 }
 
@@ -435,7 +296,6 @@ fn account(activity: &Activity, total: &AtomicU64, counter: Option<&IntCounter>,
     }
     activity.touch();
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,7 +312,7 @@ mod tests {
         (i * 7 + i / 251) as u8
     }
 
-    /// A bulk upload (long enough to take the splice path) arrives intact and counted to
+    /// A bulk upload arrives intact and counted to
     /// the byte, the FIN is passed on, and the reply still flows the other way after it.
     #[tokio::test]
     async fn bulk_then_reply_after_half_close() {
