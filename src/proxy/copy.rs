@@ -296,3 +296,65 @@ fn account(activity: &Activity, total: &AtomicU64, counter: Option<&IntCounter>,
     }
     activity.touch();
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    fn pattern(i: usize) -> u8 {
+        (i * 7 + i / 251) as u8
+    }
+
+    /// A bulk upload arrives intact and counted to
+    /// the byte, the FIN is passed on, and the reply still flows the other way after it.
+    #[tokio::test]
+    async fn bulk_then_reply_after_half_close() {
+        const LEN: usize = 8 * 1024 * 1024 + 123;
+        let (mut client, down) = pair().await;
+        let (up, mut server) = pair().await;
+        let pump = tokio::spawn(async move {
+            copy_tcp(
+                &down,
+                &up,
+                CopyLimits {
+                    idle_timeout: Duration::from_secs(30),
+                    max_duration: None,
+                },
+                ByteCounters {
+                    to_upstream: None,
+                    to_downstream: None,
+                },
+                std::future::pending(),
+            )
+            .await
+        });
+        let writer = tokio::spawn(async move {
+            let data: Vec<u8> = (0..LEN).map(pattern).collect();
+            for chunk in data.chunks(300 * 1024) {
+                client.write_all(chunk).await.unwrap();
+            }
+            client.shutdown().await.unwrap();
+            let mut reply = Vec::new();
+            client.read_to_end(&mut reply).await.unwrap();
+            reply
+        });
+        let mut got = Vec::with_capacity(LEN);
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), LEN);
+        assert!(got.iter().enumerate().all(|(i, &b)| b == pattern(i)));
+        server.write_all(b"done").await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"done");
+        let outcome = pump.await.unwrap();
+        assert_eq!(outcome.to_upstream, LEN as u64);
+        assert_eq!(outcome.to_downstream, 4);
+        assert_eq!(outcome.end, CopyEnd::Closed);
+    }
+}

@@ -85,7 +85,12 @@ pub(super) async fn handle(
     if mode == ServerTlsMode::IstioMutual {
         let service = route.service.clone();
         let subset = route.subset.map(str::to_string);
-        return super::mutual::serve(&shared, &runtime, service, subset, stream, buf, result).await;
+        // Boxed: the TLS-terminating path is far larger than passthrough, and an unboxed
+        // await would size every passthrough connection's task for it.
+        return Box::pin(super::mutual::serve(
+            &shared, &runtime, service, subset, stream, buf, result,
+        ))
+        .await;
     }
 
     result.service = Some(route.service.host.clone());
