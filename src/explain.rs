@@ -53,6 +53,14 @@ pub fn explain(snapshot: &Snapshot, sni: &str, alpn: &[String]) -> Explanation {
         let m = match r {
             Ok(m) => m,
             Err(miss) => {
+                // The data path does not list a host's ports (that scan is linear).
+                let miss = match miss {
+                    route::RouteMiss::UnknownService { host, port, .. } => {
+                        let known = route::declared_ports(&snapshot.services, &host);
+                        route::RouteMiss::UnknownService { host, port, known }
+                    }
+                    other => other,
+                };
                 let _ = writeln!(
                     out,
                     "result     does not route (NR {}): {miss}",

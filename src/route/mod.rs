@@ -89,28 +89,12 @@ pub fn resolve<'s>(
         port: key.port,
     };
     let Some(service) = services.get(&lookup) else {
-        let mut ports: Vec<u16> = services
-            .values()
-            .filter(|s| s.host == lookup.host)
-            .map(|s| s.port)
-            .collect();
-        ports.sort_unstable();
-        let known = if ports.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " (declared ports of that host: {})",
-                ports
-                    .iter()
-                    .map(u16::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
+        // Listing the host's declared ports would scan every service: a client sending
+        // unknown names must not cost O(services). `strait route` adds them offline.
         return Err(RouteMiss::UnknownService {
             host: lookup.host,
             port: lookup.port,
-            known,
+            known: String::new(),
         });
     };
     let subset = match key.subset {
@@ -136,6 +120,22 @@ pub fn resolve<'s>(
         service,
         subset,
     })
+}
+
+/// The ports declared for `host`, for explaining an `UnknownService` miss offline
+/// (linear in the number of services, so never on the data path).
+pub fn declared_ports(services: &HashMap<ServiceKey, Arc<ServicePort>>, host: &str) -> String {
+    let mut ports: Vec<u16> = services
+        .values()
+        .filter(|s| s.host == host)
+        .map(|s| s.port)
+        .collect();
+    if ports.is_empty() {
+        return String::new();
+    }
+    ports.sort_unstable();
+    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!(" (declared ports of that host: {})", list.join(", "))
 }
 
 /// Checks the ClientHello's ALPN against `passthroughAlpn` (empty allows any).
