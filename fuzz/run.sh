@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for a bounded time (FUZZ_SECONDS each, default 20) on the stable
+# Runs every fuzz target for a bounded time (FUZZ_SECONDS each, default 15) on the stable
 # toolchain; exits non-zero on the first crash, leak, timeout or build failure.
 # The default build (unoptimised, debug assertions and overflow checks on, no sanitizer: the
 # targets are safe Rust) compiles in about a third of the CPU time of an optimised ASan
@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-seconds=${FUZZ_SECONDS:-20}
+seconds=${FUZZ_SECONDS:-15}
 read -r -a build <<<"${FUZZ_BUILD:---dev -s none}"
 # cargo-fuzz needs nightly-only flags (sanitizers); RUSTC_BOOTSTRAP lets stable accept them.
 export RUSTC_BOOTSTRAP=1
