@@ -82,6 +82,7 @@ pub(crate) fn read_document(sink: &mut Sink, node: &Node, out: &mut Parsed) {
     if matches!(node.value, Value::Null | Value::Bad) {
         return;
     }
+    fields::record_kind("*");
     let Some(mut doc) = Fields::of(sink, node, Path::root("document")) else {
         return;
     };
@@ -107,6 +108,7 @@ pub(crate) fn read_document(sink: &mut Sink, node: &Node, out: &mut Parsed) {
         );
         return;
     };
+    fields::record_kind(&kind_name);
     if kind == Kind::List {
         if let Some(items) = doc.get("items") {
             for item in fields::seq(sink, items, &Path::root("items")) {

@@ -1,6 +1,7 @@
 //! Typed reading of YAML nodes: each read either yields a value or records a diagnostic at the
 //! node's position, naming the field path (`spec.servers[0].port.number`).
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -98,6 +99,7 @@ impl<'n, 'p> Fields<'n, 'p> {
 
     /// The key and value of `key`, unless absent or `null`. Marks it read.
     pub fn get_entry(&mut self, key: &str) -> Option<(&'n Key, &'n Node)> {
+        record(&self.path, key, FieldUse::Read);
         let i = self.entries.iter().position(|(k, _)| k.name == key)?;
         self.used[i] = true;
         let (k, v) = &self.entries[i];
@@ -106,6 +108,9 @@ impl<'n, 'p> Fields<'n, 'p> {
 
     /// Accepts these fields without using them and without comment.
     pub fn accept(&mut self, keys: &[&str]) {
+        for key in keys {
+            record(&self.path, key, FieldUse::Accepted);
+        }
         for (i, (k, _)) in self.entries.iter().enumerate() {
             if keys.contains(&k.name.as_str()) {
                 self.used[i] = true;
@@ -115,6 +120,9 @@ impl<'n, 'p> Fields<'n, 'p> {
 
     /// Warns about these (valid Istio) fields, which strait does not act on.
     pub fn not_used(&mut self, sink: &mut Sink, keys: &[&str]) {
+        for key in keys {
+            record(&self.path, key, FieldUse::Accepted);
+        }
         for (i, (k, v)) in self.entries.iter().enumerate() {
             if keys.contains(&k.name.as_str()) && !self.used[i] {
                 self.used[i] = true;
@@ -147,6 +155,84 @@ impl<'n, 'p> Fields<'n, 'p> {
     pub fn entries(&self) -> &'n [(Key, Node)] {
         self.entries
     }
+}
+
+/// What the loader does with a field it knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FieldUse {
+    /// Read and acted on.
+    Read,
+    /// Valid, but not acted on (silently, or with a warning that it is ignored).
+    Accepted,
+}
+
+/// The fields seen during one recorded load: (kind, field path) → use.
+pub(crate) type Seen = BTreeMap<(String, String), FieldUse>;
+
+struct Recorder {
+    kind: String,
+    seen: Seen,
+}
+
+thread_local! {
+    /// Set only while [`record_fields`] runs, so ordinary loads pay one check per field read.
+    static RECORDER: RefCell<Option<Recorder>> = const { RefCell::new(None) };
+}
+
+/// Runs `load` while recording every field name the readers ask for.
+pub(crate) fn record_fields(load: impl FnOnce()) -> Seen {
+    RECORDER.with(|r| {
+        *r.borrow_mut() = Some(Recorder {
+            kind: "*".into(),
+            seen: Seen::new(),
+        })
+    });
+    load();
+    RECORDER.with(|r| r.borrow_mut().take().map(|r| r.seen).unwrap_or_default())
+}
+
+/// Names the kind whose `spec` the following reads belong to.
+pub(crate) fn record_kind(kind: &str) {
+    RECORDER.with(|r| {
+        if let Some(r) = r.borrow_mut().as_mut() {
+            r.kind = kind.to_string();
+        }
+    });
+}
+
+fn record(path: &Path<'_>, key: &str, how: FieldUse) {
+    RECORDER.with(|r| {
+        let mut r = r.borrow_mut();
+        let Some(r) = r.as_mut() else { return };
+        // List positions do not name a field: `servers[2].port` is `servers[].port`.
+        let mut field = String::new();
+        let full = path.key(key).to_string();
+        let mut chars = full.chars();
+        while let Some(c) = chars.next() {
+            field.push(c);
+            if c == '[' {
+                for d in chars.by_ref() {
+                    if d == ']' {
+                        field.push(']');
+                        break;
+                    }
+                }
+            }
+        }
+        // The envelope (`apiVersion`, `metadata.name`, …) is the same for every kind.
+        let kind = if field.starts_with("spec.") {
+            r.kind.clone()
+        } else {
+            "*".to_string()
+        };
+        let field = field
+            .strip_prefix("document.")
+            .map(str::to_string)
+            .unwrap_or(field);
+        let entry = r.seen.entry((kind, field)).or_insert(how);
+        // A field read anywhere is read, even if another reader only accepts it.
+        *entry = (*entry).min(how);
+    });
 }
 
 /// Items of a sequence; `null` reads as empty. Anything else is an error.
@@ -409,6 +495,49 @@ mod tests {
                 "f.yaml:3:1: warning: unknown field spec.foo; ignored"
             ]
         );
+    }
+
+    #[test]
+    fn recorded_fields_drop_list_positions_and_name_their_kind() {
+        let n = doc("servers: [{port: {number: 1}, foo: 2}]\n");
+        let seen = record_fields(|| {
+            let mut sink = Sink::default();
+            record_kind("Gateway");
+            let root = Path::root("spec");
+            let mut f = Fields::of(&mut sink, &n, root).unwrap();
+            let servers = f.get("servers").unwrap();
+            let sp = root.key("servers");
+            let item = &seq(&mut sink, servers, &sp)[0];
+            let ip = sp.index(0);
+            let mut sf = Fields::of(&mut sink, item, ip).unwrap();
+            sf.get("port");
+            sf.get("absent");
+            sf.not_used(&mut sink, &["defaultEndpoint"]);
+            sf.accept(&["port"]);
+            let meta = Path::root("document");
+            let mut mf = Fields::of(&mut sink, &n, meta).unwrap();
+            mf.get("apiVersion");
+        });
+        let got: Vec<(&str, &str, FieldUse)> = seen
+            .iter()
+            .map(|((k, p), u)| (k.as_str(), p.as_str(), *u))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("*", "apiVersion", FieldUse::Read),
+                ("Gateway", "spec.servers", FieldUse::Read),
+                ("Gateway", "spec.servers[].absent", FieldUse::Read),
+                (
+                    "Gateway",
+                    "spec.servers[].defaultEndpoint",
+                    FieldUse::Accepted
+                ),
+                ("Gateway", "spec.servers[].port", FieldUse::Read),
+            ]
+        );
+        // Outside a recording nothing is kept.
+        assert!(record_fields(|| {}).is_empty());
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 pub use diagnostics::{Diagnostic, Severity};
 pub use duration::{DurationError, parse_duration};
+pub use fields::FieldUse;
 
 use crate::model::Snapshot;
 use diagnostics::Sink;
@@ -129,6 +130,18 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Loaded, ConfigError> {
 pub fn load_str(name: &str, yaml: &str) -> Result<Loaded, ConfigError> {
     let files = vec![PathBuf::from(name)];
     load_sources(Sink::default(), files.clone(), files, &[yaml])
+}
+
+/// The fields the loader knows, as seen while loading `yaml`: each (kind, field path) with
+/// what strait does with it. Paths are written as in diagnostics with list positions left
+/// out (`spec.servers[].tls.mode`); the envelope (`apiVersion`, `metadata.name`) is under
+/// kind `*`. A field is seen when the mapping that holds it is present in `yaml`, whether or
+/// not the field itself is written, so one document with every mapping present lists every
+/// field of its kind. This is what `docs/fields.md` is checked against.
+pub fn fields_seen(yaml: &str) -> std::collections::BTreeMap<(String, String), FieldUse> {
+    fields::record_fields(|| {
+        let _ = load_str("fields.yaml", yaml);
+    })
 }
 
 fn load_sources(

@@ -206,7 +206,13 @@ fn network_gateways(sink: &mut Sink, node: &Node, path: &Path<'_>) -> Vec<Networ
                 Some(n) => fields::port(sink, n, &ip.key("port")),
                 None => Some(15443),
             };
-            if let Some((k, _)) = gf.get_entry("registryServiceName") {
+            // Looked at only to explain why the gateway is skipped: not a field strait uses.
+            gf.accept(&["registryServiceName"]);
+            let registry = gf
+                .entries()
+                .iter()
+                .find(|(k, v)| k.name == "registryServiceName" && !v.is_null());
+            if let Some((k, _)) = registry {
                 sink.warn(
                     k.loc,
                     format!("{ip}.registryServiceName needs a service registry, which strait does not have; write the gateway's address instead; gateway skipped"),
