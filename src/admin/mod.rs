@@ -50,12 +50,20 @@ pub fn start(shared: Arc<Shared>, addrs: &[(Role, SocketAddr)]) -> std::io::Resu
             std::io::Error::new(
                 e.kind(),
                 format!(
-                    "cannot listen on {addr} for {}: {e}",
+                    "cannot listen on {addr} for {}: {}",
                     roles
                         .iter()
                         .map(|r| format!("{r:?}").to_lowercase())
                         .collect::<Vec<_>>()
-                        .join("/")
+                        .join("/"),
+                    match e.kind() {
+                        std::io::ErrorKind::AddrInUse =>
+                            "address already in use by another program".to_string(),
+                        std::io::ErrorKind::PermissionDenied =>
+                            "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)"
+                                .to_string(),
+                        _ => e.to_string(),
+                    }
                 ),
             )
         })?;
