@@ -351,7 +351,8 @@ async fn an_endpoint_that_accepts_then_resets_is_a_failure_and_is_ejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_attempts_are_bounded_and_go_to_distinct_endpoints() {
     let ca = TestCa::new();
-    let dead: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    let reserved: Vec<_> = (0..5).map(|_| dead_port()).collect();
+    let dead: Vec<u16> = reserved.iter().map(|(p, _)| *p).collect();
     let endpoints: Vec<String> = dead.iter().map(|&p| ep("127.0.0.1", p, "")).collect();
     let gw = gateway(
         Ports::new(),

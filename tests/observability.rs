@@ -30,16 +30,20 @@ struct Mesh {
     v2: Workload,
     ratings: Workload,
     dead_port: u16,
+    /// Keeps `dead_port` reserved (bound, not listening) for the test's life.
+    _dead: socket2::Socket,
 }
 
 impl Mesh {
     async fn start() -> Mesh {
         let ca = TestCa::new();
+        let (dead_port, dead) = dead_port();
         Mesh {
             v1: Workload::start(&ca, SPIFFE_V1).await,
             v2: Workload::start(&ca, SPIFFE_V2).await,
             ratings: Workload::start(&ca, SPIFFE_RATINGS).await,
-            dead_port: free_port(),
+            dead_port,
+            _dead: dead,
             ca,
         }
     }

@@ -542,7 +542,7 @@ async fn garbage_and_silent_clients_are_closed_while_others_are_served() {
 async fn a_dead_endpoint_costs_no_connection() {
     let mesh = Mesh::start().await;
     let ports = Ports::new();
-    let dead = free_port(); // nothing listens here
+    let (dead, _reserved) = dead_port(); // refuses connections
     let gw = Strait::start(ports, &mesh.config(&ports, "", &["*.local"], Some(dead)));
     for i in 0..24 {
         let (mut tls, seen) =

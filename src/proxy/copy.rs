@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -99,7 +100,9 @@ pub async fn copy_tcp(
     shutdown: impl Future<Output = ()>,
 ) -> CopyOutcome {
     let activity = Activity::new();
-    let pumps = async {
+    // Pinned in place: the pumps are the bulk of a connection's task, and moving them
+    // into `supervise` would store them twice.
+    let pumps = std::pin::pin!(async {
         let (a, b) = tokio::join!(
             pump_tcp(
                 downstream,
@@ -121,7 +124,7 @@ pub async fn copy_tcp(
         } else {
             CopyEnd::Closed
         }
-    };
+    });
     let end = supervise(pumps, &activity, limits, shutdown).await;
     CopyOutcome {
         to_upstream: activity.to_upstream.load(Ordering::Relaxed),
@@ -146,7 +149,9 @@ where
     let activity = Activity::new();
     let (mut dr, mut dw) = tokio::io::split(downstream);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    let pumps = async {
+    // Pinned in place: the pumps are the bulk of a connection's task, and moving them
+    // into `supervise` would store them twice.
+    let pumps = std::pin::pin!(async {
         let (a, b) = tokio::join!(
             pump_stream(
                 &mut dr,
@@ -168,7 +173,7 @@ where
         } else {
             CopyEnd::Closed
         }
-    };
+    });
     let end = supervise(pumps, &activity, limits, shutdown).await;
     CopyOutcome {
         to_upstream: activity.to_upstream.load(Ordering::Relaxed),
@@ -177,32 +182,39 @@ where
     }
 }
 
+/// Runs the pumps until they finish, the connection idles out or reaches its maximum
+/// duration, or the drain closes it. One timer serves both limits, re-armed for the
+/// nearer deadline, to keep the per-connection task small.
 async fn supervise(
-    pumps: impl Future<Output = CopyEnd>,
+    mut pumps: Pin<&mut impl Future<Output = CopyEnd>>,
     activity: &Activity,
     limits: CopyLimits,
     shutdown: impl Future<Output = ()>,
 ) -> CopyEnd {
-    let idle = async {
-        loop {
-            let idle_for = activity.idle_for();
-            if idle_for >= limits.idle_timeout {
-                return;
+    let shutdown = std::pin::pin!(shutdown);
+    let mut shutdown = shutdown;
+    let hard_deadline = limits.max_duration.map(|d| tokio::time::Instant::now() + d);
+    let first = tokio::time::Instant::now() + limits.idle_timeout;
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(
+        hard_deadline.map_or(first, |h| h.min(first))
+    ));
+    loop {
+        tokio::select! {
+            end = &mut pumps => return end,
+            () = &mut shutdown => return CopyEnd::Drained,
+            () = &mut timer => {
+                let now = tokio::time::Instant::now();
+                if hard_deadline.is_some_and(|h| now >= h) {
+                    return CopyEnd::DurationTimeout;
+                }
+                let idle_for = activity.idle_for();
+                if idle_for >= limits.idle_timeout {
+                    return CopyEnd::IdleTimeout;
+                }
+                let next_idle = now + (limits.idle_timeout - idle_for);
+                timer.as_mut().reset(hard_deadline.map_or(next_idle, |h| h.min(next_idle)));
             }
-            tokio::time::sleep(limits.idle_timeout - idle_for).await;
         }
-    };
-    let max_duration = async {
-        match limits.max_duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        end = pumps => end,
-        () = idle => CopyEnd::IdleTimeout,
-        () = max_duration => CopyEnd::DurationTimeout,
-        () = shutdown => CopyEnd::Drained,
     }
 }
 

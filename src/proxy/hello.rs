@@ -64,8 +64,8 @@ pub async fn read_client_hello(
         loop {
             stream.readable().await?;
             if buf.capacity() == buf.len() {
-                let grow = if buf.is_empty() { 2048 } else { buf.len() };
-                buf.reserve(grow.min(MAX_CLIENT_HELLO_BYTES + 5 - buf.len()).max(1));
+                let grow = next_read_size(buf);
+                buf.reserve_exact(grow.min(MAX_CLIENT_HELLO_BYTES + 5 - buf.len()).max(1));
             }
             match stream.try_read_buf(buf) {
                 Ok(0) => return Err(HelloError::Closed(buf.len())),
@@ -95,6 +95,22 @@ pub async fn read_client_hello(
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
         Err(_) => Err(HelloError::Timeout(timeout)),
+    }
+}
+
+/// How much more to read: a small first read, then exactly the rest of the record the
+/// header announces (plus the next header, for a ClientHello spread over records), so a
+/// client stuck mid-ClientHello holds no more memory than it has sent.
+fn next_read_size(buf: &[u8]) -> usize {
+    const FIRST_READ: usize = 512;
+    if buf.len() < 5 {
+        return FIRST_READ - buf.len();
+    }
+    let record = 5 + u16::from_be_bytes([buf[3], buf[4]]) as usize;
+    if record > buf.len() {
+        record - buf.len() + 5
+    } else {
+        buf.len()
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::copy::{ByteCounters, CopyEnd, CopyLimits, CopyOutcome, copy_tcp};
-use super::hello::{Alert, HelloError, read_client_hello, refuse_with_alert};
+use super::hello::{Alert, HelloError, Offer, read_client_hello, refuse_with_alert};
 use super::{Shared, closing};
 use crate::model::{ServerTlsMode, Settings};
 use crate::route::{self, RouteMiss};
@@ -52,6 +52,20 @@ pub(super) async fn handle(
             return;
         }
     };
+    // Everything after the ClientHello is boxed: a connection still sending its
+    // ClientHello holds only this small future, not the routing and copy state.
+    Box::pin(forward(shared, listener, stream, buf, offer, result)).await;
+}
+
+/// Routes a connection whose ClientHello has arrived, connects, and splices bytes.
+async fn forward(
+    shared: Arc<Shared>,
+    listener: SocketAddr,
+    mut stream: TcpStream,
+    buf: Vec<u8>,
+    offer: Offer,
+    mut result: ConnectionResult,
+) {
     let metrics = &shared.telemetry.metrics;
     metrics.client_hello_bytes.observe(offer.hello_bytes as f64);
     metrics
@@ -104,14 +118,16 @@ pub(super) async fn handle(
         refuse_with_alert(&mut stream, Some(Alert::HandshakeFailure)).await;
         return;
     };
-    let labels = IstioLabels::for_route(
-        &shared.telemetry.identity,
-        route.service,
-        route.subset,
-        None,
-        false,
-    );
-    let counters = result.open_route(labels);
+    let route_metrics = cluster.passthrough_metrics.get_or_init(|| {
+        shared.telemetry.metrics.route(IstioLabels::for_route(
+            &shared.telemetry.identity,
+            route.service,
+            route.subset,
+            None,
+            false,
+        ))
+    });
+    let counters = result.open_shared_route(route_metrics.clone());
     counters.received.inc_by(buf.len() as u64);
 
     let upstream = match open_upstream(

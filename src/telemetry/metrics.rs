@@ -535,21 +535,60 @@ pub struct RouteCounters {
     pub received: IntCounter,
 }
 
+/// The Istio series of one route, looked up once: a connection then only does atomic
+/// adds. Shared by every connection of a cluster (see `upstream::Cluster`), so a
+/// connection holds one `Arc`, not its own copy of the 23 label values.
+pub struct RouteMetrics {
+    labels: IstioLabels,
+    opened: IntCounter,
+    /// `istio_tcp_connections_closed_total` with `response_flags="-"`, the usual end.
+    closed_ok: IntCounter,
+    pub counters: RouteCounters,
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics").finish_non_exhaustive()
+    }
+}
+
+impl RouteMetrics {
+    pub fn labels(&self) -> &IstioLabels {
+        &self.labels
+    }
+}
+
 impl Metrics {
-    /// Counts a connection opened towards a service and returns its byte counters.
-    pub fn open_route(&self, labels: &IstioLabels) -> RouteCounters {
+    /// Looks up every series of a route once.
+    pub fn route(&self, labels: IstioLabels) -> std::sync::Arc<RouteMetrics> {
         let v = labels.with_flag("-");
-        self.tcp_opened.with_label_values(&v).inc();
-        RouteCounters {
+        let opened = self.tcp_opened.with_label_values(&v);
+        let closed_ok = self.tcp_closed.with_label_values(&v);
+        let counters = RouteCounters {
             sent: self.tcp_sent.with_label_values(&v),
             received: self.tcp_received.with_label_values(&v),
-        }
+        };
+        std::sync::Arc::new(RouteMetrics {
+            labels,
+            opened,
+            closed_ok,
+            counters,
+        })
     }
 
-    pub fn close_route(&self, labels: &IstioLabels, flag: &str) {
-        self.tcp_closed
-            .with_label_values(&labels.with_flag(flag))
-            .inc();
+    /// Counts a connection opened towards a route.
+    pub fn open_route(&self, route: &RouteMetrics) {
+        route.opened.inc();
+    }
+
+    pub fn close_route(&self, route: &RouteMetrics, flag: &str) {
+        if flag == "-" {
+            route.closed_ok.inc();
+        } else {
+            self.tcp_closed
+                .with_label_values(&route.labels.with_flag(flag))
+                .inc();
+        }
     }
 }
 

@@ -6,7 +6,9 @@ pub mod metrics;
 mod result;
 
 pub use access_log::AccessLog;
-pub use metrics::{EndpointSample, GatewayIdentity, IstioLabels, Metrics, RouteCounters};
+pub use metrics::{
+    EndpointSample, GatewayIdentity, IstioLabels, Metrics, RouteCounters, RouteMetrics,
+};
 pub use result::{ConnectionResult, ResponseFlag};
 
 use std::sync::Arc;

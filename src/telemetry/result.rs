@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use super::{IstioLabels, RouteCounters, Telemetry};
+use super::{IstioLabels, RouteCounters, RouteMetrics, Telemetry};
 
 /// Envoy-style response flags, as operators read them in access logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,7 @@ pub struct ConnectionResult {
     pub reason: &'static str,
     /// Free text for the access log only (e.g. the connect error).
     pub detail: Option<String>,
-    route: Option<(IstioLabels, RouteCounters)>,
+    route: Option<Arc<RouteMetrics>>,
 }
 
 impl ConnectionResult {
@@ -146,8 +146,16 @@ impl ConnectionResult {
     /// Marks the connection as routed to a service: counts `istio_tcp_connections_opened_total`
     /// and returns the byte counters the copy loop adds to as data flows.
     pub fn open_route(&mut self, labels: IstioLabels) -> RouteCounters {
-        let counters = self.telemetry.metrics.open_route(&labels);
-        self.route = Some((labels, counters.clone()));
+        let route = self.telemetry.metrics.route(labels);
+        self.open_shared_route(route)
+    }
+
+    /// Like [`ConnectionResult::open_route`], with series already looked up (shared by
+    /// every connection of a cluster).
+    pub fn open_shared_route(&mut self, route: Arc<RouteMetrics>) -> RouteCounters {
+        self.telemetry.metrics.open_route(&route);
+        let counters = route.counters.clone();
+        self.route = Some(route);
         counters
     }
 
@@ -189,8 +197,8 @@ impl Drop for ConnectionResult {
                 .with_label_values(&[self.flag.as_str(), self.reason])
                 .inc();
         }
-        if let Some((labels, _)) = &self.route {
-            m.close_route(labels, self.flag.as_str());
+        if let Some(route) = &self.route {
+            m.close_route(route, self.flag.as_str());
         }
         if self.telemetry.access_log.enabled() {
             self.telemetry.access_log.write(self.access_log_line());

@@ -184,6 +184,8 @@ pub struct Cluster {
     /// Locality plan for the first gateway locality seen (the snapshot's own).
     plan: OnceLock<(Locality, locality::Plan)>,
     active: AtomicU32,
+    /// The route's metric series for passthrough connections, looked up on first use.
+    pub passthrough_metrics: OnceLock<Arc<crate::telemetry::RouteMetrics>>,
 }
 
 /// Which endpoints may be picked.
@@ -271,6 +273,7 @@ impl Cluster {
             members,
             plan: OnceLock::new(),
             active: AtomicU32::new(0),
+            passthrough_metrics: OnceLock::new(),
         })
     }
 

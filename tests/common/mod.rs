@@ -1623,3 +1623,13 @@ spec:
         )),
     )
 }
+
+/// A port that refuses connections and stays reserved while the returned socket lives
+/// (bound, never listening), so no parallel test can start a server on it.
+pub fn dead_port() -> (u16, socket2::Socket) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = s.local_addr().unwrap().as_socket().unwrap().port();
+    (port, s)
+}
