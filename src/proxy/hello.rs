@@ -139,7 +139,7 @@ pub async fn close_gracefully(stream: &mut TcpStream) {
     use tokio::io::AsyncReadExt;
     let _ = stream.shutdown().await;
     let drain = async {
-        let mut scratch = [0u8; 1024];
+        let mut scratch = [0u8; 256];
         let mut total = 0usize;
         while total < 64 * 1024 {
             match stream.read(&mut scratch).await {

@@ -133,7 +133,8 @@ fn serve(shared: &Arc<Shared>, addr: SocketAddr, stream: TcpStream, peer: Socket
     let shared = shared.clone();
     tokio::spawn(async move {
         if is_bridge {
-            bridge::handle(shared, addr, stream, peer).await;
+            // Boxed so a gateway connection's task is not sized for the bridge's.
+            Box::pin(bridge::handle(shared, addr, stream, peer)).await;
         } else {
             passthrough::handle(shared, addr, stream, peer).await;
         }

@@ -47,7 +47,8 @@ pub(super) async fn handle(
             result.refuse(flag, e.reason());
             tracing::debug!(%peer, error = %e, "refused before routing");
             if !matches!(e, HelloError::Closed(_)) {
-                refuse_with_alert(&mut stream, None).await;
+                // Boxed: a rare path that would otherwise grow every connection's task.
+                Box::pin(refuse_with_alert(&mut stream, None)).await;
             }
             return;
         }
