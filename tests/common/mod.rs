@@ -820,29 +820,7 @@ impl Drop for RawEcho {
 
 impl RawEcho {
     pub async fn start() -> RawEcho {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicU64::new(0));
-        let count = accepted.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                count.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
-                    let (mut r, mut w) = stream.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-            }
-        });
-        RawEcho {
-            addr,
-            accepted,
-            task,
-        }
+        raw_echo_on(StdListener::bind("127.0.0.1:0").unwrap())
     }
 
     pub fn accepted(&self) -> u64 {
