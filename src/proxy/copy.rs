@@ -84,6 +84,14 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
+    fn outcome(&self, end: CopyEnd) -> CopyOutcome {
+        CopyOutcome {
+            to_upstream: self.to_upstream.load(Ordering::Relaxed),
+            to_downstream: self.to_downstream.load(Ordering::Relaxed),
+            end,
+        }
+    }
+
     fn idle_for(&self) -> Duration {
         let now = self.origin.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
@@ -102,35 +110,24 @@ pub async fn copy_tcp(
     let activity = Activity::new();
     // Pinned in place: the pumps are the bulk of a connection's task, and moving them
     // into `supervise` would store them twice.
-    let pumps = std::pin::pin!(async {
-        let (a, b) = tokio::join!(
-            pump_tcp(
-                downstream,
-                upstream,
-                &activity,
-                &activity.to_upstream,
-                counters.to_upstream
-            ),
-            pump_tcp(
-                upstream,
-                downstream,
-                &activity,
-                &activity.to_downstream,
-                counters.to_downstream
-            ),
-        );
-        if a.is_err() || b.is_err() {
-            CopyEnd::Error
-        } else {
-            CopyEnd::Closed
-        }
-    });
+    let pumps = std::pin::pin!(both_ways(
+        pump_tcp(
+            downstream,
+            upstream,
+            &activity,
+            &activity.to_upstream,
+            counters.to_upstream
+        ),
+        pump_tcp(
+            upstream,
+            downstream,
+            &activity,
+            &activity.to_downstream,
+            counters.to_downstream
+        ),
+    ));
     let end = supervise(pumps, &activity, limits, shutdown).await;
-    CopyOutcome {
-        to_upstream: activity.to_upstream.load(Ordering::Relaxed),
-        to_downstream: activity.to_downstream.load(Ordering::Relaxed),
-        end,
-    }
+    activity.outcome(end)
 }
 
 /// Copies between any two byte streams (TLS on either side). Uses fixed 16 KiB buffers:
@@ -151,34 +148,36 @@ where
     let (mut ur, mut uw) = tokio::io::split(upstream);
     // Pinned in place: the pumps are the bulk of a connection's task, and moving them
     // into `supervise` would store them twice.
-    let pumps = std::pin::pin!(async {
-        let (a, b) = tokio::join!(
-            pump_stream(
-                &mut dr,
-                &mut uw,
-                &activity,
-                &activity.to_upstream,
-                counters.to_upstream
-            ),
-            pump_stream(
-                &mut ur,
-                &mut dw,
-                &activity,
-                &activity.to_downstream,
-                counters.to_downstream
-            ),
-        );
-        if a.is_err() || b.is_err() {
-            CopyEnd::Error
-        } else {
-            CopyEnd::Closed
-        }
-    });
+    let pumps = std::pin::pin!(both_ways(
+        pump_stream(
+            &mut dr,
+            &mut uw,
+            &activity,
+            &activity.to_upstream,
+            counters.to_upstream
+        ),
+        pump_stream(
+            &mut ur,
+            &mut dw,
+            &activity,
+            &activity.to_downstream,
+            counters.to_downstream
+        ),
+    ));
     let end = supervise(pumps, &activity, limits, shutdown).await;
-    CopyOutcome {
-        to_upstream: activity.to_upstream.load(Ordering::Relaxed),
-        to_downstream: activity.to_downstream.load(Ordering::Relaxed),
-        end,
+    activity.outcome(end)
+}
+
+/// Runs both directions to their end; a socket error on either is the connection's end.
+async fn both_ways(
+    up: impl Future<Output = io::Result<()>>,
+    down: impl Future<Output = io::Result<()>>,
+) -> CopyEnd {
+    let (a, b) = tokio::join!(up, down);
+    if a.is_err() || b.is_err() {
+        CopyEnd::Error
+    } else {
+        CopyEnd::Closed
     }
 }
 

@@ -215,33 +215,18 @@ pub(super) async fn open_upstream(
     };
     let connect_timeout = cluster.connect_timeout(settings.connect_timeout);
     let observer = MetricsObserver(shared);
-    let connected = match replay {
-        // Connected means the endpoint answered the replayed ClientHello, so one that
-        // accepts and then resets is a failed attempt, and the next endpoint is tried.
-        Some(opening) => {
-            upstream::connect_and_replay(
-                cluster,
-                purpose,
-                settings,
-                connect_timeout,
-                MAX_CONNECT_ATTEMPTS,
-                &observer,
-                opening,
-            )
-            .await
-        }
-        None => {
-            upstream::connect(
-                cluster,
-                purpose,
-                settings,
-                connect_timeout,
-                MAX_CONNECT_ATTEMPTS,
-                &observer,
-            )
-            .await
-        }
-    };
+    // With a replay, connected means the endpoint answered the replayed ClientHello, so
+    // one that accepts and then resets is a failed attempt and the next one is tried.
+    let connected = upstream::connect(
+        cluster,
+        purpose,
+        settings,
+        connect_timeout,
+        MAX_CONNECT_ATTEMPTS,
+        &observer,
+        replay,
+    )
+    .await;
     match connected {
         Ok(c) => {
             result.upstream = Some(c.addr);

@@ -480,6 +480,11 @@ pub trait ConnectObserver {
 
 /// Connects to an endpoint of `cluster`: up to `max_attempts` distinct endpoints, each
 /// bounded by `timeout` (resolution included).
+///
+/// With `opening` (a client's ClientHello), also writes it and waits, up to `timeout`
+/// again, for the endpoint's first byte. An endpoint that accepts and then closes or
+/// resets without answering counts as a failed attempt and the next endpoint is tried:
+/// the client has seen nothing yet, so replaying its ClientHello elsewhere is safe.
 pub async fn connect<'a>(
     cluster: &Cluster,
     purpose: Purpose,
@@ -487,53 +492,9 @@ pub async fn connect<'a>(
     timeout: Duration,
     max_attempts: usize,
     observer: &(dyn ConnectObserver + Sync),
-) -> Result<Connected, ConnectError> {
-    connect_inner(
-        cluster,
-        purpose,
-        origin.into(),
-        timeout,
-        max_attempts,
-        observer,
-        None,
-    )
-    .await
-}
-
-/// Like [`connect`], and also writes `opening` (a client's ClientHello) and waits, up to
-/// `timeout` again, for the endpoint's first byte. An endpoint that accepts and then closes
-/// or resets without answering counts as a failed attempt and the next endpoint is
-/// tried: the client has seen nothing yet, so replaying its ClientHello elsewhere is safe.
-pub async fn connect_and_replay<'a>(
-    cluster: &Cluster,
-    purpose: Purpose,
-    origin: impl Into<Origin<'a>>,
-    timeout: Duration,
-    max_attempts: usize,
-    observer: &(dyn ConnectObserver + Sync),
-    opening: &[u8],
-) -> Result<Connected, ConnectError> {
-    connect_inner(
-        cluster,
-        purpose,
-        origin.into(),
-        timeout,
-        max_attempts,
-        observer,
-        Some(opening),
-    )
-    .await
-}
-
-async fn connect_inner(
-    cluster: &Cluster,
-    purpose: Purpose,
-    origin: Origin<'_>,
-    timeout: Duration,
-    max_attempts: usize,
-    observer: &(dyn ConnectObserver + Sync),
     opening: Option<&[u8]>,
 ) -> Result<Connected, ConnectError> {
+    let origin = origin.into();
     let mut tried: Vec<usize> = Vec::new();
     let mut last = String::new();
     while tried.len() < max_attempts.max(1) {
@@ -542,11 +503,10 @@ async fn connect_inner(
         };
         tried.push(idx);
         let member = &cluster.members[idx];
-        member.state.active.fetch_add(1, Ordering::Relaxed);
-        let guard = ActiveGuard(member.state.clone());
+        let guard = member.activate();
         observer.attempt();
         let started = Instant::now();
-        let outcome = match connect_endpoint(member, timeout).await {
+        let outcome = match dial_endpoint(member, timeout).await {
             Ok((stream, addr)) => {
                 let took = started.elapsed();
                 match opening {
@@ -637,7 +597,9 @@ fn reset(e: std::io::Error) -> (AttemptFailure, String) {
     )
 }
 
-async fn connect_endpoint(
+/// Opens a TCP connection to the member's endpoint (resolving a hostname endpoint
+/// through its DNS cache), bounded by `timeout`.
+pub async fn dial_endpoint(
     member: &Member,
     timeout: Duration,
 ) -> Result<(TcpStream, SocketAddr), (AttemptFailure, String)> {
@@ -652,28 +614,7 @@ async fn connect_endpoint(
                 .await
                 .map_err(|e| (AttemptFailure::Resolve, e))?,
         };
-        // A name may have several addresses (`localhost`: ::1 and 127.0.0.1); the first
-        // that takes the connection wins, all under the one attempt's timeout.
-        let mut last = (AttemptFailure::Other, "no address".to_string());
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    return Ok((stream, addr));
-                }
-                Err(e) => {
-                    let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                        AttemptFailure::Refused
-                    } else if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
-                        AttemptFailure::LocalExhaustion
-                    } else {
-                        AttemptFailure::Other
-                    };
-                    last = (kind, format!("{addr}: {e}"));
-                }
-            }
-        }
-        Err(last)
+        connect_first(addrs, (AttemptFailure::Other, "no address".to_string())).await
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
@@ -684,6 +625,34 @@ async fn connect_endpoint(
     }
 }
 
+/// Connects to the first of `addrs` that takes the connection (a name may have several:
+/// `localhost` is ::1 and 127.0.0.1); `none` is the answer when there are no addresses.
+async fn connect_first(
+    addrs: Vec<SocketAddr>,
+    none: (AttemptFailure, String),
+) -> Result<(TcpStream, SocketAddr), (AttemptFailure, String)> {
+    let mut last = none;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                return Ok((stream, addr));
+            }
+            Err(e) => {
+                let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    AttemptFailure::Refused
+                } else if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    AttemptFailure::LocalExhaustion
+                } else {
+                    AttemptFailure::Other
+                };
+                last = (kind, format!("{addr}: {e}"));
+            }
+        }
+    }
+    Err(last)
+}
+
 impl Member {
     /// Counts one connection to this endpoint as active until the guard drops (for
     /// least-request balancing and `/clusters`).
@@ -691,15 +660,6 @@ impl Member {
         self.state.active.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(self.state.clone())
     }
-}
-
-/// Opens a TCP connection to the member's endpoint (resolving a hostname endpoint
-/// through its DNS cache), bounded by `timeout`.
-pub async fn dial_endpoint(
-    member: &Member,
-    timeout: Duration,
-) -> Result<(TcpStream, SocketAddr), (AttemptFailure, String)> {
-    connect_endpoint(member, timeout).await
 }
 
 /// Opens a TCP connection to `host:port` (an IP address or a name resolved now),
@@ -717,24 +677,11 @@ pub async fn dial_address(
                 .map_err(|e| (AttemptFailure::Resolve, format!("{host}: {e}")))?
                 .collect(),
         };
-        let mut last = (AttemptFailure::Resolve, format!("{host}: no address"));
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    return Ok((stream, addr));
-                }
-                Err(e) => {
-                    let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                        AttemptFailure::Refused
-                    } else {
-                        AttemptFailure::Other
-                    };
-                    last = (kind, format!("{addr}: {e}"));
-                }
-            }
-        }
-        Err(last)
+        connect_first(
+            addrs,
+            (AttemptFailure::Resolve, format!("{host}: no address")),
+        )
+        .await
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
