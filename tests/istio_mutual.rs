@@ -108,6 +108,21 @@ async fn mtls_connect(
     gw: std::net::SocketAddr,
     certs: &Path,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut tls = mtls_handshake(gw, certs).await?;
+    // TLS 1.3 reports a refused client certificate only on the first read.
+    tls.write_all(b"ping\n").await?;
+    let mut back = [0u8; 5];
+    tls.read_exact(&mut back).await?;
+    assert_eq!(&back, b"ping\n");
+    Ok(tls)
+}
+
+/// The handshake alone: presents the identity in `certs`, trusts the mesh root, and
+/// requires the gateway to present `GW_ID`.
+async fn mtls_handshake(
+    gw: std::net::SocketAddr,
+    certs: &Path,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let mut id = load_identity(certs).unwrap();
     // Whatever the client presents, it trusts the mesh root to verify the gateway.
     id.roots = load_identity(&certs.parent().unwrap().join("gw"))
@@ -122,15 +137,9 @@ async fn mtls_connect(
     let config = client_config(&id, &trust, Some(&expected), &[b"istio"]).unwrap();
     let tcp = TcpStream::connect(gw).await?;
     let name = ServerName::try_from(format!("outbound_.9080_._.{ECHO}")).unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(config)
+    tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
-        .await?;
-    // TLS 1.3 reports a refused client certificate only on the first read.
-    tls.write_all(b"ping\n").await?;
-    let mut back = [0u8; 5];
-    tls.read_exact(&mut back).await?;
-    assert_eq!(&back, b"ping\n");
-    Ok(tls)
+        .await
 }
 
 struct Setup {
@@ -468,21 +477,7 @@ async fn destination_rule_istio_mutual_re_encrypts_with_the_gateway_identity() {
         "spiffe://cluster.local/ns/foo/sa/sleep",
         &s.dir.path().join("c"),
     );
-    let id = load_identity(&client).unwrap();
-    let mut id_roots = id;
-    id_roots.roots = load_identity(&s.gw_certs).unwrap().roots;
-    let trust = TrustConfig {
-        trust_domain: "cluster.local".into(),
-        aliases: vec![],
-        federated: Default::default(),
-    };
-    let cfg = client_config(&id_roots, &trust, None, &[b"istio"]).unwrap();
-    let tcp = TcpStream::connect(gw.gateway).await.unwrap();
-    let name = ServerName::try_from(format!("outbound_.9080_._.{ECHO}")).unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut tls = mtls_handshake(gw.gateway, &client).await.unwrap();
     let mut first = vec![0u8; format!("peer {GW_ID}\n").len()];
     tls.read_exact(&mut first).await.unwrap();
     // The workload's mTLS peer is the gateway, not the original client.
