@@ -176,10 +176,6 @@ impl Shared {
         self.ready.store(ready, Ordering::Release);
     }
 
-    pub fn open_connections(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
-
     /// Admits a connection under the process-wide `maxConnections`.
     fn admit(self: &Arc<Self>) -> Option<OpenGuard> {
         let limit = self

@@ -125,24 +125,6 @@ impl ConnectionResult {
         self.reason = reason;
     }
 
-    /// The Istio labels for routing this connection to `service` (and `subset`):
-    /// `source_principal` is the verified peer SPIFFE ID when one is set (ISTIO_MUTUAL),
-    /// and `mutual_tls` marks the connection's security policy.
-    pub fn route_labels(
-        &self,
-        service: &crate::model::ServicePort,
-        subset: Option<&str>,
-        mutual_tls: bool,
-    ) -> IstioLabels {
-        IstioLabels::for_route(
-            &self.telemetry.identity,
-            service,
-            subset,
-            self.peer_identity.as_deref(),
-            mutual_tls,
-        )
-    }
-
     /// Marks the connection as routed to a service: counts `istio_tcp_connections_opened_total`
     /// and returns the byte counters the copy loop adds to as data flows.
     pub fn open_route(&mut self, labels: IstioLabels) -> RouteCounters {
