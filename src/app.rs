@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 
 use crate::admin::{self, Role};
 use crate::config::{self, ConfigError, Loaded};
+use crate::handover::{self, Inherited};
 use crate::model::Snapshot;
 use crate::proxy::{BindError, Gateway, Shared};
 use crate::telemetry::{AccessLog, GatewayIdentity, Telemetry};
@@ -28,6 +29,20 @@ pub enum RunError {
     Runtime(std::io::Error),
     #[error("gateway certificates: {0}")]
     Certs(#[from] crate::tls::CertError),
+    #[error("hand-over socket {path}: {source}")]
+    Handover {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Listener hand-over between processes (`strait run --handover PATH`).
+#[derive(Default)]
+pub struct Handover {
+    /// Where this process serves its listeners to a replacement; `None`: no hand-over.
+    pub path: Option<PathBuf>,
+    /// Sockets received from the process this one replaces.
+    pub inherited: Inherited,
 }
 
 /// Where the configuration comes from.
@@ -62,14 +77,30 @@ pub fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, RunErr
         .map_err(RunError::Runtime)
 }
 
-/// Loads the configuration once (to size the runtime), then runs until drained.
-pub fn run_blocking(source: Source) -> Result<(), RunError> {
+/// Loads the configuration once (to size the runtime), takes over the listeners of the
+/// process serving `handover` if there is one, then runs until drained.
+pub fn run_blocking(source: Source, handover: Option<PathBuf>) -> Result<(), RunError> {
     let loaded = source.load()?;
     for d in &loaded.diagnostics {
         tracing::warn!("{d}");
     }
+    let inherited = match &handover {
+        Some(path) => Inherited::receive(path).map_err(|source| RunError::Handover {
+            path: path.clone(),
+            source,
+        })?,
+        None => Inherited::default(),
+    };
     let rt = runtime(loaded.snapshot.settings.workers)?;
-    rt.block_on(run(source, loaded, None))
+    rt.block_on(run(
+        source,
+        loaded,
+        None,
+        Handover {
+            path: handover,
+            inherited,
+        },
+    ))
 }
 
 /// A running gateway, for callers that need to know when it is up (the demo, tests).
@@ -82,6 +113,7 @@ pub async fn run(
     source: Source,
     loaded: Loaded,
     on_started: Option<tokio::sync::oneshot::Sender<Started>>,
+    mut handover: Handover,
 ) -> Result<(), RunError> {
     let snapshot = Arc::new(loaded.snapshot);
     let settings = snapshot.settings.clone();
@@ -111,7 +143,30 @@ pub async fn run(
         ],
     )
     .map_err(RunError::Admin)?;
-    let mut gateway = Gateway::start(shared.clone()).await?;
+    let mut gateway = Gateway::start(shared.clone(), &mut handover.inherited).await?;
+    let (handover_tx, mut handover_rx) = mpsc::channel::<handover::Request>(1);
+    let server = match &handover.path {
+        Some(path) => Some(
+            handover::Server::start(path, handover_tx).map_err(|source| RunError::Handover {
+                path: path.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    if handover.inherited.from_process() {
+        let unused = handover.inherited.close_unused();
+        match handover.inherited.confirm() {
+            Ok(()) => tracing::info!(
+                unused,
+                "took the listeners over from the previous process; it now drains"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not tell the previous process to drain; it keeps accepting until stopped"
+            ),
+        }
+    }
     tracing::info!(
         listeners = ?gateway.bound(),
         status = %settings.status_addr,
@@ -137,6 +192,7 @@ pub async fn run(
     spawn_sighup(reload_tx);
 
     let mut stop = stop_signal();
+    let mut handed_over = false;
     loop {
         tokio::select! {
             Some(why) = reload_rx.recv() => {
@@ -145,9 +201,27 @@ pub async fn run(
                 while reload_rx.try_recv().is_ok() {}
                 reload(&source, &mut gateway, why);
             }
+            Some(request) = handover_rx.recv() => match request {
+                handover::Request::Listeners(reply) => {
+                    let _ = reply.send(gateway.listener_sockets());
+                }
+                handover::Request::HandedOver => {
+                    handed_over = true;
+                    break;
+                }
+            },
             _ = stop.recv() => break,
         }
     }
+    if let Some(server) = server {
+        server.close();
+    }
+    // After a hand-over the successor accepts from the same sockets: no overlap needed.
+    let overlap = if handed_over {
+        Duration::ZERO
+    } else {
+        crate::proxy::ACCEPT_OVERLAP
+    };
     let drain = gateway
         .shared
         .runtime
@@ -158,11 +232,11 @@ pub async fn run(
     tracing::info!(
         ?drain,
         live = shared.live_connections(),
-        overlap = ?crate::proxy::ACCEPT_OVERLAP.min(drain),
+        overlap = ?overlap.min(drain),
         "draining: readiness now fails; accepting stops after the overlap (a second signal exits at once)"
     );
     tokio::select! {
-        () = gateway.shutdown(drain) => {}
+        () = gateway.shutdown(overlap, drain) => {}
         _ = stop.recv() => tracing::warn!("second signal: exiting now"),
     }
     // Every connection's log line is queued by now; let the writer finish them.

@@ -102,7 +102,7 @@ pub fn run(ports: DemoPorts) -> Result<(), DemoError> {
                 println!("{banner}");
             }
         });
-        app::run(source, loaded, Some(tx)).await?;
+        app::run(source, loaded, Some(tx), app::Handover::default()).await?;
         Ok::<(), DemoError>(())
     });
     let _ = std::fs::remove_dir_all(&dir);

@@ -13,6 +13,7 @@ pub mod ca;
 pub mod config;
 pub mod demo;
 pub mod explain;
+pub mod handover;
 pub mod model;
 pub mod proxy;
 pub mod route;

@@ -30,6 +30,11 @@ enum Command {
     Run {
         #[arg(short = 'c', long = "config", required = true, num_args = 1..)]
         config: Vec<PathBuf>,
+        /// Unix socket for restarts without a lost connection: a new process started
+        /// with the same PATH takes the listening sockets over from the running one,
+        /// which then drains.
+        #[arg(long, value_name = "PATH")]
+        handover: Option<PathBuf>,
     },
     /// Validate a configuration; prints FILE:LINE:COL: error|warning: MESSAGE.
     Check {
@@ -130,8 +135,8 @@ fn duration(s: &str, flag: &str) -> Result<Duration, String> {
 
 fn dispatch(command: Command) -> Result<ExitCode, String> {
     match command {
-        Command::Run { config } => {
-            app::run_blocking(Source::Paths(config)).map_err(|e| e.to_string())?;
+        Command::Run { config, handover } => {
+            app::run_blocking(Source::Paths(config), handover).map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => Ok(check(&config)),

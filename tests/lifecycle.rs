@@ -1,5 +1,5 @@
 //! Lifecycle under change, against the real binary: hot reload (files and ConfigMap-style
-//! directories), drain on SIGTERM, restart with a second process on the same ports,
+//! directories), drain on SIGTERM, restart by handing the listening sockets to a second process,
 //! connection limits, descriptor exhaustion and a slow reader.
 //!
 //! Load comes from verified streams: each sends a ClientHello, then a known byte pattern
@@ -210,37 +210,15 @@ async fn reloads_and_a_drain_under_load_break_no_stream() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_process_takes_over_with_no_refused_connection() {
-    let reviews = RawEcho::start().await;
-    let ports = Ports::new();
-    let config = docs(&[
-        bootstrap(&ports, "  drainDuration: 10s\n"),
-        gateway("east-west", ports.gateway),
-        service(REVIEWS, reviews.addr.port()),
-    ]);
-    let mut old = Strait::start(ports, &config);
-
-    // Long streams that must survive the old process's drain.
-    let streams = long_streams(
-        old.gateway,
-        REVIEWS,
-        8,
-        40,
-        8192,
-        Duration::from_millis(100),
-    );
-    // Continuous new connections, each a short verified stream, throttled so the whole
-    // run stays in the low thousands of connections.
-    // Around the moment the old process stops accepting, they connect back to back, so
-    // its accept queue is rarely empty when it closes.
-    let stop = Arc::new(AtomicBool::new(false));
-    let burst = Arc::new(AtomicBool::new(false));
-    let workers: Vec<JoinHandle<(u64, Vec<StreamFailure>)>> = (0..8u64)
+/// Eight clients connecting back to back, each a short verified stream through
+/// `gateway`, until `stop`; returns how many were served and every failure.
+fn connect_continuously(
+    gateway: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> Vec<JoinHandle<(u64, Vec<StreamFailure>)>> {
+    (0..8u64)
         .map(|w| {
             let stop = stop.clone();
-            let burst = burst.clone();
-            let gateway = old.gateway;
             tokio::spawn(async move {
                 let sni = sni(REVIEWS);
                 let (mut ok, mut failed) = (0u64, Vec::new());
@@ -251,35 +229,16 @@ async fn a_second_process_takes_over_with_no_refused_connection() {
                         Ok(_) => ok += 1,
                         Err(e) => failed.push(e),
                     }
-                    if !burst.load(Ordering::Relaxed) {
-                        tokio::time::sleep(Duration::from_millis(15)).await;
-                    }
                 }
                 (ok, failed)
             })
         })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+        .collect()
+}
 
-    // The replacement binds the same gateway, status, metrics and admin ports.
-    let dir = TempDir::new("gw-new");
-    let new_path = dir.write("strait.yaml", &config);
-    let new = Strait::launch(ports, dir, &[new_path], None);
-    assert!(
-        new.wait_stderr("strait ready", Duration::from_secs(20)),
-        "the second process did not start beside the first; stderr:\n{}",
-        new.stderr_text()
-    );
-    tokio::time::sleep(Duration::from_millis(400)).await;
-
-    old.signal(libc::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    burst.store(true, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    burst.store(false, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    stop.store(true, Ordering::Relaxed);
-
+async fn served_and_failed(
+    workers: Vec<JoinHandle<(u64, Vec<StreamFailure>)>>,
+) -> (u64, Vec<StreamFailure>) {
     let mut served = 0;
     let mut failures = Vec::new();
     for w in workers {
@@ -287,9 +246,72 @@ async fn a_second_process_takes_over_with_no_refused_connection() {
         served += ok;
         failures.extend(failed);
     }
+    (served, failures)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_takes_the_sockets_over_and_no_connection_is_refused() {
+    let reviews = RawEcho::start().await;
+    let ports = Ports::new();
+    let config = docs(&[
+        bootstrap(&ports, "  drainDuration: 10s\n"),
+        gateway("east-west", ports.gateway),
+        service(REVIEWS, reviews.addr.port()),
+    ]);
+    let sockets = TempDir::new("handover");
+    let socket = sockets.path().join("strait.sock");
+    let old_dir = TempDir::new("gw-old");
+    let old_path = old_dir.write("strait.yaml", &config);
+    let mut old = Strait::launch_handover(ports, old_dir, &[old_path], &socket);
+    old.wait_ready(Duration::from_secs(20));
+    assert!(
+        !old.stderr_text().contains("handed over"),
+        "a first process has nothing to inherit; stderr:\n{}",
+        old.stderr_text()
+    );
+
+    // Long streams that must survive the old process's drain.
+    let streams = long_streams(
+        old.gateway,
+        REVIEWS,
+        8,
+        40,
+        8192,
+        Duration::from_millis(100),
+    );
+    // New connections back to back through the whole hand-over, so the accept queue is
+    // rarely empty at the moment the old process stops accepting.
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = connect_continuously(old.gateway, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let new_dir = TempDir::new("gw-new");
+    let new_path = new_dir.write("strait.yaml", &config);
+    let new = Strait::launch_handover(ports, new_dir, &[new_path], &socket);
+    assert!(
+        new.wait_stderr("strait ready", Duration::from_secs(20)),
+        "the second process did not start; stderr:\n{}",
+        new.stderr_text()
+    );
+    assert!(
+        new.stderr_text()
+            .contains("listening on the socket handed over"),
+        "the second process bound its own socket; stderr:\n{}",
+        new.stderr_text()
+    );
+    // The old process drains without being signalled.
+    assert!(
+        old.wait_stderr("took the listeners over; draining", Duration::from_secs(5)),
+        "old process stderr:\n{}",
+        old.stderr_text()
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let (served, failures) = served_and_failed(workers).await;
     assert!(
         failures.is_empty(),
-        "{} of {} connections failed during the restart: {:?}",
+        "{} of {} connections failed during the hand-over: {:?}",
         failures.len(),
         served + failures.len() as u64,
         &failures[..failures.len().min(5)]
@@ -302,10 +324,74 @@ async fn a_second_process_takes_over_with_no_refused_connection() {
         "old process stderr:\n{}",
         old.stderr_text()
     );
-    // The new process took the traffic over and is serving on its own.
+    // The new process took the traffic over and serves on its own, and holds the
+    // hand-over socket for the next replacement.
     assert!(!new.access_log().is_empty());
     assert!(route_works(new.gateway, REVIEWS, Duration::from_secs(1)).await);
     assert_eq!(http_get(new.status, "/healthz/ready").unwrap().0, 200);
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_that_cannot_start_leaves_the_old_process_serving() {
+    let reviews = RawEcho::start().await;
+    let ports = Ports::new();
+    let good = docs(&[
+        bootstrap(&ports, "  drainDuration: 5s\n"),
+        gateway("east-west", ports.gateway),
+        service(REVIEWS, reviews.addr.port()),
+    ]);
+    let sockets = TempDir::new("handover");
+    let socket = sockets.path().join("strait.sock");
+    let old_dir = TempDir::new("gw-old");
+    let old_path = old_dir.write("strait.yaml", &good);
+    let mut old = Strait::launch_handover(ports, old_dir, &[old_path], &socket);
+    old.wait_ready(Duration::from_secs(20));
+
+    // The replacement takes the sockets, then fails to bind a second listener on a port
+    // another program holds, and exits before confirming.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    let bad = docs(&[good.clone(), gateway("taken", taken)]);
+    let bad_dir = TempDir::new("gw-bad");
+    let bad_path = bad_dir.write("strait.yaml", &bad);
+    let mut bad = Strait::launch_handover(ports, bad_dir, &[bad_path], &socket);
+    let code = bad.wait_exit(Duration::from_secs(20));
+    assert_ne!(code, Some(0), "stderr:\n{}", bad.stderr_text());
+    assert!(
+        bad.stderr_text().contains("address already in use"),
+        "stderr:\n{}",
+        bad.stderr_text()
+    );
+    assert!(
+        old.wait_stderr(
+            "did not confirm the hand-over; still serving",
+            Duration::from_secs(5)
+        ),
+        "old process stderr:\n{}",
+        old.stderr_text()
+    );
+    // The old process still accepts, is still ready, and still hands over.
+    assert!(route_works(old.gateway, REVIEWS, Duration::from_secs(1)).await);
+    assert_eq!(http_get(old.status, "/healthz/ready").unwrap().0, 200);
+    let new_dir = TempDir::new("gw-new");
+    let new_path = new_dir.write("strait.yaml", &good);
+    let new = Strait::launch_handover(ports, new_dir, &[new_path], &socket);
+    assert!(
+        new.wait_stderr(
+            "listening on the socket handed over",
+            Duration::from_secs(20)
+        ),
+        "stderr:\n{}",
+        new.stderr_text()
+    );
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "old process stderr:\n{}",
+        old.stderr_text()
+    );
+    assert!(route_works(new.gateway, REVIEWS, Duration::from_secs(1)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,8 @@
 //! accept and the close, during which a connection hashed to this socket would still be
 //! reset; with `tcp_migrate_req=1` the kernel migrates even those. The drain
 //! ([`super::Gateway::shutdown`]) keeps accepting for a short overlap before it stops,
-//! so a replacement started together with the signal has time to bind.
+//! so a replacement started together with the signal has time to bind. A restart that
+//! must not lose even that hands the socket itself over instead (`crate::handover`).
 
 use std::io;
 use std::net::SocketAddr;

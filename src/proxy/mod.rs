@@ -10,6 +10,7 @@ mod rewind;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -18,6 +19,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::handover::Inherited;
 use crate::model::{BridgeSpec, ServiceKey, Snapshot};
 use crate::telemetry::Telemetry;
 use crate::tls::material::TlsMaterial;
@@ -266,17 +268,24 @@ pub const ACCEPT_OVERLAP: Duration = Duration::from_secs(1);
 struct ListenerTask {
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
+    /// A second descriptor for the socket, to duplicate for a replacement process
+    /// (`handover`). Dropped by [`ListenerTask::stop`], before the accept task closes
+    /// its own, so that close still ends the socket. `None` if the duplicate could not
+    /// be made (out of descriptors); the socket is then not handed over.
+    socket: Option<OwnedFd>,
 }
 
 impl ListenerTask {
     fn spawn(listener: tokio::net::TcpListener, addr: SocketAddr, shared: Arc<Shared>) -> Self {
+        let socket = listener.as_fd().try_clone_to_owned().ok();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(listener::accept_loop(listener, addr, shared, stopped));
-        ListenerTask { stop, task }
+        ListenerTask { stop, task, socket }
     }
 
     /// Stops accepting; the task sweeps the queue and closes the socket.
     fn stop(self) -> JoinHandle<()> {
+        drop(self.socket);
         let _ = self.stop.send(());
         self.task
     }
@@ -289,20 +298,44 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Binds every listener of the snapshot; fails if any cannot be bound.
-    pub async fn start(shared: Arc<Shared>) -> Result<Gateway, BindError> {
+    /// Binds every listener of the snapshot, taking a socket handed over by a previous
+    /// process where there is one for the address; fails if any cannot be bound.
+    pub async fn start(
+        shared: Arc<Shared>,
+        inherited: &mut Inherited,
+    ) -> Result<Gateway, BindError> {
         let mut gw = Gateway {
             shared,
             listeners: HashMap::new(),
         };
         let addrs = listener_addrs(&gw.shared.runtime.load().snapshot);
-        for (addr, l) in bind_all(&addrs)? {
+        let mut bound = Vec::with_capacity(addrs.len());
+        for &addr in &addrs {
+            let l = match inherited.take(addr) {
+                Some(l) => {
+                    tracing::info!(%addr, "listening on the socket handed over");
+                    l.and_then(tokio::net::TcpListener::from_std)
+                        .map_err(|e| BindError::Other { addr, source: e })?
+                }
+                None => listener::bind(addr)?,
+            };
+            bound.push((addr, l));
+        }
+        for (addr, l) in bound {
             tracing::info!(%addr, "listening");
             let task = ListenerTask::spawn(l, addr, gw.shared.clone());
             gw.listeners.insert(addr, task);
         }
         gw.shared.set_ready(true);
         Ok(gw)
+    }
+
+    /// A duplicate of every listening socket, for a replacement process.
+    pub fn listener_sockets(&self) -> Vec<OwnedFd> {
+        self.listeners
+            .values()
+            .filter_map(|t| t.socket.as_ref()?.try_clone().ok())
+            .collect()
     }
 
     /// Addresses actually bound (useful when a config asks for port 0).
@@ -345,12 +378,12 @@ impl Gateway {
     }
 
     /// Graceful shutdown: readiness fails at once; listeners keep accepting for
-    /// [`ACCEPT_OVERLAP`], then sweep their queues and close; live connections get what
-    /// is left of `deadline` to finish, then the rest are closed.
-    pub async fn shutdown(mut self, deadline: Duration) {
+    /// `overlap` (capped by `deadline`), then sweep their queues and close; live
+    /// connections get what is left of `deadline` to finish, then the rest are closed.
+    pub async fn shutdown(mut self, overlap: Duration, deadline: Duration) {
         let began = tokio::time::Instant::now();
         self.shared.drain.send_replace(DrainState::Draining);
-        tokio::time::sleep(ACCEPT_OVERLAP.min(deadline)).await;
+        tokio::time::sleep(overlap.min(deadline)).await;
         let tasks: Vec<JoinHandle<()>> = self.listeners.drain().map(|(_, t)| t.stop()).collect();
         for t in tasks {
             let _ = t.await;

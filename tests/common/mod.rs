@@ -1027,11 +1027,33 @@ impl Strait {
     /// Runs `strait run -c PATHS...` without waiting for readiness. `nofile`, if set,
     /// lowers the child's RLIMIT_NOFILE before it starts.
     pub fn launch(ports: Ports, dir: TempDir, paths: &[PathBuf], nofile: Option<u64>) -> Strait {
+        Self::launch_args(ports, dir, paths, &[], nofile)
+    }
+
+    /// [`Strait::launch`] with `--handover SOCKET`.
+    pub fn launch_handover(ports: Ports, dir: TempDir, paths: &[PathBuf], socket: &Path) -> Strait {
+        Self::launch_args(
+            ports,
+            dir,
+            paths,
+            &[std::ffi::OsStr::new("--handover"), socket.as_os_str()],
+            None,
+        )
+    }
+
+    fn launch_args(
+        ports: Ports,
+        dir: TempDir,
+        paths: &[PathBuf],
+        extra: &[&std::ffi::OsStr],
+        nofile: Option<u64>,
+    ) -> Strait {
         let mut cmd = Command::new(strait_bin());
         cmd.arg("run");
         for p in paths {
             cmd.arg("-c").arg(p);
         }
+        cmd.args(extra);
         cmd.env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
