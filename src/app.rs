@@ -65,12 +65,19 @@ impl Source {
     }
 }
 
-/// Builds a multi-thread runtime with the configured worker count.
+/// Builds the runtime for the configured worker count. One worker runs everything on
+/// the calling thread (no work-stealing queues, no cross-thread wake-ups); more get a
+/// multi-thread runtime.
 pub fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, RunError> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        b.worker_threads(n.max(1));
-    }
+    let mut b = match workers {
+        Some(n) if n <= 1 => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     b.thread_name("strait-worker")
         .enable_all()
         .build()

@@ -114,7 +114,7 @@ type Failure = (ResponseFlag, &'static str, String);
 pub(super) async fn handle(
     shared: Arc<Shared>,
     listener: SocketAddr,
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
 ) {
     let mut result = ConnectionResult::new(shared.telemetry.clone(), listener, peer);
@@ -184,7 +184,7 @@ pub(super) async fn handle(
     };
     let drain = closing(shared.subscribe_drain());
     let outcome = match opened.link {
-        Link::Plain(up) => copy_tcp(&stream, &up, limits, bytes, drain).await,
+        Link::Plain(mut up) => copy_tcp(&mut stream, &mut up, limits, bytes, drain).await,
         Link::Mutual(tls) => {
             let ended = Arc::new(OnceLock::new());
             let watched = ReadWatch {

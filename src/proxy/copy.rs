@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 /// First read buffer of a burst; small so short exchanges stay cheap.
 const INITIAL_BUFFER: usize = 4 * 1024;
@@ -101,26 +102,28 @@ impl Activity {
 /// Copies between two TCP sockets until both directions have closed, a limit fires, or
 /// `shutdown` completes.
 pub async fn copy_tcp(
-    downstream: &TcpStream,
-    upstream: &TcpStream,
+    downstream: &mut TcpStream,
+    upstream: &mut TcpStream,
     limits: CopyLimits,
     counters: ByteCounters<'_>,
     shutdown: impl Future<Output = ()>,
 ) -> CopyOutcome {
     let activity = Activity::new();
+    let (mut down_read, mut down_write) = downstream.split();
+    let (mut up_read, mut up_write) = upstream.split();
     // Pinned in place: the pumps are the bulk of a connection's task, and moving them
     // into `supervise` would store them twice.
     let pumps = std::pin::pin!(both_ways(
         pump_tcp(
-            downstream,
-            upstream,
+            &mut down_read,
+            &mut up_write,
             &activity,
             &activity.to_upstream,
             counters.to_upstream
         ),
         pump_tcp(
-            upstream,
-            downstream,
+            &mut up_read,
+            &mut down_write,
             &activity,
             &activity.to_downstream,
             counters.to_downstream
@@ -168,16 +171,16 @@ where
     activity.outcome(end)
 }
 
-/// Runs both directions to their end; a socket error on either is the connection's end.
+/// Runs both directions to their end. A socket error on either (usually a reset) ends
+/// the connection at once: the other direction is dropped unfinished and both sockets
+/// close, as a broken connection cannot deliver what is still in flight either way.
 async fn both_ways(
     up: impl Future<Output = io::Result<()>>,
     down: impl Future<Output = io::Result<()>>,
 ) -> CopyEnd {
-    let (a, b) = tokio::join!(up, down);
-    if a.is_err() || b.is_err() {
-        CopyEnd::Error
-    } else {
-        CopyEnd::Closed
+    match tokio::try_join!(up, down) {
+        Ok(_) => CopyEnd::Closed,
+        Err(_) => CopyEnd::Error,
     }
 }
 
@@ -218,8 +221,8 @@ async fn supervise(
 }
 
 async fn pump_tcp(
-    from: &TcpStream,
-    to: &TcpStream,
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
     activity: &Activity,
     total: &AtomicU64,
     counter: Option<&IntCounter>,
@@ -227,47 +230,31 @@ async fn pump_tcp(
     let mut size = INITIAL_BUFFER;
     let mut buf: Option<Vec<u8>> = None;
     loop {
+        // Wait without a buffer: an idle connection holds none.
         from.readable().await?;
         let b = buf.get_or_insert_with(|| Vec::with_capacity(size));
         b.clear();
-        match from.try_read_buf(b) {
-            Ok(0) => {
-                // End of stream one way: pass the FIN on, keep the other way open.
-                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
-                return Ok(());
-            }
-            Ok(n) => {
-                write_all_tcp(to, &b[..n]).await?;
-                account(activity, total, counter, n);
-                if n == b.capacity() && size < MAX_BUFFER {
-                    size = (size * 4).min(MAX_BUFFER);
-                    buf = None;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The socket ran dry: give the buffer back while we wait.
+        // Through `AsyncRead`: a read that does not fill the buffer marks the socket
+        // drained (edge-triggered epoll), so no second read is spent to see it empty.
+        let n = from.read_buf(b).await?;
+        if n == 0 {
+            // End of stream one way: pass the FIN on, keep the other way open.
+            let _ = socket2::SockRef::from(to.as_ref()).shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        to.write_all(&b[..n]).await?;
+        account(activity, total, counter, n);
+        if n == b.capacity() {
+            if size < MAX_BUFFER {
+                size = (size * 4).min(MAX_BUFFER);
                 buf = None;
-                size = INITIAL_BUFFER.max(size / 4);
             }
-            Err(e) => {
-                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
-                return Err(e);
-            }
+        } else {
+            // The socket ran dry: give the buffer back while we wait.
+            buf = None;
+            size = INITIAL_BUFFER.max(size / 4);
         }
     }
-}
-
-/// Writes all of `data` to a TCP socket shared by reference.
-pub(crate) async fn write_all_tcp(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 async fn pump_stream<R, W>(
@@ -328,12 +315,12 @@ mod tests {
     #[tokio::test]
     async fn bulk_then_reply_after_half_close() {
         const LEN: usize = 8 * 1024 * 1024 + 123;
-        let (mut client, down) = pair().await;
-        let (up, mut server) = pair().await;
+        let (mut client, mut down) = pair().await;
+        let (mut up, mut server) = pair().await;
         let pump = tokio::spawn(async move {
             copy_tcp(
-                &down,
-                &up,
+                &mut down,
+                &mut up,
                 CopyLimits {
                     idle_timeout: Duration::from_secs(30),
                     max_duration: None,

@@ -4,7 +4,7 @@
 use std::io;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::tls::client_hello::{HelloParse, MAX_CLIENT_HELLO_BYTES, NotTls, parse_client_hello};
@@ -56,21 +56,24 @@ impl HelloError {
 /// and never beyond [`MAX_CLIENT_HELLO_BYTES`] plus one read; every byte read stays in
 /// `buf` for replay to the upstream.
 pub async fn read_client_hello(
-    stream: &TcpStream,
+    stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     timeout: Duration,
 ) -> Result<Offer, HelloError> {
     let work = async {
         loop {
+            // Wait without a buffer: a silent client holds none.
             stream.readable().await?;
             if buf.capacity() == buf.len() {
                 let grow = next_read_size(buf);
                 buf.reserve_exact(grow.min(MAX_CLIENT_HELLO_BYTES + 5 - buf.len()).max(1));
             }
-            match stream.try_read_buf(buf) {
+            // Through `AsyncRead`, reading at most the spare capacity: a short read marks
+            // the socket drained, so the copy that follows does not spend a read to see
+            // it empty.
+            match stream.read_buf(buf).await {
                 Ok(0) => return Err(HelloError::Closed(buf.len())),
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(HelloError::Io(e)),
             }
             match parse_client_hello(buf) {
@@ -136,7 +139,6 @@ pub async fn refuse_with_alert(stream: &mut TcpStream, alert: Option<Alert>) {
 
 /// Half-closes, then discards what the peer still sends (at most 64 KiB or 1 second).
 pub async fn close_gracefully(stream: &mut TcpStream) {
-    use tokio::io::AsyncReadExt;
     let _ = stream.shutdown().await;
     let drain = async {
         let mut scratch = [0u8; 256];

@@ -36,7 +36,7 @@ pub(super) async fn handle(
 
     let hello_timeout = shared.runtime.load().snapshot.settings.client_hello_timeout;
     let mut buf = Vec::new();
-    let offer = match read_client_hello(&stream, &mut buf, hello_timeout).await {
+    let offer = match read_client_hello(&mut stream, &mut buf, hello_timeout).await {
         Ok(offer) => offer,
         Err(e) => {
             result.received = buf.len() as u64;
@@ -131,7 +131,7 @@ async fn forward(
     let counters = result.open_shared_route(route_metrics.clone());
     counters.received.inc_by(buf.len() as u64);
 
-    let upstream = match open_upstream(
+    let mut upstream = match open_upstream(
         &shared,
         settings,
         cluster,
@@ -150,8 +150,8 @@ async fn forward(
     };
     drop(buf);
     let outcome = copy_tcp(
-        &stream,
-        &upstream.stream,
+        &mut stream,
+        &mut upstream.connected.stream,
         copy_limits(cluster, settings),
         ByteCounters {
             to_upstream: Some(&counters.received),

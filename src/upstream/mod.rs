@@ -570,6 +570,16 @@ async fn await_answer(
                 Err(e) => return Err(reset(e)),
             }
         }
+        // Readiness alone says "answered" without a system call. Only when the peer
+        // has also closed (or errored) does a peek tell an answer followed by a close
+        // (an alert, say, which the client must get) from a close without one.
+        let ready = stream
+            .ready(tokio::io::Interest::READABLE)
+            .await
+            .map_err(reset)?;
+        if !ready.is_read_closed() && !ready.is_error() {
+            return Ok(());
+        }
         let mut probe = [0u8; 1];
         match stream.peek(&mut probe).await {
             Ok(0) => Err((
