@@ -12,12 +12,12 @@ use std::io;
 use std::net::Shutdown;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 /// First read buffer of a burst; small so short exchanges stay cheap.
 const INITIAL_BUFFER: usize = 4 * 1024;
@@ -101,36 +101,206 @@ impl Activity {
 
 /// Copies between two TCP sockets until both directions have closed, a limit fires, or
 /// `shutdown` completes.
-pub async fn copy_tcp(
-    downstream: &mut TcpStream,
-    upstream: &mut TcpStream,
+pub fn copy_tcp<'a, F: Future<Output = ()>>(
+    downstream: &'a mut TcpStream,
+    upstream: &'a mut TcpStream,
     limits: CopyLimits,
-    counters: ByteCounters<'_>,
-    shutdown: impl Future<Output = ()>,
-) -> CopyOutcome {
-    let activity = Activity::new();
-    let (mut down_read, mut down_write) = downstream.split();
-    let (mut up_read, mut up_write) = upstream.split();
-    // Pinned in place: the pumps are the bulk of a connection's task, and moving them
-    // into `supervise` would store them twice.
-    let pumps = std::pin::pin!(both_ways(
-        pump_tcp(
-            &mut down_read,
-            &mut up_write,
-            &activity,
-            &activity.to_upstream,
-            counters.to_upstream
-        ),
-        pump_tcp(
-            &mut up_read,
-            &mut down_write,
-            &activity,
-            &activity.to_downstream,
-            counters.to_downstream
-        ),
-    ));
-    let end = supervise(pumps, &activity, limits, shutdown).await;
-    activity.outcome(end)
+    counters: ByteCounters<'a>,
+    shutdown: F,
+) -> CopyTcp<'a, F> {
+    let now = tokio::time::Instant::now();
+    let hard_deadline = limits.max_duration.map(|d| now + d);
+    let first = now + limits.idle_timeout;
+    CopyTcp {
+        downstream,
+        upstream,
+        to_upstream: Pump::new(),
+        to_downstream: Pump::new(),
+        counters,
+        limits,
+        last_activity: now,
+        hard_deadline,
+        timer: tokio::time::sleep_until(hard_deadline.map_or(first, |h| h.min(first))),
+        shutdown,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The TCP-to-TCP copy as one hand-written future: both directions, the idle and
+    /// maximum-duration timer and the drain in a few hundred bytes, because an idle
+    /// connection is mostly this state. Each direction waits for readiness without a
+    /// buffer, reads through `AsyncRead` (a short read marks the socket drained, so no
+    /// read is spent to see it empty) and writes everything it read before reading
+    /// again, so a slow reader holds back its writer instead of growing a buffer.
+    pub struct CopyTcp<'a, F> {
+        downstream: &'a mut TcpStream,
+        upstream: &'a mut TcpStream,
+        to_upstream: Pump,
+        to_downstream: Pump,
+        counters: ByteCounters<'a>,
+        limits: CopyLimits,
+        last_activity: tokio::time::Instant,
+        hard_deadline: Option<tokio::time::Instant>,
+        #[pin]
+        timer: tokio::time::Sleep,
+        #[pin]
+        shutdown: F,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for CopyTcp<'_, F> {
+    type Output = CopyOutcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CopyOutcome> {
+        let mut this = self.project();
+        let mut moved = false;
+        let up = this.to_upstream.poll_pump(
+            cx,
+            this.downstream,
+            this.upstream,
+            this.counters.to_upstream,
+            &mut moved,
+        );
+        let down = this.to_downstream.poll_pump(
+            cx,
+            this.upstream,
+            this.downstream,
+            this.counters.to_downstream,
+            &mut moved,
+        );
+        let outcome = |end| CopyOutcome {
+            to_upstream: this.to_upstream.total,
+            to_downstream: this.to_downstream.total,
+            end,
+        };
+        // A socket error on either side (usually a reset) ends the connection at once:
+        // a broken connection cannot deliver what is still in flight either way.
+        if matches!(up, Poll::Ready(Err(_))) || matches!(down, Poll::Ready(Err(_))) {
+            return Poll::Ready(outcome(CopyEnd::Error));
+        }
+        if up.is_ready() && down.is_ready() {
+            return Poll::Ready(outcome(CopyEnd::Closed));
+        }
+        if moved {
+            *this.last_activity = tokio::time::Instant::now();
+        }
+        if this.shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(outcome(CopyEnd::Drained));
+        }
+        // One timer serves both limits, re-armed for the nearer deadline.
+        while this.timer.as_mut().poll(cx).is_ready() {
+            let now = tokio::time::Instant::now();
+            if this.hard_deadline.is_some_and(|h| now >= h) {
+                return Poll::Ready(outcome(CopyEnd::DurationTimeout));
+            }
+            let idle_for = now.saturating_duration_since(*this.last_activity);
+            if idle_for >= this.limits.idle_timeout {
+                return Poll::Ready(outcome(CopyEnd::IdleTimeout));
+            }
+            let next_idle = now + (this.limits.idle_timeout - idle_for);
+            this.timer
+                .as_mut()
+                .reset(this.hard_deadline.map_or(next_idle, |h| h.min(next_idle)));
+        }
+        Poll::Pending
+    }
+}
+
+/// One direction of [`CopyTcp`].
+struct Pump {
+    /// Read buffer; `None` while waiting for the socket, so an idle direction holds none.
+    buf: Option<Box<[u8]>>,
+    /// `buf[written..filled]` is read and not yet written.
+    filled: usize,
+    written: usize,
+    /// Size of the next buffer: grows while reads fill it, shrinks when the socket runs dry.
+    size: usize,
+    total: u64,
+    done: bool,
+}
+
+impl Pump {
+    fn new() -> Pump {
+        Pump {
+            buf: None,
+            filled: 0,
+            written: 0,
+            size: INITIAL_BUFFER,
+            total: 0,
+            done: false,
+        }
+    }
+
+    /// Moves bytes from `from` to `to` until one of them is not ready (`Pending`), the
+    /// end of stream has been passed on (`Ready(Ok)`, then always `Ready(Ok)`), or a
+    /// socket error.
+    fn poll_pump(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut TcpStream,
+        to: &mut TcpStream,
+        counter: Option<&IntCounter>,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(buf) = &self.buf
+                && self.written < self.filled
+            {
+                let n = ready!(Pin::new(&mut *to).poll_write(cx, &buf[self.written..self.filled]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.written += n;
+                self.total += n as u64;
+                if let Some(c) = counter {
+                    c.inc_by(n as u64);
+                }
+                *moved = true;
+                if self.written < self.filled {
+                    continue;
+                }
+                if self.filled == buf.len() {
+                    // The read filled the buffer: more is likely waiting, read bigger.
+                    if self.size < MAX_BUFFER {
+                        self.size = (self.size * 4).min(MAX_BUFFER);
+                        self.buf = None;
+                    }
+                } else {
+                    // A short read: the socket ran dry. Give the buffer back while waiting.
+                    self.buf = None;
+                    self.size = INITIAL_BUFFER.max(self.size / 4);
+                }
+            }
+            if self.buf.is_none() {
+                ready!(from.poll_read_ready(cx))?;
+            }
+            let size = self.size;
+            let buf = self
+                .buf
+                .get_or_insert_with(|| vec![0u8; size].into_boxed_slice());
+            let mut read = ReadBuf::new(buf);
+            match Pin::new(&mut *from).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // The readiness was stale: wait again without holding a buffer.
+                    self.buf = None;
+                    return Poll::Pending;
+                }
+            }
+            self.filled = read.filled().len();
+            self.written = 0;
+            if self.filled == 0 {
+                // End of stream one way: pass the FIN on, keep the other way open.
+                let _ = socket2::SockRef::from(&*to).shutdown(Shutdown::Write);
+                self.buf = None;
+                self.done = true;
+            }
+        }
+    }
 }
 
 /// Copies between any two byte streams (TLS on either side). Uses fixed 16 KiB buffers:
@@ -216,43 +386,6 @@ async fn supervise(
                 let next_idle = now + (limits.idle_timeout - idle_for);
                 timer.as_mut().reset(hard_deadline.map_or(next_idle, |h| h.min(next_idle)));
             }
-        }
-    }
-}
-
-async fn pump_tcp(
-    from: &mut ReadHalf<'_>,
-    to: &mut WriteHalf<'_>,
-    activity: &Activity,
-    total: &AtomicU64,
-    counter: Option<&IntCounter>,
-) -> io::Result<()> {
-    let mut size = INITIAL_BUFFER;
-    let mut buf: Option<Vec<u8>> = None;
-    loop {
-        // Wait without a buffer: an idle connection holds none.
-        from.readable().await?;
-        let b = buf.get_or_insert_with(|| Vec::with_capacity(size));
-        b.clear();
-        // Through `AsyncRead`: a read that does not fill the buffer marks the socket
-        // drained (edge-triggered epoll), so no second read is spent to see it empty.
-        let n = from.read_buf(b).await?;
-        if n == 0 {
-            // End of stream one way: pass the FIN on, keep the other way open.
-            let _ = socket2::SockRef::from(to.as_ref()).shutdown(Shutdown::Write);
-            return Ok(());
-        }
-        to.write_all(&b[..n]).await?;
-        account(activity, total, counter, n);
-        if n == b.capacity() {
-            if size < MAX_BUFFER {
-                size = (size * 4).min(MAX_BUFFER);
-                buf = None;
-            }
-        } else {
-            // The socket ran dry: give the buffer back while we wait.
-            buf = None;
-            size = INITIAL_BUFFER.max(size / 4);
         }
     }
 }
