@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
@@ -392,6 +392,62 @@ async fn a_replacement_that_cannot_start_leaves_the_old_process_serving() {
         old.stderr_text()
     );
     assert!(route_works(new.gateway, REVIEWS, Duration::from_secs(1)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_deadline_closes_open_connections_and_logs_each() {
+    let reviews = RawEcho::start().await;
+    let ports = Ports::new();
+    let mut gw = Strait::start(
+        ports,
+        &docs(&[
+            bootstrap(&ports, "  drainDuration: 1s\n"),
+            gateway("east-west", ports.gateway),
+            service(REVIEWS, reviews.addr.port()),
+        ]),
+    );
+    // Three connections that stay open and silent through the drain.
+    let hello = client_hello_bytes(&sni(REVIEWS), &["istio"]);
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(gw.gateway).await.unwrap();
+        s.write_all(&hello).await.unwrap();
+        let mut back = vec![0; hello.len()];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, hello, "the echo upstream returns the ClientHello");
+        open.push(s);
+    }
+    let term = Instant::now();
+    gw.signal(libc::SIGTERM);
+    for s in &mut open {
+        assert!(
+            read_until_close(s, Duration::from_secs(5)).await.is_some(),
+            "a connection outlived the drain deadline"
+        );
+    }
+    assert!(
+        term.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}, before the 1 s drainDuration",
+        term.elapsed()
+    );
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "stderr:\n{}",
+        gw.stderr_text()
+    );
+    // Each connection closed by the deadline still has its access-log line, with its
+    // bytes counted.
+    let lines: Vec<_> = gw
+        .access_log()
+        .into_iter()
+        .filter(|l| l["sni"] == sni(REVIEWS).as_str())
+        .collect();
+    assert_eq!(lines.len(), 3, "access log: {lines:?}");
+    for l in &lines {
+        assert_eq!(l["bytes_received"], hello.len() as u64, "{l}");
+        assert_eq!(l["bytes_sent"], hello.len() as u64, "{l}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,7 @@ use tokio_rustls::client::TlsStream;
 
 use super::copy::{ByteCounters, CopyOutcome, copy_streams, copy_tcp};
 use super::passthrough::{MAX_CONNECT_ATTEMPTS, MetricsObserver, copy_limits, record_copy};
-use super::{Runtime, Shared, closing};
+use super::{Runtime, Shared};
 use crate::model::{BridgeSpec, Endpoint, NetworkGateway, ServiceKey, Settings, UpstreamTls};
 use crate::route::sni::build_subset_key;
 use crate::telemetry::{ConnectionResult, IstioLabels, ResponseFlag};
@@ -179,10 +179,10 @@ pub(super) async fn handle(
     let counters = result.open_route(labels);
     let limits = copy_limits(&cluster, &runtime.snapshot.settings);
     let bytes = ByteCounters {
-        to_upstream: Some(&counters.received),
-        to_downstream: Some(&counters.sent),
+        to_upstream: Some(counters.received.clone()),
+        to_downstream: Some(counters.sent.clone()),
     };
-    let drain = closing(shared.subscribe_drain());
+    let drain = shared.closing();
     let outcome = match opened.link {
         Link::Plain(mut up) => copy_tcp(&mut stream, &mut up, limits, bytes, drain).await,
         Link::Mutual(tls) => {

@@ -7,6 +7,7 @@
 //! flowing (half-close). Buffers start small, grow while reads fill them, and are
 //! released whenever a socket runs dry, so an idle connection holds no buffer at all.
 
+use std::borrow::BorrowMut;
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
@@ -20,9 +21,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// First read buffer of a burst; small so short exchanges stay cheap.
-const INITIAL_BUFFER: usize = 4 * 1024;
+const INITIAL_BUFFER: u32 = 4 * 1024;
 /// Largest read buffer; reached only by bulk transfers.
-const MAX_BUFFER: usize = 256 * 1024;
+const MAX_BUFFER: u32 = 256 * 1024;
 
 /// Why the pump stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,9 +58,9 @@ pub struct CopyLimits {
 }
 
 /// Counters that the pump adds to as bytes move, so metrics are exact and live.
-pub struct ByteCounters<'a> {
-    pub to_upstream: Option<&'a IntCounter>,
-    pub to_downstream: Option<&'a IntCounter>,
+pub struct ByteCounters {
+    pub to_upstream: Option<IntCounter>,
+    pub to_downstream: Option<IntCounter>,
 }
 
 /// Shared between both directions and the idle watchdog.
@@ -100,14 +101,14 @@ impl Activity {
 }
 
 /// Copies between two TCP sockets until both directions have closed, a limit fires, or
-/// `shutdown` completes.
-pub fn copy_tcp<'a, F: Future<Output = ()>>(
-    downstream: &'a mut TcpStream,
-    upstream: &'a mut TcpStream,
+/// `shutdown` completes. The sockets may be owned or borrowed.
+pub fn copy_tcp<S: BorrowMut<TcpStream>, F: Future<Output = ()>>(
+    downstream: S,
+    upstream: S,
     limits: CopyLimits,
-    counters: ByteCounters<'a>,
+    counters: ByteCounters,
     shutdown: F,
-) -> CopyTcp<'a, F> {
+) -> CopyTcp<S, F> {
     let now = tokio::time::Instant::now();
     let hard_deadline = limits.max_duration.map(|d| now + d);
     let first = now + limits.idle_timeout;
@@ -132,12 +133,12 @@ pin_project_lite::pin_project! {
     /// buffer, reads through `AsyncRead` (a short read marks the socket drained, so no
     /// read is spent to see it empty) and writes everything it read before reading
     /// again, so a slow reader holds back its writer instead of growing a buffer.
-    pub struct CopyTcp<'a, F> {
-        downstream: &'a mut TcpStream,
-        upstream: &'a mut TcpStream,
+    pub struct CopyTcp<S, F> {
+        downstream: S,
+        upstream: S,
         to_upstream: Pump,
         to_downstream: Pump,
-        counters: ByteCounters<'a>,
+        counters: ByteCounters,
         limits: CopyLimits,
         last_activity: tokio::time::Instant,
         hard_deadline: Option<tokio::time::Instant>,
@@ -148,24 +149,25 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F: Future<Output = ()>> Future for CopyTcp<'_, F> {
+impl<S: BorrowMut<TcpStream>, F: Future<Output = ()>> Future for CopyTcp<S, F> {
     type Output = CopyOutcome;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CopyOutcome> {
         let mut this = self.project();
         let mut moved = false;
+        let (downstream, upstream) = (this.downstream.borrow_mut(), this.upstream.borrow_mut());
         let up = this.to_upstream.poll_pump(
             cx,
-            this.downstream,
-            this.upstream,
-            this.counters.to_upstream,
+            downstream,
+            upstream,
+            this.counters.to_upstream.as_ref(),
             &mut moved,
         );
         let down = this.to_downstream.poll_pump(
             cx,
-            this.upstream,
-            this.downstream,
-            this.counters.to_downstream,
+            upstream,
+            downstream,
+            this.counters.to_downstream.as_ref(),
             &mut moved,
         );
         let outcome = |end| CopyOutcome {
@@ -210,11 +212,12 @@ impl<F: Future<Output = ()>> Future for CopyTcp<'_, F> {
 struct Pump {
     /// Read buffer; `None` while waiting for the socket, so an idle direction holds none.
     buf: Option<Box<[u8]>>,
-    /// `buf[written..filled]` is read and not yet written.
-    filled: usize,
-    written: usize,
+    /// `buf[written..filled]` is read and not yet written (`u32`: buffers stay far below
+    /// 4 GiB, and every byte of this struct is paid per connection).
+    filled: u32,
+    written: u32,
     /// Size of the next buffer: grows while reads fill it, shrinks when the socket runs dry.
-    size: usize,
+    size: u32,
     total: u64,
     done: bool,
 }
@@ -249,11 +252,15 @@ impl Pump {
             if let Some(buf) = &self.buf
                 && self.written < self.filled
             {
-                let n = ready!(Pin::new(&mut *to).poll_write(cx, &buf[self.written..self.filled]))?;
+                let n = ready!(
+                    Pin::new(&mut *to)
+                        .poll_write(cx, &buf[self.written as usize..self.filled as usize],)
+                )?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                self.written += n;
+                // At most the rest of a buffer of at most MAX_BUFFER bytes.
+                self.written += n as u32;
                 self.total += n as u64;
                 if let Some(c) = counter {
                     c.inc_by(n as u64);
@@ -262,7 +269,7 @@ impl Pump {
                 if self.written < self.filled {
                     continue;
                 }
-                if self.filled == buf.len() {
+                if self.filled as usize == buf.len() {
                     // The read filled the buffer: more is likely waiting, read bigger.
                     if self.size < MAX_BUFFER {
                         self.size = (self.size * 4).min(MAX_BUFFER);
@@ -277,7 +284,7 @@ impl Pump {
             if self.buf.is_none() {
                 ready!(from.poll_read_ready(cx))?;
             }
-            let size = self.size;
+            let size = self.size as usize;
             let buf = self
                 .buf
                 .get_or_insert_with(|| vec![0u8; size].into_boxed_slice());
@@ -291,7 +298,8 @@ impl Pump {
                     return Poll::Pending;
                 }
             }
-            self.filled = read.filled().len();
+            // At most the buffer's length, itself at most MAX_BUFFER.
+            self.filled = read.filled().len() as u32;
             self.written = 0;
             if self.filled == 0 {
                 // End of stream one way: pass the FIN on, keep the other way open.
@@ -309,7 +317,7 @@ pub async fn copy_streams<D, U>(
     downstream: D,
     upstream: U,
     limits: CopyLimits,
-    counters: ByteCounters<'_>,
+    counters: ByteCounters,
     shutdown: impl Future<Output = ()>,
 ) -> CopyOutcome
 where
@@ -327,14 +335,14 @@ where
             &mut uw,
             &activity,
             &activity.to_upstream,
-            counters.to_upstream
+            counters.to_upstream.as_ref()
         ),
         pump_stream(
             &mut ur,
             &mut dw,
             &activity,
             &activity.to_downstream,
-            counters.to_downstream
+            counters.to_downstream.as_ref()
         ),
     ));
     let end = supervise(pumps, &activity, limits, shutdown).await;

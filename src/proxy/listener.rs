@@ -136,10 +136,11 @@ fn serve(shared: &Arc<Shared>, addr: SocketAddr, stream: TcpStream, peer: Socket
         if is_bridge {
             // Boxed so a gateway connection's task is not sized for the bridge's.
             Box::pin(bridge::handle(shared, addr, stream, peer)).await;
+            drop(live);
         } else {
-            passthrough::handle(shared, addr, stream, peer).await;
+            // Hands `live` on to the copy task when the connection gets that far.
+            passthrough::handle(shared, addr, stream, peer, live).await;
         }
-        drop(live);
     });
 }
 

@@ -134,6 +134,10 @@ pub struct Shared {
     /// Connection tasks alive, counted from the moment of accept: what a drain waits for.
     live: AtomicUsize,
     idle: Notify,
+    /// Woken when the drain deadline passes and open connections must close. Leaked
+    /// (one per gateway, alive as long as the process) so that each connection can wait
+    /// on it with a 64-byte `Notified<'static>` instead of a watch subscription.
+    closing: &'static Notify,
     ready: AtomicBool,
 }
 
@@ -150,6 +154,7 @@ impl Shared {
             open: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
             idle: Notify::new(),
+            closing: Box::leak(Box::new(Notify::new())),
             ready: AtomicBool::new(false),
         })
     }
@@ -167,6 +172,17 @@ impl Shared {
 
     pub fn subscribe_drain(&self) -> watch::Receiver<DrainState> {
         self.drain.subscribe()
+    }
+
+    /// Resolves when the drain deadline has passed and open connections must close.
+    pub(crate) fn closing(&self) -> Closing {
+        // Created before the state is read: a `Notified` receives `notify_waiters` from
+        // its creation on, so a deadline passing in between is not missed.
+        let notified = self.closing.notified();
+        Closing {
+            notified,
+            already: self.drain_state() == DrainState::Closing,
+        }
     }
 
     /// Ready: configuration loaded, listeners bound, not draining.
@@ -223,6 +239,7 @@ impl Shared {
                 "drain deadline reached; closing remaining connections"
             );
             self.drain.send_replace(DrainState::Closing);
+            self.closing.notify_waiters();
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 while self.live_connections() > 0 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -234,7 +251,7 @@ impl Shared {
 }
 
 /// Counts one open downstream connection; released on drop.
-struct OpenGuard(Arc<Shared>);
+pub(crate) struct OpenGuard(Arc<Shared>);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
@@ -253,9 +270,28 @@ impl Drop for LiveGuard {
     }
 }
 
-/// Resolves when the drain reaches `Closing`.
-pub(crate) async fn closing(mut rx: watch::Receiver<DrainState>) {
-    let _ = rx.wait_for(|s| *s == DrainState::Closing).await;
+pin_project_lite::pin_project! {
+    /// See [`Shared::closing`].
+    pub(crate) struct Closing {
+        #[pin]
+        notified: tokio::sync::futures::Notified<'static>,
+        already: bool,
+    }
+}
+
+impl std::future::Future for Closing {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = self.project();
+        if *this.already {
+            return std::task::Poll::Ready(());
+        }
+        this.notified.poll(cx)
+    }
 }
 
 /// How long listeners keep accepting after a drain begins, readiness already failing:

@@ -13,7 +13,7 @@ use super::copy::{ByteCounters, copy_streams};
 use super::hello::{Alert, refuse_with_alert};
 use super::passthrough::{copy_limits, open_upstream, record_copy};
 use super::rewind::Rewind;
-use super::{Runtime, Shared, closing};
+use super::{Runtime, Shared};
 use crate::authz::{Peer, authorize};
 use crate::model::{ServicePort, UpstreamTls};
 use crate::route::sni::build_subset_key;
@@ -133,10 +133,10 @@ pub(super) async fn serve(
     };
     let limits = copy_limits(&cluster, settings);
     let counters = ByteCounters {
-        to_upstream: Some(&counters.received),
-        to_downstream: Some(&counters.sent),
+        to_upstream: Some(counters.received.clone()),
+        to_downstream: Some(counters.sent.clone()),
     };
-    let drain = closing(shared.subscribe_drain());
+    let drain = shared.closing();
     let opened = upstream;
     let outcome = if cluster.policy.tls == UpstreamTls::IstioMutual {
         let Some(client) = material.client(None) else {

@@ -1,32 +1,44 @@
 //! One downstream connection on a gateway listener: admit, read the ClientHello, route
 //! by SNI, connect to an endpoint, replay the ClientHello and splice bytes.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
 use tokio::net::TcpStream;
 
-use super::copy::{ByteCounters, CopyEnd, CopyLimits, CopyOutcome, copy_tcp};
+use super::copy::{ByteCounters, CopyEnd, CopyLimits, CopyOutcome, CopyTcp, copy_tcp};
 use super::hello::{Alert, HelloError, Offer, read_client_hello, refuse_with_alert};
-use super::{Shared, closing};
+use super::{LiveGuard, OpenGuard, Shared};
 use crate::model::{ServerTlsMode, Settings};
 use crate::route::{self, RouteMiss};
 use crate::telemetry::{ConnectionResult, IstioLabels, ResponseFlag};
 use crate::upstream::{
-    self, AttemptFailure, Cluster, ClusterSlot, ConnectError, ConnectObserver, Connected, Purpose,
+    self, ActiveGuard, AttemptFailure, Cluster, ClusterSlot, ConnectError, ConnectObserver,
+    Connected, Purpose,
 };
 
 /// Upstream connect attempts per connection, each to a distinct endpoint.
 pub(crate) const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// What keeps a connection counted: live for the drain, open for `maxConnections`.
+/// Moves with the connection into its copy task.
+pub(super) struct Held {
+    _live: LiveGuard,
+    _open: OpenGuard,
+}
 
 pub(super) async fn handle(
     shared: Arc<Shared>,
     listener: SocketAddr,
     mut stream: TcpStream,
     peer: SocketAddr,
+    live: LiveGuard,
 ) {
     let mut result = ConnectionResult::new(shared.telemetry.clone(), listener, peer);
-    let Some(_open) = shared.admit() else {
+    let Some(open) = shared.admit() else {
         result.refuse(ResponseFlag::UpstreamOverflow, "max_connections");
         tracing::debug!(%peer, "refused: maxConnections reached");
         // Close at once: the point of the limit is to spend nothing on the excess.
@@ -55,11 +67,18 @@ pub(super) async fn handle(
     };
     // Everything after the ClientHello is boxed: a connection still sending its
     // ClientHello holds only this small future, not the routing and copy state.
-    Box::pin(forward(shared, listener, stream, buf, offer, result)).await;
+    let held = Held {
+        _live: live,
+        _open: open,
+    };
+    Box::pin(forward(held, shared, listener, stream, buf, offer, result)).await;
 }
 
 /// Routes a connection whose ClientHello has arrived, connects, and splices bytes.
+/// `held` comes first so it is dropped last, after `result` has queued the access log
+/// line (the drain waits for the guards, then flushes the log).
 async fn forward(
+    held: Held,
     shared: Arc<Shared>,
     listener: SocketAddr,
     mut stream: TcpStream,
@@ -131,7 +150,7 @@ async fn forward(
     let counters = result.open_shared_route(route_metrics.clone());
     counters.received.inc_by(buf.len() as u64);
 
-    let mut upstream = match open_upstream(
+    let upstream = match open_upstream(
         &shared,
         settings,
         cluster,
@@ -149,18 +168,54 @@ async fn forward(
         }
     };
     drop(buf);
-    let outcome = copy_tcp(
-        &mut stream,
-        &mut upstream.connected.stream,
-        copy_limits(cluster, settings),
-        ByteCounters {
-            to_upstream: Some(&counters.received),
-            to_downstream: Some(&counters.sent),
+    // The copy is a task of its own that holds only what it needs, so the routing and
+    // connecting state above is freed: an idle connection costs this task alone.
+    let Opened {
+        connected: Connected {
+            stream: up, guard, ..
         },
-        closing(shared.subscribe_drain()),
-    )
-    .await;
-    record_copy(&mut result, &outcome);
+        _slot: slot,
+    } = upstream;
+    let counters = ByteCounters {
+        to_upstream: Some(counters.received),
+        to_downstream: Some(counters.sent),
+    };
+    tokio::spawn(Splice {
+        copy: copy_tcp(
+            stream,
+            up,
+            copy_limits(cluster, settings),
+            counters,
+            shared.closing(),
+        ),
+        result,
+        _upstream: (slot, guard),
+        _held: held,
+    });
+}
+
+pin_project_lite::pin_project! {
+    /// A routed, connected connection: the copy, then the record of how it ended.
+    /// Fields drop in order: the sockets close, the access-log line is queued, and only
+    /// then are the guards released (the drain waits for them, then flushes the log).
+    struct Splice<F> {
+        #[pin]
+        copy: CopyTcp<TcpStream, F>,
+        result: ConnectionResult,
+        _upstream: (ClusterSlot, ActiveGuard),
+        _held: Held,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Splice<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let outcome = ready!(this.copy.poll(cx));
+        record_copy(this.result, &outcome);
+        Poll::Ready(())
+    }
 }
 
 /// Limits for the copy: the cluster's policy over the Bootstrap defaults.
