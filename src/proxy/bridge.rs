@@ -265,7 +265,9 @@ async fn open(
         observer.attempt();
         let started = Instant::now();
         let dialled = match hop {
-            Hop::Direct | Hop::DirectMutual => dial_endpoint(member, timeout).await,
+            Hop::Direct | Hop::DirectMutual => dial_endpoint(member, timeout, None)
+                .await
+                .map(|(stream, addr, _)| (stream, addr)),
             Hop::Gateway(gw) => dial_address(&gw.address, gw.port, timeout).await,
         };
         let network = (!in_network(&member.endpoint, &settings.network))

@@ -506,11 +506,11 @@ pub async fn connect<'a>(
         let guard = member.activate();
         observer.attempt();
         let started = Instant::now();
-        let outcome = match dial_endpoint(member, timeout).await {
-            Ok((stream, addr)) => {
+        let outcome = match dial_endpoint(member, timeout, opening).await {
+            Ok((stream, addr, sent)) => {
                 let took = started.elapsed();
                 match opening {
-                    Some(bytes) => await_answer(&stream, bytes, timeout)
+                    Some(bytes) => await_answer(&stream, &bytes[sent..], timeout)
                         .await
                         .map(|()| (stream, addr, took)),
                     None => Ok((stream, addr, took)),
@@ -612,7 +612,8 @@ fn reset(e: std::io::Error) -> (AttemptFailure, String) {
 pub async fn dial_endpoint(
     member: &Member,
     timeout: Duration,
-) -> Result<(TcpStream, SocketAddr), (AttemptFailure, String)> {
+    opening: Option<&[u8]>,
+) -> Result<(TcpStream, SocketAddr, usize), (AttemptFailure, String)> {
     let endpoint = &member.endpoint;
     let attempt = async {
         let addrs = match &endpoint.address {
@@ -624,7 +625,12 @@ pub async fn dial_endpoint(
                 .await
                 .map_err(|e| (AttemptFailure::Resolve, e))?,
         };
-        connect_first(addrs, (AttemptFailure::Other, "no address".to_string())).await
+        connect_first(
+            addrs,
+            (AttemptFailure::Other, "no address".to_string()),
+            opening,
+        )
+        .await
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
@@ -637,17 +643,16 @@ pub async fn dial_endpoint(
 
 /// Connects to the first of `addrs` that takes the connection (a name may have several:
 /// `localhost` is ::1 and 127.0.0.1); `none` is the answer when there are no addresses.
+/// With `opening`, also returns how much of it was already written (see [`connect_tcp`]).
 async fn connect_first(
     addrs: Vec<SocketAddr>,
     none: (AttemptFailure, String),
-) -> Result<(TcpStream, SocketAddr), (AttemptFailure, String)> {
+    opening: Option<&[u8]>,
+) -> Result<(TcpStream, SocketAddr, usize), (AttemptFailure, String)> {
     let mut last = none;
     for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(stream) => {
-                let _ = stream.set_nodelay(true);
-                return Ok((stream, addr));
-            }
+        match connect_tcp(addr, opening).await {
+            Ok((stream, sent)) => return Ok((stream, addr, sent)),
             Err(e) => {
                 let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
                     AttemptFailure::Refused
@@ -661,6 +666,42 @@ async fn connect_first(
         }
     }
     Err(last)
+}
+
+/// A non-blocking TCP connect with `TCP_NODELAY`. With `opening`, the bytes are written
+/// right after `connect` returns: when the handshake has already completed (a local or
+/// nearby endpoint), that saves a trip through the reactor and the `SO_ERROR` check, and
+/// a refused connection shows as the write's error. Returns how much was written.
+async fn connect_tcp(
+    addr: SocketAddr,
+    opening: Option<&[u8]>,
+) -> std::io::Result<(TcpStream, usize)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    if let Some(bytes) = opening.filter(|b| !b.is_empty()) {
+        match socket2::SockRef::from(&stream).send_with_flags(bytes, libc::MSG_NOSIGNAL) {
+            Ok(n) => return Ok((stream, n)),
+            // Still connecting (or no room): wait for the connection below.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    stream.writable().await?;
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    Ok((stream, 0))
 }
 
 impl Member {
@@ -690,8 +731,10 @@ pub async fn dial_address(
         connect_first(
             addrs,
             (AttemptFailure::Resolve, format!("{host}: no address")),
+            None,
         )
         .await
+        .map(|(stream, addr, _)| (stream, addr))
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
