@@ -1,10 +1,14 @@
 //! Reading the ClientHello from a fresh connection without terminating TLS: read until
 //! the parser is satisfied (bounded in bytes and time), keep the bytes for replay.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::tls::client_hello::{HelloParse, MAX_CLIENT_HELLO_BYTES, NotTls, parse_client_hello};
@@ -50,70 +54,97 @@ impl HelloError {
     }
 }
 
-/// Reads from `stream` into `buf` until a whole ClientHello has arrived.
+/// Reads from `stream` into `buf` until a whole ClientHello has arrived, within
+/// `timeout`.
 ///
-/// The buffer is allocated only once the socket is readable, grows with what arrives
-/// and never beyond [`MAX_CLIENT_HELLO_BYTES`] plus one read; every byte read stays in
-/// `buf` for replay to the upstream.
-pub async fn read_client_hello(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
+/// Reads land in a per-thread scratch buffer and only what arrived is copied into
+/// `buf` (kept for replay to the upstream), so a client stuck mid-ClientHello holds
+/// just the bytes it has sent, never a read-sized buffer. `buf` grows at most to
+/// [`MAX_CLIENT_HELLO_BYTES`] plus one record header.
+pub fn read_client_hello<'a>(
+    stream: &'a mut TcpStream,
+    buf: &'a mut Vec<u8>,
     timeout: Duration,
-) -> Result<Offer, HelloError> {
-    let work = async {
+) -> ReadHello<'a> {
+    ReadHello {
+        stream,
+        buf,
+        timeout,
+        deadline: tokio::time::sleep(timeout),
+    }
+}
+
+/// Largest single read while waiting for a ClientHello.
+const SCRATCH_BYTES: usize = 16 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice());
+}
+
+pin_project_lite::pin_project! {
+    /// See [`read_client_hello`].
+    pub struct ReadHello<'a> {
+        stream: &'a mut TcpStream,
+        buf: &'a mut Vec<u8>,
+        timeout: Duration,
+        #[pin]
+        deadline: tokio::time::Sleep,
+    }
+}
+
+impl Future for ReadHello<'_> {
+    type Output = Result<Offer, HelloError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
         loop {
-            // Wait without a buffer: a silent client holds none.
-            stream.readable().await?;
-            if buf.capacity() == buf.len() {
-                let grow = next_read_size(buf);
-                buf.reserve_exact(grow.min(MAX_CLIENT_HELLO_BYTES + 5 - buf.len()).max(1));
+            let room = (MAX_CLIENT_HELLO_BYTES + 5)
+                .saturating_sub(this.buf.len())
+                .max(1);
+            let read = SCRATCH.with(|scratch| {
+                // Borrowed only inside this closure, which does not re-enter itself.
+                let mut scratch = scratch.borrow_mut();
+                let len = room.min(scratch.len());
+                let mut read = ReadBuf::new(&mut scratch[..len]);
+                // Through `AsyncRead`: a short read marks the socket drained, so the copy
+                // that follows does not spend a read to see it empty.
+                ready!(Pin::new(&mut **this.stream).poll_read(cx, &mut read))?;
+                // Amortised growth: at most twice what arrived, linear in a ClientHello
+                // sent one byte per segment.
+                this.buf.extend_from_slice(read.filled());
+                Poll::Ready(Ok::<usize, io::Error>(read.filled().len()))
+            });
+            match read {
+                Poll::Pending => {
+                    return match this.deadline.poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Err(HelloError::Timeout(*this.timeout))),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(HelloError::Io(e))),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(HelloError::Closed(this.buf.len()))),
+                Poll::Ready(Ok(_)) => {}
             }
-            // Through `AsyncRead`, reading at most the spare capacity: a short read marks
-            // the socket drained, so the copy that follows does not spend a read to see
-            // it empty.
-            match stream.read_buf(buf).await {
-                Ok(0) => return Err(HelloError::Closed(buf.len())),
-                Ok(_) => {}
-                Err(e) => return Err(HelloError::Io(e)),
-            }
-            match parse_client_hello(buf) {
+            match parse_client_hello(this.buf) {
                 HelloParse::Complete(hello) => {
-                    return Ok(Offer {
+                    return Poll::Ready(Ok(Offer {
                         sni: hello.sni().map(str::to_string),
                         alpn: hello.alpn().map(<[u8]>::to_vec).collect(),
                         alpn_display: hello.alpn_display(),
                         hello_bytes: hello.record_bytes(),
-                    });
+                    }));
                 }
                 HelloParse::NeedMore => {
-                    if buf.len() > MAX_CLIENT_HELLO_BYTES {
+                    if this.buf.len() > MAX_CLIENT_HELLO_BYTES {
                         // The parser bounds declared lengths; this guards the buffer too.
-                        return Err(HelloError::NotTls(NotTls::TooLarge { needed: buf.len() }));
+                        return Poll::Ready(Err(HelloError::NotTls(NotTls::TooLarge {
+                            needed: this.buf.len(),
+                        })));
                     }
                 }
-                HelloParse::NotTls(reason) => return Err(HelloError::NotTls(reason)),
+                HelloParse::NotTls(reason) => return Poll::Ready(Err(HelloError::NotTls(reason))),
             }
         }
-    };
-    match tokio::time::timeout(timeout, work).await {
-        Ok(r) => r,
-        Err(_) => Err(HelloError::Timeout(timeout)),
-    }
-}
-
-/// How much more to read: a small first read, then exactly the rest of the record the
-/// header announces (plus the next header, for a ClientHello spread over records), so a
-/// client stuck mid-ClientHello holds no more memory than it has sent.
-fn next_read_size(buf: &[u8]) -> usize {
-    const FIRST_READ: usize = 512;
-    if buf.len() < 5 {
-        return FIRST_READ - buf.len();
-    }
-    let record = 5 + u16::from_be_bytes([buf[3], buf[4]]) as usize;
-    if record > buf.len() {
-        record - buf.len() + 5
-    } else {
-        buf.len()
     }
 }
 

@@ -132,16 +132,17 @@ fn serve(shared: &Arc<Shared>, addr: SocketAddr, stream: TcpStream, peer: Socket
     let live = shared.track();
     let is_bridge = shared.runtime.load().bridge_at(&addr).is_some();
     let shared = shared.clone();
-    tokio::spawn(async move {
-        if is_bridge {
+    if is_bridge {
+        tokio::spawn(async move {
             // Boxed so a gateway connection's task is not sized for the bridge's.
             Box::pin(bridge::handle(shared, addr, stream, peer)).await;
             drop(live);
-        } else {
-            // Hands `live` on to the copy task when the connection gets that far.
-            passthrough::handle(shared, addr, stream, peer, live).await;
-        }
-    });
+        });
+    } else {
+        // Spawned as is, not wrapped, so the task is exactly the ClientHello phase's
+        // size; `live` is handed on to the copy task when the connection gets that far.
+        tokio::spawn(passthrough::handle(shared, addr, stream, peer, live));
+    }
 }
 
 fn count_accept_error(shared: &Shared, e: &io::Error) {

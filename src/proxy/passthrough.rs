@@ -14,7 +14,7 @@ use super::hello::{Alert, HelloError, Offer, read_client_hello, refuse_with_aler
 use super::{LiveGuard, OpenGuard, Shared};
 use crate::model::{ServerTlsMode, Settings};
 use crate::route::{self, RouteMiss};
-use crate::telemetry::{ConnectionResult, IstioLabels, ResponseFlag};
+use crate::telemetry::{Accepted, ConnectionResult, IstioLabels, ResponseFlag};
 use crate::upstream::{
     self, ActiveGuard, AttemptFailure, Cluster, ClusterSlot, ConnectError, ConnectObserver,
     Connected, Purpose,
@@ -37,41 +37,50 @@ pub(super) async fn handle(
     peer: SocketAddr,
     live: LiveGuard,
 ) {
-    let mut result = ConnectionResult::new(shared.telemetry.clone(), listener, peer);
+    let accepted = Accepted::new(shared.telemetry.clone());
     let Some(open) = shared.admit() else {
+        let mut result = accepted.into_result(listener, peer);
         result.refuse(ResponseFlag::UpstreamOverflow, "max_connections");
         tracing::debug!(%peer, "refused: maxConnections reached");
         // Close at once: the point of the limit is to spend nothing on the excess.
         return;
     };
     let _ = stream.set_nodelay(true);
-
-    let hello_timeout = shared.runtime.load().snapshot.settings.client_hello_timeout;
-    let mut buf = Vec::new();
-    let offer = match read_client_hello(&mut stream, &mut buf, hello_timeout).await {
-        Ok(offer) => offer,
-        Err(e) => {
-            result.received = buf.len() as u64;
-            let flag = match e {
-                HelloError::Closed(_) => ResponseFlag::DownstreamConnectionTermination,
-                _ => ResponseFlag::DownstreamProtocolError,
-            };
-            result.refuse(flag, e.reason());
-            tracing::debug!(%peer, error = %e, "refused before routing");
-            if !matches!(e, HelloError::Closed(_)) {
-                // Boxed: a rare path that would otherwise grow every connection's task.
-                Box::pin(refuse_with_alert(&mut stream, None)).await;
-            }
-            return;
-        }
-    };
-    // Everything after the ClientHello is boxed: a connection still sending its
-    // ClientHello holds only this small future, not the routing and copy state.
     let held = Held {
         _live: live,
         _open: open,
     };
-    Box::pin(forward(held, shared, listener, stream, buf, offer, result)).await;
+    let hello_timeout = shared.runtime.load().snapshot.settings.client_hello_timeout;
+    let mut buf = Vec::new();
+    let read = read_client_hello(&mut stream, &mut buf, hello_timeout).await;
+    // Everything after the ClientHello is boxed: a connection still sending its
+    // ClientHello holds only this small future, not the result, routing and copy state.
+    let result = accepted.into_result(listener, peer);
+    match read {
+        Ok(offer) => Box::pin(forward(held, shared, listener, stream, buf, offer, result)).await,
+        Err(e) => Box::pin(refuse_hello(held, stream, buf, e, result)).await,
+    }
+}
+
+/// Records why no ClientHello could be had and closes, with an alert unless the client
+/// has already gone.
+async fn refuse_hello(
+    _held: Held,
+    mut stream: TcpStream,
+    buf: Vec<u8>,
+    e: HelloError,
+    mut result: ConnectionResult,
+) {
+    result.received = buf.len() as u64;
+    let flag = match e {
+        HelloError::Closed(_) => ResponseFlag::DownstreamConnectionTermination,
+        _ => ResponseFlag::DownstreamProtocolError,
+    };
+    result.refuse(flag, e.reason());
+    tracing::debug!(peer = %result.downstream, error = %e, "refused before routing");
+    if !matches!(e, HelloError::Closed(_)) {
+        refuse_with_alert(&mut stream, None).await;
+    }
 }
 
 /// Routes a connection whose ClientHello has arrived, connects, and splices bytes.

@@ -9,7 +9,7 @@ pub use access_log::AccessLog;
 pub use metrics::{
     EndpointSample, GatewayIdentity, IstioLabels, Metrics, RouteCounters, RouteMetrics,
 };
-pub use result::{ConnectionResult, ResponseFlag};
+pub use result::{Accepted, ConnectionResult, ResponseFlag};
 
 use std::sync::Arc;
 

@@ -85,14 +85,65 @@ pub struct ConnectionResult {
     route: Option<Arc<RouteMetrics>>,
 }
 
-impl ConnectionResult {
-    pub fn new(telemetry: Arc<Telemetry>, listener: SocketAddr, downstream: SocketAddr) -> Self {
+/// A connection counted as accepted and active, before anything else is known about it:
+/// a few words where a [`ConnectionResult`] is a few hundred bytes, so a connection
+/// still sending its ClientHello stays small. Becomes the result once there is
+/// something to record.
+pub struct Accepted {
+    /// `None` only once handed to the result.
+    telemetry: Option<Arc<Telemetry>>,
+    start_wall: SystemTime,
+    start: Instant,
+}
+
+impl Accepted {
+    pub fn new(telemetry: Arc<Telemetry>) -> Accepted {
         telemetry.metrics.accepted.inc();
         telemetry.metrics.active.inc();
-        ConnectionResult {
-            telemetry,
+        Accepted {
+            telemetry: Some(telemetry),
             start_wall: SystemTime::now(),
             start: Instant::now(),
+        }
+    }
+
+    /// The result of this connection, timed from its accept.
+    pub fn into_result(mut self, listener: SocketAddr, downstream: SocketAddr) -> ConnectionResult {
+        // Set in `new`, taken only here (which consumes `self`).
+        let telemetry = self
+            .telemetry
+            .take()
+            .expect("an Accepted is turned into a result once");
+        ConnectionResult::with_start(telemetry, listener, downstream, self.start_wall, self.start)
+    }
+}
+
+impl Drop for Accepted {
+    fn drop(&mut self) {
+        // Dropped without a result (the runtime shutting down mid-ClientHello): the
+        // connection is no longer active.
+        if let Some(t) = &self.telemetry {
+            t.metrics.active.dec();
+        }
+    }
+}
+
+impl ConnectionResult {
+    pub fn new(telemetry: Arc<Telemetry>, listener: SocketAddr, downstream: SocketAddr) -> Self {
+        Accepted::new(telemetry).into_result(listener, downstream)
+    }
+
+    fn with_start(
+        telemetry: Arc<Telemetry>,
+        listener: SocketAddr,
+        downstream: SocketAddr,
+        start_wall: SystemTime,
+        start: Instant,
+    ) -> Self {
+        ConnectionResult {
+            telemetry,
+            start_wall,
+            start,
             listener,
             downstream,
             sni: None,
