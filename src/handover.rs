@@ -23,7 +23,7 @@ use std::io::{self, BufRead, BufReader, IoSlice, IoSliceMut, Write};
 use std::mem::MaybeUninit;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -200,6 +200,8 @@ impl Server {
         }
         let _ = std::fs::remove_file(&tmp);
         let std_listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+        // Whoever can connect gets the listening sockets: the owner only.
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
         let meta = std::fs::metadata(&tmp)?;
         std::fs::rename(&tmp, path)?;
         std_listener.set_nonblocking(true)?;

@@ -330,6 +330,9 @@ async fn a_second_process_takes_the_sockets_over_and_no_connection_is_refused() 
     assert!(route_works(new.gateway, REVIEWS, Duration::from_secs(1)).await);
     assert_eq!(http_get(new.status, "/healthz/ready").unwrap().0, 200);
     assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the hand-over socket is for its owner only");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
