@@ -57,6 +57,43 @@ pub struct CopyLimits {
     pub max_duration: Option<Duration>,
 }
 
+/// The idle and maximum-duration limits as deadlines, served by one timer re-armed for
+/// the nearer of the two.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    idle_timeout: Duration,
+    hard: Option<tokio::time::Instant>,
+}
+
+impl Deadlines {
+    /// The deadlines from now, and when the timer first fires.
+    fn start(limits: CopyLimits) -> (Deadlines, tokio::time::Instant) {
+        let now = tokio::time::Instant::now();
+        let d = Deadlines {
+            idle_timeout: limits.idle_timeout,
+            hard: limits.max_duration.map(|m| now + m),
+        };
+        (d, d.nearer(now + limits.idle_timeout))
+    }
+
+    fn nearer(&self, idle_deadline: tokio::time::Instant) -> tokio::time::Instant {
+        self.hard.map_or(idle_deadline, |h| h.min(idle_deadline))
+    }
+
+    /// When the timer fires, with no bytes moved for `idle_for`: how the connection
+    /// ends, or when the timer should fire next.
+    fn on_timer(&self, idle_for: Duration) -> Result<tokio::time::Instant, CopyEnd> {
+        let now = tokio::time::Instant::now();
+        if self.hard.is_some_and(|h| now >= h) {
+            return Err(CopyEnd::DurationTimeout);
+        }
+        if idle_for >= self.idle_timeout {
+            return Err(CopyEnd::IdleTimeout);
+        }
+        Ok(self.nearer(now + (self.idle_timeout - idle_for)))
+    }
+}
+
 /// Counters that the pump adds to as bytes move, so metrics are exact and live.
 pub struct ByteCounters {
     pub to_upstream: Option<IntCounter>,
@@ -109,19 +146,16 @@ pub fn copy_tcp<S: BorrowMut<TcpStream>, F: Future<Output = ()>>(
     counters: ByteCounters,
     shutdown: F,
 ) -> CopyTcp<S, F> {
-    let now = tokio::time::Instant::now();
-    let hard_deadline = limits.max_duration.map(|d| now + d);
-    let first = now + limits.idle_timeout;
+    let (deadlines, first) = Deadlines::start(limits);
     CopyTcp {
         downstream,
         upstream,
         to_upstream: Pump::new(),
         to_downstream: Pump::new(),
         counters,
-        limits,
-        last_activity: now,
-        hard_deadline,
-        timer: tokio::time::sleep_until(hard_deadline.map_or(first, |h| h.min(first))),
+        deadlines,
+        last_activity: tokio::time::Instant::now(),
+        timer: tokio::time::sleep_until(first),
         shutdown,
     }
 }
@@ -139,9 +173,8 @@ pin_project_lite::pin_project! {
         to_upstream: Pump,
         to_downstream: Pump,
         counters: ByteCounters,
-        limits: CopyLimits,
+        deadlines: Deadlines,
         last_activity: tokio::time::Instant,
-        hard_deadline: Option<tokio::time::Instant>,
         #[pin]
         timer: tokio::time::Sleep,
         #[pin]
@@ -189,20 +222,11 @@ impl<S: BorrowMut<TcpStream>, F: Future<Output = ()>> Future for CopyTcp<S, F> {
         if this.shutdown.as_mut().poll(cx).is_ready() {
             return Poll::Ready(outcome(CopyEnd::Drained));
         }
-        // One timer serves both limits, re-armed for the nearer deadline.
         while this.timer.as_mut().poll(cx).is_ready() {
-            let now = tokio::time::Instant::now();
-            if this.hard_deadline.is_some_and(|h| now >= h) {
-                return Poll::Ready(outcome(CopyEnd::DurationTimeout));
+            match this.deadlines.on_timer(this.last_activity.elapsed()) {
+                Ok(next) => this.timer.as_mut().reset(next),
+                Err(end) => return Poll::Ready(outcome(end)),
             }
-            let idle_for = now.saturating_duration_since(*this.last_activity);
-            if idle_for >= this.limits.idle_timeout {
-                return Poll::Ready(outcome(CopyEnd::IdleTimeout));
-            }
-            let next_idle = now + (this.limits.idle_timeout - idle_for);
-            this.timer
-                .as_mut()
-                .reset(this.hard_deadline.map_or(next_idle, |h| h.min(next_idle)));
         }
         Poll::Pending
     }
@@ -371,29 +395,17 @@ async fn supervise(
     limits: CopyLimits,
     shutdown: impl Future<Output = ()>,
 ) -> CopyEnd {
-    let shutdown = std::pin::pin!(shutdown);
-    let mut shutdown = shutdown;
-    let hard_deadline = limits.max_duration.map(|d| tokio::time::Instant::now() + d);
-    let first = tokio::time::Instant::now() + limits.idle_timeout;
-    let mut timer = std::pin::pin!(tokio::time::sleep_until(
-        hard_deadline.map_or(first, |h| h.min(first))
-    ));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let (deadlines, first) = Deadlines::start(limits);
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(first));
     loop {
         tokio::select! {
             end = &mut pumps => return end,
             () = &mut shutdown => return CopyEnd::Drained,
-            () = &mut timer => {
-                let now = tokio::time::Instant::now();
-                if hard_deadline.is_some_and(|h| now >= h) {
-                    return CopyEnd::DurationTimeout;
-                }
-                let idle_for = activity.idle_for();
-                if idle_for >= limits.idle_timeout {
-                    return CopyEnd::IdleTimeout;
-                }
-                let next_idle = now + (limits.idle_timeout - idle_for);
-                timer.as_mut().reset(hard_deadline.map_or(next_idle, |h| h.min(next_idle)));
-            }
+            () = &mut timer => match deadlines.on_timer(activity.idle_for()) {
+                Ok(next) => timer.as_mut().reset(next),
+                Err(end) => return end,
+            },
         }
     }
 }
