@@ -345,18 +345,7 @@ impl Gateway {
             listeners: HashMap::new(),
         };
         let addrs = listener_addrs(&gw.shared.runtime.load().snapshot);
-        let mut bound = Vec::with_capacity(addrs.len());
-        for &addr in &addrs {
-            let l = match inherited.take(addr) {
-                Some(l) => {
-                    tracing::info!(%addr, "listening on the socket handed over");
-                    l.and_then(tokio::net::TcpListener::from_std)
-                        .map_err(|e| BindError::Other { addr, source: e })?
-                }
-                None => listener::bind(addr)?,
-            };
-            bound.push((addr, l));
-        }
+        let bound = bind_all(&addrs, inherited)?;
         for (addr, l) in bound {
             tracing::info!(%addr, "listening");
             let task = ListenerTask::spawn(l, addr, gw.shared.clone());
@@ -391,7 +380,7 @@ impl Gateway {
             .copied()
             .filter(|a| !self.listeners.contains_key(a))
             .collect();
-        let fresh = bind_all(&missing)?;
+        let fresh = bind_all(&missing, &mut Inherited::default())?;
         self.shared.install(snapshot);
         for (addr, l) in fresh {
             tracing::info!(%addr, "listening");
@@ -447,10 +436,24 @@ fn listener_addrs(snapshot: &Snapshot) -> Vec<SocketAddr> {
     addrs
 }
 
-/// Binds every address or none: on failure the sockets bound so far are closed.
-fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<(SocketAddr, tokio::net::TcpListener)>, BindError> {
+/// Binds every address or none, taking a socket handed over by a previous process where
+/// there is one for the address; on failure the sockets bound so far are closed.
+fn bind_all(
+    addrs: &[SocketAddr],
+    inherited: &mut Inherited,
+) -> Result<Vec<(SocketAddr, tokio::net::TcpListener)>, BindError> {
     addrs
         .iter()
-        .map(|&addr| listener::bind(addr).map(|l| (addr, l)))
+        .map(|&addr| {
+            let l = match inherited.take(addr) {
+                Some(l) => {
+                    tracing::info!(%addr, "listening on the socket handed over");
+                    l.and_then(tokio::net::TcpListener::from_std)
+                        .map_err(|e| BindError::Other { addr, source: e })?
+                }
+                None => listener::bind(addr)?,
+            };
+            Ok((addr, l))
+        })
         .collect()
 }
