@@ -850,9 +850,12 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
                 Err(e) => println!("note: {e}; running without it"),
             }
         }
-        if let Ok(p) = start_proxy(name, kind, &backends, &hellos, proxy_cpu).await {
-            names.push(name.clone());
-            alive.push(p);
+        match start_proxy(name, kind, &backends, &hellos, proxy_cpu).await {
+            Ok(p) => {
+                names.push(name.clone());
+                alive.push(p);
+            }
+            Err(e) => println!("note: {e}; running without it"),
         }
     }
     let mut targets = vec![direct.clone()];
