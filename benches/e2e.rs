@@ -13,7 +13,9 @@
 //!
 //! Environment:
 //! - `BENCH_SECS` (default 1.5): seconds per load scenario and target.
-//! - `BENCH_ROUNDS` (default 3): rounds; each cell is the median over rounds.
+//! - `BENCH_ROUNDS` (default 3): rounds; each cell is the median over rounds, and each
+//!   ratio the median of the ratios taken within a round (targets alternate, and their
+//!   order rotates from one round to the next).
 //! - `BENCH_CONNS` (default 5000): connections held for the memory scenarios.
 //! - `BENCH_PROXIES` (default `strait,haproxy,envoy`): which proxies to run.
 //! - `BENCH_STRAIT_ALT` (`label=/path/to/strait,...`): further strait builds to compare,
@@ -712,16 +714,56 @@ const ROWS: &[Row] = &[
     },
 ];
 
-type Cells = BTreeMap<(String, &'static str), Vec<f64>>;
+/// Measurements by (target, row), each tagged with the round it was taken in, so a ratio
+/// compares two targets measured minutes apart at most, never across the whole run.
+#[derive(Default)]
+struct Cells(BTreeMap<(String, &'static str), Vec<(usize, f64)>>);
 
-fn median(v: &[f64]) -> f64 {
+impl Cells {
+    fn put(&mut self, target: &str, id: &str, round: usize, v: f64) {
+        self.0
+            .entry((target.to_string(), row_id(id)))
+            .or_default()
+            .push((round, v));
+    }
+
+    fn values(&self, target: &str, id: &str) -> Vec<f64> {
+        self.0
+            .get(&(target.to_string(), row_id(id)))
+            .map(|v| v.iter().map(|&(_, x)| x).collect())
+            .unwrap_or_default()
+    }
+
+    fn in_round(&self, target: &str, id: &str, round: usize) -> Option<f64> {
+        let v = self.0.get(&(target.to_string(), row_id(id)))?;
+        v.iter().find(|&&(r, _)| r == round).map(|&(_, x)| x)
+    }
+
+    /// Median over rounds.
+    fn get(&self, target: &str, id: &str) -> Option<f64> {
+        median(&self.values(target, id))
+    }
+
+    /// `a ÷ b`, taken round by round (both measured in the same round) and then the
+    /// median of those ratios: slow drifts of a shared machine cancel out.
+    fn ratio(&self, a: &str, b: &str, id: &str) -> Option<f64> {
+        let v = self.0.get(&(a.to_string(), row_id(id)))?;
+        let ratios: Vec<f64> = v
+            .iter()
+            .filter_map(|&(r, x)| Some(x / self.in_round(b, id, r).filter(|&y| y != 0.0)?))
+            .collect();
+        median(&ratios)
+    }
+}
+
+fn median(v: &[f64]) -> Option<f64> {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied()
 }
 
 fn spread(v: &[f64]) -> f64 {
-    let m = median(v);
+    let Some(m) = median(v) else { return 0.0 };
     let (lo, hi) = v
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
@@ -822,10 +864,7 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
         only.as_deref()
             .is_none_or(|o| o.split(',').any(|x| x.trim() == id))
     };
-    let mut cells: Cells = BTreeMap::new();
-    let put = |cells: &mut Cells, t: &str, id: &'static str, v: f64| {
-        cells.entry((t.to_string(), id)).or_default().push(v);
-    };
+    let mut cells = Cells::default();
 
     // Memory first, each on a fresh process, so one scenario's freed heap does not hide
     // the next one's growth.
@@ -839,12 +878,8 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
             match start_proxy(name, kind, &backends, &hellos, proxy_cpu).await {
                 Ok(p) => {
                     if let Some(v) = rss_per_conn(&p.target, conns, pending).await {
-                        put(
-                            &mut cells,
-                            name,
-                            if pending { "pending" } else { "idle" },
-                            v / 1024.0,
-                        );
+                        let id = if pending { "pending" } else { "idle" };
+                        cells.put(name, id, 0, v / 1024.0);
                     }
                 }
                 Err(e) => println!("note: {e}; running without it"),
@@ -861,43 +896,45 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
     let mut targets = vec![direct.clone()];
     targets.extend(alive.iter().map(|p| p.target.clone()));
 
-    // Load scenarios, interleaved across targets so background noise spreads evenly.
+    // Load scenarios, interleaved across targets so background noise spreads evenly, and
+    // the order of targets rotated each round so none always runs first or last.
     for round in 0..rounds {
         eprintln!("round {}/{rounds} (loadavg {})", round + 1, loadavg());
-        for t in targets.iter().filter(|_| want("up1")) {
-            put(&mut cells, &t.name, "up1", bulk_up(t, 1, secs).await);
+        let mut order = targets.clone();
+        order.rotate_left(round % targets.len());
+        for t in order.iter().filter(|_| want("up1")) {
+            cells.put(&t.name, "up1", round, bulk_up(t, 1, secs).await);
         }
-        for t in targets.iter().filter(|_| want("up16")) {
-            put(&mut cells, &t.name, "up16", bulk_up(t, 16, secs).await);
+        for t in order.iter().filter(|_| want("up16")) {
+            cells.put(&t.name, "up16", round, bulk_up(t, 16, secs).await);
         }
-        for t in targets.iter().filter(|_| want("down1")) {
-            put(&mut cells, &t.name, "down1", bulk_down(t, 1, secs).await);
+        for t in order.iter().filter(|_| want("down1")) {
+            cells.put(&t.name, "down1", round, bulk_down(t, 1, secs).await);
         }
-        for t in targets.iter().filter(|_| want("down16")) {
-            put(&mut cells, &t.name, "down16", bulk_down(t, 16, secs).await);
+        for t in order.iter().filter(|_| want("down16")) {
+            cells.put(&t.name, "down16", round, bulk_down(t, 16, secs).await);
         }
-        let mut p99_direct = None;
-        for t in targets.iter().filter(|_| want("rr")) {
+        for t in order.iter().filter(|_| want("rr")) {
             if let Some((p50, p99, p999)) = rr_latency(t, secs).await {
-                put(&mut cells, &t.name, "p50", p50);
-                put(&mut cells, &t.name, "p99", p99);
-                put(&mut cells, &t.name, "p999", p999);
-                match p99_direct {
-                    None => p99_direct = Some(p99),
-                    Some(d) => put(&mut cells, &t.name, "p99add", p99 - d),
+                cells.put(&t.name, "p50", round, p50);
+                cells.put(&t.name, "p99", round, p99);
+                cells.put(&t.name, "p999", round, p999);
+            }
+        }
+        if let Some(d) = cells.in_round("direct", "p99", round) {
+            for t in targets.iter().filter(|t| t.name != "direct") {
+                if let Some(p99) = cells.in_round(&t.name, "p99", round) {
+                    cells.put(&t.name, "p99add", round, p99 - d);
                 }
             }
         }
-        for t in targets.iter().filter(|_| want("rr32")) {
-            put(&mut cells, &t.name, "rr32", rr_rate(t, secs).await / 1000.0);
+        for t in order.iter().filter(|_| want("rr32")) {
+            let rate = rr_rate(t, secs).await / 1000.0;
+            cells.put(&t.name, "rr32", round, rate);
         }
-        for t in targets.iter().filter(|_| want("cps")) {
-            put(
-                &mut cells,
-                &t.name,
-                "cps",
-                conn_rate(t, secs).await / 1000.0,
-            );
+        for t in order.iter().filter(|_| want("cps")) {
+            let rate = conn_rate(t, secs).await / 1000.0;
+            cells.put(&t.name, "cps", round, rate);
         }
     }
     drop(alive);
@@ -909,7 +946,7 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
     // Scaling: strait with 1 worker on one core vs 2 workers on both cores (which the
     // load generator shares, so this understates the scaling a dedicated box would show).
     if let Some((_, ProxyKind::Strait { bin, .. })) = proxies.first().filter(|_| want("scaling")) {
-        let mut scale: Cells = BTreeMap::new();
+        let mut scale = Cells::default();
         let one = ProxyKind::Strait {
             bin: bin.clone(),
             workers: 1,
@@ -922,16 +959,13 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
             start_proxy("1 worker", &one, &backends, &hellos, proxy_cpu).await,
             start_proxy("2 workers", &two, &backends, &hellos, multi_cpus).await,
         ) {
-            for _ in 0..rounds {
+            for round in 0..rounds {
                 for t in [&p1.target, &p2.target] {
-                    put(&mut scale, &t.name, "up16", bulk_up(t, 16, secs).await);
-                    put(&mut scale, &t.name, "rr32", rr_rate(t, secs).await / 1000.0);
-                    put(
-                        &mut scale,
-                        &t.name,
-                        "cps",
-                        conn_rate(t, secs).await / 1000.0,
-                    );
+                    scale.put(&t.name, "up16", round, bulk_up(t, 16, secs).await);
+                    let rate = rr_rate(t, secs).await / 1000.0;
+                    scale.put(&t.name, "rr32", round, rate);
+                    let rate = conn_rate(t, secs).await / 1000.0;
+                    scale.put(&t.name, "cps", round, rate);
                 }
             }
             println!(
@@ -939,15 +973,16 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
             );
             for id in ["up16", "rr32", "cps"] {
                 let row = ROWS.iter().find(|r| r.id == id).expect("known row");
-                let a = median(&scale[&("1 worker".to_string(), id)]);
-                let b = median(&scale[&("2 workers".to_string(), id)]);
+                let (Some(a), Some(b), Some(r)) = (
+                    scale.get("1 worker", id),
+                    scale.get("2 workers", id),
+                    scale.ratio("2 workers", "1 worker", id),
+                ) else {
+                    continue;
+                };
                 println!(
                     "  {:<28} {:>9.2} → {:>9.2} {:<6} ×{:.2}",
-                    row.label,
-                    a,
-                    b,
-                    row.unit,
-                    b / a
+                    row.label, a, b, row.unit, r
                 );
             }
         }
@@ -959,7 +994,6 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
 }
 
 fn print_table(names: &[String], cells: &Cells) {
-    let get = |t: &str, id: &str| cells.get(&(t.to_string(), row_id(id))).map(|v| median(v));
     print!("\n{:<30}{:<7}", "scenario", "unit");
     for n in names {
         print!("{n:>10}");
@@ -975,21 +1009,20 @@ fn print_table(names: &[String], cells: &Cells) {
     for row in ROWS {
         print!("{:<30}{:<7}", row.label, row.unit);
         for n in names {
-            match get(n, row.id) {
+            match cells.get(n, row.id) {
                 Some(v) => print!("{v:>10.2}"),
                 None => print!("{:>10}", "-"),
             }
         }
         for r in &ratios {
-            match (get("strait", row.id), get(r, row.id)) {
-                (Some(s), Some(o)) if o != 0.0 => print!("{:>11.2}", s / o),
-                _ => print!("{:>11}", "-"),
+            match cells.ratio("strait", r, row.id) {
+                Some(x) => print!("{x:>11.2}"),
+                None => print!("{:>11}", "-"),
             }
         }
         let worst = names
             .iter()
-            .filter_map(|n| cells.get(&(n.clone(), row_id(row.id))))
-            .map(|v| spread(v))
+            .map(|n| spread(&cells.values(n, row.id)))
             .fold(0.0, f64::max);
         println!("{:>7.0}%", worst * 100.0);
     }
@@ -1001,7 +1034,6 @@ fn row_id(id: &str) -> &'static str {
 }
 
 fn print_goals(cells: &Cells) {
-    let get = |t: &str, id: &str| cells.get(&(t.to_string(), row_id(id))).map(|v| median(v));
     println!("\ngoals (strait vs haproxy, same run):");
     let check = |what: &str, value: Option<f64>, goal: f64, at_least: bool| match value {
         Some(v) => {
@@ -1016,7 +1048,7 @@ fn print_goals(cells: &Cells) {
         }
         None => println!("  {what:<44} n/a"),
     };
-    let ratio = |id: &str| Some(get("strait", id)? / get("haproxy", id)?);
+    let ratio = |id: &str| cells.ratio("strait", "haproxy", id);
     let bulk = ["up1", "up16", "down1", "down16"]
         .iter()
         .filter_map(|id| ratio(id))
@@ -1032,13 +1064,13 @@ fn print_goals(cells: &Cells) {
     check("connections/s (× haproxy)", ratio("cps"), 1.0, true);
     check(
         "RSS per idle established conn (KiB)",
-        get("strait", "idle"),
+        cells.get("strait", "idle"),
         2.0,
         false,
     );
     check(
         "RSS per pending ClientHello conn (KiB)",
-        get("strait", "pending"),
+        cells.get("strait", "pending"),
         1.0,
         false,
     );
