@@ -814,13 +814,13 @@ async fn access_log_can_go_to_a_file_or_nowhere_and_diagnostics_go_to_stderr() {
             &client_hello_bytes(&sni("", "nope.local"), &["istio"]),
         )
         .await;
-        std::thread::sleep(Duration::from_millis(300));
+        // Shown: it arrives, however busy the machine. Hidden: nothing within a second,
+        // long after the refusal itself was counted.
+        let logged = gw.eventually(Duration::from_secs(if shown { 10 } else { 1 }), || {
+            gw.stderr_text().contains("refused NR")
+        });
         let err = gw.stderr_text();
-        assert_eq!(
-            err.contains("refused NR"),
-            shown,
-            "--log-level {level}:\n{err}"
-        );
+        assert_eq!(logged, shown, "--log-level {level}:\n{err}");
         let stdout = gw.stdout.lock().unwrap().clone();
         assert!(
             stdout
@@ -879,8 +879,10 @@ async fn admin_servers_shrug_off_abuse_without_stalling_the_data_path() {
             .await
             .unwrap();
         assert_eq!(echo_once(&mut tls, b"still here").await, b"still here");
+        // A stall would be the abusers' whole lifetime (seconds); a busy machine costs
+        // milliseconds.
         assert!(
-            t.elapsed() < Duration::from_millis(500),
+            t.elapsed() < Duration::from_secs(2),
             "echo {i} took {:?}",
             t.elapsed()
         );
