@@ -620,3 +620,96 @@ async fn route_explains_a_name_with_live_endpoint_health() {
     );
     assert!(text.contains("declared: [v1, v2]"), "{text}");
 }
+
+/// An endpoint that answers each ClientHello with `answer` and reports how the
+/// connection then ended: `Ok(bytes)` at a FIN, `Err(kind)` at an error.
+async fn reporting_endpoint(
+    answer: Vec<u8>,
+    then_reset: bool,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Result<usize, std::io::ErrorKind>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut hello = [0u8; 5];
+            s.read_exact(&mut hello).await.unwrap();
+            let len = u16::from_be_bytes([hello[3], hello[4]]) as usize;
+            let mut body = vec![0u8; len];
+            s.read_exact(&mut body).await.unwrap();
+            s.write_all(&answer).await.unwrap();
+            if then_reset {
+                // Give the bytes time to leave, then reset (linger 0) instead of a FIN.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                drop(s);
+                continue;
+            }
+            let mut rest = Vec::new();
+            let _ = tx.send(s.read_to_end(&mut rest).await.map_err(|e| e.kind()));
+        }
+    });
+    (addr, rx)
+}
+
+fn one_endpoint_config(ports: &Ports, endpoint: std::net::SocketAddr) -> String {
+    format!(
+        "{}---\n{}---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: raw, namespace: default}}\nspec:\n  hosts: [raw.default.svc.cluster.local]\n  resolution: STATIC\n  ports:\n  - {{number: 9080, name: tcp, protocol: TCP}}\n  endpoints:\n  - address: 127.0.0.1\n    ports: {{tcp: {}}}\n    labels: {{security.istio.io/tlsMode: istio}}\n",
+        ports.bootstrap(""),
+        ports.gateway_doc(&["*.local"]),
+        endpoint.port()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_abort_reaches_the_endpoint_as_a_reset_and_an_endpoint_abort_loses_nothing() {
+    let raw_sni = sni(9080, "", "raw.default.svc.cluster.local");
+    let hello = client_hello_bytes(&raw_sni, &["istio"]);
+
+    // The client resets after the answer: the endpoint sees a reset, not a clean end.
+    let (endpoint, mut ended) = reporting_endpoint(b"S".to_vec(), false).await;
+    let ports = Ports::new();
+    let gw = Strait::start(ports, &one_endpoint_config(&ports, endpoint));
+    for _ in 0..3 {
+        let mut client = TcpStream::connect(gw.gateway).await.unwrap();
+        client.write_all(&hello).await.unwrap();
+        let mut answer = [0u8; 1];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"S");
+        socket2::SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(client);
+        let end = tokio::time::timeout(Duration::from_secs(5), ended.recv())
+            .await
+            .expect("the endpoint saw the end")
+            .unwrap();
+        assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset));
+    }
+    drop(gw);
+
+    // The endpoint sends 32 KiB and resets: the client still gets every byte, then the
+    // end of the stream.
+    let payload: Vec<u8> = (0..32 * 1024).map(|i| (i % 251) as u8).collect();
+    let (endpoint, _ended) = reporting_endpoint(payload.clone(), true).await;
+    let ports = Ports::new();
+    let gw = Strait::start(ports, &one_endpoint_config(&ports, endpoint));
+    let mut client = TcpStream::connect(gw.gateway).await.unwrap();
+    client.write_all(&hello).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got))
+        .await
+        .expect("the stream ended")
+        .unwrap();
+    assert_eq!(got.len(), payload.len());
+    assert!(got == payload);
+    // One connection, counted closed once.
+    assert!(gw.eventually(Duration::from_secs(3), || {
+        gw.metric("istio_tcp_connections_closed_total", &[]) == 1.0
+    }));
+}

@@ -4,7 +4,8 @@
 //! before reading again, so a slow reader on one side holds back its writer instead of
 //! growing a buffer (backpressure, not buffering). A direction that sees end-of-stream
 //! shuts down the write side of the other socket and the opposite direction keeps
-//! flowing (half-close). Buffers start small, grow while reads fill them, and are
+//! flowing (half-close). A socket error ends both directions at once; when the client's
+//! side broke, the endpoint's side is reset rather than closed. Buffers start small, grow while reads fill them, and are
 //! released whenever a socket runs dry, so an idle connection holds no buffer at all.
 
 use std::borrow::BorrowMut;
@@ -210,7 +211,20 @@ impl<S: BorrowMut<TcpStream>, F: Future<Output = ()>> Future for CopyTcp<S, F> {
         };
         // A socket error on either side (usually a reset) ends the connection at once:
         // a broken connection cannot deliver what is still in flight either way.
-        if matches!(up, Poll::Ready(Err(_))) || matches!(down, Poll::Ready(Err(_))) {
+        let client_broke = match (&up, &down) {
+            (Poll::Ready(Err(b)), _) => Some(*b == Broke::From),
+            (_, Poll::Ready(Err(b))) => Some(*b == Broke::To),
+            _ => None,
+        };
+        if let Some(client_broke) = client_broke {
+            if client_broke {
+                // The client aborted: the endpoint is owed nothing more, and gets a reset
+                // rather than a FIN, as it would without the gateway in between. An
+                // aborted stream is not taken for a complete one, and no TIME_WAIT is
+                // left here for it. (An endpoint that breaks still sees the client's
+                // FIN: whatever it sent before is delivered first.)
+                let _ = socket2::SockRef::from(&*upstream).set_linger(Some(Duration::ZERO));
+            }
             return Poll::Ready(outcome(CopyEnd::Error));
         }
         if up.is_ready() && down.is_ready() {
@@ -230,6 +244,15 @@ impl<S: BorrowMut<TcpStream>, F: Future<Output = ()>> Future for CopyTcp<S, F> {
         }
         Poll::Pending
     }
+}
+
+/// Which socket of a direction failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Broke {
+    /// The one read from.
+    From,
+    /// The one written to.
+    To,
 }
 
 /// One direction of [`CopyTcp`].
@@ -260,7 +283,7 @@ impl Pump {
 
     /// Moves bytes from `from` to `to` until one of them is not ready (`Pending`), the
     /// end of stream has been passed on (`Ready(Ok)`, then always `Ready(Ok)`), or a
-    /// socket error.
+    /// socket error on one of them (`Ready(Err)`, saying which).
     fn poll_pump(
         &mut self,
         cx: &mut Context<'_>,
@@ -268,7 +291,7 @@ impl Pump {
         to: &mut TcpStream,
         counter: Option<&IntCounter>,
         moved: &mut bool,
-    ) -> Poll<io::Result<()>> {
+    ) -> Poll<Result<(), Broke>> {
         loop {
             if self.done {
                 return Poll::Ready(Ok(()));
@@ -279,9 +302,10 @@ impl Pump {
                 let n = ready!(
                     Pin::new(&mut *to)
                         .poll_write(cx, &buf[self.written as usize..self.filled as usize],)
-                )?;
+                )
+                .map_err(|_| Broke::To)?;
                 if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    return Poll::Ready(Err(Broke::To));
                 }
                 // At most the rest of a buffer of at most MAX_BUFFER bytes.
                 self.written += n as u32;
@@ -306,7 +330,7 @@ impl Pump {
                 }
             }
             if self.buf.is_none() {
-                ready!(from.poll_read_ready(cx))?;
+                ready!(from.poll_read_ready(cx)).map_err(|_| Broke::From)?;
             }
             let size = self.size as usize;
             let buf = self
@@ -315,7 +339,7 @@ impl Pump {
             let mut read = ReadBuf::new(buf);
             match Pin::new(&mut *from).poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(Broke::From)),
                 Poll::Pending => {
                     // The readiness was stale: wait again without holding a buffer.
                     self.buf = None;
