@@ -19,7 +19,8 @@
 //! - `BENCH_CONNS` (default 5000): connections held for the memory scenarios.
 //! - `BENCH_PROXIES` (default `strait,haproxy,envoy`): which proxies to run.
 //! - `BENCH_STRAIT_ALT` (`label=/path/to/strait,...`): further strait builds to compare,
-//!   each as its own column (how the data path choices were measured).
+//!   each as its own column, with its ratio to strait (how the data path choices were
+//!   measured).
 //! - `BENCH_SCENARIOS` (default: all): row ids to run, comma-separated, from `up1`,
 //!   `up16`, `down1`, `down16`, `rr` (the 1-connection latency rows), `rr32`, `cps`,
 //!   `idle`, `pending`, `scaling`; for profiling one scenario at a time.
@@ -332,6 +333,26 @@ async fn conn_rate(t: &Target, secs: f64) -> f64 {
         total += task.await.unwrap_or(0);
     }
     total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Nanoseconds of CPU the process has run on all its threads, from the scheduler's own
+/// accounting (finer than the 10 ms ticks of `/proc/PID/stat`).
+fn cpu_ns(pid: Option<u32>) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", pid?)).ok()?;
+    let mut total = 0;
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// The proxy's CPU per unit of work since `before` (from [`cpu_ns`]): µs per unit.
+/// Independent of how fast the load generator could go, so it compares the proxies'
+/// cost per core even where the rates are bounded elsewhere.
+fn cpu_per_unit(pid: Option<u32>, before: Option<u64>, units: f64) -> Option<f64> {
+    let spent = cpu_ns(pid)?.checked_sub(before?)?;
+    (units > 0.0).then(|| spent as f64 / 1000.0 / units)
 }
 
 fn rss_kib(pid: u32) -> Option<f64> {
@@ -703,6 +724,21 @@ const ROWS: &[Row] = &[
         unit: "k/s",
     },
     Row {
+        id: "cpu_up1",
+        label: "proxy CPU / GB, up 1 conn",
+        unit: "ms",
+    },
+    Row {
+        id: "cpu_rr32",
+        label: "proxy CPU / round trip (32)",
+        unit: "µs",
+    },
+    Row {
+        id: "cpu_cps",
+        label: "proxy CPU / new conn",
+        unit: "µs",
+    },
+    Row {
         id: "idle",
         label: "RSS / idle established conn",
         unit: "KiB",
@@ -903,7 +939,13 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
         let mut order = targets.clone();
         order.rotate_left(round % targets.len());
         for t in order.iter().filter(|_| want("up1")) {
-            cells.put(&t.name, "up1", round, bulk_up(t, 1, secs).await);
+            let (cpu, start) = (cpu_ns(t.pid), Instant::now());
+            let gbit_s = bulk_up(t, 1, secs).await;
+            cells.put(&t.name, "up1", round, gbit_s);
+            let gbytes = gbit_s / 8.0 * start.elapsed().as_secs_f64();
+            if let Some(us) = cpu_per_unit(t.pid, cpu, gbytes) {
+                cells.put(&t.name, "cpu_up1", round, us / 1000.0);
+            }
         }
         for t in order.iter().filter(|_| want("up16")) {
             cells.put(&t.name, "up16", round, bulk_up(t, 16, secs).await);
@@ -929,12 +971,22 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
             }
         }
         for t in order.iter().filter(|_| want("rr32")) {
-            let rate = rr_rate(t, secs).await / 1000.0;
-            cells.put(&t.name, "rr32", round, rate);
+            let (cpu, start) = (cpu_ns(t.pid), Instant::now());
+            let rate = rr_rate(t, secs).await;
+            cells.put(&t.name, "rr32", round, rate / 1000.0);
+            let units = rate * start.elapsed().as_secs_f64();
+            if let Some(us) = cpu_per_unit(t.pid, cpu, units) {
+                cells.put(&t.name, "cpu_rr32", round, us);
+            }
         }
         for t in order.iter().filter(|_| want("cps")) {
-            let rate = conn_rate(t, secs).await / 1000.0;
-            cells.put(&t.name, "cps", round, rate);
+            let (cpu, start) = (cpu_ns(t.pid), Instant::now());
+            let rate = conn_rate(t, secs).await;
+            cells.put(&t.name, "cps", round, rate / 1000.0);
+            let units = rate * start.elapsed().as_secs_f64();
+            if let Some(us) = cpu_per_unit(t.pid, cpu, units) {
+                cells.put(&t.name, "cpu_cps", round, us);
+            }
         }
     }
     drop(alive);
@@ -998,12 +1050,22 @@ fn print_table(names: &[String], cells: &Cells) {
     for n in names {
         print!("{n:>10}");
     }
-    let ratios: Vec<&str> = ["haproxy", "direct", "envoy"]
+    // strait against each other target, then each extra strait build against strait.
+    let mut ratios: Vec<(&str, &str)> = ["haproxy", "direct", "envoy"]
         .into_iter()
         .filter(|n| names.iter().any(|x| x == n))
+        .map(|n| ("strait", n))
         .collect();
-    for r in &ratios {
-        print!("{:>11}", format!("s/{}", &r[..3]));
+    ratios.extend(
+        names
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !["direct", "strait", "haproxy", "envoy"].contains(n))
+            .map(|n| (n, "strait")),
+    );
+    let short = |n: &str| n.chars().take(3).collect::<String>();
+    for (a, b) in &ratios {
+        print!("{:>11}", format!("{}/{}", short(a), short(b)));
     }
     println!("{:>8}", "spread");
     for row in ROWS {
@@ -1014,8 +1076,8 @@ fn print_table(names: &[String], cells: &Cells) {
                 None => print!("{:>10}", "-"),
             }
         }
-        for r in &ratios {
-            match cells.ratio("strait", r, row.id) {
+        for (a, b) in &ratios {
+            match cells.ratio(a, b, row.id) {
                 Some(x) => print!("{x:>11.2}"),
                 None => print!("{:>11}", "-"),
             }
@@ -1074,4 +1136,17 @@ fn print_goals(cells: &Cells) {
         1.0,
         false,
     );
+    println!(
+        "\nproxy CPU per unit of work, strait ÷ haproxy (above 1: strait spends more per unit):"
+    );
+    for (what, id) in [
+        ("per GB, bulk up, 1 conn", "cpu_up1"),
+        ("per round trip, 32 conns", "cpu_rr32"),
+        ("per new connection", "cpu_cps"),
+    ] {
+        match cells.ratio("strait", "haproxy", id) {
+            Some(r) => println!("  {what:<44} {r:>7.2}"),
+            None => println!("  {what:<44} n/a"),
+        }
+    }
 }
