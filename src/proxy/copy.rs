@@ -267,6 +267,8 @@ struct Pump {
     size: u32,
     total: u64,
     done: bool,
+    /// The last read filled its buffer (more is likely waiting).
+    full: bool,
 }
 
 impl Pump {
@@ -278,6 +280,7 @@ impl Pump {
             size: INITIAL_BUFFER,
             total: 0,
             done: false,
+            full: false,
         }
     }
 
@@ -309,28 +312,23 @@ impl Pump {
                 }
                 // At most the rest of a buffer of at most MAX_BUFFER bytes.
                 self.written += n as u32;
-                self.total += n as u64;
-                if let Some(c) = counter {
-                    c.inc_by(n as u64);
-                }
-                *moved = true;
+                self.sent(n, counter, moved);
                 if self.written < self.filled {
                     continue;
                 }
-                if self.filled as usize == buf.len() {
-                    // The read filled the buffer: more is likely waiting, read bigger.
-                    if self.size < MAX_BUFFER {
-                        self.size = (self.size * 4).min(MAX_BUFFER);
-                        self.buf = None;
-                    }
+                if self.full && self.size == MAX_BUFFER {
+                    // Bulk at full size: keep the buffer for the next read.
                 } else {
-                    // A short read: the socket ran dry. Give the buffer back while waiting.
                     self.buf = None;
-                    self.size = INITIAL_BUFFER.max(self.size / 4);
+                    self.resize();
                 }
             }
             if self.buf.is_none() {
                 ready!(from.poll_read_ready(cx)).map_err(|_| Broke::From)?;
+                if self.size == INITIAL_BUFFER {
+                    ready!(self.poll_small(cx, from, to, counter, moved))?;
+                    continue;
+                }
             }
             let size = self.size as usize;
             let buf = self
@@ -349,6 +347,7 @@ impl Pump {
             // At most the buffer's length, itself at most MAX_BUFFER.
             self.filled = read.filled().len() as u32;
             self.written = 0;
+            self.full = self.filled as usize == self.size as usize;
             if self.filled == 0 {
                 // End of stream one way: pass the FIN on, keep the other way open.
                 let _ = socket2::SockRef::from(&*to).shutdown(Shutdown::Write);
@@ -357,6 +356,87 @@ impl Pump {
             }
         }
     }
+}
+
+impl Pump {
+    /// Counts `n` bytes written.
+    fn sent(&mut self, n: usize, counter: Option<&IntCounter>, moved: &mut bool) {
+        self.total += n as u64;
+        if let Some(c) = counter {
+            c.inc_by(n as u64);
+        }
+        *moved = true;
+    }
+
+    /// The next buffer size once a read's bytes are all written: bigger after a read
+    /// that filled its buffer, smaller after a short one (the socket ran dry).
+    fn resize(&mut self) {
+        self.size = if self.full {
+            (self.size * 4).min(MAX_BUFFER)
+        } else {
+            INITIAL_BUFFER.max(self.size / 4)
+        };
+    }
+
+    /// One small read, into this thread's scratch buffer, written on at once: a message
+    /// that fits and goes out whole costs no allocation. What the writer does not take
+    /// now is kept in a buffer of its own size. `Ready(Ok)` once the read is dealt with
+    /// (end of stream included); `Pending` only when the read itself would block.
+    fn poll_small(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut TcpStream,
+        to: &mut TcpStream,
+        counter: Option<&IntCounter>,
+        moved: &mut bool,
+    ) -> Poll<Result<(), Broke>> {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut read = ReadBuf::new(&mut scratch[..]);
+            match Pin::new(&mut *from).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(Broke::From)),
+                Poll::Pending => return Poll::Pending,
+            }
+            let n = read.filled().len();
+            if n == 0 {
+                // End of stream one way: pass the FIN on, keep the other way open.
+                let _ = socket2::SockRef::from(&*to).shutdown(Shutdown::Write);
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            self.full = n == scratch.len();
+            let mut written = 0;
+            while written < n {
+                match Pin::new(&mut *to).poll_write(cx, &scratch[written..n]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        return Poll::Ready(Err(Broke::To));
+                    }
+                    Poll::Ready(Ok(k)) => {
+                        written += k;
+                        self.sent(k, counter, moved);
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if written == n {
+                self.resize();
+            } else {
+                // The writer is full: keep the rest (at most the scratch's 4 KiB) until it
+                // takes it; the pump writes it before reading again.
+                self.buf = Some(scratch[written..n].into());
+                self.filled = (n - written) as u32;
+                self.written = 0;
+            }
+            Poll::Ready(Ok(()))
+        })
+    }
+}
+
+thread_local! {
+    /// Where small reads land before they are written on (see [`Pump::poll_small`]).
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; INITIAL_BUFFER as usize].into_boxed_slice());
 }
 
 /// Copies between any two byte streams (TLS on either side). Uses fixed 16 KiB buffers:
@@ -530,6 +610,75 @@ mod tests {
         let outcome = pump.await.unwrap();
         assert_eq!(outcome.to_upstream, LEN as u64);
         assert_eq!(outcome.to_downstream, 4);
+        assert_eq!(outcome.end, CopyEnd::Closed);
+    }
+
+    /// Small messages against a reader that stalls: small reads go through the scratch
+    /// buffer, and what the stalled writer cannot take is kept, in order, to the byte.
+    #[tokio::test]
+    async fn small_messages_survive_a_stalled_reader() {
+        const MESSAGES: usize = 600;
+        let (mut client, mut down) = pair().await;
+        let (mut up, mut server) = pair().await;
+        // Small socket buffers towards the stalled reader, so the pump's writes block.
+        socket2::SockRef::from(&up)
+            .set_send_buffer_size(16 * 1024)
+            .unwrap();
+        socket2::SockRef::from(&server)
+            .set_recv_buffer_size(16 * 1024)
+            .unwrap();
+        let pump = tokio::spawn(async move {
+            copy_tcp(
+                &mut down,
+                &mut up,
+                CopyLimits {
+                    idle_timeout: Duration::from_secs(30),
+                    max_duration: None,
+                },
+                ByteCounters {
+                    to_upstream: None,
+                    to_downstream: None,
+                },
+                std::future::pending(),
+            )
+            .await
+        });
+        let writer = tokio::spawn(async move {
+            let mut sent = 0usize;
+            for m in 0..MESSAGES {
+                let len = 1 + (m * 37) % 700;
+                let msg: Vec<u8> = (sent..sent + len).map(pattern).collect();
+                client.write_all(&msg).await.unwrap();
+                sent += len;
+                // One message at a time, so the pump's reads are short ones.
+                tokio::task::yield_now().await;
+            }
+            client.shutdown().await.unwrap();
+            sent
+        });
+        // Let the socket buffers fill before reading, then read in small, slow pieces.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = Vec::new();
+        let mut piece = [0u8; 1000];
+        loop {
+            let n = server.read(&mut piece).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&piece[..n]);
+            if got.len() % 7 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let sent = writer.await.unwrap();
+        assert_eq!(got.len(), sent);
+        assert!(got.iter().enumerate().all(|(i, &b)| b == pattern(i)));
+        drop(server);
+        let outcome = tokio::time::timeout(Duration::from_secs(5), pump)
+            .await
+            .expect("the pump ended")
+            .unwrap();
+        assert_eq!(outcome.to_upstream, sent as u64);
         assert_eq!(outcome.end, CopyEnd::Closed);
     }
 }
