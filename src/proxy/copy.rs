@@ -563,6 +563,19 @@ mod tests {
         (c, s)
     }
 
+    /// The copy between `down` and `up` as a task, with no limits in the way.
+    fn spawn_copy(down: TcpStream, up: TcpStream) -> tokio::task::JoinHandle<CopyOutcome> {
+        let limits = CopyLimits {
+            idle_timeout: Duration::from_secs(30),
+            max_duration: None,
+        };
+        let counters = ByteCounters {
+            to_upstream: None,
+            to_downstream: None,
+        };
+        tokio::spawn(copy_tcp(down, up, limits, counters, std::future::pending()))
+    }
+
     fn pattern(i: usize) -> u8 {
         (i * 7 + i / 251) as u8
     }
@@ -572,24 +585,9 @@ mod tests {
     #[tokio::test]
     async fn bulk_then_reply_after_half_close() {
         const LEN: usize = 8 * 1024 * 1024 + 123;
-        let (mut client, mut down) = pair().await;
-        let (mut up, mut server) = pair().await;
-        let pump = tokio::spawn(async move {
-            copy_tcp(
-                &mut down,
-                &mut up,
-                CopyLimits {
-                    idle_timeout: Duration::from_secs(30),
-                    max_duration: None,
-                },
-                ByteCounters {
-                    to_upstream: None,
-                    to_downstream: None,
-                },
-                std::future::pending(),
-            )
-            .await
-        });
+        let (mut client, down) = pair().await;
+        let (up, mut server) = pair().await;
+        let pump = spawn_copy(down, up);
         let writer = tokio::spawn(async move {
             let data: Vec<u8> = (0..LEN).map(pattern).collect();
             for chunk in data.chunks(300 * 1024) {
@@ -618,8 +616,8 @@ mod tests {
     #[tokio::test]
     async fn small_messages_survive_a_stalled_reader() {
         const MESSAGES: usize = 600;
-        let (mut client, mut down) = pair().await;
-        let (mut up, mut server) = pair().await;
+        let (mut client, down) = pair().await;
+        let (up, mut server) = pair().await;
         // Small socket buffers towards the stalled reader, so the pump's writes block.
         socket2::SockRef::from(&up)
             .set_send_buffer_size(16 * 1024)
@@ -627,22 +625,7 @@ mod tests {
         socket2::SockRef::from(&server)
             .set_recv_buffer_size(16 * 1024)
             .unwrap();
-        let pump = tokio::spawn(async move {
-            copy_tcp(
-                &mut down,
-                &mut up,
-                CopyLimits {
-                    idle_timeout: Duration::from_secs(30),
-                    max_duration: None,
-                },
-                ByteCounters {
-                    to_upstream: None,
-                    to_downstream: None,
-                },
-                std::future::pending(),
-            )
-            .await
-        });
+        let pump = spawn_copy(down, up);
         let writer = tokio::spawn(async move {
             let mut sent = 0usize;
             for m in 0..MESSAGES {
