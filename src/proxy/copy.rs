@@ -349,16 +349,20 @@ impl Pump {
             self.written = 0;
             self.full = self.filled as usize == self.size as usize;
             if self.filled == 0 {
-                // End of stream one way: pass the FIN on, keep the other way open.
-                let _ = socket2::SockRef::from(&*to).shutdown(Shutdown::Write);
-                self.buf = None;
-                self.done = true;
+                self.end_of_stream(to);
             }
         }
     }
 }
 
 impl Pump {
+    /// End of stream one way: pass the FIN on, keep the other way open.
+    fn end_of_stream(&mut self, to: &TcpStream) {
+        let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+        self.buf = None;
+        self.done = true;
+    }
+
     /// Counts `n` bytes written.
     fn sent(&mut self, n: usize, counter: Option<&IntCounter>, moved: &mut bool) {
         self.total += n as u64;
@@ -400,9 +404,7 @@ impl Pump {
             }
             let n = read.filled().len();
             if n == 0 {
-                // End of stream one way: pass the FIN on, keep the other way open.
-                let _ = socket2::SockRef::from(&*to).shutdown(Shutdown::Write);
-                self.done = true;
+                self.end_of_stream(to);
                 return Poll::Ready(Ok(()));
             }
             self.full = n == scratch.len();
