@@ -347,12 +347,30 @@ fn cpu_ns(pid: Option<u32>) -> Option<u64> {
     Some(total)
 }
 
-/// The proxy's CPU per unit of work since `before` (from [`cpu_ns`]): µs per unit.
-/// Independent of how fast the load generator could go, so it compares the proxies'
-/// cost per core even where the rates are bounded elsewhere.
-fn cpu_per_unit(pid: Option<u32>, before: Option<u64>, units: f64) -> Option<f64> {
-    let spent = cpu_ns(pid)?.checked_sub(before?)?;
-    (units > 0.0).then(|| spent as f64 / 1000.0 / units)
+/// The proxy's CPU and the clock at the start of a scenario.
+struct CpuProbe {
+    pid: Option<u32>,
+    cpu: Option<u64>,
+    start: Instant,
+}
+
+impl CpuProbe {
+    fn start(t: &Target) -> CpuProbe {
+        CpuProbe {
+            pid: t.pid,
+            cpu: cpu_ns(t.pid),
+            start: Instant::now(),
+        }
+    }
+
+    /// µs of the proxy's CPU per unit of work, for a scenario that did `rate` units per
+    /// second since the start. Independent of how fast the load generator could go, so
+    /// it compares the proxies' cost per core even where the rates are bounded elsewhere.
+    fn per_unit(&self, rate: f64) -> Option<f64> {
+        let spent = cpu_ns(self.pid)?.checked_sub(self.cpu?)?;
+        let units = rate * self.start.elapsed().as_secs_f64();
+        (units > 0.0).then(|| spent as f64 / 1000.0 / units)
+    }
 }
 
 fn rss_kib(pid: u32) -> Option<f64> {
@@ -939,11 +957,10 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
         let mut order = targets.clone();
         order.rotate_left(round % targets.len());
         for t in order.iter().filter(|_| want("up1")) {
-            let (cpu, start) = (cpu_ns(t.pid), Instant::now());
+            let probe = CpuProbe::start(t);
             let gbit_s = bulk_up(t, 1, secs).await;
             cells.put(&t.name, "up1", round, gbit_s);
-            let gbytes = gbit_s / 8.0 * start.elapsed().as_secs_f64();
-            if let Some(us) = cpu_per_unit(t.pid, cpu, gbytes) {
+            if let Some(us) = probe.per_unit(gbit_s / 8.0) {
                 cells.put(&t.name, "cpu_up1", round, us / 1000.0);
             }
         }
@@ -971,20 +988,18 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
             }
         }
         for t in order.iter().filter(|_| want("rr32")) {
-            let (cpu, start) = (cpu_ns(t.pid), Instant::now());
+            let probe = CpuProbe::start(t);
             let rate = rr_rate(t, secs).await;
             cells.put(&t.name, "rr32", round, rate / 1000.0);
-            let units = rate * start.elapsed().as_secs_f64();
-            if let Some(us) = cpu_per_unit(t.pid, cpu, units) {
+            if let Some(us) = probe.per_unit(rate) {
                 cells.put(&t.name, "cpu_rr32", round, us);
             }
         }
         for t in order.iter().filter(|_| want("cps")) {
-            let (cpu, start) = (cpu_ns(t.pid), Instant::now());
+            let probe = CpuProbe::start(t);
             let rate = conn_rate(t, secs).await;
             cells.put(&t.name, "cps", round, rate / 1000.0);
-            let units = rate * start.elapsed().as_secs_f64();
-            if let Some(us) = cpu_per_unit(t.pid, cpu, units) {
+            if let Some(us) = probe.per_unit(rate) {
                 cells.put(&t.name, "cpu_cps", round, us);
             }
         }

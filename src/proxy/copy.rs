@@ -5,8 +5,9 @@
 //! growing a buffer (backpressure, not buffering). A direction that sees end-of-stream
 //! shuts down the write side of the other socket and the opposite direction keeps
 //! flowing (half-close). A socket error ends both directions at once; when the client's
-//! side broke, the endpoint's side is reset rather than closed. Buffers start small, grow while reads fill them, and are
-//! released whenever a socket runs dry, so an idle connection holds no buffer at all.
+//! side broke, the endpoint's side is reset rather than closed. Buffers start small, grow
+//! while reads fill them, and are released whenever a socket runs dry, so an idle
+//! connection holds no buffer at all.
 
 use std::borrow::BorrowMut;
 use std::future::Future;
@@ -316,9 +317,8 @@ impl Pump {
                 if self.written < self.filled {
                     continue;
                 }
-                if self.full && self.size == MAX_BUFFER {
-                    // Bulk at full size: keep the buffer for the next read.
-                } else {
+                // Bulk at full size keeps its buffer for the next read.
+                if !(self.full && self.size == MAX_BUFFER) {
                     self.buf = None;
                     self.resize();
                 }
@@ -353,9 +353,7 @@ impl Pump {
             }
         }
     }
-}
 
-impl Pump {
     /// End of stream one way: pass the FIN on, keep the other way open.
     fn end_of_stream(&mut self, to: &TcpStream) {
         let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
