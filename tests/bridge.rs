@@ -285,7 +285,7 @@ async fn bridge_prefers_its_own_network_fails_over_to_the_remote_one_and_returns
         ),
     );
     let gw_addr = at("127.0.0.2", gw_ports.gateway);
-    let local_l = std::net::TcpListener::bind("127.0.0.4:0").unwrap();
+    let local_l = std::net::TcpListener::bind(("127.0.0.4", free_port())).unwrap();
     let local_addr = local_l.local_addr().unwrap();
     let local = raw_echo_on(local_l);
     let br_ports = Ports::new();
@@ -362,7 +362,7 @@ async fn bridge_prefers_its_own_network_fails_over_to_the_remote_one_and_returns
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_moves_the_bridge_listener() {
     let mesh = Mesh::new();
-    let local_l = std::net::TcpListener::bind("127.0.0.4:0").unwrap();
+    let local_l = std::net::TcpListener::bind(("127.0.0.4", free_port())).unwrap();
     let local_addr = local_l.local_addr().unwrap();
     let local = raw_echo_on(local_l);
     let ports = Ports::new();

@@ -525,7 +525,10 @@ async fn connection_limits_refuse_only_the_excess_with_uo() {
     }
 
     // Per service: ratings takes two; the third is refused while reviews still serves.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // First every connection above must be closed on the gateway's side too.
+    assert!(gw.eventually(Duration::from_secs(10), || {
+        gw.metric("strait_active_connections", &[]) == 0.0
+    }));
     let mut r1 = open(10, RATINGS).await.unwrap();
     let mut r2 = open(11, RATINGS).await.unwrap();
     let r3 = open(12, RATINGS).await;

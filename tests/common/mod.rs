@@ -22,13 +22,76 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A port that was free a moment ago.
+/// A loopback port reserved for this test process, for a server that another process (a
+/// `strait` under test) or a later bind will take.
+///
+/// A port from `bind(0)` comes from the kernel's ephemeral range, which every outgoing
+/// connection of every test also draws from: between closing the probe and the real bind,
+/// it can be taken. The ports handed out here lie outside that range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), so only an explicit bind can take them;
+/// each is handed out once per process (a counter) and held for the life of the process
+/// by an exclusive `flock` on a file named after it, so that no other test process
+/// (another test binary, a second `cargo test`) hands it out too; and it is checked free
+/// by binding it before it is returned.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    ports::reserve()
+}
+
+mod ports {
+    use std::fs::File;
+    use std::net::TcpListener;
+    use std::os::fd::AsRawFd;
+    use std::sync::Mutex;
+
+    /// Next candidate offset, and the lock files held (never closed before exit).
+    static STATE: Mutex<(usize, Vec<File>)> = Mutex::new((0, Vec::new()));
+
+    /// Ports outside the ephemeral range, above 10000 (below it sit well-known services).
+    fn candidates() -> Vec<u16> {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap_or_else(|_| "32768 60999".into());
+        let mut it = range
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok());
+        let (lo, hi) = (it.next().unwrap_or(32768), it.next().unwrap_or(60999));
+        (10_000u32..=65_535)
+            .filter(|p| *p < lo || *p > hi)
+            .map(|p| p as u16)
+            .collect()
+    }
+
+    pub fn reserve() -> u16 {
+        let candidates = candidates();
+        assert!(
+            candidates.len() > 1000,
+            "the ephemeral port range leaves too few ports for tests"
+        );
+        let dir = std::env::temp_dir().join("strait-test-ports");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
+        if state.0 == 0 {
+            // Start where another test process is unlikely to be, to skip fewer locks.
+            state.0 = 1 + (std::process::id() as usize * 7919) % candidates.len();
+        }
+        for _ in 0..candidates.len() {
+            let port = candidates[state.0 % candidates.len()];
+            state.0 += 1;
+            let Ok(file) = File::create(dir.join(port.to_string())) else {
+                continue;
+            };
+            // SAFETY: flock on a file descriptor this function owns.
+            let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if locked != 0 {
+                continue; // another test process holds it
+            }
+            if TcpListener::bind(("127.0.0.1", port)).is_err() {
+                continue; // something outside the tests listens there
+            }
+            state.1.push(file);
+            return port;
+        }
+        panic!("no free test port outside the ephemeral range");
+    }
 }
 
 /// A unique scratch directory, removed on drop.
@@ -134,7 +197,9 @@ impl Workload {
             b"h2".to_vec(),
         ];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // A reserved port, not an ephemeral one: tests stop a workload and start it again
+        // on the same address.
+        let listener = TcpListener::bind(("127.0.0.1", free_port())).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicU64::new(0));
         let count = accepted.clone();
@@ -400,18 +465,50 @@ impl Strait {
         self.dir.path().join("strait.yaml")
     }
 
+    /// Waits for `/healthz/ready` to answer 200. Stops at once, showing the exit status and
+    /// stderr, if the process exits first.
     pub fn wait_ready(&self, within: Duration) {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Ok((200, _)) = http_get(self.status, "/healthz/ready") {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            if let Some(status) = self.exit_status() {
+                // Let the stderr pump take the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "strait exited before it was ready ({status}); stderr:\n{}",
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         panic!(
             "strait not ready within {within:?}; stderr:\n{}",
-            self.stderr.lock().unwrap().join("\n")
+            self.stderr_text()
         );
+    }
+
+    /// How the process ended, if it has, without reaping it (`waitid` with `WNOWAIT`), so
+    /// `child.wait()` and `try_wait()` still work afterwards.
+    pub fn exit_status(&self) -> Option<String> {
+        // SAFETY: `waitid` writes into a zeroed `siginfo_t` owned by this frame.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let r = libc::waitid(
+                libc::P_PID,
+                self.child.id() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            );
+            if r != 0 || info.si_pid() == 0 {
+                return None;
+            }
+            Some(match info.si_code {
+                libc::CLD_EXITED => format!("exit code {}", info.si_status()),
+                _ => format!("killed by signal {}", info.si_status()),
+            })
+        }
     }
 
     pub fn metrics_text(&self) -> String {
