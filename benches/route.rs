@@ -36,6 +36,7 @@ fn table(n: usize) -> HashMap<ServiceKey, Arc<ServicePort>> {
             policy: TrafficPolicy::default(),
             subsets,
             resolution: Default::default(),
+            default_route: Default::default(),
         };
         services.insert(svc.key(), Arc::new(svc));
     }
@@ -51,6 +52,7 @@ fn route(c: &mut Criterion) {
         name: "istio-system/cross-network-gateway/0".into(),
         mode: ServerTlsMode::AutoPassthrough,
         hosts: vec![HostMatch::parse("*.local")],
+        alpn: None,
     }];
     let mut group = c.benchmark_group("route_resolve");
     for n in [1usize, 1_000, 100_000] {

@@ -13,6 +13,7 @@ use crate::model::Snapshot;
 use crate::proxy::{BindError, Gateway, Shared};
 use crate::telemetry::{AccessLog, GatewayIdentity, Telemetry};
 use crate::tls::material;
+use crate::xds;
 
 /// Why `run` could not start (or stopped abnormally).
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +138,17 @@ pub async fn run(
         .with_label_values(&["success"])
         .inc();
     let shared = Shared::new(snapshot.clone(), telemetry);
+    // With discovery on, readiness waits for the control plane's first complete
+    // configuration, and every update is merged into the file snapshot.
+    let mut xds_rx = None;
+    if let Some(d) = settings.discovery.clone() {
+        let status = xds::Status::new(d, shared.telemetry.metrics.registry());
+        shared.set_waiting(status.lock().waiting.clone());
+        let _ = shared.discovery.set(status.clone());
+        xds_rx = Some(xds::start(status));
+    }
+    let mut files = snapshot.clone();
+    let mut from_xds: Option<Arc<xds::Published>> = None;
     if material::needed(&snapshot) {
         install_tls(&shared, &snapshot)?;
     }
@@ -206,7 +218,13 @@ pub async fn run(
                 // Coalesce a burst of file events into one reload.
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 while reload_rx.try_recv().is_ok() {}
-                reload(&source, &mut gateway, why);
+                if let Some(new) = reload(&source, &mut gateway, why, from_xds.as_deref()) {
+                    files = new;
+                }
+            }
+            Some(published) = next_update(&mut xds_rx) => {
+                apply_xds(&mut gateway, &files, &published);
+                from_xds = Some(published);
             }
             Some(request) = handover_rx.recv() => match request {
                 handover::Request::Listeners(reply) => {
@@ -252,7 +270,51 @@ pub async fn run(
     Ok(())
 }
 
-fn reload(source: &Source, gateway: &mut Gateway, why: &str) {
+/// The next configuration from the control plane; never resolves without discovery.
+async fn next_update(
+    rx: &mut Option<tokio::sync::watch::Receiver<Option<Arc<xds::Published>>>>,
+) -> Option<Arc<xds::Published>> {
+    let Some(rx) = rx else {
+        return std::future::pending().await;
+    };
+    loop {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Some(p) = rx.borrow_and_update().clone() {
+            return Some(p);
+        }
+    }
+}
+
+/// Installs the file snapshot merged with the control plane's resources, and readiness
+/// with it.
+fn apply_xds(gateway: &mut Gateway, files: &Arc<Snapshot>, published: &xds::Published) {
+    let merged = xds::merge(files, published);
+    match gateway.reload(Arc::new(merged)) {
+        Ok(()) => {
+            tracing::debug!(listeners = ?gateway.bound(), services = published.services.len(), "xDS configuration applied");
+        }
+        Err(e) => {
+            tracing::error!(
+                "an xDS listener cannot be bound; the previous listeners keep serving: {e}"
+            );
+        }
+    }
+    gateway.shared.set_waiting(if published.warm {
+        None
+    } else {
+        published.waiting.clone()
+    });
+}
+
+/// Reloads the files; returns the new file snapshot when it was installed.
+fn reload(
+    source: &Source,
+    gateway: &mut Gateway,
+    why: &str,
+    from_xds: Option<&xds::Published>,
+) -> Option<Arc<Snapshot>> {
     let telemetry = gateway.shared.telemetry.clone();
     let metrics = &telemetry.metrics;
     match source.load() {
@@ -272,12 +334,18 @@ fn reload(source: &Source, gateway: &mut Gateway, why: &str) {
                     trigger = why,
                     "certificate reload failed, keeping the previous ones: {e}"
                 );
-                return;
+                return None;
             }
-            match gateway.reload(Arc::new(loaded.snapshot)) {
+            let files = Arc::new(loaded.snapshot);
+            let installed = match from_xds {
+                Some(p) => Arc::new(xds::merge(&files, p)),
+                None => files.clone(),
+            };
+            match gateway.reload(installed) {
                 Ok(()) => {
                     metrics.config_reloads.with_label_values(&["success"]).inc();
                     tracing::info!(trigger = why, listeners = ?gateway.bound(), "configuration reloaded");
+                    Some(files)
                 }
                 Err(e) => {
                     metrics.config_reloads.with_label_values(&["failure"]).inc();
@@ -285,6 +353,7 @@ fn reload(source: &Source, gateway: &mut Gateway, why: &str) {
                         trigger = why,
                         "reload rejected; the previous configuration keeps serving: {e}"
                     );
+                    None
                 }
             }
         }
@@ -303,6 +372,7 @@ fn reload(source: &Source, gateway: &mut Gateway, why: &str) {
                 trigger = why,
                 "reload rejected; the previous configuration keeps serving:\n{detail}"
             );
+            None
         }
     }
 }

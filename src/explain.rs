@@ -14,6 +14,25 @@ pub struct Explanation {
 
 pub fn explain(snapshot: &Snapshot, sni: &str, alpn: &[String]) -> Explanation {
     let live = LiveHealth::fetch(snapshot.settings.admin_addr);
+    explain_with(snapshot, sni, alpn, live)
+}
+
+/// Explains against the snapshot a gateway is running, with its own endpoint state (the
+/// admin `/route` endpoint).
+pub fn explain_running(
+    snapshot: &Snapshot,
+    sni: &str,
+    alpn: &[String],
+    clusters: serde_json::Value,
+) -> Explanation {
+    let live = LiveHealth {
+        clusters: Some(clusters),
+        admin: snapshot.settings.admin_addr,
+    };
+    explain_with(snapshot, sni, alpn, live)
+}
+
+fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealth) -> Explanation {
     let mut out = String::new();
     let mut routes = false;
     let _ = writeln!(out, "SNI        {sni}");
@@ -157,16 +176,17 @@ pub fn explain(snapshot: &Snapshot, sni: &str, alpn: &[String]) -> Explanation {
                 }
             );
         }
-        let alpn_ok = !passthrough
-            || route::alpn_allowed(
-                alpn.iter().map(|s| s.as_bytes()),
-                &snapshot.settings.passthrough_alpn,
-            );
+        let allowed = server
+            .alpn
+            .as_deref()
+            .unwrap_or(&snapshot.settings.passthrough_alpn);
+        let alpn_ok =
+            !passthrough || route::alpn_allowed(alpn.iter().map(|s| s.as_bytes()), allowed);
         if !alpn_ok {
             let _ = writeln!(
                 out,
                 "result     does not route (NR alpn_not_allowed): the client must offer one of [{}]",
-                snapshot.settings.passthrough_alpn.join(", ")
+                allowed.join(", ")
             );
         } else if eligible == 0 {
             let _ = writeln!(
@@ -240,4 +260,39 @@ fn fetch_clusters(admin: std::net::SocketAddr) -> Option<serde_json::Value> {
     let text = String::from_utf8_lossy(&body);
     let (_, json) = text.split_once("\r\n\r\n")?;
     serde_json::from_str(json).ok()
+}
+
+/// `strait route --admin ADDR`: the running gateway's own explanation, from `/route`.
+pub fn ask_running(
+    admin: std::net::SocketAddr,
+    sni: &str,
+    alpn: &str,
+) -> std::io::Result<(bool, String)> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(5);
+    let mut s = std::net::TcpStream::connect_timeout(&admin, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    let query: String = format!("sni={sni}&alpn={alpn}")
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .collect();
+    write!(
+        s,
+        "GET /route?{query} HTTP/1.1\r\nHost: strait\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = Vec::new();
+    s.take(16 << 20).read_to_end(&mut body)?;
+    let text = String::from_utf8_lossy(&body);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("not an HTTP answer"))?;
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    match status {
+        "200" => Ok((true, body.to_string())),
+        "404" => Ok((false, body.to_string())),
+        other => Err(std::io::Error::other(format!(
+            "HTTP {other}: {}",
+            body.trim()
+        ))),
+    }
 }

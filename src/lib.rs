@@ -20,3 +20,4 @@ pub mod route;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod xds;

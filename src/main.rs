@@ -51,8 +51,12 @@ enum Command {
     /// Explain how an SNI would be routed.
     Route {
         /// Configuration file or directory (repeat -c for several).
-        #[arg(short = 'c', long = "config", required = true)]
+        #[arg(short = 'c', long = "config", required_unless_present = "admin")]
         config: Vec<PathBuf>,
+        /// Ask a running gateway instead (its admin address, e.g. 127.0.0.1:15000): the
+        /// snapshot it serves, whatever its source (files or xDS).
+        #[arg(long, conflicts_with = "config")]
+        admin: Option<std::net::SocketAddr>,
         /// The SNI, e.g. outbound_.9080_._.reviews.default.svc.cluster.local
         sni: String,
         /// ALPN protocols the client would offer (comma-separated); default: istio
@@ -147,7 +151,24 @@ fn dispatch(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => Ok(check(&config)),
-        Command::Route { config, sni, alpn } => {
+        Command::Route {
+            admin: Some(admin),
+            sni,
+            alpn,
+            ..
+        } => {
+            let (routes, text) = strait::explain::ask_running(admin, &sni, &alpn)
+                .map_err(|e| format!("cannot ask the gateway on {admin}: {e}"))?;
+            print!("{text}");
+            Ok(if routes {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Route {
+            config, sni, alpn, ..
+        } => {
             let loaded = config::load_paths(&config).map_err(|e| e.to_string())?;
             let alpn: Vec<String> = alpn
                 .split(',')

@@ -11,6 +11,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The endpoint label Istio's injection sets: `istio` (mTLS-capable) or `disabled`.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
 /// The five ALPN values Istio sidecars offer on mTLS connections (`allIstioMtlsALPNs`).
 pub const ISTIO_ALPNS: [&str; 5] = [
     "istio",
@@ -82,6 +85,8 @@ pub struct Settings {
     pub workers: Option<usize>,
     /// Warn when a certificate expires within this window.
     pub cert_expiry_warning: Duration,
+    /// Listeners, clusters and endpoints from istiod over xDS (Bootstrap `discovery`).
+    pub discovery: Option<Discovery>,
 }
 
 impl Default for Settings {
@@ -109,8 +114,59 @@ impl Default for Settings {
             root_namespace: "istio-system".into(),
             workers: None,
             cert_expiry_warning: Duration::from_secs(7 * 24 * 3600),
+            discovery: None,
         }
     }
+}
+
+/// How to reach istiod (or any xDS server that speaks Istio's dialect) and who to say
+/// the gateway is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Discovery {
+    /// `host:port` of the ADS server.
+    pub address: String,
+    /// TLS with `root_cert` (istiod's 15012), or plaintext (15010), only when the address
+    /// was written as `http://`.
+    pub plaintext: bool,
+    /// The name istiod's certificate must carry (default: the address's host).
+    pub server_name: String,
+    /// Root certificate(s) that verify istiod (`istio-ca-root-cert`).
+    pub root_cert: PathBuf,
+    /// Projected service-account token sent as `authorization: Bearer`, re-read on
+    /// every connection; `None` sends none (plaintext labs).
+    pub token: Option<PathBuf>,
+    /// `clusterid` header and `CLUSTER_ID` metadata.
+    pub cluster_id: String,
+    pub protocol: XdsProtocol,
+    /// Readiness waits this long at most for a referenced cluster's endpoints.
+    pub initial_fetch_timeout: Duration,
+    /// A stream that has sent a subscription and heard nothing for this long is
+    /// reconnected.
+    pub stall_timeout: Duration,
+    pub node: NodeIdentity,
+}
+
+/// ADS flavour: incremental (pilot-agent's default) or state of the world.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdsProtocol {
+    Delta,
+    StateOfTheWorld,
+}
+
+/// The xDS node: `router~<ip>~<pod>.<ns>~<ns>.svc.cluster.local` and its metadata.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NodeIdentity {
+    pub id: String,
+    /// `Node.cluster` (Istio's service cluster).
+    pub cluster: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub ip: String,
+    pub pod_name: String,
+    /// Node metadata, string values (`NAMESPACE`, `CLUSTER_ID`, `NETWORK`, …); `LABELS`
+    /// is sent as a map from `labels`.
+    pub metadata: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +228,9 @@ pub struct ServerSpec {
     pub name: String,
     pub mode: ServerTlsMode,
     pub hosts: Vec<HostMatch>,
+    /// ALPN values a ClientHello must offer one of, when the server sets its own (an xDS
+    /// filter chain's `application_protocols`); `None` uses `passthroughAlpn`.
+    pub alpn: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,6 +304,20 @@ pub struct ServicePort {
     /// Declared subsets by name.
     pub subsets: BTreeMap<String, Subset>,
     pub resolution: Resolution,
+    /// What an SNI without a subset (`outbound_.<port>_._.<host>`) routes to.
+    pub default_route: DefaultRoute,
+}
+
+/// The endpoints of the service-level route (no subset).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DefaultRoute {
+    /// Every endpoint of the service port (the file form).
+    #[default]
+    AllEndpoints,
+    /// These indexes into `ServicePort::endpoints` (an xDS cluster of its own).
+    Endpoints(Vec<usize>),
+    /// Not routable: the control plane listed only subset names for this port.
+    NotListed,
 }
 
 impl ServicePort {
@@ -288,6 +361,9 @@ pub struct Endpoint {
     pub service_account: Option<String>,
     /// Labelled `security.istio.io/tlsMode: disabled`: never a passthrough target.
     pub tls_disabled: bool,
+    /// Priority the control plane assigned (EDS `LocalityLbEndpoints.priority`, 0 first):
+    /// when set, locality failover follows it as sent instead of computing one.
+    pub priority: Option<u32>,
 }
 
 impl Endpoint {

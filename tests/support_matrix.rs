@@ -19,6 +19,8 @@ spec:
       "<network>":
         gateways: [{}]
   certificates: {}
+  discovery:
+    node: {}
 ---
 apiVersion: strait.dev/v1alpha1
 kind: Bridge

@@ -41,12 +41,14 @@ pub fn config_dump(shared: &Shared) -> Value {
             "labels": s.labels,
             "meshNetworks": s.mesh_networks.iter().map(|(n, gws)| (n.clone(), json!(gws.iter().map(|g| format!("{}:{}", g.address, g.port)).collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),
         },
+        "discovery": shared.discovery.get().map(|d| d.dump()),
         "listeners": snap.listeners.iter().map(|l| json!({
             "address": l.addr.to_string(),
             "servers": l.servers.iter().map(|srv| json!({
                 "name": srv.name,
                 "mode": match srv.mode { ServerTlsMode::AutoPassthrough => "AUTO_PASSTHROUGH", ServerTlsMode::IstioMutual => "ISTIO_MUTUAL" },
                 "hosts": srv.hosts.iter().map(HostMatch::to_string).collect::<Vec<_>>(),
+                "alpn": srv.alpn,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "services": services.iter().map(|svc| json!({

@@ -137,6 +137,11 @@ fn respond(req: &Request<Incoming>, roles: &[Role], shared: &Shared) -> Response
                 text(StatusCode::OK, "ready\n")
             } else if shared.drain_state() != crate::proxy::DrainState::Serving {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if let Some(why) = shared.not_ready_because() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("not ready: {why}\n"),
+                )
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
@@ -152,6 +157,7 @@ fn respond(req: &Request<Incoming>, roles: &[Role], shared: &Shared) -> Response
             r
         }
         "/config_dump" if has(Role::Admin) => json(dump::config_dump(shared)),
+        "/route" if has(Role::Admin) => route(req.uri().query().unwrap_or(""), shared),
         "/clusters" if has(Role::Admin) => json(dump::clusters(shared)),
         "/ready" if has(Role::Admin) => {
             let state = if shared.is_ready() {
@@ -193,6 +199,41 @@ fn refresh_endpoint_metrics(shared: &Shared) {
             ejections: *ejections,
         },
     ));
+}
+
+/// `/route?sni=NAME[&alpn=a,b]`: `strait route` against the snapshot in force. 200 when
+/// the name routes, 404 when it does not.
+fn route(query: &str, shared: &Shared) -> Response<Full<Bytes>> {
+    let mut sni = None;
+    let mut alpn = vec!["istio".to_string()];
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("sni", v)) => sni = Some(v.to_string()),
+            Some(("alpn", v)) => {
+                alpn = v
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }
+            _ => {}
+        }
+    }
+    let Some(sni) = sni.filter(|s| !s.is_empty()) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "usage: /route?sni=NAME[&alpn=a,b]\n",
+        );
+    };
+    let runtime = shared.runtime.load();
+    let report =
+        crate::explain::explain_running(&runtime.snapshot, &sni, &alpn, dump::clusters(shared));
+    let status = if report.routes {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    };
+    text(status, &report.text)
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

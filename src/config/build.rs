@@ -15,7 +15,7 @@ use super::document::{Meta, Parsed};
 use super::istio::{DestinationRuleDoc, EndpointDoc, SePort, ServiceEntryDoc, WorkloadEntryDoc};
 
 /// The label Istio puts on workloads that do not accept mTLS.
-const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+use crate::model::TLS_MODE_LABEL;
 
 pub(crate) fn build(sink: &mut Sink, parsed: Parsed) -> Snapshot {
     let Parsed {
@@ -111,24 +111,24 @@ pub(crate) fn build(sink: &mut Sink, parsed: Parsed) -> Snapshot {
             );
             continue;
         };
-        if let Some((subset, loc)) = &b.subset {
-            if !svc.subsets.contains_key(subset) {
-                let known: Vec<&str> = svc.subsets.keys().map(String::as_str).collect();
-                sink.error(
-                    *loc,
-                    format!(
-                        "Bridge {}: {} has no subset {subset:?} ({})",
-                        b.meta.name,
-                        b.host,
-                        if known.is_empty() {
-                            "no DestinationRule declares subsets for it".to_string()
-                        } else {
-                            format!("declared subsets: {}", known.join(", "))
-                        }
-                    ),
-                );
-                continue;
-            }
+        if let Some((subset, loc)) = &b.subset
+            && !svc.subsets.contains_key(subset)
+        {
+            let known: Vec<&str> = svc.subsets.keys().map(String::as_str).collect();
+            sink.error(
+                *loc,
+                format!(
+                    "Bridge {}: {} has no subset {subset:?} ({})",
+                    b.meta.name,
+                    b.host,
+                    if known.is_empty() {
+                        "no DestinationRule declares subsets for it".to_string()
+                    } else {
+                        format!("declared subsets: {}", known.join(", "))
+                    }
+                ),
+            );
+            continue;
         }
         sockets.push((
             b.listen,
@@ -221,6 +221,7 @@ fn server_spec(s: &super::istio::ServerDoc) -> ServerSpec {
         name: s.name.clone(),
         mode: s.mode,
         hosts: s.hosts.clone(),
+        alpn: None,
     }
 }
 
@@ -329,6 +330,7 @@ fn endpoint(e: &EndpointDoc, port: &SePort, resolution: Resolution) -> Option<En
         network: e.network.clone(),
         weight: e.weight,
         service_account: e.service_account.clone(),
+        priority: None,
     })
 }
 
@@ -398,6 +400,7 @@ fn build_services(
                         policy: Default::default(),
                         subsets: BTreeMap::new(),
                         resolution: se.resolution,
+                        default_route: Default::default(),
                     },
                 );
             }

@@ -3,13 +3,18 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::model::{AccessLogTarget, Locality, NetworkGateway, Settings};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::model::{
+    AccessLogTarget, Discovery, Locality, NetworkGateway, NodeIdentity, Settings, XdsProtocol,
+};
 
 use super::diagnostics::{Loc, Sink};
 use super::document::Meta;
 use super::fields::{self, Fields, Path};
 use super::istio::resolve_short_name;
-use super::yaml::Node;
+use super::yaml::{Node, Value};
 
 #[derive(Debug)]
 pub(crate) struct BootstrapDoc {
@@ -151,27 +156,30 @@ pub(crate) fn bootstrap(
     if let Some(n) = spec.get_entry("passthroughAlpn").map(|(_, n)| n) {
         s.passthrough_alpn = fields::strings(sink, n, &root.key("passthroughAlpn"));
     }
-    if let Some(n) = spec.get("accessLog") {
-        if let Some(v) = fields::string(sink, n, &root.key("accessLog")) {
-            s.access_log = match v.as_str() {
-                "stdout" => AccessLogTarget::Stdout,
-                "off" => AccessLogTarget::Off,
-                "" => {
-                    sink.error(
-                        n.loc,
-                        "spec.accessLog is empty; write stdout, off, or a file path",
-                    );
-                    AccessLogTarget::Stdout
-                }
-                path => AccessLogTarget::File(PathBuf::from(path)),
-            };
-        }
+    if let Some(n) = spec.get("accessLog")
+        && let Some(v) = fields::string(sink, n, &root.key("accessLog"))
+    {
+        s.access_log = match v.as_str() {
+            "stdout" => AccessLogTarget::Stdout,
+            "off" => AccessLogTarget::Off,
+            "" => {
+                sink.error(
+                    n.loc,
+                    "spec.accessLog is empty; write stdout, off, or a file path",
+                );
+                AccessLogTarget::Stdout
+            }
+            path => AccessLogTarget::File(PathBuf::from(path)),
+        };
     }
     if let Some(n) = spec.get("labels") {
         s.labels = fields::string_map(sink, n, &root.key("labels"));
     }
     if let Some(v) = text!("rootNamespace") {
         s.root_namespace = v;
+    }
+    if let Some(n) = spec.get("discovery") {
+        s.discovery = discovery(sink, n, &root.key("discovery"), &s, &Env::process());
     }
     spec.finish(sink);
     Some(BootstrapDoc {
@@ -180,6 +188,247 @@ pub(crate) fn bootstrap(
         status_loc,
         metrics_loc,
         admin_loc,
+    })
+}
+
+/// The environment Istio's injection template sets for a gateway pod, as far as the
+/// discovery client reads it.
+pub(crate) struct Env(pub BTreeMap<String, String>);
+
+impl Env {
+    fn process() -> Env {
+        Env(std::env::vars().collect())
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// istiod's address and the root, token and headers pilot-agent uses to reach it.
+const ISTIOD_ADDRESS: &str = "istiod.istio-system.svc:15012";
+const ISTIOD_ROOT_CERT: &str = "/var/run/secrets/istio/root-cert.pem";
+const ISTIO_TOKEN: &str = "/var/run/secrets/tokens/istio-token";
+/// The Istio release whose xDS dialect strait speaks (node metadata `ISTIO_VERSION`).
+pub const ISTIO_VERSION: &str = "1.28.0";
+
+/// `spec.discovery`: istiod over ADS. Everything a pod's environment says (Istio's
+/// `POD_NAME`, `POD_NAMESPACE`, `INSTANCE_IP`, `SERVICE_ACCOUNT`, `ISTIO_META_*`) is
+/// used unless the Bootstrap sets it.
+pub(crate) fn discovery(
+    sink: &mut Sink,
+    node: &Node,
+    path: &Path<'_>,
+    settings: &Settings,
+    env: &Env,
+) -> Option<Discovery> {
+    let mut f = Fields::of(sink, node, *path)?;
+    let text = |sink: &mut Sink, f: &mut Fields<'_, '_>, key: &str| {
+        f.get(key)
+            .and_then(|n| fields::string(sink, n, &path.key(key)))
+    };
+    let address = text(sink, &mut f, "address")
+        .or_else(|| env.get("PILOT_DISCOVERY_ADDRESS").map(str::to_string))
+        .unwrap_or_else(|| ISTIOD_ADDRESS.to_string());
+    let (plaintext, address) = if let Some(rest) = address.strip_prefix("http://") {
+        (true, rest.to_string())
+    } else if let Some(rest) = address.strip_prefix("https://") {
+        (false, rest.to_string())
+    } else {
+        (false, address)
+    };
+    let address = address.trim_end_matches('/').to_string();
+    let host = match address.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() && !h.is_empty() => {
+            h.trim_start_matches('[').trim_end_matches(']').to_string()
+        }
+        _ => {
+            sink.error(
+                node.loc,
+                format!(
+                    "{}: {address:?} is not host:port; write e.g. {ISTIOD_ADDRESS}, or http://HOST:15010 for plaintext",
+                    path.key("address")
+                ),
+            );
+            return None;
+        }
+    };
+    let server_name = text(sink, &mut f, "serverName").unwrap_or(host);
+    let root_cert = text(sink, &mut f, "rootCert")
+        .unwrap_or_else(|| ISTIOD_ROOT_CERT.to_string())
+        .into();
+    let token = match f.get("token") {
+        Some(n) if n.is_null() => None,
+        Some(n) => fields::string(sink, n, &path.key("token"))
+            .filter(|t| !t.is_empty())
+            .map(Into::into),
+        None if plaintext => None,
+        None => Some(ISTIO_TOKEN.into()),
+    };
+    let cluster_id = text(sink, &mut f, "clusterId")
+        .or_else(|| env.get("ISTIO_META_CLUSTER_ID").map(str::to_string))
+        .unwrap_or_else(|| settings.cluster.clone());
+    let protocol = match text(sink, &mut f, "protocol").as_deref() {
+        None | Some("DELTA") | Some("delta") => XdsProtocol::Delta,
+        Some("SOTW") | Some("sotw") | Some("STATE_OF_THE_WORLD") => XdsProtocol::StateOfTheWorld,
+        Some(other) => {
+            sink.error(
+                node.loc,
+                format!("{}: {other:?} is not DELTA or SOTW", path.key("protocol")),
+            );
+            XdsProtocol::Delta
+        }
+    };
+    let mut initial_fetch_timeout = Duration::from_secs(15);
+    if let Some(d) = f
+        .get("initialFetchTimeout")
+        .and_then(|n| fields::duration(sink, n, &path.key("initialFetchTimeout")))
+    {
+        initial_fetch_timeout = d;
+    }
+    let mut stall_timeout = Duration::from_secs(60);
+    if let Some(d) = f
+        .get("stallTimeout")
+        .and_then(|n| fields::duration(sink, n, &path.key("stallTimeout")))
+    {
+        stall_timeout = d;
+    }
+    let empty = Node {
+        loc: node.loc,
+        value: Value::Map(Vec::new()),
+    };
+    let node_node = f.get("node").unwrap_or(&empty);
+    let node_loc = node_node.loc;
+    let identity = node_identity(
+        sink,
+        node_node,
+        &path.key("node"),
+        settings,
+        env,
+        &cluster_id,
+    );
+    f.finish(sink);
+    let identity = identity?;
+    if identity.ip.is_empty() {
+        sink.error(
+            node_loc,
+            format!(
+                "{}: the gateway's IP is unknown; set INSTANCE_IP (downward API status.podIP) or {}",
+                path.key("node"),
+                path.key("node").key("ip")
+            ),
+        );
+    }
+    Some(Discovery {
+        address,
+        plaintext,
+        server_name,
+        root_cert,
+        token,
+        cluster_id,
+        protocol,
+        initial_fetch_timeout,
+        stall_timeout,
+        node: identity,
+    })
+}
+
+/// `discovery.node`, filled from the pod's environment where not written.
+fn node_identity(
+    sink: &mut Sink,
+    node: &Node,
+    path: &Path<'_>,
+    settings: &Settings,
+    env: &Env,
+    cluster_id: &str,
+) -> Option<NodeIdentity> {
+    let mut f = Fields::of(sink, node, *path)?;
+    let mut text = |f: &mut Fields<'_, '_>, key: &str, env_key: &str| {
+        f.get(key)
+            .and_then(|n| fields::string(sink, n, &path.key(key)))
+            .or_else(|| env.get(env_key).map(str::to_string))
+            .unwrap_or_default()
+    };
+    let pod_name = text(&mut f, "podName", "POD_NAME");
+    let namespace = {
+        let ns = text(&mut f, "namespace", "POD_NAMESPACE");
+        if ns.is_empty() {
+            "istio-system".to_string()
+        } else {
+            ns
+        }
+    };
+    let ip = text(&mut f, "ip", "INSTANCE_IP");
+    let service_account = text(&mut f, "serviceAccount", "SERVICE_ACCOUNT");
+    let id = text(&mut f, "id", "");
+    let cluster = text(&mut f, "cluster", "ISTIO_META_SERVICE_CLUSTER");
+    // Istio's `ISTIO_META_*` convention: the rest of the name is the metadata key.
+    let mut metadata: BTreeMap<String, String> = env
+        .0
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("ISTIO_META_")?.to_string(), v.clone())))
+        .filter(|(k, _)| !k.is_empty())
+        .collect();
+    if let Some(n) = f.get("metadata") {
+        metadata.extend(fields::string_map(sink, n, &path.key("metadata")));
+    }
+    let mut labels = settings.labels.clone();
+    if let Some(n) = f.get("labels") {
+        labels.extend(fields::string_map(sink, n, &path.key("labels")));
+    }
+    f.finish(sink);
+    let pod = if pod_name.is_empty() {
+        "strait".to_string()
+    } else {
+        pod_name.clone()
+    };
+    let id = if id.is_empty() {
+        format!("router~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local")
+    } else {
+        id
+    };
+    let set = |metadata: &mut BTreeMap<String, String>, k: &str, v: &str| {
+        if !v.is_empty() {
+            metadata
+                .entry(k.to_string())
+                .or_insert_with(|| v.to_string());
+        }
+    };
+    set(&mut metadata, "NAMESPACE", &namespace);
+    set(&mut metadata, "SERVICE_ACCOUNT", &service_account);
+    set(&mut metadata, "INSTANCE_IPS", &ip);
+    set(&mut metadata, "CLUSTER_ID", cluster_id);
+    set(&mut metadata, "NETWORK", &settings.network);
+    let network = metadata.get("NETWORK").cloned().unwrap_or_default();
+    set(&mut metadata, "REQUESTED_NETWORK_VIEW", &network);
+    set(&mut metadata, "ISTIO_VERSION", ISTIO_VERSION);
+    set(&mut metadata, "NAME", &pod_name);
+    set(&mut metadata, "WORKLOAD_NAME", &pod_name);
+    // The Gateway selector matches pod labels; istiod falls back to these when it cannot
+    // find the pod.
+    metadata.remove("LABELS");
+    Some(NodeIdentity {
+        id,
+        cluster: if cluster.is_empty() {
+            format!(
+                "{}.{namespace}",
+                labels
+                    .get("app")
+                    .map(String::as_str)
+                    .unwrap_or("istio-eastwestgateway")
+            )
+        } else {
+            cluster
+        },
+        namespace,
+        service_account,
+        ip,
+        pod_name,
+        metadata,
+        labels,
     })
 }
 
@@ -258,16 +507,16 @@ pub(crate) fn bridge(sink: &mut Sink, meta: Meta, mut spec: Fields<'_, '_>) -> O
         .get("subset")
         .and_then(|n| fields::string(sink, n, &root.key("subset")).map(|s| (s, n.loc)));
     let mut identity = None;
-    if let Some(n) = spec.get("identity") {
-        if let Some(id) = fields::string(sink, n, &root.key("identity")) {
-            if id.starts_with("spiffe://") {
-                identity = Some(id);
-            } else {
-                sink.error(
+    if let Some(n) = spec.get("identity")
+        && let Some(id) = fields::string(sink, n, &root.key("identity"))
+    {
+        if id.starts_with("spiffe://") {
+            identity = Some(id);
+        } else {
+            sink.error(
                     n.loc,
                     format!("spec.identity: {id:?} is not a SPIFFE ID; write e.g. spiffe://cluster.local/ns/default/sa/reviews"),
                 );
-            }
         }
     }
     spec.finish(sink);

@@ -46,7 +46,7 @@ use crate::upstream::{
 };
 
 /// The label Istio puts on endpoints whose sidecar terminates mTLS.
-const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+use crate::model::TLS_MODE_LABEL;
 
 /// How one endpoint is reached from the bridge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -479,6 +479,7 @@ mod tests {
             network: network.into(),
             weight: 1,
             service_account: None,
+            priority: None,
         }
     }
 

@@ -139,6 +139,11 @@ pub struct Shared {
     /// on it with a 64-byte `Notified<'static>` instead of a watch subscription.
     closing: &'static Notify,
     ready: AtomicBool,
+    /// Why the gateway is not ready although its listeners are bound (the control plane
+    /// has not sent a complete configuration yet).
+    waiting: std::sync::Mutex<Option<String>>,
+    /// The control-plane source, when discovery is on.
+    pub discovery: std::sync::OnceLock<Arc<crate::xds::Status>>,
 }
 
 impl Shared {
@@ -156,6 +161,8 @@ impl Shared {
             idle: Notify::new(),
             closing: Box::leak(Box::new(Notify::new())),
             ready: AtomicBool::new(false),
+            waiting: std::sync::Mutex::new(None),
+            discovery: std::sync::OnceLock::new(),
         })
     }
 
@@ -187,7 +194,22 @@ impl Shared {
 
     /// Ready: configuration loaded, listeners bound, not draining.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && self.drain_state() == DrainState::Serving
+        self.ready.load(Ordering::Acquire)
+            && self.drain_state() == DrainState::Serving
+            && self.not_ready_because().is_none()
+    }
+
+    /// Why readiness waits for configuration, if it does.
+    pub fn not_ready_because(&self) -> Option<String> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Holds readiness at 503 with `why`, or releases it (`None`).
+    pub fn set_waiting(&self, why: Option<String>) {
+        *self.waiting.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 
     pub fn set_ready(&self, ready: bool) {

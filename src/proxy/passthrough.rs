@@ -116,12 +116,16 @@ async fn forward(
         }
     };
     let mode = servers[route.server].mode;
+    let allowed_alpn = servers[route.server]
+        .alpn
+        .as_deref()
+        .unwrap_or(&settings.passthrough_alpn);
     if mode == ServerTlsMode::AutoPassthrough
-        && !route::alpn_allowed(offer.alpn_iter(), &settings.passthrough_alpn)
+        && !route::alpn_allowed(offer.alpn_iter(), allowed_alpn)
     {
         let miss = RouteMiss::AlpnNotAllowed {
             offered: offer.alpn_display.clone(),
-            allowed: settings.passthrough_alpn.join(", "),
+            allowed: allowed_alpn.join(", "),
         };
         return refuse_no_route(&mut stream, &mut result, &miss).await;
     }

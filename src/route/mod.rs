@@ -8,7 +8,7 @@ pub mod sni;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::model::{ServerSpec, ServiceKey, ServicePort};
+use crate::model::{DefaultRoute, ServerSpec, ServiceKey, ServicePort};
 use sni::{SniMiss, parse_subset_key};
 
 /// Why an SNI does not route. Each variant is one `NR` reason.
@@ -38,6 +38,8 @@ pub enum RouteMiss {
     },
     #[error("ALPN [{offered}] offers none of the allowed [{allowed}] (passthroughAlpn)")]
     AlpnNotAllowed { offered: String, allowed: String },
+    #[error("the control plane lists no filter chain for {sni}")]
+    NotListed { sni: String },
 }
 
 impl RouteMiss {
@@ -50,6 +52,7 @@ impl RouteMiss {
             RouteMiss::UnknownService { .. } => "unknown_service",
             RouteMiss::UnknownSubset { .. } => "unknown_subset",
             RouteMiss::AlpnNotAllowed { .. } => "alpn_not_allowed",
+            RouteMiss::NotListed { .. } => "not_listed",
         }
     }
 }
@@ -98,6 +101,11 @@ pub fn resolve<'s>(
         });
     };
     let subset = match key.subset {
+        None if service.default_route == DefaultRoute::NotListed => {
+            return Err(RouteMiss::NotListed {
+                sni: sni.to_string(),
+            });
+        }
         None => None,
         Some(name) => match service.subsets.get_key_value(name) {
             Some((k, _)) => Some(k.as_str()),
@@ -154,6 +162,7 @@ mod tests {
             name: "istio-system/gw/0".into(),
             mode: ServerTlsMode::AutoPassthrough,
             hosts: vec![HostMatch::parse("*.local")],
+            alpn: None,
         }];
         let mut subsets = BTreeMap::new();
         subsets.insert(
@@ -174,6 +183,7 @@ mod tests {
             policy: TrafficPolicy::default(),
             subsets,
             resolution: Default::default(),
+            default_route: Default::default(),
         };
         let mut services = HashMap::new();
         services.insert(svc.key(), Arc::new(svc));

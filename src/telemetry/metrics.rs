@@ -315,6 +315,11 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
+    /// The registry, for metric families registered later (the xDS client's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn render(&self) -> Vec<u8> {
         let _guard = self
             .endpoint_refresh
@@ -628,6 +633,7 @@ mod tests {
             .into_iter()
             .collect(),
             resolution: Resolution::Static,
+            default_route: Default::default(),
         }
     }
 

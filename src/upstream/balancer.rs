@@ -269,6 +269,7 @@ mod tests {
             weight,
             service_account: None,
             tls_disabled: false,
+            priority: None,
         }
     }
 
@@ -282,6 +283,7 @@ mod tests {
             policy,
             subsets: BTreeMap::new(),
             resolution: Default::default(),
+            default_route: Default::default(),
         });
         Cluster::new(service, None, &StateRegistry::default()).unwrap()
     }

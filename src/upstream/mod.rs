@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use crate::model::{
-    Endpoint, EndpointAddress, Locality, ServiceKey, ServicePort, Settings, TrafficPolicy,
+    DefaultRoute, Endpoint, EndpointAddress, Locality, ServiceKey, ServicePort, Settings,
+    TrafficPolicy,
 };
 
 pub use balancer::Pick;
@@ -248,7 +249,11 @@ impl Cluster {
         let (policy, indexes): (TrafficPolicy, Vec<usize>) = match subset {
             None => (
                 service.policy.clone(),
-                (0..service.endpoints.len()).collect(),
+                match &service.default_route {
+                    DefaultRoute::AllEndpoints => (0..service.endpoints.len()).collect(),
+                    DefaultRoute::Endpoints(indexes) => indexes.clone(),
+                    DefaultRoute::NotListed => Vec::new(),
+                },
             ),
             Some(name) => {
                 let s = service.subsets.get(name)?;
@@ -347,6 +352,15 @@ impl Cluster {
     }
 
     fn plan_for(&self, gateway: &Locality) -> locality::Plan {
+        // Priorities the control plane computed for this gateway are applied as sent.
+        if self.members.iter().any(|m| m.endpoint.priority.is_some()) {
+            return locality::Plan::Priority(
+                self.members
+                    .iter()
+                    .map(|m| m.endpoint.priority.unwrap_or(0).min(u8::MAX as u32) as u8)
+                    .collect(),
+            );
+        }
         let localities: Vec<&Locality> =
             self.members.iter().map(|m| &m.endpoint.locality).collect();
         let weights: Vec<u32> = self.members.iter().map(|m| m.endpoint.weight).collect();

@@ -1,0 +1,813 @@
+//! The ADS stream: subscribe to clusters and listeners (wildcard) and to the endpoints of
+//! every EDS cluster (by name), apply each response's valid resources, acknowledge it or
+//! reject it with the reasons, and keep doing so across lost streams.
+//!
+//! Rules, from Envoy's xDS protocol and what istiod does with them:
+//! - a rejection (NACK) carries the previous accepted version, the response's nonce and
+//!   an `error_detail`; istiod never re-sends a rejected push, so the valid resources of
+//!   the same response are applied anyway and only the bad ones keep their last good
+//!   form (a bad cluster never takes the 15443 listener down);
+//! - in state of the world, a listener or cluster response is the whole set (absence is
+//!   deletion) while an endpoint response names only what it carries; in delta, each
+//!   resource comes on its own and deletions are listed;
+//! - a new stream re-subscribes with the versions held (delta
+//!   `initial_resource_versions`), and until it has answered, everything held keeps
+//!   serving unchanged;
+//! - the receive loop never waits on the consumer: updates are published to a `watch`
+//!   channel, which keeps only the newest.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+};
+use envoy_types::pb::google::protobuf::{Any, Struct, Value as PbValue, value::Kind};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::connect::{self, ConnectError};
+use super::translate::{self, Held, Listener};
+use super::{Rejection, Status, jitter, short_type};
+use crate::model::{Discovery, ListenerSpec, ServiceKey, ServicePort, XdsProtocol};
+
+/// Far above tonic's 4 MiB: a mesh of 10,000 services sends tens of MiB of clusters.
+const MAX_MESSAGE: usize = 1 << 30;
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+
+/// What the client hands the gateway after each accepted change.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub listeners: Vec<ListenerSpec>,
+    pub services: HashMap<ServiceKey, Arc<ServicePort>>,
+    /// Listeners and clusters received and every served cluster's endpoints in (or
+    /// waited for long enough): readiness may pass.
+    pub warm: bool,
+    /// Why not warm yet.
+    pub waiting: Option<String>,
+}
+
+/// Everything held across streams.
+struct State {
+    held: Held,
+    /// Accepted version of each resource, per type (delta `initial_resource_versions`).
+    versions: HashMap<&'static str, BTreeMap<String, String>>,
+    /// Accepted `version_info` and last nonce per type (SotW).
+    sotw: HashMap<&'static str, (String, String)>,
+    /// Types answered at least once since start.
+    received: BTreeSet<&'static str>,
+    /// EDS names subscribed on the current stream.
+    subscribed_eds: BTreeSet<String>,
+    /// When each EDS name was first wanted, for the initial fetch timeout.
+    wanted_since: BTreeMap<String, Instant>,
+    /// Ready once; stays ready through reconnects.
+    warm: bool,
+}
+
+/// How a stream ended.
+enum End {
+    /// Could not open: the cause, and whether it is an authentication problem.
+    Open(String, &'static str),
+    /// Opened, then ended; `applied` says whether any response was accepted on it.
+    Closed {
+        why: String,
+        reason: &'static str,
+        applied: bool,
+    },
+}
+
+pub async fn run(status: Arc<Status>, tx: watch::Sender<Option<Arc<Published>>>) {
+    let d = status.discovery.clone();
+    let mut state = State {
+        held: Held::default(),
+        versions: HashMap::new(),
+        sotw: HashMap::new(),
+        received: BTreeSet::new(),
+        subscribed_eds: BTreeSet::new(),
+        wanted_since: BTreeMap::new(),
+        warm: false,
+    };
+    tracing::info!(
+        address = %d.address,
+        tls = !d.plaintext,
+        protocol = ?d.protocol,
+        node = %d.node.id,
+        cluster_id = %d.cluster_id,
+        network = %d.node.metadata.get("NETWORK").map(String::as_str).unwrap_or(""),
+        requested_network_view = %d.node.metadata.get("REQUESTED_NETWORK_VIEW").map(String::as_str).unwrap_or(""),
+        "connecting to the control plane"
+    );
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let end = session(&d, &status, &mut state, &tx).await;
+        status.metrics.connected.set(0);
+        let (why, reason, immediate) = match end {
+            End::Open(why, reason) => (why, reason, false),
+            End::Closed {
+                why,
+                reason,
+                applied,
+            } => (why, reason, applied),
+        };
+        status
+            .metrics
+            .connect_failures
+            .with_label_values(&[reason])
+            .inc();
+        {
+            let mut s = status.lock();
+            s.connected = false;
+            s.last_error = Some(why.clone());
+        }
+        // A stream that carried configuration and then ended (istiod's 30-minute
+        // GOAWAY, a restart) is reopened at once; anything else backs off.
+        let delay = if immediate {
+            backoff = BACKOFF_FIRST;
+            Duration::ZERO
+        } else {
+            let d = jitter(backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            d
+        };
+        if reason == "auth" || reason == "token" || reason == "tls" || reason == "root_cert" {
+            tracing::error!(retry_in = ?delay, "control plane refused the gateway: {why}");
+        } else {
+            tracing::warn!(retry_in = ?delay, "control plane stream ended: {why}; the last configuration keeps serving");
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn status_reason(s: &tonic::Status) -> &'static str {
+    match s.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => "auth",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => "closed",
+        _ => "error",
+    }
+}
+
+fn describe_status(s: &tonic::Status) -> String {
+    let hint = match s.code() {
+        tonic::Code::Unauthenticated => {
+            " (token rejected: check the projected token's audience is istio-ca and it is not expired)"
+        }
+        tonic::Code::PermissionDenied => {
+            " (the token's identity does not match the node: check NAMESPACE and SERVICE_ACCOUNT)"
+        }
+        _ => "",
+    };
+    format!("{:?}: {}{hint}", s.code(), s.message())
+}
+
+/// One stream, from connect to its end.
+async fn session(
+    d: &Discovery,
+    status: &Arc<Status>,
+    state: &mut State,
+    tx: &watch::Sender<Option<Arc<Published>>>,
+) -> End {
+    let channel = match connect::channel(d).await {
+        Ok(c) => c,
+        Err(e) => return End::Open(e.to_string(), e.reason()),
+    };
+    let headers = match connect::headers(d) {
+        Ok(h) => h,
+        Err(e @ ConnectError::Token { .. }) => return End::Open(e.to_string(), "token"),
+        Err(e) => return End::Open(e.to_string(), e.reason()),
+    };
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+    state.subscribed_eds.clear();
+    status.lock().streams += 1;
+    match d.protocol {
+        XdsProtocol::Delta => delta(d, status, state, tx, &mut client, headers).await,
+        XdsProtocol::StateOfTheWorld => sotw(d, status, state, tx, &mut client, headers).await,
+    }
+}
+
+type Headers = Vec<(
+    &'static str,
+    tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+)>;
+
+fn with_headers<T>(body: T, headers: Headers) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(body);
+    for (k, v) in headers {
+        req.metadata_mut().insert(k, v);
+    }
+    req
+}
+
+/// The xDS `Node` istiod identifies the gateway by.
+pub fn node(d: &Discovery) -> core::Node {
+    let s = |v: &str| PbValue {
+        kind: Some(Kind::StringValue(v.to_string())),
+    };
+    let mut fields: HashMap<String, PbValue> = d
+        .node
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), s(v)))
+        .collect();
+    fields.insert(
+        "LABELS".into(),
+        PbValue {
+            kind: Some(Kind::StructValue(Struct {
+                fields: d
+                    .node
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), s(v)))
+                    .collect(),
+            })),
+        },
+    );
+    core::Node {
+        id: d.node.id.clone(),
+        cluster: d.node.cluster.clone(),
+        metadata: Some(Struct { fields }),
+        user_agent_name: "strait".into(),
+        user_agent_version_type: Some(core::node::UserAgentVersionType::UserAgentVersion(
+            env!("CARGO_PKG_VERSION").into(),
+        )),
+        ..core::Node::default()
+    }
+}
+
+/// Per-type outcome of one response.
+struct Applied {
+    problems: Vec<String>,
+}
+
+fn apply_one(
+    state: &mut State,
+    type_url: &str,
+    name_hint: &str,
+    any: Option<&Any>,
+) -> Result<String, String> {
+    let any = any.ok_or_else(|| format!("{name_hint}: resource without a body"))?;
+    match type_url {
+        translate::LISTENER => {
+            let (name, read) = translate::listener(any)?;
+            state.held.listeners.insert(name.clone(), read.value);
+            if read.problems.is_empty() {
+                Ok(name)
+            } else {
+                Err(read.problems.join("; "))
+            }
+        }
+        translate::CLUSTER => {
+            let (name, read) = translate::cluster(any)?;
+            state.held.clusters.insert(name.clone(), read.value);
+            Ok(name)
+        }
+        translate::ENDPOINTS => {
+            let (name, read) = translate::endpoints(any)?;
+            state.held.endpoints.insert(name.clone(), read.value);
+            Ok(name)
+        }
+        other => Err(format!("type {other} is not one strait subscribes to")),
+    }
+}
+
+fn remove(state: &mut State, type_url: &str, name: &str) {
+    match type_url {
+        translate::LISTENER => {
+            state.held.listeners.remove(name);
+        }
+        translate::CLUSTER => {
+            state.held.clusters.remove(name);
+        }
+        translate::ENDPOINTS => {
+            state.held.endpoints.remove(name);
+        }
+        _ => {}
+    }
+}
+
+fn static_type(type_url: &str) -> Option<&'static str> {
+    [
+        translate::LISTENER,
+        translate::CLUSTER,
+        translate::ENDPOINTS,
+    ]
+    .into_iter()
+    .find(|t| *t == type_url)
+}
+
+/// EDS names wanted now, with the time each was first wanted; drops endpoints of
+/// clusters that are gone.
+fn wanted_eds(state: &mut State) -> BTreeSet<String> {
+    let wanted = state.held.eds_names();
+    let now = Instant::now();
+    state.wanted_since.retain(|n, _| wanted.contains(n));
+    for n in &wanted {
+        state.wanted_since.entry(n.clone()).or_insert(now);
+    }
+    state.held.endpoints.retain(|n, _| wanted.contains(n));
+    if let Some(v) = state.versions.get_mut(translate::ENDPOINTS) {
+        v.retain(|n, _| wanted.contains(n));
+    }
+    wanted
+}
+
+/// Records an ACK or NACK in status and metrics.
+fn record(
+    status: &Status,
+    state: &State,
+    type_url: &str,
+    version: &str,
+    nonce: &str,
+    error: Option<&str>,
+) {
+    let t = short_type(type_url);
+    let count = match type_url {
+        translate::LISTENER => state.held.listeners.len(),
+        translate::CLUSTER => state.held.clusters.len(),
+        translate::ENDPOINTS => state.held.endpoints.len(),
+        _ => 0,
+    };
+    let m = &status.metrics;
+    m.resources.with_label_values(&[t]).set(count as i64);
+    let mut s = status.lock();
+    let ts = s.types.entry(t).or_default();
+    ts.nonce = nonce.to_string();
+    ts.resources = count;
+    let now = SystemTime::now();
+    // Valid resources were applied either way: the configuration's age restarts.
+    ts.last_accepted = Some(now);
+    m.last_accepted.with_label_values(&[t]).set(
+        now.duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0),
+    );
+    match error {
+        None => {
+            ts.acks += 1;
+            ts.version = version.to_string();
+            m.responses.with_label_values(&[t, "ack"]).inc();
+        }
+        Some(e) => {
+            ts.nacks += 1;
+            ts.last_rejection = Some(Rejection {
+                version: version.to_string(),
+                nonce: nonce.to_string(),
+                error: e.to_string(),
+                at: now,
+            });
+            m.responses.with_label_values(&[t, "nack"]).inc();
+            tracing::warn!(
+                r#type = t,
+                version,
+                nonce,
+                "rejected part of an xDS response: {e}"
+            );
+        }
+    }
+}
+
+/// Assembles and publishes the held configuration, and readiness with it.
+fn publish(
+    d: &Discovery,
+    status: &Status,
+    state: &mut State,
+    tx: &watch::Sender<Option<Arc<Published>>>,
+) {
+    let assembled = state.held.assemble();
+    let now = Instant::now();
+    let mut waiting = None;
+    if !state.warm {
+        let missing_types: Vec<&str> = [("LDS", translate::LISTENER), ("CDS", translate::CLUSTER)]
+            .into_iter()
+            .filter(|(_, t)| !state.received.contains(t))
+            .map(|(n, _)| n)
+            .collect();
+        let late: Vec<&String> = assembled
+            .awaiting_endpoints
+            .iter()
+            .filter(|n| {
+                state
+                    .wanted_since
+                    .get(*n)
+                    .is_none_or(|t| now.duration_since(*t) < d.initial_fetch_timeout)
+            })
+            .collect();
+        if !missing_types.is_empty() {
+            waiting = Some(format!(
+                "config not received from XDS server: waiting for {}",
+                missing_types.join(" and ")
+            ));
+        } else if !late.is_empty() {
+            let shown: Vec<&str> = late.iter().take(5).map(|s| s.as_str()).collect();
+            waiting = Some(format!(
+                "config not received from XDS server: waiting for the endpoints of {} cluster(s): {}{}",
+                late.len(),
+                shown.join(", "),
+                if late.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                }
+            ));
+        } else {
+            state.warm = true;
+            if !assembled.awaiting_endpoints.is_empty() {
+                tracing::warn!(
+                    clusters = assembled.awaiting_endpoints.len(),
+                    timeout = ?d.initial_fetch_timeout,
+                    "ready without the endpoints of some clusters: their initial fetch timed out"
+                );
+            }
+        }
+    }
+    {
+        let mut s = status.lock();
+        s.waiting = waiting.clone();
+        s.not_served.clear();
+        s.skipped.clear();
+        s.ignored_filters.clear();
+        for (name, l) in &state.held.listeners {
+            match l {
+                Listener::NotServed(why) => {
+                    s.not_served.insert(name.clone(), why.clone());
+                }
+                Listener::Served(l) => {
+                    if !l.skipped_chains.is_empty() {
+                        s.skipped.insert(name.clone(), l.skipped_chains.clone());
+                    }
+                    if !l.ignored_filters.is_empty() {
+                        s.ignored_filters
+                            .insert(name.clone(), l.ignored_filters.iter().cloned().collect());
+                    }
+                }
+            }
+        }
+        s.cluster_notes = state
+            .held
+            .clusters
+            .iter()
+            .filter(|(_, c)| !c.notes.is_empty())
+            .map(|(n, c)| (n.clone(), c.notes.clone()))
+            .collect();
+    }
+    for c in &assembled.conflicts {
+        tracing::warn!("{c}");
+    }
+    let published = Published {
+        listeners: assembled.listeners,
+        services: assembled.services,
+        warm: state.warm,
+        waiting,
+    };
+    tx.send_replace(Some(Arc::new(published)));
+}
+
+/// How long the stream may stay silent while a subscription is unanswered.
+fn stalled(outstanding: &HashMap<&'static str, Instant>, d: &Discovery) -> Option<Instant> {
+    outstanding.values().min().map(|t| *t + d.stall_timeout)
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn closed(e: tonic::Status, applied: bool) -> End {
+    End::Closed {
+        why: describe_status(&e),
+        reason: status_reason(&e),
+        applied,
+    }
+}
+
+async fn delta(
+    d: &Discovery,
+    status: &Arc<Status>,
+    state: &mut State,
+    tx: &watch::Sender<Option<Arc<Published>>>,
+    client: &mut AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+    headers: Headers,
+) -> End {
+    let (out, rx) = mpsc::unbounded_channel::<DeltaDiscoveryRequest>();
+    let mut outstanding: HashMap<&'static str, Instant> = HashMap::new();
+    let now = Instant::now();
+    let initial = |state: &State, t: &str| -> HashMap<String, String> {
+        state
+            .versions
+            .get(t)
+            .map(|v| v.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    };
+    // Clusters first, then listeners (Envoy's order), each a wildcard subscription.
+    for (i, t) in [translate::CLUSTER, translate::LISTENER]
+        .into_iter()
+        .enumerate()
+    {
+        let _ = out.send(DeltaDiscoveryRequest {
+            node: (i == 0).then(|| node(d)),
+            type_url: t.to_string(),
+            initial_resource_versions: initial(state, t),
+            ..Default::default()
+        });
+        outstanding.insert(t, now);
+    }
+    let eds = wanted_eds(state);
+    if !eds.is_empty() {
+        let _ = out.send(DeltaDiscoveryRequest {
+            type_url: translate::ENDPOINTS.into(),
+            resource_names_subscribe: eds.iter().cloned().collect(),
+            initial_resource_versions: initial(state, translate::ENDPOINTS),
+            ..Default::default()
+        });
+        outstanding.insert(translate::ENDPOINTS, now);
+        state.subscribed_eds = eds;
+    }
+    let req = with_headers(UnboundedReceiverStream::new(rx), headers);
+    let mut stream = match client.delta_aggregated_resources(req).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => return closed(e, false),
+    };
+    status.lock().connected = true;
+    status.metrics.connected.set(1);
+    let mut applied = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let msg: DeltaDiscoveryResponse = tokio::select! {
+            m = stream.message() => match m {
+                Ok(Some(m)) => m,
+                Ok(None) => return End::Closed { why: "the control plane closed the stream".into(), reason: "closed", applied },
+                Err(e) => return closed(e, applied),
+            },
+            () = sleep_until(stalled(&outstanding, d)) => {
+                return End::Closed { why: format!("no answer to a subscription within {:?}", d.stall_timeout), reason: "stalled", applied };
+            }
+            _ = tick.tick(), if !state.warm => {
+                publish(d, status, state, tx);
+                continue;
+            }
+        };
+        let Some(t) = static_type(&msg.type_url) else {
+            let _ = out.send(DeltaDiscoveryRequest {
+                type_url: msg.type_url.clone(),
+                response_nonce: msg.nonce.clone(),
+                error_detail: Some(RpcStatus {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message: format!("type {} was not subscribed to", msg.type_url),
+                    details: Vec::new(),
+                }),
+                ..Default::default()
+            });
+            continue;
+        };
+        outstanding.remove(t);
+        let mut result = Applied {
+            problems: Vec::new(),
+        };
+        for r in &msg.resources {
+            match apply_one(state, t, &r.name, r.resource.as_ref()) {
+                Ok(name) => {
+                    state
+                        .versions
+                        .entry(t)
+                        .or_default()
+                        .insert(name, r.version.clone());
+                }
+                Err(e) => result.problems.push(e),
+            }
+        }
+        for name in &msg.removed_resources {
+            remove(state, t, name);
+            if let Some(v) = state.versions.get_mut(t) {
+                v.remove(name);
+            }
+        }
+        state.received.insert(t);
+        applied = true;
+        let error = (!result.problems.is_empty()).then(|| result.problems.join("\n"));
+        let _ = out.send(DeltaDiscoveryRequest {
+            type_url: t.to_string(),
+            response_nonce: msg.nonce.clone(),
+            error_detail: error.as_ref().map(|e| RpcStatus {
+                code: tonic::Code::InvalidArgument as i32,
+                message: e.clone(),
+                details: Vec::new(),
+            }),
+            ..Default::default()
+        });
+        record(
+            status,
+            state,
+            t,
+            &msg.system_version_info,
+            &msg.nonce,
+            error.as_deref(),
+        );
+        if t == translate::CLUSTER {
+            let wanted = wanted_eds(state);
+            let subscribe: Vec<String> =
+                wanted.difference(&state.subscribed_eds).cloned().collect();
+            let unsubscribe: Vec<String> =
+                state.subscribed_eds.difference(&wanted).cloned().collect();
+            if !subscribe.is_empty() || !unsubscribe.is_empty() {
+                let _ = out.send(DeltaDiscoveryRequest {
+                    type_url: translate::ENDPOINTS.into(),
+                    resource_names_subscribe: subscribe.clone(),
+                    resource_names_unsubscribe: unsubscribe,
+                    ..Default::default()
+                });
+                if !subscribe.is_empty() {
+                    outstanding.insert(translate::ENDPOINTS, Instant::now());
+                }
+                state.subscribed_eds = wanted;
+            }
+        }
+        publish(d, status, state, tx);
+    }
+}
+
+async fn sotw(
+    d: &Discovery,
+    status: &Arc<Status>,
+    state: &mut State,
+    tx: &watch::Sender<Option<Arc<Published>>>,
+    client: &mut AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+    headers: Headers,
+) -> End {
+    let (out, rx) = mpsc::unbounded_channel::<DiscoveryRequest>();
+    let mut outstanding: HashMap<&'static str, Instant> = HashMap::new();
+    let now = Instant::now();
+    // A new stream starts with empty nonces; the versions held tell istiod what we have.
+    for (i, t) in [translate::CLUSTER, translate::LISTENER]
+        .into_iter()
+        .enumerate()
+    {
+        let version = state
+            .sotw
+            .get(t)
+            .map(|(v, _)| v.clone())
+            .unwrap_or_default();
+        let _ = out.send(DiscoveryRequest {
+            node: (i == 0).then(|| node(d)),
+            type_url: t.to_string(),
+            version_info: version,
+            ..Default::default()
+        });
+        outstanding.insert(t, now);
+    }
+    let eds = wanted_eds(state);
+    if !eds.is_empty() {
+        let version = state
+            .sotw
+            .get(translate::ENDPOINTS)
+            .map(|(v, _)| v.clone())
+            .unwrap_or_default();
+        let _ = out.send(DiscoveryRequest {
+            type_url: translate::ENDPOINTS.into(),
+            version_info: version,
+            resource_names: eds.iter().cloned().collect(),
+            ..Default::default()
+        });
+        outstanding.insert(translate::ENDPOINTS, now);
+        state.subscribed_eds = eds;
+    }
+    for (_, nonce) in state.sotw.values_mut() {
+        nonce.clear();
+    }
+    let req = with_headers(UnboundedReceiverStream::new(rx), headers);
+    let mut stream = match client.stream_aggregated_resources(req).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => return closed(e, false),
+    };
+    status.lock().connected = true;
+    status.metrics.connected.set(1);
+    let mut applied = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let msg: DiscoveryResponse = tokio::select! {
+            m = stream.message() => match m {
+                Ok(Some(m)) => m,
+                Ok(None) => return End::Closed { why: "the control plane closed the stream".into(), reason: "closed", applied },
+                Err(e) => return closed(e, applied),
+            },
+            () = sleep_until(stalled(&outstanding, d)) => {
+                return End::Closed { why: format!("no answer to a subscription within {:?}", d.stall_timeout), reason: "stalled", applied };
+            }
+            _ = tick.tick(), if !state.warm => {
+                publish(d, status, state, tx);
+                continue;
+            }
+        };
+        let Some(t) = static_type(&msg.type_url) else {
+            let _ = out.send(DiscoveryRequest {
+                type_url: msg.type_url.clone(),
+                response_nonce: msg.nonce.clone(),
+                error_detail: Some(RpcStatus {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message: format!("type {} was not subscribed to", msg.type_url),
+                    details: Vec::new(),
+                }),
+                ..Default::default()
+            });
+            continue;
+        };
+        outstanding.remove(t);
+        let mut problems = Vec::new();
+        let mut present = BTreeSet::new();
+        for any in &msg.resources {
+            match apply_one(state, t, "resource", Some(any)) {
+                Ok(name) => {
+                    present.insert(name);
+                }
+                Err(e) => {
+                    // The name of a resource that failed to decode is unknown, so a
+                    // listener or cluster held under it cannot be told apart from one
+                    // the set dropped: keep every held one whose name the error text
+                    // names.
+                    problems.push(e);
+                }
+            }
+        }
+        // Listeners and clusters: the response is the whole set.
+        if t != translate::ENDPOINTS {
+            let held: Vec<String> = match t {
+                translate::LISTENER => state.held.listeners.keys().cloned().collect(),
+                _ => state.held.clusters.keys().cloned().collect(),
+            };
+            for name in held {
+                if !present.contains(&name) && !problems.iter().any(|p| p.contains(&name)) {
+                    remove(state, t, &name);
+                }
+            }
+        }
+        state.received.insert(t);
+        applied = true;
+        let error = (!problems.is_empty()).then(|| problems.join("\n"));
+        let previous = state
+            .sotw
+            .get(t)
+            .map(|(v, _)| v.clone())
+            .unwrap_or_default();
+        let version = if error.is_none() {
+            msg.version_info.clone()
+        } else {
+            previous
+        };
+        state.sotw.insert(t, (version.clone(), msg.nonce.clone()));
+        let names: Vec<String> = if t == translate::ENDPOINTS {
+            state.subscribed_eds.iter().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let _ = out.send(DiscoveryRequest {
+            type_url: t.to_string(),
+            version_info: version,
+            resource_names: names,
+            response_nonce: msg.nonce.clone(),
+            error_detail: error.as_ref().map(|e| RpcStatus {
+                code: tonic::Code::InvalidArgument as i32,
+                message: e.clone(),
+                details: Vec::new(),
+            }),
+            ..Default::default()
+        });
+        record(
+            status,
+            state,
+            t,
+            &msg.version_info,
+            &msg.nonce,
+            error.as_deref(),
+        );
+        if t == translate::CLUSTER {
+            let wanted = wanted_eds(state);
+            if wanted != state.subscribed_eds {
+                let added = wanted.difference(&state.subscribed_eds).next().is_some();
+                let (version, nonce) = state
+                    .sotw
+                    .get(translate::ENDPOINTS)
+                    .cloned()
+                    .unwrap_or_default();
+                let _ = out.send(DiscoveryRequest {
+                    type_url: translate::ENDPOINTS.into(),
+                    version_info: version,
+                    resource_names: wanted.iter().cloned().collect(),
+                    response_nonce: nonce,
+                    ..Default::default()
+                });
+                if added {
+                    outstanding.insert(translate::ENDPOINTS, Instant::now());
+                }
+                state.subscribed_eds = wanted;
+            }
+        }
+        publish(d, status, state, tx);
+    }
+}

@@ -1,0 +1,272 @@
+//! The second configuration source: listeners, clusters and endpoints from istiod over one
+//! ADS stream (delta by default, state of the world selectable), as Istio's own
+//! east-west gateway (Envoy behind pilot-agent, proxy type `router`) receives them.
+//!
+//! [`client`] keeps the stream up and holds the last accepted resources; [`translate`]
+//! turns them into the same listeners and services the files produce; the app merges
+//! them with the file snapshot (which still carries the Bootstrap, policies and Bridges)
+//! and installs the result like any reload, so the data path does not know where its
+//! configuration came from. [`Status`] is what readiness, metrics and `config_dump` show.
+
+mod client;
+pub mod connect;
+pub mod translate;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::model::{Discovery, ListenerSpec, ServiceKey, ServicePort, Snapshot, XdsProtocol};
+
+pub use client::Published;
+
+/// Short names of the three resource types, as metric labels and in `config_dump`.
+pub const TYPES: [(&str, &str); 3] = [
+    ("lds", translate::LISTENER),
+    ("cds", translate::CLUSTER),
+    ("eds", translate::ENDPOINTS),
+];
+
+pub fn short_type(type_url: &str) -> &'static str {
+    TYPES
+        .iter()
+        .find(|(_, u)| *u == type_url)
+        .map_or("other", |(s, _)| s)
+}
+
+/// The xDS metrics (`strait_xds_*`), registered only when discovery is on.
+pub struct XdsMetrics {
+    pub connected: IntGauge,
+    pub connect_failures: IntCounterVec,
+    pub responses: IntCounterVec,
+    pub resources: IntGaugeVec,
+    pub last_accepted: IntGaugeVec,
+}
+
+impl XdsMetrics {
+    pub fn register(r: &Registry) -> XdsMetrics {
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+            // Registered once per process with fixed names: a clash is a programming error
+            // caught by every test that starts discovery, so it is logged, not fatal.
+            if let Err(e) = r.register(Box::new(c.clone())) {
+                tracing::error!("cannot register an xDS metric: {e}");
+            }
+            c
+        }
+        let gauge = |name: &str, help: &str| IntGauge::with_opts(Opts::new(name, help));
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels)
+        };
+        // The names and labels below are valid Prometheus names: construction cannot fail.
+        XdsMetrics {
+            connected: reg(
+                r,
+                gauge(
+                    "strait_xds_connected",
+                    "1 while the ADS stream to the control plane is up",
+                )
+                .expect("valid metric"),
+            ),
+            connect_failures: reg(
+                r,
+                counter_vec(
+                    "strait_xds_stream_failures_total",
+                    "ADS streams that could not be opened or ended with an error, by reason",
+                    &["reason"],
+                )
+                .expect("valid metric"),
+            ),
+            responses: reg(
+                r,
+                counter_vec(
+                    "strait_xds_responses_total",
+                    "xDS responses received, by type and whether they were acknowledged (ack) or rejected (nack)",
+                    &["type", "result"],
+                )
+                .expect("valid metric"),
+            ),
+            resources: reg(
+                r,
+                gauge_vec(
+                    "strait_xds_resources",
+                    "xDS resources held, by type",
+                    &["type"],
+                )
+                .expect("valid metric"),
+            ),
+            last_accepted: reg(
+                r,
+                gauge_vec(
+                    "strait_xds_last_update_timestamp_seconds",
+                    "When a response of this type was last accepted (Unix time); time since it is the age of the configuration",
+                    &["type"],
+                )
+                .expect("valid metric"),
+            ),
+        }
+    }
+}
+
+/// One type's exchange with the control plane.
+#[derive(Debug, Default, Clone)]
+pub struct TypeStatus {
+    /// Version accepted last (SotW `version_info`; delta `system_version_info`).
+    pub version: String,
+    pub nonce: String,
+    pub acks: u64,
+    pub nacks: u64,
+    pub resources: usize,
+    pub last_accepted: Option<SystemTime>,
+    pub last_rejection: Option<Rejection>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    pub version: String,
+    pub nonce: String,
+    pub error: String,
+    pub at: SystemTime,
+}
+
+/// What the stream is doing, for `config_dump` and readiness.
+#[derive(Debug, Default)]
+pub struct StatusInner {
+    pub connected: bool,
+    pub streams: u64,
+    pub last_error: Option<String>,
+    pub types: BTreeMap<&'static str, TypeStatus>,
+    /// Why readiness is 503; `None` once warm.
+    pub waiting: Option<String>,
+    /// Listeners acknowledged but not served, with why.
+    pub not_served: BTreeMap<String, String>,
+    /// Filter chains and filters left out of served listeners.
+    pub skipped: BTreeMap<String, Vec<String>>,
+    pub ignored_filters: BTreeMap<String, Vec<String>>,
+    pub cluster_notes: BTreeMap<String, Vec<String>>,
+}
+
+pub struct Status {
+    pub discovery: Discovery,
+    pub inner: Mutex<StatusInner>,
+    pub metrics: XdsMetrics,
+}
+
+impl Status {
+    pub fn new(discovery: Discovery, registry: &Registry) -> Arc<Status> {
+        Arc::new(Status {
+            discovery,
+            inner: Mutex::new(StatusInner {
+                waiting: Some("config not received from XDS server".into()),
+                ..StatusInner::default()
+            }),
+            metrics: XdsMetrics::register(registry),
+        })
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The `discovery` section of `config_dump`. The token is named, never shown.
+    pub fn dump(&self) -> Value {
+        let d = &self.discovery;
+        let s = self.lock();
+        let time = |t: &Option<SystemTime>| {
+            t.map(|t| {
+                time::OffsetDateTime::from(t)
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default()
+            })
+        };
+        json!({
+            "source": "xds",
+            "address": d.address,
+            "plaintext": d.plaintext,
+            "serverName": d.server_name,
+            "rootCert": d.root_cert.display().to_string(),
+            "token": d.token.as_ref().map(|p| p.display().to_string()),
+            "clusterId": d.cluster_id,
+            "protocol": match d.protocol { XdsProtocol::Delta => "DELTA", XdsProtocol::StateOfTheWorld => "SOTW" },
+            "node": {
+                "id": d.node.id,
+                "cluster": d.node.cluster,
+                "metadata": d.node.metadata,
+                "labels": d.node.labels,
+            },
+            "connected": s.connected,
+            "streams": s.streams,
+            "lastError": s.last_error,
+            "ready": s.waiting.is_none(),
+            "waiting": s.waiting,
+            "types": s.types.iter().map(|(t, ts)| (t.to_string(), json!({
+                "version": ts.version,
+                "nonce": ts.nonce,
+                "acks": ts.acks,
+                "nacks": ts.nacks,
+                "resources": ts.resources,
+                "lastAccepted": time(&ts.last_accepted),
+                "lastRejection": ts.last_rejection.as_ref().map(|r| json!({
+                    "version": r.version,
+                    "nonce": r.nonce,
+                    "error": r.error,
+                    "at": time(&Some(r.at)),
+                })),
+            }))).collect::<serde_json::Map<_, _>>(),
+            "listenersNotServed": s.not_served,
+            "skippedFilterChains": s.skipped,
+            "ignoredFilters": s.ignored_filters,
+            "clusterNotes": s.cluster_notes,
+        })
+    }
+}
+
+/// Starts the ADS client on the current runtime. Updates arrive on the returned
+/// receiver, coalesced: a slow consumer sees the latest, never a queue.
+pub fn start(status: Arc<Status>) -> watch::Receiver<Option<Arc<Published>>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(client::run(status, tx));
+    rx
+}
+
+/// The file snapshot with the control plane's listeners and services added. Where both
+/// declare the same listener address or service port, the file wins and the xDS one is
+/// left out with a warning.
+pub fn merge(files: &Snapshot, xds: &Published) -> Snapshot {
+    let mut out = files.clone();
+    let taken: Vec<std::net::SocketAddr> = out.listeners.iter().map(|l| l.addr).collect();
+    for l in &xds.listeners {
+        if taken.contains(&l.addr) {
+            tracing::warn!(address = %l.addr, "an xDS listener's address is already served by a file-declared Gateway; the file's is kept");
+            continue;
+        }
+        out.listeners.push(ListenerSpec::clone(l));
+    }
+    for (k, s) in &xds.services {
+        merge_service(&mut out.services, k, s);
+    }
+    out
+}
+
+fn merge_service(
+    services: &mut std::collections::HashMap<ServiceKey, Arc<ServicePort>>,
+    k: &ServiceKey,
+    s: &Arc<ServicePort>,
+) {
+    if services.contains_key(k) {
+        tracing::debug!(host = %k.host, port = k.port, "service declared in files and by xDS; the file's is kept");
+        return;
+    }
+    services.insert(k.clone(), s.clone());
+}
+
+/// Full jitter between half and all of `d`, so a fleet does not reconnect in step.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.5 + fastrand::f64() * 0.5)
+}

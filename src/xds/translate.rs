@@ -1,0 +1,670 @@
+//! xDS resources → the pieces of a [`Snapshot`]: what istiod sends a `router` proxy for an
+//! AUTO_PASSTHROUGH Gateway (one filter chain per SNI subset key, SNI-DNAT clusters named
+//! like the SNI, their ClusterLoadAssignments), read into strait's own types.
+//!
+//! Each resource is read on its own ([`listener`], [`cluster`], [`endpoints`]) into a
+//! compact form with no protobuf kept; a resource that cannot be served safely is an
+//! `Err` with the reason (a NACK), one that is served in part carries its problems.
+//! [`assemble`] then joins the held resources into listeners and services.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3 as cds;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as eds;
+use envoy_types::pb::envoy::config::listener::v3 as lds;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, value::Kind};
+use prost::Message;
+
+use crate::model::{
+    DefaultRoute, Endpoint, EndpointAddress, HostMatch, LbPolicy, ListenerSpec, Locality,
+    OutlierDetection, Resolution, ServerSpec, ServerTlsMode, ServiceKey, ServicePort, Subset,
+    TLS_MODE_LABEL, TrafficPolicy,
+};
+use crate::route::sni::parse_subset_key;
+
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
+const TCP_PROXY_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
+/// Endpoint metadata istiod sets on mTLS-capable endpoints.
+const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
+
+/// A listener strait serves: SNI filter chains ending in `tcp_proxy`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct XListener {
+    pub addr: SocketAddr,
+    pub chains: Vec<Chain>,
+    /// Network filters in front of `tcp_proxy` that strait does not run (telemetry,
+    /// metadata exchange), by name, for `config_dump`.
+    pub ignored_filters: BTreeSet<String>,
+    /// Filter chains not served, with why.
+    pub skipped_chains: Vec<String>,
+}
+
+/// One filter chain: the SNIs and ALPNs it matches and where `tcp_proxy` sends them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chain {
+    pub server_names: Vec<String>,
+    pub alpn: Vec<String>,
+    pub cluster: String,
+    pub idle_timeout: Option<Duration>,
+    pub max_duration: Option<Duration>,
+}
+
+/// Why a listener is acknowledged but not served (an HTTP listener, an internal one…).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Listener {
+    Served(XListener),
+    NotServed(String),
+}
+
+/// A cluster, with its endpoints inline (DNS, STATIC) or named for EDS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct XCluster {
+    /// The EDS `service_name` to subscribe to; `None` when endpoints are inline.
+    pub eds_name: Option<String>,
+    pub inline: Vec<Endpoint>,
+    pub resolution: Resolution,
+    pub policy: TrafficPolicy,
+    /// Settings read with a fallback, for the log and `config_dump`.
+    pub notes: Vec<String>,
+}
+
+/// The endpoints of one ClusterLoadAssignment that may be dialled (HEALTHY or UNKNOWN).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct XEndpoints {
+    pub endpoints: Vec<Endpoint>,
+    /// Endpoints sent but not dialled (unhealthy, draining, not an IP address).
+    pub left_out: usize,
+}
+
+/// A resource read, with what was wrong in the parts left out (each makes a NACK).
+pub struct Read<T> {
+    pub value: T,
+    pub problems: Vec<String>,
+}
+
+fn decode<M: Message + Default>(any: &Any, want: &str) -> Result<M, String> {
+    if any.type_url != want {
+        return Err(format!("type {} where {want} was expected", any.type_url));
+    }
+    M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode: {e}"))
+}
+
+fn duration(d: &Option<PbDuration>) -> Option<Duration> {
+    let d = d.as_ref()?;
+    if d.seconds < 0 || d.nanos < 0 {
+        return None;
+    }
+    Some(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+fn socket_addr(a: &Option<core::Address>) -> Result<(String, u16), String> {
+    use core::address::Address as A;
+    use core::socket_address::PortSpecifier;
+    match a.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(A::SocketAddress(s)) => match s.port_specifier {
+            Some(PortSpecifier::PortValue(p)) if p <= u16::MAX as u32 => {
+                Ok((s.address.clone(), p as u16))
+            }
+            _ => Err(format!("address {} has no port number", s.address)),
+        },
+        Some(A::Pipe(p)) => Err(format!("a pipe ({}) is not a TCP address", p.path)),
+        Some(A::EnvoyInternalAddress(_)) => Err("an Envoy internal address".to_string()),
+        None => Err("no address".to_string()),
+    }
+}
+
+/// Reads one LDS resource.
+pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
+    let l: lds::Listener = decode(any, LISTENER)?;
+    let name = l.name.clone();
+    if name.is_empty() {
+        return Err("a listener without a name".into());
+    }
+    let not_served = |why: String| {
+        Ok((
+            name.clone(),
+            Read {
+                value: Listener::NotServed(why),
+                problems: Vec::new(),
+            },
+        ))
+    };
+    let (ip, port) = match socket_addr(&l.address) {
+        Ok(a) => a,
+        Err(why) => return not_served(format!("{why}: not a socket strait binds")),
+    };
+    let Ok(ip) = ip.parse::<IpAddr>() else {
+        return Err(format!(
+            "listener {name}: address {ip:?} is not an IP address"
+        ));
+    };
+    if !l
+        .listener_filters
+        .iter()
+        .any(|f| f.name == TLS_INSPECTOR || f.name.ends_with("tls_inspector"))
+    {
+        return not_served("no tls_inspector: not an SNI-routed listener".into());
+    }
+    let mut out = XListener {
+        addr: SocketAddr::new(ip, port),
+        chains: Vec::new(),
+        ignored_filters: BTreeSet::new(),
+        skipped_chains: Vec::new(),
+    };
+    let mut problems = Vec::new();
+    let mut seen: HashMap<(String, Vec<String>), usize> = HashMap::new();
+    for (i, fc) in l.filter_chains.iter().enumerate() {
+        let label = if fc.name.is_empty() {
+            format!("filter chain {i}")
+        } else {
+            format!("filter chain {}", fc.name)
+        };
+        if fc.transport_socket.is_some() {
+            out.skipped_chains.push(format!(
+                "{label}: terminates TLS, which this listener does not"
+            ));
+            continue;
+        }
+        let m = fc.filter_chain_match.clone().unwrap_or_default();
+        let Some(last) = fc.filters.last() else {
+            out.skipped_chains.push(format!("{label}: no filters"));
+            continue;
+        };
+        let is_tcp_proxy = last.name == TCP_PROXY
+            || matches!(&last.config_type, Some(lds::filter::ConfigType::TypedConfig(a)) if a.type_url == TCP_PROXY_TYPE);
+        if !is_tcp_proxy {
+            out.skipped_chains
+                .push(format!("{label}: ends in {}, not tcp_proxy", last.name));
+            continue;
+        }
+        for f in &fc.filters[..fc.filters.len() - 1] {
+            out.ignored_filters.insert(f.name.clone());
+        }
+        let proxy: tcp::TcpProxy = match &last.config_type {
+            Some(lds::filter::ConfigType::TypedConfig(a)) => match decode(a, TCP_PROXY_TYPE) {
+                Ok(p) => p,
+                Err(e) => {
+                    problems.push(format!("listener {name} {label}: tcp_proxy {e}"));
+                    continue;
+                }
+            },
+            _ => {
+                problems.push(format!(
+                    "listener {name} {label}: tcp_proxy without typed_config"
+                ));
+                continue;
+            }
+        };
+        let cluster = match proxy.cluster_specifier {
+            Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(c)) => c,
+            Some(tcp::tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+                // A weighted split belongs to PASSTHROUGH/TCP routes; an SNI subset key
+                // names one cluster.
+                match w
+                    .clusters
+                    .iter()
+                    .filter(|c| c.weight > 0)
+                    .max_by_key(|c| c.weight)
+                {
+                    Some(c) => {
+                        problems.push(format!(
+                            "listener {name} {label}: weighted_clusters served by its heaviest cluster {} only",
+                            c.name
+                        ));
+                        c.name.clone()
+                    }
+                    None => {
+                        problems.push(format!(
+                            "listener {name} {label}: weighted_clusters with no weight"
+                        ));
+                        continue;
+                    }
+                }
+            }
+            None => {
+                problems.push(format!(
+                    "listener {name} {label}: tcp_proxy names no cluster"
+                ));
+                continue;
+            }
+        };
+        if m.server_names.is_empty() {
+            out.skipped_chains.push(format!(
+                "{label}: matches any SNI (PASSTHROUGH) to {cluster}, which strait does not serve from xDS"
+            ));
+            continue;
+        }
+        let mut names = Vec::new();
+        for sni in &m.server_names {
+            let sni = sni.to_ascii_lowercase();
+            if parse_subset_key(&sni).is_err() {
+                out.skipped_chains
+                    .push(format!("{label}: {sni} is not an outbound_ subset key"));
+                continue;
+            }
+            let mut alpn = m.application_protocols.clone();
+            alpn.sort();
+            match seen.get(&(sni.clone(), alpn.clone())) {
+                Some(first) => problems.push(format!(
+                    "listener {name}: {label} has the same match (server name {sni}) as filter chain {first}; the first is kept"
+                )),
+                None => {
+                    seen.insert((sni.clone(), alpn), i);
+                    names.push(sni);
+                }
+            }
+        }
+        if names.is_empty() {
+            continue;
+        }
+        out.chains.push(Chain {
+            server_names: names,
+            alpn: m.application_protocols.clone(),
+            cluster,
+            idle_timeout: duration(&proxy.idle_timeout),
+            max_duration: duration(&proxy.max_downstream_connection_duration),
+        });
+    }
+    Ok((
+        name,
+        Read {
+            value: Listener::Served(out),
+            problems,
+        },
+    ))
+}
+
+/// Reads one CDS resource.
+pub fn cluster(any: &Any) -> Result<(String, Read<XCluster>), String> {
+    let c: cds::Cluster = decode(any, CLUSTER)?;
+    let name = c.name.clone();
+    if name.is_empty() {
+        return Err("a cluster without a name".into());
+    }
+    use cds::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy as Lb};
+    let kind = match &c.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) => DiscoveryType::try_from(*t).ok(),
+        Some(ClusterDiscoveryType::ClusterType(ct)) => {
+            return Err(format!(
+                "cluster {name}: custom cluster type {} is not supported",
+                ct.name
+            ));
+        }
+        None => Some(DiscoveryType::Static),
+    };
+    let mut notes = Vec::new();
+    let connect_timeout = match duration(&c.connect_timeout) {
+        Some(d) if d.is_zero() => {
+            return Err(format!(
+                "cluster {name}: connect_timeout must be greater than 0s"
+            ));
+        }
+        Some(d) => d,
+        None => Duration::from_secs(5), // Envoy's default
+    };
+    let lb = match Lb::try_from(c.lb_policy) {
+        Ok(Lb::LeastRequest) => LbPolicy::LeastRequest,
+        Ok(Lb::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(Lb::Random) => LbPolicy::Random,
+        other => {
+            notes.push(format!(
+                "lb_policy {} is not supported; LEAST_REQUEST is used",
+                other
+                    .map(|p| p.as_str_name().to_string())
+                    .unwrap_or_else(|_| c.lb_policy.to_string())
+            ));
+            LbPolicy::LeastRequest
+        }
+    };
+    let max_connections = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
+        .and_then(|t| t.max_connections.as_ref())
+        .map(|v| v.value)
+        .filter(|v| *v != u32::MAX);
+    let panic = c
+        .common_lb_config
+        .as_ref()
+        .and_then(|l| l.healthy_panic_threshold.as_ref())
+        .map(|p| p.value.clamp(0.0, 100.0) as u32);
+    let outlier = c.outlier_detection.as_ref().map(|o| {
+        let d = OutlierDetection::default();
+        OutlierDetection {
+            consecutive_errors: o
+                .consecutive_5xx
+                .as_ref()
+                .map(|v| v.value)
+                .or_else(|| o.consecutive_gateway_failure.as_ref().map(|v| v.value))
+                .unwrap_or(d.consecutive_errors),
+            interval: duration(&o.interval).unwrap_or(d.interval),
+            base_ejection_time: duration(&o.base_ejection_time).unwrap_or(d.base_ejection_time),
+            max_ejection_percent: o
+                .max_ejection_percent
+                .as_ref()
+                .map(|v| v.value)
+                .unwrap_or(d.max_ejection_percent),
+            // Envoy's healthy panic threshold defaults to 50 %.
+            min_health_percent: panic.unwrap_or(50),
+        }
+    });
+    let policy = TrafficPolicy {
+        lb,
+        connect_timeout: Some(connect_timeout),
+        max_connections,
+        outlier,
+        ..TrafficPolicy::default()
+    };
+    let (eds_name, inline, resolution) = match kind {
+        Some(DiscoveryType::Eds) => {
+            let service = c
+                .eds_cluster_config
+                .as_ref()
+                .map(|e| e.service_name.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| name.clone());
+            (Some(service), Vec::new(), Resolution::Static)
+        }
+        Some(
+            t @ (DiscoveryType::StrictDns | DiscoveryType::LogicalDns | DiscoveryType::Static),
+        ) => {
+            let dns = t != DiscoveryType::Static;
+            let cla = c.load_assignment.clone().unwrap_or_default();
+            let read = read_endpoints(&cla, dns);
+            if read.left_out > 0 {
+                notes.push(format!(
+                    "{} inline endpoints not dialled (unhealthy or not an address)",
+                    read.left_out
+                ));
+            }
+            let resolution = if dns {
+                Resolution::Dns
+            } else {
+                Resolution::Static
+            };
+            (None, read.endpoints, resolution)
+        }
+        Some(DiscoveryType::OriginalDst) | None => {
+            return Err(format!(
+                "cluster {name}: discovery type {} cannot be served by a gateway",
+                c.cluster_discovery_type
+                    .as_ref()
+                    .map(|t| format!("{t:?}"))
+                    .unwrap_or_default()
+            ));
+        }
+    };
+    Ok((
+        name,
+        Read {
+            value: XCluster {
+                eds_name,
+                inline,
+                resolution,
+                policy,
+                notes,
+            },
+            problems: Vec::new(),
+        },
+    ))
+}
+
+/// Reads one EDS resource; the name is its `cluster_name`.
+pub fn endpoints(any: &Any) -> Result<(String, Read<XEndpoints>), String> {
+    let cla: eds::ClusterLoadAssignment = decode(any, ENDPOINTS)?;
+    if cla.cluster_name.is_empty() {
+        return Err("a ClusterLoadAssignment without cluster_name".into());
+    }
+    Ok((
+        cla.cluster_name.clone(),
+        Read {
+            value: read_endpoints(&cla, false),
+            problems: Vec::new(),
+        },
+    ))
+}
+
+fn read_endpoints(cla: &eds::ClusterLoadAssignment, dns: bool) -> XEndpoints {
+    let mut out = XEndpoints::default();
+    for group in &cla.endpoints {
+        let locality = group
+            .locality
+            .as_ref()
+            .map(|l| Locality {
+                region: l.region.clone(),
+                zone: l.zone.clone(),
+                subzone: l.sub_zone.clone(),
+            })
+            .unwrap_or_default();
+        for lb in &group.lb_endpoints {
+            // UNKNOWN (0) and HEALTHY (1) take traffic; UNHEALTHY, DRAINING, TIMEOUT and
+            // DEGRADED are left to the connections they already carry.
+            if lb.health_status > 1 {
+                out.left_out += 1;
+                continue;
+            }
+            let Some(eds::lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
+                out.left_out += 1;
+                continue;
+            };
+            let Ok((host, port)) = socket_addr(&ep.address) else {
+                out.left_out += 1;
+                continue;
+            };
+            let address = match host.parse::<IpAddr>() {
+                Ok(ip) => EndpointAddress::Ip(ip),
+                Err(_) if dns && !host.is_empty() => {
+                    EndpointAddress::Hostname(host.to_ascii_lowercase())
+                }
+                Err(_) => {
+                    out.left_out += 1;
+                    continue;
+                }
+            };
+            let tls_mode = lb
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get(TRANSPORT_SOCKET_MATCH))
+                .and_then(|s| s.fields.get("tlsMode"))
+                .and_then(|v| match &v.kind {
+                    Some(Kind::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                });
+            let mut labels = BTreeMap::new();
+            if let Some(mode) = &tls_mode {
+                labels.insert(TLS_MODE_LABEL.to_string(), mode.clone());
+            }
+            out.endpoints.push(Endpoint {
+                address,
+                port,
+                tls_disabled: tls_mode.as_deref() == Some("disabled"),
+                labels,
+                locality: locality.clone(),
+                network: String::new(),
+                weight: lb
+                    .load_balancing_weight
+                    .as_ref()
+                    .map(|w| w.value)
+                    .unwrap_or(1)
+                    .max(1),
+                service_account: None,
+                priority: Some(group.priority),
+            });
+        }
+    }
+    out
+}
+
+/// Resources held, by name.
+#[derive(Debug, Default, Clone)]
+pub struct Held {
+    pub listeners: BTreeMap<String, Listener>,
+    pub clusters: BTreeMap<String, XCluster>,
+    /// By EDS service name.
+    pub endpoints: BTreeMap<String, XEndpoints>,
+}
+
+/// The served part of the held resources.
+#[derive(Debug, Default)]
+pub struct Assembled {
+    pub listeners: Vec<ListenerSpec>,
+    pub services: HashMap<ServiceKey, Arc<ServicePort>>,
+    /// EDS names a served chain needs whose endpoints have not arrived.
+    pub awaiting_endpoints: BTreeSet<String>,
+    /// Clusters a served chain names that CDS has not sent.
+    pub missing_clusters: BTreeSet<String>,
+    /// Filter chains whose SNI names a service port another chain already gave a
+    /// different cluster for the same subset.
+    pub conflicts: Vec<String>,
+}
+
+impl Held {
+    /// The EDS names every held cluster wants.
+    pub fn eds_names(&self) -> BTreeSet<String> {
+        self.clusters
+            .values()
+            .filter_map(|c| c.eds_name.clone())
+            .collect()
+    }
+
+    /// Joins the held resources into listeners and services.
+    pub fn assemble(&self) -> Assembled {
+        let mut out = Assembled::default();
+        // (host, port) → (endpoints, base route, subsets); built then frozen.
+        struct Building {
+            endpoints: Vec<Endpoint>,
+            base: Option<(Vec<usize>, TrafficPolicy, String)>,
+            subsets: BTreeMap<String, (Subset, String)>,
+            resolution: Resolution,
+        }
+        let mut building: BTreeMap<ServiceKey, Building> = BTreeMap::new();
+        for (lname, l) in &self.listeners {
+            let Listener::Served(l) = l else { continue };
+            // One server per distinct ALPN list, each allowing exactly its chains' hosts.
+            let mut servers: Vec<(Vec<String>, BTreeSet<String>)> = Vec::new();
+            for chain in &l.chains {
+                let Some(cluster) = self.clusters.get(&chain.cluster) else {
+                    out.missing_clusters.insert(chain.cluster.clone());
+                    continue;
+                };
+                let endpoints: &[Endpoint] = match &cluster.eds_name {
+                    Some(eds) => match self.endpoints.get(eds) {
+                        Some(e) => &e.endpoints,
+                        None => {
+                            out.awaiting_endpoints.insert(eds.clone());
+                            &[]
+                        }
+                    },
+                    None => &cluster.inline,
+                };
+                let mut policy = cluster.policy.clone();
+                policy.idle_timeout = chain.idle_timeout;
+                policy.max_connection_duration = chain.max_duration;
+                for sni in &chain.server_names {
+                    let Ok(key) = parse_subset_key(sni) else {
+                        continue;
+                    };
+                    let skey = ServiceKey::new(key.host, key.port);
+                    let b = building.entry(skey.clone()).or_insert_with(|| Building {
+                        endpoints: Vec::new(),
+                        base: None,
+                        subsets: BTreeMap::new(),
+                        resolution: cluster.resolution,
+                    });
+                    let taken = match key.subset {
+                        None => b.base.as_ref().map(|(_, _, c)| c.clone()),
+                        Some(s) => b.subsets.get(s).map(|(_, c)| c.clone()),
+                    };
+                    if let Some(first) = taken {
+                        if first != chain.cluster {
+                            out.conflicts.push(format!(
+                                "listener {lname}: {sni} routes to {} but another chain already sends it to {first}; the first is kept",
+                                chain.cluster
+                            ));
+                        }
+                    } else {
+                        let start = b.endpoints.len();
+                        b.endpoints.extend_from_slice(endpoints);
+                        let indexes: Vec<usize> = (start..b.endpoints.len()).collect();
+                        match key.subset {
+                            None => b.base = Some((indexes, policy.clone(), chain.cluster.clone())),
+                            Some(s) => {
+                                b.subsets.insert(
+                                    s.to_string(),
+                                    (
+                                        Subset {
+                                            name: s.to_string(),
+                                            labels: BTreeMap::new(),
+                                            endpoints: indexes,
+                                            policy: policy.clone(),
+                                        },
+                                        chain.cluster.clone(),
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                    let mut alpn = chain.alpn.clone();
+                    alpn.sort();
+                    let host = skey.host.clone();
+                    match servers.iter_mut().find(|(a, _)| *a == alpn) {
+                        Some((_, hosts)) => {
+                            hosts.insert(host);
+                        }
+                        None => servers.push((alpn, BTreeSet::from([host]))),
+                    }
+                }
+            }
+            if servers.is_empty() {
+                continue;
+            }
+            out.listeners.push(ListenerSpec {
+                addr: l.addr,
+                servers: servers
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (alpn, hosts))| ServerSpec {
+                        name: format!("xds/{lname}/{i}"),
+                        mode: ServerTlsMode::AutoPassthrough,
+                        hosts: hosts.into_iter().map(HostMatch::Exact).collect(),
+                        alpn: Some(alpn),
+                    })
+                    .collect(),
+            });
+        }
+        for (key, b) in building {
+            let (default_route, policy) = match b.base {
+                Some((indexes, policy, _)) => (DefaultRoute::Endpoints(indexes), policy),
+                None => (DefaultRoute::NotListed, TrafficPolicy::default()),
+            };
+            // `<name>.<namespace>.svc.<domain>`: Kubernetes services carry their namespace.
+            let namespace = match key.host.split('.').collect::<Vec<_>>().as_slice() {
+                [_, ns, "svc", ..] => ns.to_string(),
+                _ => String::new(),
+            };
+            let service = ServicePort {
+                host: key.host.clone(),
+                namespace,
+                port: key.port,
+                port_name: String::new(),
+                endpoints: b.endpoints,
+                policy,
+                subsets: b.subsets.into_iter().map(|(k, (s, _))| (k, s)).collect(),
+                resolution: b.resolution,
+                default_route,
+            };
+            out.services.insert(key, Arc::new(service));
+        }
+        out
+    }
+}
