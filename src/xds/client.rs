@@ -1,5 +1,5 @@
 //! The ADS stream: subscribe to clusters and listeners (wildcard) and to the endpoints of
-//! every EDS cluster (by name), apply each response's valid resources, acknowledge it or
+//! every EDS cluster a served listener routes to (by name), apply each response's valid resources, acknowledge it or
 //! reject it with the reasons, and keep doing so across lost streams.
 //!
 //! Rules, from Envoy's xDS protocol and what istiod does with them:
@@ -610,7 +610,7 @@ async fn delta(
             &msg.nonce,
             error.as_deref(),
         );
-        if t == translate::CLUSTER {
+        if t != translate::ENDPOINTS {
             let wanted = wanted_eds(state);
             let subscribe: Vec<String> =
                 wanted.difference(&state.subscribed_eds).cloned().collect();
@@ -786,7 +786,7 @@ async fn sotw(
             &msg.nonce,
             error.as_deref(),
         );
-        if t == translate::CLUSTER {
+        if t != translate::ENDPOINTS {
             let wanted = wanted_eds(state);
             if wanted != state.subscribed_eds {
                 let added = wanted.difference(&state.subscribed_eds).next().is_some();

@@ -529,10 +529,18 @@ pub struct Assembled {
 }
 
 impl Held {
-    /// The EDS names every held cluster wants.
+    /// The EDS names of the clusters a served listener sends traffic to. istiod also
+    /// sends a router the sidecar-style `outbound|…` clusters of every service; nothing
+    /// routes to them here, so their endpoints are never asked for.
     pub fn eds_names(&self) -> BTreeSet<String> {
-        self.clusters
+        self.listeners
             .values()
+            .filter_map(|l| match l {
+                Listener::Served(l) => Some(l),
+                Listener::NotServed(_) => None,
+            })
+            .flat_map(|l| l.chains.iter())
+            .filter_map(|c| self.clusters.get(&c.cluster))
             .filter_map(|c| c.eds_name.clone())
             .collect()
     }
