@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use crate::admin::{self, Role};
 use crate::config::{self, ConfigError, Loaded};
 use crate::handover::{self, Inherited};
-use crate::model::Snapshot;
+use crate::model::{CertSource, Snapshot};
 use crate::proxy::{BindError, Gateway, Shared};
 use crate::telemetry::{AccessLog, GatewayIdentity, Telemetry};
 use crate::tls::material;
@@ -143,7 +143,7 @@ pub async fn run(
     let mut xds_rx = None;
     if let Some(d) = settings.discovery.clone() {
         let status = xds::Status::new(d, shared.telemetry.metrics.registry());
-        shared.set_waiting(status.lock().waiting.clone());
+        shared.set_waiting("xds", status.lock().waiting.clone());
         let _ = shared.discovery.set(status.clone());
         xds_rx = Some(xds::start(status));
     }
@@ -152,6 +152,25 @@ pub async fn run(
     if material::needed(&snapshot) {
         install_tls(&shared, &snapshot)?;
     }
+    if let CertSource::MeshCa(ca) = &settings.cert_source {
+        let failures = crate::svid::failures_metric(shared.telemetry.metrics.registry());
+        tokio::spawn(crate::svid::run(
+            shared.clone(),
+            ca.clone(),
+            failures,
+            |shared| {
+                let snapshot = shared.runtime.load().snapshot.clone();
+                if let Err(e) = install_tls(shared, &snapshot) {
+                    tracing::error!("cannot use the certificate from the mesh CA: {e}");
+                }
+            },
+        ));
+    }
+    // Signal handlers before readiness: a SIGHUP or SIGTERM sent as soon as the gateway
+    // is ready must reload or drain it, not meet the default action (exit).
+    let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(4);
+    spawn_sighup(reload_tx.clone());
+    let mut stop = stop_signal();
     // Status first, so readiness answers 503 until every listener is bound.
     admin::start(
         shared.clone(),
@@ -199,7 +218,6 @@ pub async fn run(
         });
     }
 
-    let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(4);
     let _watcher = match &source {
         Source::Paths(paths) => {
             let mut watched = paths.clone();
@@ -208,9 +226,7 @@ pub async fn run(
         }
         Source::Text { .. } => None,
     };
-    spawn_sighup(reload_tx);
 
-    let mut stop = stop_signal();
     let mut handed_over = false;
     loop {
         tokio::select! {
@@ -301,11 +317,14 @@ fn apply_xds(gateway: &mut Gateway, files: &Arc<Snapshot>, published: &xds::Publ
             );
         }
     }
-    gateway.shared.set_waiting(if published.warm {
-        None
-    } else {
-        published.waiting.clone()
-    });
+    gateway.shared.set_waiting(
+        "xds",
+        if published.warm {
+            None
+        } else {
+            published.waiting.clone()
+        },
+    );
 }
 
 /// Reloads the files; returns the new file snapshot when it was installed.
@@ -380,7 +399,30 @@ fn reload(
 /// Loads the gateway's SVID and trust bundles, installs them for new handshakes (open
 /// connections keep theirs), and exports their expiry.
 fn install_tls(shared: &Shared, snapshot: &Snapshot) -> Result<(), crate::tls::CertError> {
-    let m = material::load(snapshot)?;
+    let m = match &snapshot.settings.cert_source {
+        CertSource::Files => material::load(snapshot)?,
+        CertSource::MeshCa(ca) => {
+            if !material::needed(snapshot) {
+                shared.set_waiting("svid", None);
+                return Ok(());
+            }
+            let Some(svid) = shared.svid.load_full() else {
+                shared.tls.store(None);
+                shared.set_waiting(
+                    "svid",
+                    Some(format!(
+                        "no certificate from the mesh CA {} yet (ISTIO_MUTUAL servers and Bridges need one)",
+                        ca.server.address
+                    )),
+                );
+                return Ok(());
+            };
+            let m =
+                material::build_from_ca(snapshot, &svid, &ca.server.address, &ca.server.root_cert)?;
+            shared.set_waiting("svid", None);
+            m
+        }
+    };
     let warn_within = snapshot.settings.cert_expiry_warning;
     let now = std::time::SystemTime::now();
     for (role, file, expiry) in &m.expiries {

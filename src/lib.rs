@@ -17,6 +17,7 @@ pub mod handover;
 pub mod model;
 pub mod proxy;
 pub mod route;
+pub mod svid;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

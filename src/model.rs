@@ -87,6 +87,8 @@ pub struct Settings {
     pub cert_expiry_warning: Duration,
     /// Listeners, clusters and endpoints from istiod over xDS (Bootstrap `discovery`).
     pub discovery: Option<Discovery>,
+    /// Files or the mesh CA (Bootstrap `certificates`).
+    pub cert_source: CertSource,
 }
 
 impl Default for Settings {
@@ -115,6 +117,7 @@ impl Default for Settings {
             workers: None,
             cert_expiry_warning: Duration::from_secs(7 * 24 * 3600),
             discovery: None,
+            cert_source: CertSource::Files,
         }
     }
 }
@@ -123,7 +126,41 @@ impl Default for Settings {
 /// the gateway is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Discovery {
-    /// `host:port` of the ADS server.
+    pub server: ControlPlane,
+    pub protocol: XdsProtocol,
+    /// Readiness waits this long at most for a referenced cluster's endpoints.
+    pub initial_fetch_timeout: Duration,
+    /// A stream that has sent a subscription and heard nothing for this long is
+    /// reconnected.
+    pub stall_timeout: Duration,
+    pub node: NodeIdentity,
+}
+
+/// Where the gateway's certificates come from.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum CertSource {
+    /// `certificates.dir`: `cert-chain.pem`, `key.pem`, `root-cert.pem`, reloaded on change.
+    #[default]
+    Files,
+    /// `certificates.ca`: an SVID from the mesh CA (`IstioCertificateService`), its key
+    /// made in memory, renewed at half its lifetime.
+    MeshCa(MeshCa),
+}
+
+/// The mesh CA and what to ask it for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshCa {
+    pub server: ControlPlane,
+    /// `validity_duration` asked for (the CA may cap it).
+    pub ttl: Duration,
+    /// The SPIFFE ID the certificate must carry, and nothing else.
+    pub identity: String,
+}
+
+/// An endpoint of istiod (xDS or CA) and how the gateway proves who it is to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlPlane {
+    /// `host:port`.
     pub address: String,
     /// TLS with `root_cert` (istiod's 15012), or plaintext (15010), only when the address
     /// was written as `http://`.
@@ -135,15 +172,8 @@ pub struct Discovery {
     /// Projected service-account token sent as `authorization: Bearer`, re-read on
     /// every connection; `None` sends none (plaintext labs).
     pub token: Option<PathBuf>,
-    /// `clusterid` header and `CLUSTER_ID` metadata.
+    /// `clusterid` header (and, for xDS, `CLUSTER_ID` metadata).
     pub cluster_id: String,
-    pub protocol: XdsProtocol,
-    /// Readiness waits this long at most for a referenced cluster's endpoints.
-    pub initial_fetch_timeout: Duration,
-    /// A stream that has sent a subscription and heard nothing for this long is
-    /// reconnected.
-    pub stall_timeout: Duration,
-    pub node: NodeIdentity,
 }
 
 /// ADS flavour: incremental (pilot-agent's default) or state of the world.

@@ -18,7 +18,8 @@ spec:
     networks:
       "<network>":
         gateways: [{}]
-  certificates: {}
+  certificates:
+    ca: {}
   discovery:
     node: {}
 ---

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::model::{
-    AccessLogTarget, Discovery, Locality, NetworkGateway, NodeIdentity, Settings, XdsProtocol,
+    AccessLogTarget, CertSource, ControlPlane, Discovery, Locality, MeshCa, NetworkGateway,
+    NodeIdentity, Settings, XdsProtocol,
 };
 
 use super::diagnostics::{Loc, Sink};
@@ -100,6 +101,7 @@ pub(crate) fn bootstrap(
             mf.finish(sink);
         }
     }
+    let mut ca_node = None;
     if let Some(n) = spec.get("certificates") {
         let cp = root.key("certificates");
         if let Some(mut cf) = Fields::of(sink, n, cp) {
@@ -109,6 +111,8 @@ pub(crate) fn bootstrap(
             {
                 s.cert_dir = PathBuf::from(d);
             }
+            // Read once the discovery section is (it is the CA's default connection).
+            ca_node = cf.get("ca");
             cf.finish(sink);
         }
     }
@@ -178,8 +182,15 @@ pub(crate) fn bootstrap(
     if let Some(v) = text!("rootNamespace") {
         s.root_namespace = v;
     }
+    let env = Env::process();
     if let Some(n) = spec.get("discovery") {
-        s.discovery = discovery(sink, n, &root.key("discovery"), &s, &Env::process());
+        s.discovery = discovery(sink, n, &root.key("discovery"), &s, &env);
+    }
+    if let Some(n) = ca_node {
+        let cp = root.key("certificates");
+        if let Some(ca) = mesh_ca(sink, n, &cp.key("ca"), &s, &env) {
+            s.cert_source = CertSource::MeshCa(ca);
+        }
     }
     spec.finish(sink);
     Some(BootstrapDoc {
@@ -230,47 +241,7 @@ pub(crate) fn discovery(
         f.get(key)
             .and_then(|n| fields::string(sink, n, &path.key(key)))
     };
-    let address = text(sink, &mut f, "address")
-        .or_else(|| env.get("PILOT_DISCOVERY_ADDRESS").map(str::to_string))
-        .unwrap_or_else(|| ISTIOD_ADDRESS.to_string());
-    let (plaintext, address) = if let Some(rest) = address.strip_prefix("http://") {
-        (true, rest.to_string())
-    } else if let Some(rest) = address.strip_prefix("https://") {
-        (false, rest.to_string())
-    } else {
-        (false, address)
-    };
-    let address = address.trim_end_matches('/').to_string();
-    let host = match address.rsplit_once(':') {
-        Some((h, p)) if p.parse::<u16>().is_ok() && !h.is_empty() => {
-            h.trim_start_matches('[').trim_end_matches(']').to_string()
-        }
-        _ => {
-            sink.error(
-                node.loc,
-                format!(
-                    "{}: {address:?} is not host:port; write e.g. {ISTIOD_ADDRESS}, or http://HOST:15010 for plaintext",
-                    path.key("address")
-                ),
-            );
-            return None;
-        }
-    };
-    let server_name = text(sink, &mut f, "serverName").unwrap_or(host);
-    let root_cert = text(sink, &mut f, "rootCert")
-        .unwrap_or_else(|| ISTIOD_ROOT_CERT.to_string())
-        .into();
-    let token = match f.get("token") {
-        Some(n) if n.is_null() => None,
-        Some(n) => fields::string(sink, n, &path.key("token"))
-            .filter(|t| !t.is_empty())
-            .map(Into::into),
-        None if plaintext => None,
-        None => Some(ISTIO_TOKEN.into()),
-    };
-    let cluster_id = text(sink, &mut f, "clusterId")
-        .or_else(|| env.get("ISTIO_META_CLUSTER_ID").map(str::to_string))
-        .unwrap_or_else(|| settings.cluster.clone());
+    let server = control_plane(sink, &mut f, node, path, None, settings, env)?;
     let protocol = match text(sink, &mut f, "protocol").as_deref() {
         None | Some("DELTA") | Some("delta") => XdsProtocol::Delta,
         Some("SOTW") | Some("sotw") | Some("STATE_OF_THE_WORLD") => XdsProtocol::StateOfTheWorld,
@@ -308,7 +279,7 @@ pub(crate) fn discovery(
         &path.key("node"),
         settings,
         env,
-        &cluster_id,
+        &server.cluster_id,
     );
     f.finish(sink);
     let identity = identity?;
@@ -323,16 +294,152 @@ pub(crate) fn discovery(
         );
     }
     Some(Discovery {
+        server,
+        protocol,
+        initial_fetch_timeout,
+        stall_timeout,
+        node: identity,
+    })
+}
+
+/// The connection fields `discovery` and `certificates.ca` share: `address`,
+/// `serverName`, `rootCert`, `token`, `clusterId`. Unwritten ones come from `inherit`
+/// (the CA takes the discovery connection's), else from Istio's defaults.
+fn control_plane(
+    sink: &mut Sink,
+    f: &mut Fields<'_, '_>,
+    node: &Node,
+    path: &Path<'_>,
+    inherit: Option<&ControlPlane>,
+    settings: &Settings,
+    env: &Env,
+) -> Option<ControlPlane> {
+    let text = |sink: &mut Sink, f: &mut Fields<'_, '_>, key: &str| {
+        f.get(key)
+            .and_then(|n| fields::string(sink, n, &path.key(key)))
+    };
+    let written = text(sink, f, "address");
+    let (plaintext, address) = match (written, inherit) {
+        (None, Some(i)) => (i.plaintext, i.address.clone()),
+        (written, _) => {
+            let address = written
+                .or_else(|| env.get("PILOT_DISCOVERY_ADDRESS").map(str::to_string))
+                .unwrap_or_else(|| ISTIOD_ADDRESS.to_string());
+            if let Some(rest) = address.strip_prefix("http://") {
+                (true, rest.trim_end_matches('/').to_string())
+            } else if let Some(rest) = address.strip_prefix("https://") {
+                (false, rest.trim_end_matches('/').to_string())
+            } else {
+                (false, address.trim_end_matches('/').to_string())
+            }
+        }
+    };
+    let host = match address.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() && !h.is_empty() => {
+            h.trim_start_matches('[').trim_end_matches(']').to_string()
+        }
+        _ => {
+            sink.error(
+                node.loc,
+                format!(
+                    "{}: {address:?} is not host:port; write e.g. {ISTIOD_ADDRESS}, or http://HOST:15010 for plaintext",
+                    path.key("address")
+                ),
+            );
+            return None;
+        }
+    };
+    let same_server = inherit.is_some_and(|i| i.address == address);
+    let server_name = text(sink, f, "serverName")
+        .or_else(|| {
+            inherit
+                .filter(|_| same_server)
+                .map(|i| i.server_name.clone())
+        })
+        .unwrap_or(host);
+    let root_cert = text(sink, f, "rootCert")
+        .map(Into::into)
+        .or_else(|| inherit.map(|i| i.root_cert.clone()))
+        .unwrap_or_else(|| ISTIOD_ROOT_CERT.into());
+    let token = match f.get("token") {
+        Some(n) if n.is_null() => None,
+        Some(n) => fields::string(sink, n, &path.key("token"))
+            .filter(|t| !t.is_empty())
+            .map(Into::into),
+        None => match inherit {
+            Some(i) => i.token.clone(),
+            None if plaintext => None,
+            None => Some(ISTIO_TOKEN.into()),
+        },
+    };
+    let cluster_id = text(sink, f, "clusterId")
+        .or_else(|| inherit.map(|i| i.cluster_id.clone()))
+        .or_else(|| env.get("ISTIO_META_CLUSTER_ID").map(str::to_string))
+        .unwrap_or_else(|| settings.cluster.clone());
+    Some(ControlPlane {
         address,
         plaintext,
         server_name,
         root_cert,
         token,
         cluster_id,
-        protocol,
-        initial_fetch_timeout,
-        stall_timeout,
-        node: identity,
+    })
+}
+
+/// `certificates.ca`: the gateway's SVID from the mesh CA. The connection defaults to the
+/// discovery one; the identity is `spiffe://<trustDomain>/ns/<namespace>/sa/<service
+/// account>` of the same node.
+pub(crate) fn mesh_ca(
+    sink: &mut Sink,
+    node: &Node,
+    path: &Path<'_>,
+    settings: &Settings,
+    env: &Env,
+) -> Option<MeshCa> {
+    let mut f = Fields::of(sink, node, *path)?;
+    let inherit = settings.discovery.as_ref().map(|d| &d.server);
+    let server = control_plane(sink, &mut f, node, path, inherit, settings, env);
+    let mut ttl = Duration::from_secs(24 * 3600);
+    if let Some(d) = f
+        .get("ttl")
+        .and_then(|n| fields::duration(sink, n, &path.key("ttl")))
+    {
+        ttl = d;
+    }
+    f.finish(sink);
+    let (namespace, account) = match &settings.discovery {
+        Some(d) => (d.node.namespace.clone(), d.node.service_account.clone()),
+        None => (
+            env.get("POD_NAMESPACE")
+                .unwrap_or("istio-system")
+                .to_string(),
+            env.get("SERVICE_ACCOUNT").unwrap_or("").to_string(),
+        ),
+    };
+    if account.is_empty() {
+        sink.error(
+            node.loc,
+            format!(
+                "{path}: the gateway's service account is unknown, so is the identity to ask the CA for; set SERVICE_ACCOUNT (downward API spec.serviceAccountName) or discovery.node.serviceAccount"
+            ),
+        );
+        return None;
+    }
+    let identity = format!(
+        "spiffe://{}/ns/{namespace}/sa/{account}",
+        settings.trust_domain
+    );
+    if let Err(e) = crate::tls::SpiffeId::parse(&identity) {
+        sink.error(
+            node.loc,
+            format!("{path}: {identity} is not a SPIFFE ID: {e}"),
+        );
+        return None;
+    }
+    Some(MeshCa {
+        server: server?,
+        ttl,
+        identity,
     })
 }
 

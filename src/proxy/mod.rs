@@ -139,9 +139,12 @@ pub struct Shared {
     /// on it with a 64-byte `Notified<'static>` instead of a watch subscription.
     closing: &'static Notify,
     ready: AtomicBool,
-    /// Why the gateway is not ready although its listeners are bound (the control plane
-    /// has not sent a complete configuration yet).
-    waiting: std::sync::Mutex<Option<String>>,
+    /// Why the gateway is not ready although its listeners are bound, by source: the
+    /// control plane has not sent a complete configuration yet, the mesh CA no
+    /// certificate.
+    waiting: std::sync::Mutex<BTreeMap<&'static str, String>>,
+    /// The SVID from the mesh CA, when certificates come from it.
+    pub svid: ArcSwapOption<crate::tls::certs::Identity>,
     /// The control-plane source, when discovery is on.
     pub discovery: std::sync::OnceLock<Arc<crate::xds::Status>>,
 }
@@ -161,7 +164,8 @@ impl Shared {
             idle: Notify::new(),
             closing: Box::leak(Box::new(Notify::new())),
             ready: AtomicBool::new(false),
-            waiting: std::sync::Mutex::new(None),
+            waiting: std::sync::Mutex::new(BTreeMap::new()),
+            svid: ArcSwapOption::empty(),
             discovery: std::sync::OnceLock::new(),
         })
     }
@@ -199,17 +203,26 @@ impl Shared {
             && self.not_ready_because().is_none()
     }
 
-    /// Why readiness waits for configuration, if it does.
+    /// Why readiness waits for configuration or a certificate, if it does.
     pub fn not_ready_because(&self) -> Option<String> {
-        self.waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if waiting.is_empty() {
+            return None;
+        }
+        Some(waiting.values().cloned().collect::<Vec<_>>().join("; "))
     }
 
-    /// Holds readiness at 503 with `why`, or releases it (`None`).
-    pub fn set_waiting(&self, why: Option<String>) {
-        *self.waiting.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    /// Holds readiness at 503 for `source` with `why`, or releases it (`None`).
+    pub fn set_waiting(&self, source: &'static str, why: Option<String>) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        match why {
+            Some(why) => {
+                waiting.insert(source, why);
+            }
+            None => {
+                waiting.remove(source);
+            }
+        }
     }
 
     pub fn set_ready(&self, ready: bool) {

@@ -185,7 +185,7 @@ fn pem_certs(bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 /// Reads a PEM file that must hold at least one certificate.
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let bytes = read(path)?;
     let certs = pem_certs(&bytes).map_err(|reason| CertError::File {
         path: path.to_owned(),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::certs::{CertError, cert_not_after, load_identity, load_trust_bundle};
+use super::certs::{CertError, Identity, cert_not_after, load_identity, load_trust_bundle};
 use super::spiffe::SpiffeId;
 use super::verify::{ClientAuth, TrustConfig, client_config, server_config_with};
 use crate::model::{ISTIO_ALPNS, PeerAuthMode, Snapshot, UpstreamTls};
@@ -50,7 +50,10 @@ pub fn needed(snapshot: &Snapshot) -> bool {
 /// Files whose change should reload the material.
 pub fn watched_paths(snapshot: &Snapshot) -> Vec<PathBuf> {
     let s = &snapshot.settings;
-    let mut v = vec![s.cert_dir.clone()];
+    let mut v = match &s.cert_source {
+        crate::model::CertSource::Files => vec![s.cert_dir.clone()],
+        crate::model::CertSource::MeshCa(ca) => vec![ca.server.root_cert.clone()],
+    };
     v.extend(s.trust_bundles.values().cloned());
     v
 }
@@ -59,6 +62,45 @@ pub fn watched_paths(snapshot: &Snapshot) -> Vec<PathBuf> {
 pub fn load(snapshot: &Snapshot) -> Result<TlsMaterial, CertError> {
     let s = &snapshot.settings;
     let identity = load_identity(&s.cert_dir)?;
+    build(
+        snapshot,
+        identity,
+        s.cert_dir.join(super::certs::CERT_CHAIN),
+        s.cert_dir.join(super::certs::ROOT_CERT),
+    )
+}
+
+/// Builds the configurations around an SVID held in memory (from the mesh CA), with the
+/// mesh roots read from `roots_file`, so a root rotation is picked up at each rebuild.
+pub fn build_from_ca(
+    snapshot: &Snapshot,
+    svid: &Identity,
+    ca: &str,
+    roots_file: &std::path::Path,
+) -> Result<TlsMaterial, CertError> {
+    let roots = super::certs::read_certs(roots_file)?;
+    let identity = Identity {
+        chain: svid.chain.clone(),
+        key: svid.key.clone_key(),
+        roots,
+        spiffe_id: svid.spiffe_id.clone(),
+        not_after: svid.not_after,
+    };
+    build(
+        snapshot,
+        identity,
+        PathBuf::from(format!("mesh CA {ca}")),
+        roots_file.to_path_buf(),
+    )
+}
+
+fn build(
+    snapshot: &Snapshot,
+    identity: Identity,
+    leaf_source: PathBuf,
+    root_source: PathBuf,
+) -> Result<TlsMaterial, CertError> {
+    let s = &snapshot.settings;
     let mut federated = BTreeMap::new();
     for (td, path) in &s.trust_bundles {
         federated.insert(td.clone(), load_trust_bundle(path)?);
@@ -93,14 +135,10 @@ pub fn load(snapshot: &Snapshot) -> Result<TlsMaterial, CertError> {
         let cfg = client_config(&identity, &trust, peer.as_ref(), &[b"istio"])?;
         clients.insert(e, cfg);
     }
-    let mut expiries = vec![(
-        "leaf",
-        s.cert_dir.join(super::certs::CERT_CHAIN),
-        identity.not_after,
-    )];
+    let mut expiries = vec![("leaf", leaf_source, identity.not_after)];
     for root in &identity.roots {
         if let Ok(t) = cert_not_after(root) {
-            expiries.push(("root", s.cert_dir.join(super::certs::ROOT_CERT), t));
+            expiries.push(("root", root_source.clone(), t));
         }
     }
     for (td, path) in &s.trust_bundles {

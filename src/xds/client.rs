@@ -93,11 +93,11 @@ pub async fn run(status: Arc<Status>, tx: watch::Sender<Option<Arc<Published>>>)
         warm: false,
     };
     tracing::info!(
-        address = %d.address,
-        tls = !d.plaintext,
+        address = %d.server.address,
+        tls = !d.server.plaintext,
         protocol = ?d.protocol,
         node = %d.node.id,
-        cluster_id = %d.cluster_id,
+        cluster_id = %d.server.cluster_id,
         network = %d.node.metadata.get("NETWORK").map(String::as_str).unwrap_or(""),
         requested_network_view = %d.node.metadata.get("REQUESTED_NETWORK_VIEW").map(String::as_str).unwrap_or(""),
         "connecting to the control plane"
@@ -172,11 +172,11 @@ async fn session(
     state: &mut State,
     tx: &watch::Sender<Option<Arc<Published>>>,
 ) -> End {
-    let channel = match connect::channel(d).await {
+    let channel = match connect::channel(&d.server).await {
         Ok(c) => c,
         Err(e) => return End::Open(e.to_string(), e.reason()),
     };
-    let headers = match connect::headers(d) {
+    let headers = match connect::headers(&d.server) {
         Ok(h) => h,
         Err(e @ ConnectError::Token { .. }) => return End::Open(e.to_string(), "token"),
         Err(e) => return End::Open(e.to_string(), e.reason()),

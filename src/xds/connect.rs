@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::model::Discovery;
+use crate::model::ControlPlane;
 
 /// TCP connect and TLS handshake together.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,7 +59,7 @@ impl ConnectError {
 }
 
 /// Opens one channel to istiod for one stream.
-pub async fn channel(d: &Discovery) -> Result<Channel, ConnectError> {
+pub async fn channel(d: &ControlPlane) -> Result<Channel, ConnectError> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&d.address))
         .await
         .unwrap_or_else(|_| {
@@ -121,7 +121,7 @@ pub async fn channel(d: &Discovery) -> Result<Channel, ConnectError> {
 /// connection ends the stream and the client's own loop (with its backoff) reconnects.
 async fn hand_over<S>(
     endpoint: &Endpoint,
-    d: &Discovery,
+    d: &ControlPlane,
     stream: S,
 ) -> Result<Channel, ConnectError>
 where
@@ -148,7 +148,7 @@ where
         })
 }
 
-fn tls_config(d: &Discovery) -> Result<rustls::ClientConfig, ConnectError> {
+fn tls_config(d: &ControlPlane) -> Result<rustls::ClientConfig, ConnectError> {
     let path = d.root_cert.display().to_string();
     let root_err = |reason: String| ConnectError::Root {
         path: path.clone(),
@@ -180,7 +180,7 @@ fn tls_config(d: &Discovery) -> Result<rustls::ClientConfig, ConnectError> {
 /// The headers istiod authenticates a stream by, read fresh for each stream: the
 /// projected token rotates under the pod.
 pub fn headers(
-    d: &Discovery,
+    d: &ControlPlane,
 ) -> Result<Vec<(&'static str, MetadataValue<tonic::metadata::Ascii>)>, ConnectError> {
     let mut out = Vec::new();
     if let Some(path) = &d.token {

@@ -187,12 +187,12 @@ impl Status {
         };
         json!({
             "source": "xds",
-            "address": d.address,
-            "plaintext": d.plaintext,
-            "serverName": d.server_name,
-            "rootCert": d.root_cert.display().to_string(),
-            "token": d.token.as_ref().map(|p| p.display().to_string()),
-            "clusterId": d.cluster_id,
+            "address": d.server.address,
+            "plaintext": d.server.plaintext,
+            "serverName": d.server.server_name,
+            "rootCert": d.server.root_cert.display().to_string(),
+            "token": d.server.token.as_ref().map(|p| p.display().to_string()),
+            "clusterId": d.server.cluster_id,
             "protocol": match d.protocol { XdsProtocol::Delta => "DELTA", XdsProtocol::StateOfTheWorld => "SOTW" },
             "node": {
                 "id": d.node.id,
@@ -267,6 +267,6 @@ fn merge_service(
 }
 
 /// Full jitter between half and all of `d`, so a fleet does not reconnect in step.
-fn jitter(d: Duration) -> Duration {
+pub(crate) fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + fastrand::f64() * 0.5)
 }

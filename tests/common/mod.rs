@@ -159,6 +159,19 @@ impl TestCa {
         )
     }
 
+    /// The root certificate in PEM.
+    pub fn root_pem(&self) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(self.root.as_ref());
+        let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+        pem
+    }
+
     pub fn root_store(&self) -> rustls::RootCertStore {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.root.clone()).unwrap();
@@ -1739,4 +1752,5 @@ pub fn dead_port() -> (u16, socket2::Socket) {
     let port = s.local_addr().unwrap().as_socket().unwrap().port();
     (port, s)
 }
+pub mod ca;
 pub mod xds;

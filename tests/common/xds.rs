@@ -61,7 +61,7 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{TempDir, free_port, provider};
+use super::{TempDir, TestCa, free_port, provider};
 
 // ---- Type URLs and encoding
 
@@ -504,6 +504,8 @@ pub fn cla(name: &str, localities: &[LocalitySpec<'_>]) -> ClusterLoadAssignment
 pub struct IstiodOptions {
     /// Serve TLS (like 15012) with a certificate for [`ISTIOD_SERVER_NAME`] from a test CA.
     pub tls: bool,
+    /// Also serve `IstioCertificateService` (TLS only: it signs with the TLS root).
+    pub ca: Option<super::ca::FakeCa>,
     /// Require `authorization: Bearer <token>`.
     pub token: Option<String>,
     /// Require the `clusterid` header to be this.
@@ -524,6 +526,11 @@ impl IstiodOptions {
             tls: true,
             ..Default::default()
         }
+    }
+
+    pub fn ca(mut self, ca: &super::ca::FakeCa) -> IstiodOptions {
+        self.ca = Some(ca.clone());
+        self
     }
 
     pub fn token(mut self, token: &str) -> IstiodOptions {
@@ -1330,28 +1337,23 @@ struct Serving {
 struct IstiodCert {
     root_pem: String,
     root_path: PathBuf,
+    /// The mesh root: it signs istiod's certificate and the fake CA's.
+    mesh: Arc<TestCa>,
     acceptor: tokio_rustls::TlsAcceptor,
     _dir: TempDir,
 }
 
 impl IstiodCert {
+    /// A mesh root (a [`TestCa`], so the test helpers can issue workload certificates under
+    /// it) and istiod's serving certificate signed by it, as istiod's own CA does.
     fn new() -> IstiodCert {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-            KeyPair,
-        };
-        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "fake istiod test root");
-        let ca_key = KeyPair::generate().expect("CA key");
-        let root = ca.self_signed(&ca_key).expect("CA cert");
-        let issuer = Issuer::new(ca, ca_key);
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair};
+        let mesh = Arc::new(TestCa::new());
         let mut leaf =
             CertificateParams::new(vec![ISTIOD_SERVER_NAME.to_string()]).expect("leaf params");
         leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let leaf_key = KeyPair::generate().expect("leaf key");
-        let cert = leaf.signed_by(&leaf_key, &issuer).expect("leaf cert");
+        let cert = leaf.signed_by(&leaf_key, &mesh.issuer).expect("leaf cert");
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
             rustls::pki_types::PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
         );
@@ -1363,11 +1365,12 @@ impl IstiodCert {
             .expect("server cert");
         config.alpn_protocols = vec![b"h2".to_vec()];
         let dir = TempDir::new("istiod");
-        let root_pem = root.pem();
+        let root_pem = mesh.root_pem();
         let root_path = dir.write("root-cert.pem", &root_pem);
         IstiodCert {
             root_pem,
             root_path,
+            mesh,
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             _dir: dir,
         }
@@ -1420,12 +1423,26 @@ async fn serve(
         builder = builder.max_connection_age(age);
     }
     let (shutdown, stop) = oneshot::channel::<()>();
+    let ca = shared.opts.ca.clone();
     let server = tokio::spawn(async move {
-        let _ = builder
-            .serve_with_incoming_shutdown(service, ReceiverStream::new(incoming), async {
-                let _ = stop.await;
-            })
-            .await;
+        let stopped = async {
+            let _ = stop.await;
+        };
+        let incoming = ReceiverStream::new(incoming);
+        let _ = match ca {
+            Some(ca) => {
+                builder
+                    .add_service(service)
+                    .add_service(super::ca::CaService(ca))
+                    .serve_with_incoming_shutdown(incoming, stopped)
+                    .await
+            }
+            None => {
+                builder
+                    .serve_with_incoming_shutdown(service, incoming, stopped)
+                    .await
+            }
+        };
     });
     Ok(Serving {
         accept,
@@ -1450,6 +1467,9 @@ impl FakeIstiod {
     /// Binds a reserved loopback port and serves on the current tokio runtime.
     pub async fn start(opts: IstiodOptions) -> FakeIstiod {
         let cert = opts.tls.then(IstiodCert::new);
+        if let (Some(ca), Some(cert)) = (&opts.ca, &cert) {
+            ca.attach(cert.mesh.clone(), opts.token.clone());
+        }
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             changed: Notify::new(),
@@ -1486,6 +1506,12 @@ impl FakeIstiod {
     /// PEM of the root that signed the server certificate (TLS only).
     pub fn root_pem(&self) -> Option<&str> {
         self.cert.as_ref().map(|c| c.root_pem.as_str())
+    }
+
+    /// The mesh root (TLS only), to issue workload certificates a gateway with an SVID from
+    /// the fake CA trusts.
+    pub fn mesh_ca(&self) -> Option<&TestCa> {
+        self.cert.as_ref().map(|c| c.mesh.as_ref())
     }
 
     /// A file holding [`FakeIstiod::root_pem`], like `/var/run/secrets/istio/root-cert.pem`.
