@@ -826,7 +826,12 @@ async fn sighup_reloads_and_a_second_signal_exits_at_once() {
     );
     assert_eq!(reloads(&gw, "success"), 1.0);
     gw.signal(libc::SIGHUP);
-    assert!(gw.eventually(Duration::from_secs(3), || reloads(&gw, "success") == 2.0));
+    assert!(
+        gw.eventually(Duration::from_secs(10), || reloads(&gw, "success") == 2.0),
+        "{} reloads; stderr:\n{}",
+        reloads(&gw, "success"),
+        gw.stderr_text()
+    );
 
     // A connection that would hold the drain for its whole 30 s.
     let mut held = RawSession::open(gw.gateway, &sni(REVIEWS), 1, Duration::from_secs(5))

@@ -609,7 +609,7 @@ async fn an_untrusted_istiod_certificate_is_named_as_the_cause() {
         gw.stderr_text()
     );
     assert!(
-        gw.stderr_text().contains("UnknownIssuer"),
+        gw.stderr_text().contains("invalid peer certificate"),
         "{}",
         gw.stderr_text()
     );
