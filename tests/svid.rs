@@ -71,7 +71,10 @@ impl Setup {
     fn config(&self) -> String {
         format!(
             "{}---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: mtls, namespace: istio-system}}\nspec:\n  servers:\n  - port: {{number: {gw}, name: tls, protocol: TLS}}\n    bind: 127.0.0.1\n    tls: {{mode: ISTIO_MUTUAL}}\n    hosts: [\"*.local\"]\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: echo, namespace: default}}\nspec:\n  hosts: [{ECHO}]\n  ports: [{{number: 9080, name: tcp, targetPort: {port}}}]\n  resolution: STATIC\n  endpoints:\n  - address: 127.0.0.1\n    labels: {{security.istio.io/tlsMode: disabled}}\n",
-            self.ports.bootstrap(&ca_section(&self.istiod, &self.dir.path().join("istio-token"))),
+            self.ports.bootstrap(&ca_section(
+                &self.istiod,
+                &self.dir.path().join("istio-token")
+            )),
             gw = self.ports.gateway,
             port = self.echo.port(),
         )
@@ -158,7 +161,10 @@ impl rustls::client::danger::ServerCertVerifier for MeshPeer {
 async fn mtls(
     gw: SocketAddr,
     mesh: &TestCa,
-) -> std::io::Result<(tokio_rustls::client::TlsStream<TcpStream>, CertificateDer<'static>)> {
+) -> std::io::Result<(
+    tokio_rustls::client::TlsStream<TcpStream>,
+    CertificateDer<'static>,
+)> {
     let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(mesh.root_store()),
         provider(),
@@ -182,7 +188,12 @@ async fn mtls(
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from(sni()).unwrap(), tcp)
         .await?;
-    let seen = verifier.seen.lock().unwrap().clone().expect("a certificate");
+    let seen = verifier
+        .seen
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("a certificate");
     Ok((tls, seen))
 }
 
@@ -220,18 +231,28 @@ async fn with_no_certificate_file_the_gateway_gets_its_svid_from_the_mesh_ca_and
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
-    assert!(expiry > now && expiry < now + 40.0, "leaf expiry {expiry}, now {now}");
+    assert!(
+        expiry > now && expiry < now + 40.0,
+        "leaf expiry {expiry}, now {now}"
+    );
 
     // Renewed at about half its lifetime: new handshakes get the new certificate, none
     // fails meanwhile, the open connection keeps its session.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut handshakes = 0;
     let renewed = loop {
-        assert!(Instant::now() < deadline, "no renewal within 30 s; stderr:\n{}", gw.stderr_text());
+        assert!(
+            Instant::now() < deadline,
+            "no renewal within 30 s; stderr:\n{}",
+            gw.stderr_text()
+        );
         let (mut tls, seen) = mtls(s.gateway(), s.mesh())
             .await
             .unwrap_or_else(|e| panic!("handshake {handshakes} failed during rotation: {e}"));
-        assert!(echo(&mut tls, b"ping\n").await, "handshake {handshakes}: no echo");
+        assert!(
+            echo(&mut tls, b"ping\n").await,
+            "handshake {handshakes}: no echo"
+        );
         handshakes += 1;
         if seen != cert {
             break seen;
@@ -258,9 +279,17 @@ async fn bad_answers_are_refused_and_logged_and_the_certificate_held_keeps_servi
     // Each bad kind of answer at a renewal: refused, counted, logged, and the certificate
     // held keeps serving; then a good answer renews it.
     for (answer, reason, log) in [
-        (CaAnswer::WrongIdentity, "wrong_identity", "spiffe://cluster.local/ns/default/sa/intruder where"),
+        (
+            CaAnswer::WrongIdentity,
+            "wrong_identity",
+            "spiffe://cluster.local/ns/default/sa/intruder where",
+        ),
         (CaAnswer::Expired, "not_valid_now", "not valid now"),
-        (CaAnswer::Untrusted, "untrusted_chain", "does not chain to the mesh root"),
+        (
+            CaAnswer::Untrusted,
+            "untrusted_chain",
+            "does not chain to the mesh root",
+        ),
         (CaAnswer::Refuse, "refused", "the CA refused the request"),
     ] {
         let (_, current) = mtls(s.gateway(), s.mesh()).await.unwrap();
@@ -272,7 +301,11 @@ async fn bad_answers_are_refused_and_logged_and_the_certificate_held_keeps_servi
             "{answer:?} not counted; stderr:\n{}",
             gw.stderr_text()
         );
-        assert!(gw.stderr_text().contains(log), "{answer:?}: {}", gw.stderr_text());
+        assert!(
+            gw.stderr_text().contains(log),
+            "{answer:?}: {}",
+            gw.stderr_text()
+        );
         let (mut tls, seen) = mtls(s.gateway(), s.mesh()).await.expect("still serving");
         assert_eq!(seen, current, "{answer:?} replaced the certificate");
         assert!(echo(&mut tls, b"still\n").await);
@@ -286,7 +319,11 @@ async fn bad_answers_are_refused_and_logged_and_the_certificate_held_keeps_servi
                 assert_eq!(spiffe_of(&seen), GW);
                 break;
             }
-            assert!(Instant::now() < deadline, "never renewed after {answer:?}; stderr:\n{}", gw.stderr_text());
+            assert!(
+                Instant::now() < deadline,
+                "never renewed after {answer:?}; stderr:\n{}",
+                gw.stderr_text()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -298,7 +335,9 @@ async fn until_the_first_certificate_istio_mutual_is_not_ready_and_the_ca_coming
     let s = Setup::start(Duration::from_secs(30)).await;
     s.istiod.stop().await;
     let gw = s.start_gateway();
-    assert!(gw.eventually(Duration::from_secs(10), || http_get(gw.status, "/healthz/ready").is_ok()));
+    assert!(gw.eventually(Duration::from_secs(10), || {
+        http_get(gw.status, "/healthz/ready").is_ok()
+    }));
     assert!(
         gw.eventually(Duration::from_secs(10), || gw
             .metric("strait_ca_failures_total", &[])
@@ -309,8 +348,15 @@ async fn until_the_first_certificate_istio_mutual_is_not_ready_and_the_ca_coming
     let (code, body) = http_get(gw.status, "/healthz/ready").unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("no certificate from the mesh CA"), "{body}");
-    assert!(mtls(s.gateway(), s.mesh()).await.is_err(), "served without a certificate");
-    assert!(gw.stderr_text().contains("no certificate held"), "{}", gw.stderr_text());
+    assert!(
+        mtls(s.gateway(), s.mesh()).await.is_err(),
+        "served without a certificate"
+    );
+    assert!(
+        gw.stderr_text().contains("no certificate held"),
+        "{}",
+        gw.stderr_text()
+    );
 
     s.istiod.restart().await;
     gw.wait_ready(Duration::from_secs(30));
@@ -331,17 +377,26 @@ async fn a_bridge_and_an_istio_mutual_gateway_with_svids_from_the_ca_cross_netwo
     let workload = plaintext_echo().await;
 
     let gw_ports = Ports::new();
-    let gw_config = network2_gateway(&gw_ports, "127.0.0.2", &no_files, FarEnd::IstioMutual, workload)
-        .replace(
-            &format!("  certificates: {{dir: {}}}\n", no_files.display()),
-            &ca_section(&istiod, &gw_token),
-        );
+    let gw_config = network2_gateway(
+        &gw_ports,
+        "127.0.0.2",
+        &no_files,
+        FarEnd::IstioMutual,
+        workload,
+    )
+    .replace(
+        &format!("  certificates: {{dir: {}}}\n", no_files.display()),
+        &ca_section(&istiod, &gw_token),
+    );
     assert!(!gw_config.contains("certificates: {dir"), "{gw_config}");
     let gateway = Strait::spawn(
         gw_ports,
         &gw_config,
         &[],
-        &[("SERVICE_ACCOUNT", "eastwest"), ("POD_NAMESPACE", "istio-system")],
+        &[
+            ("SERVICE_ACCOUNT", "eastwest"),
+            ("POD_NAMESPACE", "istio-system"),
+        ],
         &[],
     );
     gateway.wait_ready(Duration::from_secs(20));
@@ -365,7 +420,9 @@ async fn a_bridge_and_an_istio_mutual_gateway_with_svids_from_the_ca_cross_netwo
     assert!(!no_files.exists());
 
     let mut app = TcpStream::connect(listen).await.unwrap();
-    app.write_all(b"no certificate file anywhere\n").await.unwrap();
+    app.write_all(b"no certificate file anywhere\n")
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 29];
     tokio::time::timeout(Duration::from_secs(10), app.read_exact(&mut buf))
         .await

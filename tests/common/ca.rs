@@ -191,9 +191,11 @@ impl FakeCa {
             }
             s.identity.clone()
         } else {
-            match s.by_token.iter().find(|(t, _)| {
-                authorization.as_deref() == Some(format!("Bearer {t}").as_str())
-            }) {
+            match s
+                .by_token
+                .iter()
+                .find(|(t, _)| authorization.as_deref() == Some(format!("Bearer {t}").as_str()))
+            {
                 Some((_, id)) => id.clone(),
                 None => return Err(Status::unauthenticated("request authenticate failure")),
             }
