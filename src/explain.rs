@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use crate::model::{ServerTlsMode, Snapshot};
 use crate::route;
-use crate::route::sni::{build_subset_key, parse_subset_key};
+use crate::route::sni::{build_subset_key, lower_case, parse_subset_key};
 
 /// The explanation, and whether the name routes on at least one listener.
 pub struct Explanation {
@@ -36,7 +36,12 @@ fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealt
     let mut out = String::new();
     let mut routes = false;
     let _ = writeln!(out, "SNI        {sni}");
-    match parse_subset_key(sni) {
+    // As on the data path (`route::resolve`): the name matches without regard to case.
+    let lower = lower_case(sni);
+    if *lower != *sni {
+        let _ = writeln!(out, "matched as {}", &*lower);
+    }
+    match parse_subset_key(&lower) {
         Ok(k) => {
             let _ = writeln!(
                 out,

@@ -338,6 +338,14 @@ async fn a_scripted_mix_is_counted_exactly_and_the_exposition_parses() {
         &[],
         5.0,
     );
+    // Every connect that replayed a ClientHello waited for the endpoint's first byte.
+    expect_metric(
+        &m,
+        "strait_upstream_first_byte_seconds_count",
+        &[("outcome", "answered")],
+        5.0,
+    );
+    expect_metric(&m, "strait_upstream_first_byte_seconds_count", &[], 5.0);
     expect_metric(&m, "strait_client_hello_bytes_count", &[], 10.0);
     expect_metric(&m, "strait_client_hello_wait_seconds_count", &[], 10.0);
     expect_metric(&m, "strait_connection_duration_seconds_count", &[], 12.0);

@@ -491,6 +491,125 @@ async fn unknown_and_unmatched_names_get_unrecognized_name() {
     assert_eq!(mesh.ratings.accepted(), 0);
 }
 
+/// An SNI is a DNS name (RFC 4343): upper- and mixed-case spellings of a declared key,
+/// prefix and subset included, reach the endpoints the lower-case name reaches, and the
+/// access log keeps the name as the client sent it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_route_without_regard_to_case() {
+    let mesh = Mesh::start().await;
+    let gw = mesh.gateway("");
+    let cases = [
+        (
+            "OUTBOUND_.9080_.V1_.REVIEWS.DEFAULT.SVC.CLUSTER.LOCAL",
+            SPIFFE_V1,
+            "v1",
+        ),
+        (
+            "Outbound_.9080_.V2_.Reviews.Default.Svc.Cluster.Local",
+            SPIFFE_V2,
+            "v2",
+        ),
+        (
+            "outbound_.9080_.v2_.REVIEWS.default.svc.CLUSTER.local",
+            SPIFFE_V2,
+            "v2",
+        ),
+        (
+            "OUTBOUND_.9080_._.RATINGS.DEFAULT.SVC.CLUSTER.LOCAL",
+            SPIFFE_RATINGS,
+            "",
+        ),
+    ];
+    for (name, workload, _) in cases {
+        let seen = round_trip(gw.gateway, &mesh.ca, name)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(seen, workload, "{name}");
+    }
+    assert!(
+        gw.eventually(Duration::from_secs(5), || gw.access_log().len()
+            >= cases.len()),
+        "one access log line per connection: {:?}",
+        gw.access_log()
+    );
+    let log = gw.access_log();
+    for (name, _, subset) in cases {
+        let line = log
+            .iter()
+            .find(|l| l["sni"] == name)
+            .unwrap_or_else(|| panic!("no access log line with sni {name}: {log:?}"));
+        assert_eq!(line["response_flag"], "-", "{line}");
+        let host = if name.contains("RATINGS") {
+            RATINGS
+        } else {
+            REVIEWS
+        };
+        assert_eq!(line["service"], host, "{line}");
+        let subset = (!subset.is_empty()).then_some(subset);
+        assert_eq!(line["subset"].as_str(), subset, "{line}");
+    }
+
+    // `strait route` agrees with the data path.
+    let out = std::process::Command::new(strait_bin())
+        .args(["route", "-c"])
+        .arg(gw.config_path())
+        .arg("OUTBOUND_.9080_.V1_.REVIEWS.DEFAULT.SVC.CLUSTER.LOCAL")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("subset     v1 labels {version=v1}"), "{text}");
+}
+
+/// Case-insensitive matching does not widen the allow-list: a name that is not declared
+/// in any case is still refused with `unrecognized_name`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undeclared_names_stay_refused_in_any_case() {
+    let mesh = Mesh::start().await;
+    let ports = Ports::new();
+    let gw = Strait::start(
+        ports,
+        &mesh.config(&ports, "", &["reviews.default.svc.cluster.local"], None),
+    );
+    let names = [
+        "OUTBOUND_.9080_._.NOPE.DEFAULT.SVC.CLUSTER.LOCAL",
+        "OUTBOUND_.9080_._.RATINGS.DEFAULT.SVC.CLUSTER.LOCAL", // outside the Gateway's hosts
+        "OUTBOUND_.9999_._.REVIEWS.DEFAULT.SVC.CLUSTER.LOCAL", // undeclared port
+        "OUTBOUND_.9080_.V9_.REVIEWS.DEFAULT.SVC.CLUSTER.LOCAL", // undeclared subset
+        "INBOUND_.9080_._.REVIEWS.DEFAULT.SVC.CLUSTER.LOCAL",  // not an outbound key
+        "REVIEWS.DEFAULT.SVC.CLUSTER.LOCAL",                   // not a subset key
+    ];
+    for name in names {
+        let err = tls_connect(gw.gateway, &mesh.ca, name, &["istio"])
+            .await
+            .expect_err("refused");
+        assert!(is_alert(&err, "UnrecognisedName"), "{name}: {err:?}");
+    }
+    assert!(
+        gw.eventually(Duration::from_secs(5), || gw.access_log().len()
+            >= names.len()),
+        "{:?}",
+        gw.access_log()
+    );
+    for line in gw.access_log() {
+        assert_eq!(line["response_flag"], "NR", "{line}");
+        assert!(
+            names.contains(&line["sni"].as_str().unwrap_or("")),
+            "{line}"
+        );
+    }
+    // The declared name, upper case, still routes on the same gateway.
+    let seen = round_trip(
+        gw.gateway,
+        &mesh.ca,
+        "OUTBOUND_.9080_.V1_.REVIEWS.DEFAULT.SVC.CLUSTER.LOCAL",
+    )
+    .await
+    .unwrap();
+    assert_eq!(seen, SPIFFE_V1);
+    assert_eq!(mesh.ratings.accepted(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_silent_clients_are_closed_while_others_are_served() {
     let mesh = Mesh::start().await;
@@ -712,4 +831,164 @@ async fn a_client_abort_reaches_the_endpoint_as_a_reset_and_an_endpoint_abort_lo
     assert!(gw.eventually(Duration::from_secs(3), || {
         gw.metric("istio_tcp_connections_closed_total", &[]) == 1.0
     }));
+}
+
+/// An endpoint that reads the replayed ClientHello, stays silent for `delay`, answers
+/// `answer`, then reads everything else up to the client's FIN and reports all it
+/// received, ClientHello included.
+async fn slow_endpoint(
+    delay: Duration,
+    answer: &'static [u8],
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", free_port()))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = vec![0u8; 5];
+                s.read_exact(&mut got).await.unwrap();
+                let len = u16::from_be_bytes([got[3], got[4]]) as usize;
+                got.resize(5 + len, 0);
+                s.read_exact(&mut got[5..]).await.unwrap();
+                tokio::time::sleep(delay).await;
+                s.write_all(answer).await.unwrap();
+                s.read_to_end(&mut got).await.unwrap();
+                let _ = tx.send(got);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// One raw connection through the gateway to `raw.default.svc.cluster.local`: sends a
+/// ClientHello and, without waiting, 16 KiB more; reads `answer_len` bytes, then closes
+/// its side. Returns what the endpoint received, the answer, and how long it took.
+async fn send_before_the_answer(
+    gw: &Strait,
+    answer_len: usize,
+    received: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) -> (Vec<u8>, Vec<u8>, Vec<u8>, Duration) {
+    let hello = client_hello_bytes(&sni(9080, "", "raw.default.svc.cluster.local"), &["istio"]);
+    let mut early = vec![0u8; 16 * 1024];
+    fill_pattern(3, 0, &mut early);
+    let sent = [hello.as_slice(), early.as_slice()].concat();
+    let client = TcpStream::connect(gw.gateway).await.unwrap();
+    let (mut r, mut w) = client.into_split();
+    let started = Instant::now();
+    let to_send = sent.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&to_send).await.unwrap();
+        w
+    });
+    let mut answer = vec![0u8; answer_len];
+    tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut answer))
+        .await
+        .expect("the answer arrived")
+        .unwrap();
+    let took = started.elapsed();
+    let mut w = writer.await.unwrap();
+    w.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), received.recv())
+        .await
+        .expect("the endpoint saw the client's FIN")
+        .unwrap();
+    (sent, got, answer, took)
+}
+
+/// strait waits for the endpoint's first byte after replaying the ClientHello (so an
+/// endpoint that accepts and closes can be retried elsewhere). A slow endpoint delays the
+/// client but loses none of its bytes, and the wait is visible in its own histogram, not
+/// in the TCP connect latency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_endpoint_delays_but_does_not_lose_the_clients_bytes() {
+    const DELAY: Duration = Duration::from_millis(600);
+    let (endpoint, mut received) = slow_endpoint(DELAY, b"server hello").await;
+    let ports = Ports::new();
+    let gw = Strait::start(ports, &one_endpoint_config(&ports, endpoint)); // connectTimeout 5s
+    let (sent, got, answer, took) = send_before_the_answer(&gw, 12, &mut received).await;
+    assert_eq!(answer, b"server hello");
+    assert!(
+        took >= DELAY,
+        "answered after {took:?}, before the endpoint spoke"
+    );
+    assert_eq!(
+        got.len(),
+        sent.len(),
+        "bytes lost on the way to the endpoint"
+    );
+    assert!(
+        got == sent,
+        "the endpoint received other bytes than the client sent"
+    );
+
+    let answered = [("outcome", "answered")];
+    assert!(
+        gw.eventually(Duration::from_secs(5), || {
+            gw.metric("strait_upstream_first_byte_seconds_count", &answered) == 1.0
+        }),
+        "{}",
+        gw.metrics_text()
+    );
+    let waited = gw.metric("strait_upstream_first_byte_seconds_sum", &answered);
+    assert!(
+        waited >= DELAY.as_secs_f64() && waited < 5.0,
+        "first-byte wait {waited}s, endpoint silent for {DELAY:?}, connectTimeout 5s"
+    );
+    let connect = gw.metric("strait_upstream_connect_duration_seconds_sum", &[]);
+    assert!(
+        connect < DELAY.as_secs_f64(),
+        "the TCP connect latency ({connect}s) does not include the wait for the answer"
+    );
+}
+
+/// The wait is bounded by `connectTimeout`: an endpoint still silent then keeps the
+/// connection (it is slow, not broken), the copy starts, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_for_the_first_byte_stops_at_connect_timeout() {
+    const DELAY: Duration = Duration::from_millis(1200);
+    let (endpoint, mut received) = slow_endpoint(DELAY, b"late").await;
+    let ports = Ports::new();
+    let config = format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: raw, namespace: default}}\nspec:\n  host: raw.default.svc.cluster.local\n  trafficPolicy:\n    connectionPool:\n      tcp: {{connectTimeout: 300ms}}\n",
+        one_endpoint_config(&ports, endpoint)
+    );
+    let gw = Strait::start(ports, &config);
+    let (sent, got, answer, took) = send_before_the_answer(&gw, 4, &mut received).await;
+    assert_eq!(answer, b"late");
+    assert!(took >= DELAY, "answered after {took:?}");
+    assert!(
+        got == sent,
+        "the endpoint received other bytes than the client sent"
+    );
+
+    let timed_out = [("outcome", "timeout")];
+    assert!(
+        gw.eventually(Duration::from_secs(5), || {
+            gw.metric("strait_upstream_first_byte_seconds_count", &timed_out) == 1.0
+        }),
+        "{}",
+        gw.metrics_text()
+    );
+    let waited = gw.metric("strait_upstream_first_byte_seconds_sum", &timed_out);
+    assert!(
+        (0.3..DELAY.as_secs_f64()).contains(&waited),
+        "waited {waited}s for the first byte; connectTimeout is 300ms"
+    );
+    assert_eq!(
+        gw.metric("strait_upstream_connect_failures_total", &[]),
+        0.0,
+        "a silent endpoint is not a failed attempt"
+    );
+    assert!(
+        gw.eventually(Duration::from_secs(5), || !gw.access_log().is_empty()),
+        "no access log line"
+    );
+    assert_eq!(gw.access_log()[0]["response_flag"], "-");
 }

@@ -17,7 +17,7 @@ use crate::route::{self, RouteMiss};
 use crate::telemetry::{Accepted, ConnectionResult, IstioLabels, ResponseFlag};
 use crate::upstream::{
     self, ActiveGuard, AttemptFailure, Cluster, ClusterSlot, ConnectError, ConnectObserver,
-    Connected, Purpose,
+    Connected, FirstByte, Purpose,
 };
 
 /// Upstream connect attempts per connection, each to a distinct endpoint.
@@ -366,5 +366,14 @@ impl ConnectObserver for MetricsObserver<'_> {
             .metrics
             .upstream_connect_seconds
             .observe(took.as_secs_f64());
+    }
+
+    fn first_byte(&self, outcome: FirstByte, waited: std::time::Duration) {
+        self.0
+            .telemetry
+            .metrics
+            .upstream_first_byte_seconds
+            .get(outcome)
+            .observe(waited.as_secs_f64());
     }
 }

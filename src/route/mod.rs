@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::model::{DefaultRoute, ServerSpec, ServiceKey, ServicePort};
-use sni::{SniMiss, parse_subset_key};
+use sni::{SniMiss, lower_case, parse_subset_key};
 
 /// Why an SNI does not route. Each variant is one `NR` reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,19 +68,23 @@ pub struct RouteMatch<'s> {
 }
 
 /// Resolves an SNI against one listener's servers and the service table.
+///
+/// The name matches without regard to case (RFC 4343): it is lower-cased, prefix and
+/// subset included, then parsed and looked up, against Gateway hosts, service hosts and
+/// subset names that configuration holds in lower case.
 pub fn resolve<'s>(
     servers: &'s [ServerSpec],
     services: &'s HashMap<ServiceKey, Arc<ServicePort>>,
     sni: Option<&str>,
 ) -> Result<RouteMatch<'s>, RouteMiss> {
-    let sni = sni.ok_or(RouteMiss::NoSni)?;
-    let key = parse_subset_key(sni)?;
-    let host = key.host.to_ascii_lowercase();
+    let sni = lower_case(sni.ok_or(RouteMiss::NoSni)?);
+    let key = parse_subset_key(&sni)?;
+    let host = key.host;
     let server = servers
         .iter()
-        .position(|s| s.hosts.iter().any(|h| h.matches(&host)))
+        .position(|s| s.hosts.iter().any(|h| h.matches(host)))
         .ok_or_else(|| RouteMiss::HostNotInGateway {
-            host: host.clone(),
+            host: host.to_string(),
             hosts: servers
                 .iter()
                 .flat_map(|s| s.hosts.iter().map(|h| h.to_string()))
@@ -88,7 +92,7 @@ pub fn resolve<'s>(
                 .join(", "),
         })?;
     let lookup = ServiceKey {
-        host,
+        host: host.to_string(),
         port: key.port,
     };
     let Some(service) = services.get(&lookup) else {
@@ -229,6 +233,51 @@ mod tests {
         assert_eq!(
             resolve(&servers, &services, None).unwrap_err(),
             RouteMiss::NoSni
+        );
+    }
+
+    /// RFC 4343: the whole name, prefix and subset included, matches without regard to
+    /// case; the allow-list does not grow.
+    #[test]
+    fn names_match_without_regard_to_case() {
+        let (servers, services) = table();
+        for sni in [
+            "OUTBOUND_.9080_.V2_.REVIEWS.DEFAULT.SVC.CLUSTER.LOCAL",
+            "Outbound_.9080_.v2_.Reviews.Default.svc.Cluster.Local",
+            "outbound_.9080_.V2_.reviews.default.svc.cluster.local",
+        ] {
+            let r =
+                resolve(&servers, &services, Some(sni)).unwrap_or_else(|e| panic!("{sni}: {e}"));
+            assert_eq!(r.service.host, "reviews.default.svc.cluster.local", "{sni}");
+            assert_eq!(r.subset, Some("v2"), "{sni}");
+        }
+        let r = resolve(
+            &servers,
+            &services,
+            Some("OUTBOUND_.9080_._.REVIEWS.DEFAULT.SVC.CLUSTER.LOCAL"),
+        )
+        .unwrap();
+        assert_eq!((r.service.port, r.subset), (9080, None));
+        let miss = |sni: &str| {
+            resolve(&servers, &services, Some(sni))
+                .unwrap_err()
+                .reason()
+        };
+        assert_eq!(
+            miss("OUTBOUND_.9080_.V3_.REVIEWS.DEFAULT.SVC.CLUSTER.LOCAL"),
+            "unknown_subset"
+        );
+        assert_eq!(
+            miss("OUTBOUND_.9081_._.REVIEWS.DEFAULT.SVC.CLUSTER.LOCAL"),
+            "unknown_service"
+        );
+        assert_eq!(
+            miss("OUTBOUND_.9080_._.RATINGS.DEFAULT.SVC.CLUSTER.LOCAL"),
+            "unknown_service"
+        );
+        assert_eq!(
+            miss("INBOUND_.9080_._.REVIEWS.DEFAULT.SVC.CLUSTER.LOCAL"),
+            "not_subset_key"
         );
     }
 

@@ -5,6 +5,10 @@
 //! `outbound_.9080_._.reviews.default.svc.cluster.local` (no subset: the subset is the
 //! empty string between two `_.` separators) or `outbound_.9080_.v2_.reviews.default.svc.cluster.local`.
 //! The gateway routes on the port, subset and host read back from it.
+//!
+//! An SNI is a DNS name and compares without regard to case (RFC 4343; Envoy matches
+//! filter-chain `server_names` so since envoyproxy/envoy#14793): the whole name, prefix
+//! and subset included, is lower-cased ([`lower_case`]) before it is parsed and matched.
 
 /// The `(port, subset, host)` a client asked for in its SNI, borrowed from the SNI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -13,7 +17,7 @@ pub struct SubsetKey<'a> {
     pub port: u16,
     /// The DestinationRule subset; `None` for the whole service.
     pub subset: Option<&'a str>,
-    /// The service host as sent (case preserved; compare case-insensitively).
+    /// The service host, lower-case when the name was [`lower_case`]d first.
     pub host: &'a str,
 }
 
@@ -70,10 +74,73 @@ const OUTBOUND: &str = "outbound_.";
 const INBOUND: &str = "inbound_.";
 const SEP: &str = "_.";
 
+/// The longest name that can be a subset key: the prefix, a five-digit port, a 63-byte
+/// subset label and a 253-byte host, with their separators.
+const MAX_KEY_LEN: usize = OUTBOUND.len() + 5 + SEP.len() + 63 + SEP.len() + 253;
+
+/// An SNI with its ASCII letters lower-cased, the form it is parsed and matched in.
+///
+/// Borrowed when the name is lower-case already (what sidecars send), copied onto the
+/// stack when it is short enough to be a subset key, and onto the heap only when it is
+/// too long to be one (a refusal, which allocates its reason anyway).
+pub struct LowerSni<'a>(Folded<'a>);
+
+#[allow(
+    clippy::large_enum_variant,
+    reason = "lives on the stack for one synchronous call; boxing the buffer is the allocation it avoids"
+)]
+enum Folded<'a> {
+    Borrowed(&'a str),
+    Inline {
+        len: usize,
+        bytes: [u8; MAX_KEY_LEN],
+    },
+    Owned(String),
+}
+
+/// Lower-cases `sni` for parsing and matching (RFC 4343 compares DNS names without
+/// regard to ASCII case). Only ASCII bytes change, so the result is valid UTF-8.
+pub fn lower_case(sni: &str) -> LowerSni<'_> {
+    if !sni.bytes().any(|b| b.is_ascii_uppercase()) {
+        return LowerSni(Folded::Borrowed(sni));
+    }
+    if sni.len() > MAX_KEY_LEN {
+        return LowerSni(Folded::Owned(sni.to_ascii_lowercase()));
+    }
+    let mut bytes = [0u8; MAX_KEY_LEN];
+    let inline = &mut bytes[..sni.len()];
+    inline.copy_from_slice(sni.as_bytes());
+    inline.make_ascii_lowercase();
+    LowerSni(Folded::Inline {
+        len: sni.len(),
+        bytes,
+    })
+}
+
+impl LowerSni<'_> {
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            Folded::Borrowed(s) => s,
+            // Lower-casing ASCII bytes of a `str` leaves valid UTF-8, so this never falls
+            // back to the empty name.
+            Folded::Inline { len, bytes } => std::str::from_utf8(&bytes[..*len]).unwrap_or(""),
+            Folded::Owned(s) => s,
+        }
+    }
+}
+
+impl std::ops::Deref for LowerSni<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
 /// Parse an SNI as an Istio outbound subset key.
 ///
-/// As in Istio, the `outbound_.` prefix is case-sensitive; the host may contain upper-case
-/// letters (DNS is case-insensitive; the caller matches hosts without regard to case).
+/// Reads the name in the form [`lower_case`] gives it: the prefix is `outbound_.` and the
+/// subset a DNS-1123 label, both lower-case; a name not lower-cased first is refused for
+/// an upper-case prefix or subset (its host may be in any case).
 pub fn parse_subset_key(sni: &str) -> Result<SubsetKey<'_>, SniMiss> {
     let Some(rest) = sni.strip_prefix(OUTBOUND) else {
         return Err(if sni.starts_with(INBOUND) {
@@ -223,6 +290,45 @@ mod tests {
     }
 
     #[test]
+    fn lower_case_folds_the_whole_name() {
+        let sni = "OUTBOUND_.9080_.V2_.Reviews.DEFAULT.svc.cluster.local";
+        let lower = lower_case(sni);
+        assert_eq!(
+            &*lower,
+            "outbound_.9080_.v2_.reviews.default.svc.cluster.local"
+        );
+        let key = parse_subset_key(&lower).unwrap();
+        assert_eq!(
+            (key.port, key.subset, key.host),
+            (9080, Some("v2"), "reviews.default.svc.cluster.local")
+        );
+        // Names already lower-case are read in place.
+        let sni = "outbound_.9080_._.reviews.default.svc.cluster.local";
+        assert!(matches!(lower_case(sni).0, Folded::Borrowed(s) if std::ptr::eq(s, sni)));
+        // The longest possible key fits on the stack; only longer names are copied to the heap.
+        let longest = format!("OUTBOUND_.65535_.{}_.{}A", "V".repeat(63), "A.".repeat(126));
+        assert_eq!(longest.len(), MAX_KEY_LEN);
+        assert!(matches!(lower_case(&longest).0, Folded::Inline { .. }));
+        assert_eq!(*lower_case(&longest), longest.to_ascii_lowercase());
+        assert!(parse_subset_key(&lower_case(&longest)).is_ok());
+        let longer = format!("{longest}A");
+        assert!(matches!(lower_case(&longer).0, Folded::Owned(_)));
+        assert_eq!(
+            parse_subset_key(&lower_case(&longer)),
+            Err(SniMiss::InvalidHost)
+        );
+        // Only ASCII letters fold; other bytes stay as they are.
+        assert_eq!(
+            &*lower_case("OUTBOUND_.1_._.RÉVIEWS"),
+            "outbound_.1_._.rÉviews"
+        );
+        assert_eq!(
+            parse_subset_key(&lower_case("INBOUND_.9080_._.REVIEWS")),
+            Err(SniMiss::Inbound)
+        );
+    }
+
+    #[test]
     fn build_matches_istio_format() {
         assert_eq!(
             build_subset_key(9080, None, "reviews.default.svc.cluster.local"),
@@ -343,6 +449,13 @@ mod tests {
             if let Ok(key) = parse_subset_key(&s) {
                 prop_assert_eq!(build_subset_key(key.port, key.subset, key.host), s);
             }
+        }
+
+        #[test]
+        fn any_case_parses_as_the_lower_case_name(s in "(?i)outbound_\\.[0-9]{1,5}_\\.([a-z0-9-]{0,8})_\\.[a-z0-9.-]{0,40}") {
+            let folded = lower_case(&s);
+            let lower = s.to_ascii_lowercase();
+            prop_assert_eq!(parse_subset_key(&folded), parse_subset_key(&lower));
         }
 
         #[test]

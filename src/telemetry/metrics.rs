@@ -8,11 +8,12 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::model::ServicePort;
+use crate::upstream::FirstByte;
 
 /// Istio's label set for the `istio_tcp_*` metrics, in the order Istio's stats filter
 /// emits them (`istio/proxy` `istio_stats.cc`, ztunnel's `CommonTrafficLabels`).
@@ -61,6 +62,7 @@ pub struct Metrics {
     pub upstream_connect_attempts: IntCounter,
     pub upstream_connect_failures: IntCounterVec,
     pub upstream_connect_seconds: Histogram,
+    pub upstream_first_byte_seconds: FirstByteSeconds,
     pub client_hello_bytes: Histogram,
     pub client_hello_seconds: Histogram,
     pub connection_seconds: Histogram,
@@ -72,6 +74,24 @@ pub struct Metrics {
     /// Serialises rebuilding the per-endpoint series with gathering them, so a scrape
     /// never sees a counter half-rebuilt.
     endpoint_refresh: Mutex<()>,
+}
+
+/// `strait_upstream_first_byte_seconds`, one handle per outcome, resolved once so a
+/// connection never looks a label up.
+pub struct FirstByteSeconds {
+    pub answered: Histogram,
+    pub closed: Histogram,
+    pub timeout: Histogram,
+}
+
+impl FirstByteSeconds {
+    pub fn get(&self, outcome: FirstByte) -> &Histogram {
+        match outcome {
+            FirstByte::Answered => &self.answered,
+            FirstByte::Closed => &self.closed,
+            FirstByte::Timeout => &self.timeout,
+        }
+    }
 }
 
 /// Identity of the gateway itself, which fills Istio's `source_*` labels: an east-west
@@ -224,9 +244,28 @@ impl Metrics {
         let upstream_connect_seconds = histogram(
             r,
             "strait_upstream_connect_duration_seconds",
-            "Time to establish an upstream TCP connection.",
+            "Time to establish an upstream TCP connection (the wait for the endpoint's first byte is strait_upstream_first_byte_seconds).",
             prometheus::exponential_buckets(0.0001, 4.0, 9).unwrap_or_default(),
         );
+        let first_byte = HistogramVec::new(
+            HistogramOpts::new(
+                "strait_upstream_first_byte_seconds",
+                "Time a passthrough connection waited, after replaying the ClientHello, for the endpoint's first byte (at most connectTimeout), by outcome: answered; closed (closed or reset first, so another endpoint is tried); timeout (silent until connectTimeout, then copied all the same).",
+            )
+            .buckets(prometheus::exponential_buckets(0.0001, 4.0, 10).unwrap_or_default()),
+            &["outcome"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(first_byte.clone()))
+            .expect("metric registered once");
+        // Every outcome exists from the start, so the first timeout shows as 0 → 1.
+        let [answered, closed, timeout] =
+            FirstByte::ALL.map(|o| first_byte.with_label_values(&[o.label()]));
+        let upstream_first_byte_seconds = FirstByteSeconds {
+            answered,
+            closed,
+            timeout,
+        };
         let client_hello_bytes = histogram(
             r,
             "strait_client_hello_bytes",
@@ -302,6 +341,7 @@ impl Metrics {
             upstream_connect_attempts,
             upstream_connect_failures,
             upstream_connect_seconds,
+            upstream_first_byte_seconds,
             client_hello_bytes,
             client_hello_seconds,
             connection_seconds,

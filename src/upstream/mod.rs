@@ -480,12 +480,42 @@ pub struct Connected {
     pub guard: ActiveGuard,
 }
 
+/// How the wait for an endpoint's first byte, after the replayed ClientHello, ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstByte {
+    /// The endpoint answered.
+    Answered,
+    /// It closed or reset without answering: a failed attempt, retried elsewhere.
+    Closed,
+    /// The connect timeout passed in silence: slow, not broken, so the connection goes
+    /// on to the copy all the same.
+    Timeout,
+}
+
+impl FirstByte {
+    pub const ALL: [FirstByte; 3] = [FirstByte::Answered, FirstByte::Closed, FirstByte::Timeout];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            FirstByte::Answered => "answered",
+            FirstByte::Closed => "closed",
+            FirstByte::Timeout => "timeout",
+        }
+    }
+}
+
 /// Hooks for the caller to observe each attempt (metrics), kept out of this module.
 pub trait ConnectObserver {
     fn attempt(&self);
     fn failure(&self, kind: AttemptFailure, took: Duration);
-    /// `took` is the TCP connect time.
+    /// `took` is the TCP connect time, without the wait for a first byte.
     fn success(&self, took: Duration);
+    /// After a connect that replayed an opening (a ClientHello), the endpoint's first
+    /// byte was awaited for `waited` (at most the connect timeout), ending as `outcome`.
+    fn first_byte(&self, outcome: FirstByte, waited: Duration) {
+        let _ = (outcome, waited);
+    }
     /// Outlier detection ejected `cluster.members[member]` for `time`.
     fn ejected(&self, cluster: &Cluster, member: usize, time: Duration) {
         let _ = (cluster, member, time);
@@ -498,7 +528,10 @@ pub trait ConnectObserver {
 /// With `opening` (a client's ClientHello), also writes it and waits, up to `timeout`
 /// again, for the endpoint's first byte. An endpoint that accepts and then closes or
 /// resets without answering counts as a failed attempt and the next endpoint is tried:
-/// the client has seen nothing yet, so replaying its ClientHello elsewhere is safe.
+/// the client has seen nothing yet, so replaying its ClientHello elsewhere is safe. For
+/// TLS the wait costs nothing a client would notice, as a server always answers a
+/// ClientHello; whatever the client sends meanwhile waits in the socket, unread, and
+/// every wait is reported to `observer.first_byte`.
 pub async fn connect<'a>(
     cluster: &Cluster,
     purpose: Purpose,
@@ -524,9 +557,13 @@ pub async fn connect<'a>(
             Ok((stream, addr, sent)) => {
                 let took = started.elapsed();
                 match opening {
-                    Some(bytes) => await_answer(&stream, &bytes[sent..], timeout)
-                        .await
-                        .map(|()| (stream, addr, took)),
+                    Some(bytes) => {
+                        let waiting = Instant::now();
+                        let answer = await_answer(&stream, &bytes[sent..], timeout).await;
+                        let outcome = *answer.as_ref().unwrap_or(&FirstByte::Closed);
+                        observer.first_byte(outcome, waiting.elapsed());
+                        answer.map(|_| (stream, addr, took))
+                    }
                     None => Ok((stream, addr, took)),
                 }
             }
@@ -568,12 +605,12 @@ pub async fn connect<'a>(
 }
 
 /// Writes `opening` and waits until the endpoint has something to say (its first byte
-/// stays in the socket for the copy that follows).
+/// stays in the socket for the copy that follows), or until `timeout`.
 async fn await_answer(
     stream: &TcpStream,
     opening: &[u8],
     timeout: Duration,
-) -> Result<(), (AttemptFailure, String)> {
+) -> Result<FirstByte, (AttemptFailure, String)> {
     let exchange = async {
         let mut written = 0;
         while written < opening.len() {
@@ -592,7 +629,7 @@ async fn await_answer(
             .await
             .map_err(reset)?;
         if !ready.is_read_closed() && !ready.is_error() {
-            return Ok(());
+            return Ok(FirstByte::Answered);
         }
         let mut probe = [0u8; 1];
         match stream.peek(&mut probe).await {
@@ -600,7 +637,7 @@ async fn await_answer(
                 AttemptFailure::Reset,
                 "closed the connection without answering".to_string(),
             )),
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(FirstByte::Answered),
             Err(e) => Err(reset(e)),
         }
     };
@@ -610,7 +647,7 @@ async fn await_answer(
         // to answer a handshake): hand the connection to the copy, which waits as long
         // as the idle timeout allows. Only a close or reset before answering is a
         // failed attempt.
-        Err(_) => Ok(()),
+        Err(_) => Ok(FirstByte::Timeout),
     }
 }
 
