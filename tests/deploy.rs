@@ -20,6 +20,18 @@ const READY_PATH: &str = "/healthz/ready";
 const METRICS_PATH: &str = "/stats/prometheus";
 const NETWORK_LABEL: &str = "topology.istio.io/network";
 const MANIFEST: &str = "deploy/strait-eastwest.yaml";
+const XDS_MANIFEST: &str = "deploy/strait-eastwest-xds.yaml";
+/// Istio's Gateway for the xDS flavour, applied to istiod.
+const EXPOSE_SERVICES: &str = "deploy/expose-services.yaml";
+const MANIFESTS: [(&str, Flavour); 2] = [(MANIFEST, Flavour::Files), (XDS_MANIFEST, Flavour::Xds)];
+/// strait's `spec.discovery` defaults, which are Istio's gateway pod layout.
+const ISTIO_TOKEN: &str = "/var/run/secrets/tokens/istio-token";
+const ISTIOD_ROOT_CERT: &str = "/var/run/secrets/istio/root-cert.pem";
+/// istiod's `TOKEN_AUDIENCES` default.
+const TOKEN_AUDIENCE: &str = "istio-ca";
+/// The ConfigMap istiod writes into every namespace, and its key.
+const ROOT_CERT_CONFIG_MAP: &str = "istio-ca-root-cert";
+const ROOT_CERT_KEY: &str = "root-cert.pem";
 const BINARY: &str = "strait";
 
 fn repo_path(rel: &str) -> PathBuf {
@@ -638,24 +650,44 @@ fn gateway_host_matches(pattern: &str, host: &str) -> bool {
 // ---------------------------------------------------------------------------------------
 // Manifest checks.
 
+/// The two ways the manifests run strait: on files only (`strait-eastwest.yaml`: the
+/// ConfigMap carries the Gateway and the services) or on istiod's xDS
+/// (`strait-eastwest-xds.yaml`: the ConfigMap carries only a Bootstrap with `discovery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavour {
+    Files,
+    Xds,
+}
+
+/// What the Bootstrap's `spec.discovery` makes strait read from the pod.
+struct DiscoveryView {
+    plaintext: bool,
+    /// The projected token file; `None` when the Bootstrap turns it off.
+    token: Option<String>,
+    root_cert: String,
+    cluster_id: Option<String>,
+}
+
 struct Embedded {
     network: Option<String>,
+    cluster: String,
     drain_secs: f64,
     status_port: i64,
     metrics_port: i64,
     certs_dir: String,
+    /// `spec.certificates.ca` is set: the SVID comes from the mesh CA, no Secret is needed.
+    certs_from_ca: bool,
+    /// `spec.labels` with `spec.discovery.node.labels` added: the node `LABELS`.
+    labels: BTreeMap<String, String>,
+    discovery: Option<DiscoveryView>,
 }
 
 fn port_of(address: &str) -> Option<i64> {
     address.rsplit(':').next()?.parse().ok()
 }
 
-/// Checks the gateway configuration held in the ConfigMap and returns what the pod must agree with.
-fn embedded_config_problems(
-    config_map: &YamlOwned,
-    pod_labels: &BTreeMap<String, String>,
-    problems: &mut Vec<String>,
-) -> Embedded {
+/// The documents of every `.yaml` key of a ConfigMap, as `strait run -c DIR` reads them.
+fn config_map_docs(config_map: &YamlOwned, problems: &mut Vec<String>) -> Vec<YamlOwned> {
     let mut docs = Vec::new();
     let data = at(config_map, &["data"]).and_then(YamlOwned::as_mapping);
     for (key, value) in data.into_iter().flatten() {
@@ -671,61 +703,40 @@ fn embedded_config_problems(
             Err(e) => problems.push(format!("ConfigMap key {key}: {e}")),
         }
     }
-    let bootstraps: Vec<&YamlOwned> = docs
-        .iter()
-        .filter(|d| str_at(d, &["kind"]) == Some("Bootstrap"))
-        .collect();
-    let mut embedded = Embedded {
-        network: None,
-        drain_secs: 45.0,
-        status_port: STATUS_PORT,
-        metrics_port: METRICS_PORT,
-        certs_dir: "/etc/certs".into(),
-    };
-    match bootstraps.as_slice() {
-        [bootstrap] => {
-            if str_at(bootstrap, &["apiVersion"]) != Some("strait.dev/v1alpha1") {
-                problems.push("the Bootstrap's apiVersion is not strait.dev/v1alpha1".into());
-            }
-            embedded.network = str_at(bootstrap, &["spec", "network"]).map(str::to_string);
-            if let Some(drain) = at(bootstrap, &["spec", "drainDuration"]) {
-                match drain.as_str().and_then(parse_duration_secs) {
-                    Some(secs) => embedded.drain_secs = secs,
-                    None => problems.push(format!(
-                        "Bootstrap drainDuration {} is not a duration like 45s",
-                        scalar_string(drain).unwrap_or_else(|| "(not a scalar)".into())
-                    )),
-                }
-            }
-            if let Some(addr) = str_at(bootstrap, &["spec", "status"]) {
-                embedded.status_port = port_of(addr).unwrap_or(0);
-            }
-            if let Some(addr) = str_at(bootstrap, &["spec", "metrics"]) {
-                embedded.metrics_port = port_of(addr).unwrap_or(0);
-            }
-            if let Some(dir) = str_at(bootstrap, &["spec", "certificates", "dir"]) {
-                embedded.certs_dir = dir.to_string();
-            }
-        }
-        [] => problems.push("the ConfigMap holds no strait.dev/v1alpha1 Bootstrap".into()),
-        more => problems.push(format!(
-            "the ConfigMap holds {} Bootstraps; strait takes at most one",
-            more.len()
-        )),
-    }
-    match &embedded.network {
-        None => problems.push(
-            "the Bootstrap sets no spec.network: the gateway must know which network it serves"
-                .into(),
-        ),
-        Some(net) if pod_labels.get(NETWORK_LABEL) != Some(net) => problems.push(format!(
-            "the Bootstrap says network {net} but the pods are labelled {NETWORK_LABEL}={:?}",
-            pod_labels.get(NETWORK_LABEL)
-        )),
-        Some(_) => {}
-    }
+    docs
+}
 
-    // The expose-services Gateway: port 15443, AUTO_PASSTHROUGH, *.local, selecting these pods.
+/// Reads `spec.discovery` with strait's defaults (docs/fields.md).
+fn discovery_view(
+    discovery: &YamlOwned,
+    container_env: &BTreeMap<String, String>,
+) -> DiscoveryView {
+    let plaintext = str_at(discovery, &["address"]).is_some_and(|a| a.starts_with("http://"));
+    let token = match at(discovery, &["token"]) {
+        Some(t) if t.is_null() => None,
+        Some(t) => t.as_str().filter(|t| !t.is_empty()).map(str::to_string),
+        None if plaintext => None,
+        None => Some(ISTIO_TOKEN.to_string()),
+    };
+    DiscoveryView {
+        plaintext,
+        token,
+        root_cert: str_at(discovery, &["rootCert"])
+            .unwrap_or(ISTIOD_ROOT_CERT)
+            .to_string(),
+        cluster_id: str_at(discovery, &["clusterId"])
+            .map(str::to_string)
+            .or_else(|| container_env.get("ISTIO_META_CLUSTER_ID").cloned()),
+    }
+}
+
+/// Checks the Gateways among `docs`: each selects the gateway pods, and one serves Istio's
+/// expose-services (port 15443, AUTO_PASSTHROUGH, `*.local`). Returns the passthrough hosts.
+fn passthrough_gateway_problems(
+    docs: &[YamlOwned],
+    pod_labels: &BTreeMap<String, String>,
+    problems: &mut Vec<String>,
+) -> Vec<String> {
     let mut passthrough_hosts: Vec<String> = Vec::new();
     for gateway in docs
         .iter()
@@ -734,7 +745,7 @@ fn embedded_config_problems(
         let selector = labels(at(gateway, &["spec", "selector"]));
         if !selects(&selector, pod_labels) {
             problems.push(format!(
-                "Gateway {} selects {selector:?}, which does not match the gateway pods",
+                "Gateway {} selects {selector:?}, which does not match the gateway's labels {pod_labels:?}",
                 str_at(gateway, &["metadata", "name"]).unwrap_or("?")
             ));
         }
@@ -755,28 +766,340 @@ fn embedded_config_problems(
             "no Gateway server on port {DATA_PORT} with tls.mode AUTO_PASSTHROUGH and hosts [\"*.local\"] (Istio's expose-services)"
         ));
     }
-    for entry in docs
+    passthrough_hosts
+}
+
+/// Checks the gateway configuration held in the ConfigMap and returns what the pod must agree with.
+fn embedded_config_problems(
+    config_map: &YamlOwned,
+    pod_labels: &BTreeMap<String, String>,
+    container_env: &BTreeMap<String, String>,
+    flavour: Flavour,
+    problems: &mut Vec<String>,
+) -> Embedded {
+    let docs = config_map_docs(config_map, problems);
+    let bootstraps: Vec<&YamlOwned> = docs
         .iter()
-        .filter(|d| str_at(d, &["kind"]) == Some("ServiceEntry"))
-    {
-        for host in seq(entry, &["spec", "hosts"])
-            .iter()
-            .filter_map(|h| h.as_str())
-        {
-            if !passthrough_hosts
-                .iter()
-                .any(|p| gateway_host_matches(p, host))
-            {
+        .filter(|d| str_at(d, &["kind"]) == Some("Bootstrap"))
+        .collect();
+    let mut embedded = Embedded {
+        network: None,
+        cluster: "Kubernetes".into(),
+        drain_secs: 45.0,
+        status_port: STATUS_PORT,
+        metrics_port: METRICS_PORT,
+        certs_dir: "/etc/certs".into(),
+        certs_from_ca: false,
+        labels: BTreeMap::new(),
+        discovery: None,
+    };
+    match bootstraps.as_slice() {
+        [bootstrap] => {
+            if str_at(bootstrap, &["apiVersion"]) != Some("strait.dev/v1alpha1") {
+                problems.push("the Bootstrap's apiVersion is not strait.dev/v1alpha1".into());
+            }
+            embedded.network = str_at(bootstrap, &["spec", "network"]).map(str::to_string);
+            if let Some(cluster) = str_at(bootstrap, &["spec", "cluster"]) {
+                embedded.cluster = cluster.to_string();
+            }
+            if let Some(drain) = at(bootstrap, &["spec", "drainDuration"]) {
+                match drain.as_str().and_then(parse_duration_secs) {
+                    Some(secs) => embedded.drain_secs = secs,
+                    None => problems.push(format!(
+                        "Bootstrap drainDuration {} is not a duration like 45s",
+                        scalar_string(drain).unwrap_or_else(|| "(not a scalar)".into())
+                    )),
+                }
+            }
+            if let Some(addr) = str_at(bootstrap, &["spec", "status"]) {
+                embedded.status_port = port_of(addr).unwrap_or(0);
+            }
+            if let Some(addr) = str_at(bootstrap, &["spec", "metrics"]) {
+                embedded.metrics_port = port_of(addr).unwrap_or(0);
+            }
+            if let Some(dir) = str_at(bootstrap, &["spec", "certificates", "dir"]) {
+                embedded.certs_dir = dir.to_string();
+            }
+            embedded.certs_from_ca = at(bootstrap, &["spec", "certificates", "ca"]).is_some();
+            embedded.labels = labels(at(bootstrap, &["spec", "labels"]));
+            if let Some(discovery) = at(bootstrap, &["spec", "discovery"]) {
+                embedded
+                    .labels
+                    .extend(labels(at(discovery, &["node", "labels"])));
+                embedded.discovery = Some(discovery_view(discovery, container_env));
+            }
+        }
+        [] => problems.push("the ConfigMap holds no strait.dev/v1alpha1 Bootstrap".into()),
+        more => problems.push(format!(
+            "the ConfigMap holds {} Bootstraps; strait takes at most one",
+            more.len()
+        )),
+    }
+    match &embedded.network {
+        None => problems.push(
+            "the Bootstrap sets no spec.network: the gateway must know which network it serves"
+                .into(),
+        ),
+        Some(net) if pod_labels.get(NETWORK_LABEL) != Some(net) => problems.push(format!(
+            "the Bootstrap says network {net} but the pods are labelled {NETWORK_LABEL}={:?}",
+            pod_labels.get(NETWORK_LABEL)
+        )),
+        Some(_) => {}
+    }
+
+    match flavour {
+        Flavour::Files => {
+            if embedded.discovery.is_some() {
                 problems.push(format!(
-                    "ServiceEntry host {host} is not admitted by the passthrough Gateway's hosts {passthrough_hosts:?}"
+                    "the Bootstrap sets spec.discovery: this manifest runs strait on its files; {XDS_MANIFEST} is the one for istiod"
                 ));
+            }
+            // The expose-services Gateway, and every declared service admitted by it.
+            let passthrough_hosts = passthrough_gateway_problems(&docs, pod_labels, problems);
+            for entry in docs
+                .iter()
+                .filter(|d| str_at(d, &["kind"]) == Some("ServiceEntry"))
+            {
+                for host in seq(entry, &["spec", "hosts"])
+                    .iter()
+                    .filter_map(|h| h.as_str())
+                {
+                    if !passthrough_hosts
+                        .iter()
+                        .any(|p| gateway_host_matches(p, host))
+                    {
+                        problems.push(format!(
+                            "ServiceEntry host {host} is not admitted by the passthrough Gateway's hosts {passthrough_hosts:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        Flavour::Xds => {
+            if embedded.discovery.is_none() {
+                problems.push(
+                    "the Bootstrap sets no spec.discovery: strait would serve its files, not istiod's configuration"
+                        .into(),
+                );
+            }
+            // A file-declared listener or service port replaces istiod's on the same
+            // address or port (xds::merge), so the files must not declare them.
+            for doc in &docs {
+                let kind = str_at(doc, &["kind"]).unwrap_or("");
+                let why = match kind {
+                    "Gateway" => format!(
+                        "apply it to istiod ({EXPOSE_SERVICES}): a Gateway in the files replaces istiod's listener on the same port"
+                    ),
+                    "ServiceEntry" | "WorkloadEntry" => "istiod sends the services and endpoints; one declared in the files replaces istiod's on the same port".to_string(),
+                    _ => continue,
+                };
+                problems.push(format!(
+                    "the ConfigMap declares {kind} {}: {why}",
+                    str_at(doc, &["metadata", "name"]).unwrap_or("?")
+                ));
+            }
+            // The node LABELS must carry what the Gateway selects, and agree with the pods.
+            let network = embedded.network.clone().unwrap_or_default();
+            for (key, value) in [
+                ("istio", "eastwestgateway"),
+                ("app", "istio-eastwestgateway"),
+                (NETWORK_LABEL, network.as_str()),
+            ] {
+                if embedded.labels.get(key).map(String::as_str) != Some(value) {
+                    problems.push(format!(
+                        "the Bootstrap's labels lack {key}: {value}; istiod falls back to these node LABELS to match the Gateway selector"
+                    ));
+                }
+            }
+            for (key, value) in &embedded.labels {
+                if pod_labels.get(key) != Some(value) {
+                    problems.push(format!(
+                        "the Bootstrap's label {key}: {value} is not the pods' ({:?})",
+                        pod_labels.get(key)
+                    ));
+                }
             }
         }
     }
     embedded
 }
 
-fn manifest_problems(manifest: &str) -> Vec<String> {
+/// The file a container path falls in: the volume, its mount and the path inside the volume.
+fn mounted_file<'a>(
+    pod_spec: &'a YamlOwned,
+    container: &'a YamlOwned,
+    path: &str,
+) -> Option<(&'a YamlOwned, &'a YamlOwned, String)> {
+    let (mount, inner) = seq(container, &["volumeMounts"])
+        .iter()
+        .filter_map(|m| {
+            let mount_path = str_at(m, &["mountPath"])?.trim_end_matches('/');
+            if let Some(sub) = str_at(m, &["subPath"]) {
+                return (mount_path == path).then(|| (m, sub.to_string(), usize::MAX));
+            }
+            let rest = path.strip_prefix(mount_path)?.strip_prefix('/')?;
+            Some((m, rest.to_string(), mount_path.len()))
+        })
+        .max_by_key(|(_, _, len)| *len)
+        .map(|(m, inner, _)| (m, inner))?;
+    let name = str_at(mount, &["name"])?;
+    let volume = seq(pod_spec, &["volumes"])
+        .iter()
+        .find(|v| str_at(v, &["name"]) == Some(name))?;
+    Some((volume, mount, inner))
+}
+
+/// The xDS flavour's pod: the token, the root and the identity istiod checks.
+fn xds_pod_problems(
+    pod_spec: &YamlOwned,
+    container: &YamlOwned,
+    embedded: &Embedded,
+    problems: &mut Vec<String>,
+) {
+    let Some(discovery) = &embedded.discovery else {
+        return;
+    };
+    if discovery.plaintext {
+        problems.push(
+            "spec.discovery.address is plaintext http://, which istiod serves without authentication: use its TLS port 15012"
+                .into(),
+        );
+    }
+
+    // The projected token strait sends as authorization: Bearer.
+    match &discovery.token {
+        None if !discovery.plaintext => problems.push(
+            "spec.discovery.token is turned off: istiod on 15012 rejects a stream without a token"
+                .into(),
+        ),
+        None => {}
+        Some(token) => match mounted_file(pod_spec, container, token) {
+            None => problems.push(format!(
+                "the Bootstrap's discovery token {token} is in no volume mount: mount the projected istio-token volume there"
+            )),
+            Some((volume, mount, inner)) => {
+                if str_at(mount, &["subPath"]).is_some() {
+                    problems.push(format!(
+                        "the token {token} is mounted with subPath, which the kubelet never updates: the token would expire"
+                    ));
+                }
+                let source = seq(volume, &["projected", "sources"]).iter().find(|s| {
+                    str_at(s, &["serviceAccountToken", "path"]) == Some(inner.as_str())
+                });
+                match source {
+                    None => problems.push(format!(
+                        "volume {} projects no serviceAccountToken at path {inner}, where the Bootstrap reads the token {token}",
+                        str_at(volume, &["name"]).unwrap_or("?")
+                    )),
+                    Some(s) => {
+                        let audience = str_at(s, &["serviceAccountToken", "audience"]);
+                        if audience != Some(TOKEN_AUDIENCE) {
+                            problems.push(format!(
+                                "the projected token's audience is {}; istiod accepts {TOKEN_AUDIENCE} (TOKEN_AUDIENCES)",
+                                audience.unwrap_or("not set")
+                            ));
+                        }
+                    }
+                }
+            }
+        },
+    }
+
+    // The mesh root that verifies istiod: key root-cert.pem of istiod's ConfigMap.
+    let root = &discovery.root_cert;
+    match mounted_file(pod_spec, container, root) {
+        None => problems.push(format!(
+            "the Bootstrap's discovery rootCert {root} is in no volume mount: mount ConfigMap {ROOT_CERT_CONFIG_MAP} there"
+        )),
+        Some((volume, mount, inner)) => {
+            if str_at(mount, &["subPath"]).is_some() {
+                problems.push(format!(
+                    "the root {root} is mounted with subPath, which the kubelet never updates: a rotated root would not arrive"
+                ));
+            }
+            let sources: Vec<&YamlOwned> = at(volume, &["configMap"])
+                .into_iter()
+                .chain(
+                    seq(volume, &["projected", "sources"])
+                        .iter()
+                        .filter_map(|s| at(s, &["configMap"])),
+                )
+                .collect();
+            let provides = sources.iter().any(|cm| {
+                str_at(cm, &["name"]) == Some(ROOT_CERT_CONFIG_MAP) && {
+                    let items = seq(cm, &["items"]);
+                    if items.is_empty() {
+                        inner == ROOT_CERT_KEY
+                    } else {
+                        items.iter().any(|i| {
+                            str_at(i, &["key"]) == Some(ROOT_CERT_KEY)
+                                && str_at(i, &["path"]) == Some(inner.as_str())
+                        })
+                    }
+                }
+            });
+            if !provides {
+                problems.push(format!(
+                    "the Bootstrap's discovery rootCert {root} is not key {ROOT_CERT_KEY} of ConfigMap {ROOT_CERT_CONFIG_MAP} (volume {})",
+                    str_at(volume, &["name"]).unwrap_or("?")
+                ));
+            }
+        }
+    }
+
+    // The node identity, from the downward API as Istio's injection template sets it.
+    let env = seq(container, &["env"]);
+    let entry = |name: &str| env.iter().find(|e| str_at(e, &["name"]) == Some(name));
+    for (name, field) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+        ("INSTANCE_IP", "status.podIP"),
+        ("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+    ] {
+        let found = entry(name).and_then(|e| str_at(e, &["valueFrom", "fieldRef", "fieldPath"]));
+        if found != Some(field) {
+            problems.push(format!(
+                "env {name} comes from {found:?}; it must be the downward API's {field} (node id and the identity istiod checks)"
+            ));
+        }
+    }
+    let literal = |name: &str| entry(name).and_then(|e| str_at(e, &["value"]));
+    let network = embedded.network.as_deref().unwrap_or("");
+    for name in ["ISTIO_META_NETWORK", "ISTIO_META_REQUESTED_NETWORK_VIEW"] {
+        if let Some(value) = literal(name)
+            && value != network
+        {
+            problems.push(format!(
+                "env {name} is {value}, but the Bootstrap's network is {network}: the gateway must see only its own network"
+            ));
+        }
+    }
+    let cluster_id = discovery
+        .cluster_id
+        .clone()
+        .unwrap_or_else(|| embedded.cluster.clone());
+    if cluster_id != embedded.cluster {
+        problems.push(format!(
+            "istiod would know the gateway as cluster {cluster_id} (ISTIO_META_CLUSTER_ID or discovery.clusterId) but the Bootstrap's cluster is {}",
+            embedded.cluster
+        ));
+    }
+}
+
+/// The literal env of the gateway container (`value:` entries).
+fn literal_env(container: &YamlOwned) -> BTreeMap<String, String> {
+    seq(container, &["env"])
+        .iter()
+        .filter_map(|e| {
+            Some((
+                str_at(e, &["name"])?.to_string(),
+                scalar_string(at(e, &["value"])?)?,
+            ))
+        })
+        .collect()
+}
+
+fn manifest_problems(manifest: &str, flavour: Flavour) -> Vec<String> {
     let mut problems = Vec::new();
     let docs = match load_docs(manifest) {
         Ok(docs) => docs,
@@ -922,7 +1245,13 @@ fn manifest_problems(manifest: &str) -> Vec<String> {
     }
 
     // The gateway config the ConfigMap carries, and that the pod mounts.
-    let embedded = embedded_config_problems(config_map, &pod_labels, &mut problems);
+    let embedded = embedded_config_problems(
+        config_map,
+        &pod_labels,
+        &literal_env(container),
+        flavour,
+        &mut problems,
+    );
     let config_map_name = str_at(config_map, &["metadata", "name"]);
     let volumes = seq(pod_spec, &["volumes"]);
     let mount_of = |volume_kind: &str, source_name: Option<&str>| -> Option<String> {
@@ -944,16 +1273,38 @@ fn manifest_problems(manifest: &str) -> Vec<String> {
             "the container does not mount ConfigMap {config_map_name:?}"
         ));
     }
-    match mount_of("secret", None) {
-        Some(dir) if dir.trim_end_matches('/') == embedded.certs_dir.trim_end_matches('/') => {}
-        Some(dir) => problems.push(format!(
+    match (mount_of("secret", None), embedded.certs_from_ca) {
+        (Some(dir), true) => problems.push(format!(
+            "a Secret is mounted at {dir}, but the Bootstrap takes its certificates from the mesh CA (certificates.ca): nothing reads it"
+        )),
+        (None, true) => {}
+        (Some(dir), false)
+            if dir.trim_end_matches('/') == embedded.certs_dir.trim_end_matches('/') => {}
+        (Some(dir), false) => problems.push(format!(
             "certificates Secret mounted at {dir}, but the Bootstrap reads {}",
             embedded.certs_dir
         )),
-        None => problems.push(format!(
+        (None, false) => problems.push(format!(
             "no certificates Secret mounted at {}",
             embedded.certs_dir
         )),
+    }
+    if flavour == Flavour::Xds && !embedded.certs_from_ca {
+        problems.push(
+            "the xDS flavour's Bootstrap has no certificates.ca: its ISTIO_MUTUAL servers and Bridges would need a strait-certs Secret"
+                .into(),
+        );
+    }
+    if let Some(secret) = volumes.iter().find_map(|v| at(v, &["secret"]))
+        && at(secret, &["optional"]).and_then(YamlOwned::as_bool) != Some(true)
+    {
+        problems.push(
+            "the certificates Secret is not optional: AUTO_PASSTHROUGH needs none, and the pods would not start until it exists"
+                .into(),
+        );
+    }
+    if flavour == Flavour::Xds {
+        xds_pod_problems(pod_spec, container, &embedded, &mut problems);
     }
     if embedded.status_port != STATUS_PORT || embedded.metrics_port != METRICS_PORT {
         problems.push(format!(
@@ -1141,6 +1492,175 @@ fn manifest_problems(manifest: &str) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------------------
+// `strait check` on what the manifests carry.
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "strait-deploy-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The pod the Deployment's downward-API env is filled from.
+const POD_IP: &str = "10.0.0.1";
+const POD_NAME: &str = "istio-eastwestgateway-5d9c8b7f6-abcde";
+
+/// Runs `strait check -c PATH` with only `env` set; any diagnostic or a failure is a problem.
+fn strait_check(path: &Path, env: &BTreeMap<String, String>, what: &str) -> Vec<String> {
+    let out = match std::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+        .arg("check")
+        .arg("-c")
+        .arg(path)
+        .env_clear()
+        .envs(env)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => return vec![format!("cannot run strait check on {what}: {e}")],
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() && stdout.trim().is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "strait check on {what} (env {env:?}) {}:\n{}{}",
+        if out.status.success() {
+            "warns"
+        } else {
+            "fails"
+        },
+        stdout,
+        stderr.trim_end()
+    )]
+}
+
+/// `strait check` on the ConfigMap's files, with the environment the Deployment gives the
+/// container: its literal values, and the downward-API fields of a pod with IP 10.0.0.1.
+fn strait_check_problems(manifest: &str) -> Vec<String> {
+    let docs = match load_docs(manifest) {
+        Ok(docs) => docs,
+        Err(e) => return vec![e],
+    };
+    let find = |kind: &str| docs.iter().find(|d| str_at(d, &["kind"]) == Some(kind));
+    let (Some(config_map), Some(deployment)) = (find("ConfigMap"), find("Deployment")) else {
+        return vec!["the manifest needs a ConfigMap and a Deployment".into()];
+    };
+    let pod_spec = at(deployment, &["spec", "template", "spec"]);
+    let container = pod_spec.and_then(|p| seq(p, &["containers"]).first());
+    let mut env = BTreeMap::new();
+    for entry in container.map(|c| seq(c, &["env"])).unwrap_or(&[]) {
+        let Some(name) = str_at(entry, &["name"]) else {
+            continue;
+        };
+        let value = match str_at(entry, &["valueFrom", "fieldRef", "fieldPath"]) {
+            Some("metadata.name") => Some(POD_NAME.to_string()),
+            Some("metadata.namespace") => {
+                str_at(deployment, &["metadata", "namespace"]).map(str::to_string)
+            }
+            Some("status.podIP") => Some(POD_IP.to_string()),
+            Some("spec.serviceAccountName") => pod_spec
+                .and_then(|p| str_at(p, &["serviceAccountName"]))
+                .map(str::to_string),
+            Some(_) => None,
+            None => at(entry, &["value"]).and_then(scalar_string),
+        };
+        if let Some(value) = value {
+            env.insert(name.to_string(), value);
+        }
+    }
+    let scratch = Scratch::new("configmap");
+    for (key, value) in at(config_map, &["data"])
+        .and_then(YamlOwned::as_mapping)
+        .into_iter()
+        .flatten()
+    {
+        let key = scalar_string(key).unwrap_or_default();
+        if key.contains('/') || key.starts_with('.') {
+            return vec![format!("ConfigMap key {key:?} is not a file name")];
+        }
+        std::fs::write(scratch.0.join(&key), value.as_str().unwrap_or("")).unwrap();
+    }
+    strait_check(&scratch.0, &env, "the ConfigMap")
+}
+
+/// The Gateway applied to istiod for the xDS flavour: Istio's expose-services, selecting
+/// the xDS manifest's pods by their labels and by the node LABELS the Bootstrap sends.
+fn expose_services_problems(gateway: &str, manifest: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let docs = match (load_docs(gateway), load_docs(manifest)) {
+        (Ok(g), Ok(m)) => (g, m),
+        (Err(e), _) | (_, Err(e)) => return vec![e],
+    };
+    let (gateways, manifest) = docs;
+    for doc in &gateways {
+        let name = str_at(doc, &["metadata", "name"]).unwrap_or("?");
+        if str_at(doc, &["kind"]) != Some("Gateway")
+            || str_at(doc, &["apiVersion"]) != Some("networking.istio.io/v1")
+        {
+            problems.push(format!(
+                "{name} is not a networking.istio.io/v1 Gateway: the file holds Istio's expose-services only"
+            ));
+        }
+        if name != "cross-network-gateway"
+            || str_at(doc, &["metadata", "namespace"]) != Some("istio-system")
+        {
+            problems.push(format!(
+                "Gateway {name} should be istio-system/cross-network-gateway, as Istio's expose-services"
+            ));
+        }
+    }
+    let deployment = manifest
+        .iter()
+        .find(|d| str_at(d, &["kind"]) == Some("Deployment"));
+    let pod_labels =
+        labels(deployment.and_then(|d| at(d, &["spec", "template", "metadata", "labels"])));
+    passthrough_gateway_problems(&gateways, &pod_labels, &mut problems);
+    // istiod falls back to the node LABELS when it cannot find the pod.
+    if let Some(config_map) = manifest
+        .iter()
+        .find(|d| str_at(d, &["kind"]) == Some("ConfigMap"))
+    {
+        let node_labels = embedded_config_problems(
+            config_map,
+            &pod_labels,
+            &BTreeMap::new(),
+            Flavour::Xds,
+            &mut Vec::new(),
+        )
+        .labels;
+        for gateway in &gateways {
+            let selector = labels(at(gateway, &["spec", "selector"]));
+            if !selects(&selector, &node_labels) {
+                problems.push(format!(
+                    "Gateway selector {selector:?} does not match the Bootstrap's labels {node_labels:?} (node LABELS)"
+                ));
+            }
+        }
+    }
+    let scratch = Scratch::new("gateway");
+    let file = scratch.0.join("expose-services.yaml");
+    std::fs::write(&file, gateway).unwrap();
+    problems.extend(strait_check(&file, &BTreeMap::new(), EXPOSE_SERVICES));
+    problems
+}
+
+// ---------------------------------------------------------------------------------------
 // Tests on the files as committed.
 
 fn assert_clean(what: &str, problems: &[String]) {
@@ -1149,10 +1669,12 @@ fn assert_clean(what: &str, problems: &[String]) {
 
 #[test]
 fn dockerfile_builds_strait_and_runs_it_as_nonroot_on_the_mounted_config() {
-    assert_clean(
-        "Dockerfile",
-        &dockerfile_problems(&read("Dockerfile"), &read(MANIFEST), &read("Cargo.toml")),
-    );
+    for (manifest, _) in MANIFESTS {
+        assert_clean(
+            &format!("Dockerfile with {manifest}"),
+            &dockerfile_problems(&read("Dockerfile"), &read(manifest), &read("Cargo.toml")),
+        );
+    }
 }
 
 #[test]
@@ -1165,7 +1687,24 @@ fn dockerignore_keeps_build_output_and_git_out_of_the_context() {
 
 #[test]
 fn kubernetes_manifests_agree_with_each_other_and_with_the_gateway() {
-    assert_clean(MANIFEST, &manifest_problems(&read(MANIFEST)));
+    for (manifest, flavour) in MANIFESTS {
+        assert_clean(manifest, &manifest_problems(&read(manifest), flavour));
+    }
+}
+
+#[test]
+fn configmaps_pass_strait_check_with_the_pods_environment() {
+    for (manifest, _) in MANIFESTS {
+        assert_clean(manifest, &strait_check_problems(&read(manifest)));
+    }
+}
+
+#[test]
+fn expose_services_is_istios_gateway_and_selects_the_xds_gateway() {
+    assert_clean(
+        EXPOSE_SERVICES,
+        &expose_services_problems(&read(EXPOSE_SERVICES), &read(XDS_MANIFEST)),
+    );
 }
 
 #[test]
@@ -1195,7 +1734,7 @@ fn every_manifest_in_deploy_parses_and_names_its_objects() {
             }
         }
     }
-    assert!(seen >= 1, "no manifests in {}", dir.display());
+    assert!(seen >= 3, "{seen} manifests in {}", dir.display());
 }
 
 #[test]
@@ -1208,12 +1747,56 @@ fn deploy_readme_explains_the_drain_budget_and_the_replacement() {
         "terminationGracePeriodSeconds",
         "expose-services",
         NETWORK_LABEL,
+        // The xDS flavour: what it needs and how to see that it works.
+        "### Taking configuration from istiod (xDS)",
+        "kubectl apply -f deploy/strait-eastwest-xds.yaml",
+        "kubectl apply -f deploy/expose-services.yaml",
+        ROOT_CERT_CONFIG_MAP,
+        "audience `istio-ca`",
+        "ISTIO_META_REQUESTED_NETWORK_VIEW",
+        "config not received from XDS server",
+        "/config_dump",
+        "strait route --admin 127.0.0.1:15000",
+        "strait_xds_connected",
+        "strait_xds_responses_total",
+        "strait_xds_resources",
+        "strait_xds_last_update_timestamp_seconds",
+        "strait_xds_stream_failures_total",
     ] {
         assert!(
             readme.contains(needle),
             "deploy/README.md does not mention {needle}"
         );
     }
+}
+
+/// README.md's "Running beside Istio" shows a Bootstrap with `discovery:`; it must pass
+/// `strait check` in a pod's environment.
+#[test]
+fn readme_shows_a_discovery_bootstrap_that_checks() {
+    let readme = read("README.md");
+    let section = readme
+        .split("\n## ")
+        .find(|s| s.starts_with("Running beside Istio"))
+        .expect("README.md has a section \"Running beside Istio\"");
+    assert!(
+        section.contains("deploy/strait-eastwest-xds.yaml"),
+        "README.md's Running beside Istio does not name deploy/strait-eastwest-xds.yaml"
+    );
+    let bootstrap = section
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .find(|b| b.contains("kind: Bootstrap") && b.contains("discovery:"))
+        .expect("README.md's Running beside Istio shows no Bootstrap with discovery:");
+    let scratch = Scratch::new("readme");
+    let file = scratch.0.join("strait.yaml");
+    std::fs::write(&file, bootstrap).unwrap();
+    let env = BTreeMap::from([("INSTANCE_IP".to_string(), POD_IP.to_string())]);
+    assert_clean(
+        "README.md's discovery Bootstrap",
+        &strait_check(&file, &env, "README.md's Bootstrap"),
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1234,9 +1817,9 @@ fn assert_caught(case: &str, problems: &[String], needle: &str) {
     );
 }
 
+/// Breaks that both manifests must catch: the same Deployment, Service, PDB and HPA.
 #[test]
 fn broken_manifests_are_caught() {
-    let manifest = read(MANIFEST);
     let cases: &[(&str, &str, &str, &str)] = &[
         (
             "grace period shorter than the drain",
@@ -1317,18 +1900,6 @@ fn broken_manifests_are_caught() {
             "scaleTargetRef",
         ),
         (
-            "passthrough mode dropped",
-            "tls: {mode: AUTO_PASSTHROUGH}",
-            "tls: {mode: PASSTHROUGH}",
-            "AUTO_PASSTHROUGH",
-        ),
-        (
-            "passthrough on another port",
-            "port: {number: 15443, name: tls, protocol: TLS}",
-            "port: {number: 15444, name: tls, protocol: TLS}",
-            "AUTO_PASSTHROUGH",
-        ),
-        (
             "Bootstrap in another network",
             "      network: network1",
             "      network: network2",
@@ -1359,22 +1930,360 @@ fn broken_manifests_are_caught() {
             "replicas",
         ),
         (
-            "certificates elsewhere",
-            "mountPath: /etc/certs",
-            "mountPath: /var/run/certs",
-            "certificates Secret",
-        ),
-        (
             "no scrape annotation",
             "prometheus.io/path: /stats/prometheus",
             "prometheus.io/path: /metrics",
             "prometheus.io/path",
         ),
     ];
+    for (manifest, flavour) in MANIFESTS {
+        let text = read(manifest);
+        for (case, from, to, needle) in cases {
+            let broken = mutate(&text, from, to);
+            assert_caught(
+                &format!("{manifest}: {case}"),
+                &manifest_problems(&broken, flavour),
+                needle,
+            );
+        }
+    }
+}
+
+#[test]
+fn broken_file_manifests_are_caught() {
+    let manifest = read(MANIFEST);
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "certificates elsewhere",
+            "mountPath: /etc/certs",
+            "mountPath: /var/run/certs",
+            "certificates Secret",
+        ),
+        (
+            "passthrough mode dropped",
+            "tls: {mode: AUTO_PASSTHROUGH}",
+            "tls: {mode: PASSTHROUGH}",
+            "AUTO_PASSTHROUGH",
+        ),
+        (
+            "passthrough on another port",
+            "port: {number: 15443, name: tls, protocol: TLS}",
+            "port: {number: 15444, name: tls, protocol: TLS}",
+            "AUTO_PASSTHROUGH",
+        ),
+        (
+            "service the Gateway does not admit",
+            "hosts: [helloworld.sample.svc.cluster.local]",
+            "hosts: [helloworld.example.com]",
+            "not admitted",
+        ),
+        (
+            "discovery turned on in the file flavour",
+            "      drainDuration: 45s",
+            "      drainDuration: 45s\n      discovery: {}",
+            "spec.discovery",
+        ),
+    ];
     for (case, from, to, needle) in cases {
         let broken = mutate(&manifest, from, to);
-        assert_caught(case, &manifest_problems(&broken), needle);
+        assert_caught(case, &manifest_problems(&broken, Flavour::Files), needle);
     }
+}
+
+const TOKEN_VOLUME: &str = "          - serviceAccountToken:
+              path: istio-token
+              audience: istio-ca";
+const INSTANCE_IP_ENV: &str = "        - name: INSTANCE_IP
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+";
+
+#[test]
+fn broken_xds_manifests_are_caught() {
+    let manifest = read(XDS_MANIFEST);
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "no discovery",
+            "      discovery: {}",
+            "",
+            "no spec.discovery",
+        ),
+        (
+            "token for the Kubernetes API",
+            "audience: istio-ca",
+            "audience: https://kubernetes.default.svc",
+            "audience",
+        ),
+        (
+            "token without audience",
+            TOKEN_VOLUME,
+            "          - serviceAccountToken:\n              path: istio-token",
+            "audience",
+        ),
+        (
+            "token under another name",
+            "path: istio-token",
+            "path: token",
+            "no serviceAccountToken at path istio-token",
+        ),
+        (
+            "token mounted elsewhere",
+            "mountPath: /var/run/secrets/tokens",
+            "mountPath: /var/run/secrets/token",
+            "/var/run/secrets/tokens/istio-token is in no volume mount",
+        ),
+        (
+            "Bootstrap reads the token elsewhere",
+            "      discovery: {}",
+            "      discovery: {token: /var/run/secrets/kubernetes.io/serviceaccount/token}",
+            "/var/run/secrets/kubernetes.io/serviceaccount/token is in no volume mount",
+        ),
+        (
+            "token turned off",
+            "      discovery: {}",
+            "      discovery: {token: null}",
+            "token is turned off",
+        ),
+        (
+            "token through subPath",
+            "        - name: istio-token\n          mountPath: /var/run/secrets/tokens",
+            "        - name: istio-token\n          mountPath: /var/run/secrets/tokens/istio-token\n          subPath: istio-token",
+            "subPath",
+        ),
+        (
+            "plaintext istiod",
+            "      discovery: {}",
+            "      discovery: {address: \"http://istiod.istio-system.svc:15010\"}",
+            "plaintext",
+        ),
+        (
+            "root from another ConfigMap",
+            "          name: istio-ca-root-cert",
+            "          name: istio-root-cert",
+            "not key root-cert.pem of ConfigMap istio-ca-root-cert",
+        ),
+        (
+            "root mounted elsewhere",
+            "mountPath: /var/run/secrets/istio",
+            "mountPath: /etc/istio",
+            "/var/run/secrets/istio/root-cert.pem is in no volume mount",
+        ),
+        (
+            "Bootstrap reads the root elsewhere",
+            "      discovery: {}",
+            "      discovery: {rootCert: /var/run/secrets/istio/ca.crt}",
+            "/var/run/secrets/istio/ca.crt is not key root-cert.pem",
+        ),
+        (
+            "pod IP from the node",
+            "fieldPath: status.podIP",
+            "fieldPath: status.hostIP",
+            "env INSTANCE_IP",
+        ),
+        ("no pod IP", INSTANCE_IP_ENV, "", "env INSTANCE_IP"),
+        (
+            "pod name from the namespace",
+            "fieldPath: metadata.name",
+            "fieldPath: metadata.namespace",
+            "env POD_NAME",
+        ),
+        (
+            "service account not set",
+            "        - name: SERVICE_ACCOUNT",
+            "        - name: SERVICE_ACCOUNT_NAME",
+            "env SERVICE_ACCOUNT",
+        ),
+        (
+            "namespace from a literal",
+            "        - name: POD_NAMESPACE\n          valueFrom:\n            fieldRef:\n              fieldPath: metadata.namespace",
+            "        - name: POD_NAMESPACE\n          value: istio-system",
+            "env POD_NAMESPACE",
+        ),
+        (
+            "metadata in another network",
+            "        - name: ISTIO_META_NETWORK\n          value: network1",
+            "        - name: ISTIO_META_NETWORK\n          value: network2",
+            "env ISTIO_META_NETWORK",
+        ),
+        (
+            "network view beyond the own network",
+            "        - name: ISTIO_META_REQUESTED_NETWORK_VIEW\n          value: network1",
+            "        - name: ISTIO_META_REQUESTED_NETWORK_VIEW\n          value: network1,network2",
+            "env ISTIO_META_REQUESTED_NETWORK_VIEW",
+        ),
+        (
+            "cluster id not the Bootstrap's cluster",
+            "        - name: ISTIO_META_CLUSTER_ID\n          value: cluster1",
+            "        - name: ISTIO_META_CLUSTER_ID\n          value: Kubernetes",
+            "cluster Kubernetes",
+        ),
+        (
+            "no selector label in the Bootstrap",
+            "        istio: eastwestgateway\n        app: istio-eastwestgateway\n        topology.istio.io/network: network1",
+            "        app: istio-eastwestgateway\n        topology.istio.io/network: network1",
+            "labels lack istio: eastwestgateway",
+        ),
+        (
+            "Bootstrap label the pods do not carry",
+            "        topology.istio.io/network: network1\n      # The defaults",
+            "        topology.istio.io/network: network1\n        version: v2\n      # The defaults",
+            "label version: v2 is not the pods'",
+        ),
+        (
+            "Gateway in the ConfigMap",
+            "      discovery: {}\n",
+            "      discovery: {}\n    ---\n    apiVersion: networking.istio.io/v1\n    kind: Gateway\n    metadata: {name: cross-network-gateway, namespace: istio-system}\n    spec:\n      selector: {istio: eastwestgateway}\n      servers:\n      - port: {number: 15443, name: tls, protocol: TLS}\n        tls: {mode: AUTO_PASSTHROUGH}\n        hosts: [\"*.local\"]\n",
+            "declares Gateway cross-network-gateway",
+        ),
+        (
+            "ServiceEntry in the ConfigMap",
+            "      discovery: {}\n",
+            "      discovery: {}\n    ---\n    apiVersion: networking.istio.io/v1\n    kind: ServiceEntry\n    metadata: {name: helloworld, namespace: sample}\n    spec:\n      hosts: [helloworld.sample.svc.cluster.local]\n      ports:\n      - {number: 5000, name: http, protocol: HTTP}\n      resolution: DNS\n",
+            "declares ServiceEntry helloworld",
+        ),
+        (
+            "certificates from files again",
+            "      certificates:\n        ca: {}\n",
+            "",
+            "no certificates.ca",
+        ),
+    ];
+    for (case, from, to, needle) in cases {
+        let broken = mutate(&manifest, from, to);
+        assert_caught(case, &manifest_problems(&broken, Flavour::Xds), needle);
+    }
+    // A certificates Secret mounted beside certificates.ca: nothing reads it.
+    let with_secret = mutate(
+        &mutate(
+            &manifest,
+            "        - name: istio-token\n          mountPath: /var/run/secrets/tokens\n",
+            "        - name: certs\n          mountPath: /etc/certs\n        - name: istio-token\n          mountPath: /var/run/secrets/tokens\n",
+        ),
+        "      - name: config\n        configMap:\n          name: strait-config\n",
+        "      - name: config\n        configMap:\n          name: strait-config\n      - name: certs\n        secret:\n          secretName: strait-certs\n          optional: true\n",
+    );
+    assert_caught(
+        "a Secret nothing reads",
+        &manifest_problems(&with_secret, Flavour::Xds),
+        "nothing reads it",
+    );
+    // The file flavour's ConfigMap is not an xDS one.
+    assert_caught(
+        "file flavour checked as xDS",
+        &manifest_problems(&read(MANIFEST), Flavour::Xds),
+        "no spec.discovery",
+    );
+}
+
+/// `strait check` runs on the ConfigMap with the Deployment's env: a Bootstrap strait rejects
+/// fails, and so does a Deployment that does not give strait the pod IP.
+#[test]
+fn configmaps_strait_rejects_are_caught() {
+    let cases: &[(&str, &str, &str, &str, &str)] = &[
+        (
+            MANIFEST,
+            "unparseable drain",
+            "drainDuration: 45s",
+            "drainDuration: soon",
+            "drainDuration",
+        ),
+        (
+            MANIFEST,
+            "unknown Gateway field",
+            "tls: {mode: AUTO_PASSTHROUGH}",
+            "tls: {mode: AUTO_PASSTHROUGH, credentialNames: [x]}",
+            "credentialNames",
+        ),
+        (
+            XDS_MANIFEST,
+            "no pod IP",
+            INSTANCE_IP_ENV,
+            "",
+            "INSTANCE_IP",
+        ),
+        (
+            XDS_MANIFEST,
+            "unknown protocol",
+            "      discovery: {}",
+            "      discovery: {protocol: GRPC}",
+            "not DELTA or SOTW",
+        ),
+        (
+            XDS_MANIFEST,
+            "misspelt discovery field",
+            "      discovery: {}",
+            "      discovery: {rootCerts: /var/run/secrets/istio/root-cert.pem}",
+            "rootCerts",
+        ),
+    ];
+    for (manifest, case, from, to, needle) in cases {
+        let broken = mutate(&read(manifest), from, to);
+        assert_caught(
+            &format!("{manifest}: {case}"),
+            &strait_check_problems(&broken),
+            needle,
+        );
+    }
+}
+
+#[test]
+fn broken_expose_services_are_caught() {
+    let gateway = read(EXPOSE_SERVICES);
+    let manifest = read(XDS_MANIFEST);
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "selector off the pods",
+            "    istio: eastwestgateway",
+            "    istio: ingressgateway",
+            "does not match the gateway's labels",
+        ),
+        (
+            "passthrough mode dropped",
+            "mode: AUTO_PASSTHROUGH",
+            "mode: PASSTHROUGH",
+            "AUTO_PASSTHROUGH",
+        ),
+        (
+            "passthrough on another port",
+            "number: 15443",
+            "number: 15444",
+            "AUTO_PASSTHROUGH",
+        ),
+        (
+            "another name",
+            "name: cross-network-gateway",
+            "name: eastwest",
+            "istio-system/cross-network-gateway",
+        ),
+        (
+            "older Istio API",
+            "apiVersion: networking.istio.io/v1",
+            "apiVersion: networking.istio.io/v1beta1",
+            "not a networking.istio.io/v1 Gateway",
+        ),
+        (
+            "field strait does not know",
+            "    tls:\n      mode: AUTO_PASSTHROUGH",
+            "    tls:\n      mode: AUTO_PASSTHROUGH\n      minProtocolVersion: TLSV2_0",
+            "strait check",
+        ),
+    ];
+    for (case, from, to, needle) in cases {
+        let broken = mutate(&gateway, from, to);
+        assert_caught(case, &expose_services_problems(&broken, &manifest), needle);
+    }
+    // The selector must also match the node LABELS the Bootstrap sends.
+    let unlabelled = mutate(
+        &manifest,
+        "        istio: eastwestgateway\n        app: istio-eastwestgateway\n        topology.istio.io/network: network1",
+        "        app: istio-eastwestgateway\n        topology.istio.io/network: network1",
+    );
+    assert_caught(
+        "Bootstrap without the selected label",
+        &expose_services_problems(&gateway, &unlabelled),
+        "node LABELS",
+    );
 }
 
 #[test]
@@ -1462,16 +2371,28 @@ fn broken_dockerfiles_are_caught() {
     }
 
     // The Deployment can also break the agreement by overriding the image's command.
-    let overridden = mutate(
-        &manifest,
-        "        imagePullPolicy: IfNotPresent\n",
-        "        imagePullPolicy: IfNotPresent\n        args: [run, -c, /etc/other]\n",
-    );
-    assert_caught(
-        "Deployment args point elsewhere",
-        &dockerfile_problems(&dockerfile, &overridden, &cargo_toml),
-        "reads its config from /etc/other",
-    );
+    for (manifest, _) in MANIFESTS {
+        let overridden = mutate(
+            &read(manifest),
+            "        imagePullPolicy: IfNotPresent\n",
+            "        imagePullPolicy: IfNotPresent\n        args: [run, -c, /etc/other]\n",
+        );
+        assert_caught(
+            &format!("{manifest}: Deployment args point elsewhere"),
+            &dockerfile_problems(&dockerfile, &overridden, &cargo_toml),
+            "reads its config from /etc/other",
+        );
+        let root = mutate(
+            &read(manifest),
+            "        runAsUser: 65532",
+            "        runAsUser: 1337",
+        );
+        assert_caught(
+            &format!("{manifest}: another uid"),
+            &dockerfile_problems(&dockerfile, &root, &cargo_toml),
+            "runAsUser 1337",
+        );
+    }
     let renamed = mutate(&cargo_toml, "name = \"strait\"", "name = \"straits\"");
     assert_caught(
         "package renamed",
