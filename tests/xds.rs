@@ -675,3 +675,52 @@ async fn priorities_from_istiod_are_applied_as_sent_and_dns_clusters_resolve() {
         gw.stderr_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_filter_chain_is_reported_and_never_takes_the_listener_down() {
+    let mesh = Mesh::start().await;
+    mesh.serve_all();
+    // Two chains with the same match (istio#42050: duplicate DestinationRule subsets).
+    let reviews = key("", REVIEWS);
+    let reviews_v1 = key("v1", REVIEWS);
+    let ratings = key("", RATINGS);
+    let listener = ListenerSpec::new(
+        mesh.gateway(),
+        &[
+            (&reviews, &reviews),
+            (&reviews_v1, &reviews_v1),
+            (&reviews_v1, &reviews),
+            (&ratings, &ratings),
+        ],
+    )
+    .name("0.0.0.0_15443")
+    .build();
+    mesh.istiod.set_listener(&listener);
+    mesh.istiod.push();
+    let gw = Strait::start(mesh.ports, &mesh.config("DELTA", ""));
+    let nack = mesh
+        .istiod
+        .wait_nack(LDS_TYPE, Duration::from_secs(10))
+        .await
+        .expect("the duplicate is reported");
+    let error = nack.error.unwrap_or_default();
+    assert!(
+        error.contains("same match") && error.contains(&reviews_v1),
+        "{error}"
+    );
+    // The listener serves, the first of the two chains wins.
+    assert_eq!(
+        spiffe_through(mesh.gateway(), &mesh.ca, &reviews_v1).await,
+        mesh.v1.spiffe
+    );
+    assert_eq!(
+        spiffe_through(mesh.gateway(), &mesh.ca, &ratings).await,
+        mesh.ratings.spiffe
+    );
+    assert!(
+        gw.metric(
+            "strait_xds_responses_total",
+            &[("type", "lds"), ("result", "nack")]
+        ) >= 1.0
+    );
+}

@@ -110,7 +110,7 @@ pub fn clusters(shared: &Shared) -> Value {
     keys.sort();
     let mut out = Vec::new();
     for key in keys {
-        let ServiceClusters { all, subsets } = &runtime.clusters[key];
+        let ServiceClusters { all, subsets } = runtime.clusters[key].as_ref();
         let mut entries = vec![(None, all)];
         entries.extend(subsets.iter().map(|(n, c)| (Some(n.as_str()), c)));
         for (subset, cluster) in entries {

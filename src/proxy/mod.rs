@@ -28,7 +28,7 @@ use crate::upstream::{Cluster, StateRegistry};
 pub use listener::{BindError, bind_reuseport};
 
 /// The clusters of one service port: all endpoints, and one per declared subset.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ServiceClusters {
     pub all: Arc<Cluster>,
     pub subsets: BTreeMap<String, Arc<Cluster>>,
@@ -46,7 +46,8 @@ impl ServiceClusters {
 /// A snapshot plus the clusters built from it: what one connection routes against.
 pub struct Runtime {
     pub snapshot: Arc<Snapshot>,
-    pub clusters: HashMap<ServiceKey, ServiceClusters>,
+    /// Shared with the next runtime for every service port an update left alone.
+    pub clusters: HashMap<ServiceKey, Arc<ServiceClusters>>,
     /// Listener address → index into `snapshot.listeners`.
     listeners: HashMap<SocketAddr, usize>,
     /// Bridge listener address → index into `snapshot.bridges`.
@@ -55,8 +56,27 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn build(snapshot: Arc<Snapshot>, registry: &StateRegistry) -> Runtime {
+        Self::build_after(snapshot, registry, None)
+    }
+
+    /// Builds the clusters of `snapshot`, keeping those of `previous` whose service port
+    /// is the very same (`Arc::ptr_eq`): an update that changed one service rebuilds one
+    /// service's clusters, and the others keep their balancer and connection counts.
+    pub fn build_after(
+        snapshot: Arc<Snapshot>,
+        registry: &StateRegistry,
+        previous: Option<&Runtime>,
+    ) -> Runtime {
         let mut clusters = HashMap::with_capacity(snapshot.services.len());
         for (key, service) in &snapshot.services {
+            if let Some(prev) = previous
+                && let Some(old) = prev.snapshot.services.get(key)
+                && Arc::ptr_eq(old, service)
+                && let Some(kept) = prev.clusters.get(key)
+            {
+                clusters.insert(key.clone(), kept.clone());
+                continue;
+            }
             let Some(all) = Cluster::new(service.clone(), None, registry) else {
                 continue;
             };
@@ -70,10 +90,10 @@ impl Runtime {
                 .collect();
             clusters.insert(
                 key.clone(),
-                ServiceClusters {
+                Arc::new(ServiceClusters {
                     all: Arc::new(all),
                     subsets,
-                },
+                }),
             );
         }
         let listeners = snapshot
@@ -172,7 +192,9 @@ impl Shared {
 
     /// Installs a new snapshot; connections already open keep what they picked.
     pub fn install(&self, snapshot: Arc<Snapshot>) {
-        let runtime = Runtime::build(snapshot, &self.registry);
+        let previous = self.runtime.load_full();
+        let runtime = Runtime::build_after(snapshot, &self.registry, Some(&previous));
+        drop(previous);
         self.runtime.store(Arc::new(runtime));
         self.registry.prune();
     }

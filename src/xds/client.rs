@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::connect::{self, ConnectError};
-use super::translate::{self, Held, Listener};
+use super::translate::{self, Assembly, Held, Listener};
 use super::{Rejection, Status, jitter, short_type};
 use crate::model::{Discovery, ListenerSpec, ServiceKey, ServicePort, XdsProtocol};
 
@@ -67,6 +67,12 @@ struct State {
     wanted_since: BTreeMap<String, Instant>,
     /// Ready once; stays ready through reconnects.
     warm: bool,
+    /// The served part of `held`, kept up to date.
+    assembly: Assembly,
+    /// Listeners or clusters changed since the last publish: rebuild the assembly.
+    structure_changed: bool,
+    /// EDS names whose endpoints changed since the last publish.
+    endpoints_changed: BTreeSet<String>,
 }
 
 /// How a stream ended.
@@ -91,6 +97,9 @@ pub async fn run(status: Arc<Status>, tx: watch::Sender<Option<Arc<Published>>>)
         subscribed_eds: BTreeSet::new(),
         wanted_since: BTreeMap::new(),
         warm: false,
+        assembly: Assembly::default(),
+        structure_changed: true,
+        endpoints_changed: BTreeSet::new(),
     };
     tracing::info!(
         address = %d.server.address,
@@ -255,6 +264,7 @@ fn apply_one(
     match type_url {
         translate::LISTENER => {
             let (name, read) = translate::listener(any)?;
+            state.structure_changed = true;
             state.held.listeners.insert(name.clone(), read.value);
             if read.problems.is_empty() {
                 Ok(name)
@@ -264,11 +274,13 @@ fn apply_one(
         }
         translate::CLUSTER => {
             let (name, read) = translate::cluster(any)?;
+            state.structure_changed = true;
             state.held.clusters.insert(name.clone(), read.value);
             Ok(name)
         }
         translate::ENDPOINTS => {
             let (name, read) = translate::endpoints(any)?;
+            state.endpoints_changed.insert(name.clone());
             state.held.endpoints.insert(name.clone(), read.value);
             Ok(name)
         }
@@ -279,13 +291,13 @@ fn apply_one(
 fn remove(state: &mut State, type_url: &str, name: &str) {
     match type_url {
         translate::LISTENER => {
-            state.held.listeners.remove(name);
+            state.structure_changed |= state.held.listeners.remove(name).is_some();
         }
         translate::CLUSTER => {
-            state.held.clusters.remove(name);
+            state.structure_changed |= state.held.clusters.remove(name).is_some();
         }
-        translate::ENDPOINTS => {
-            state.held.endpoints.remove(name);
+        translate::ENDPOINTS if state.held.endpoints.remove(name).is_some() => {
+            state.endpoints_changed.insert(name.to_string());
         }
         _ => {}
     }
@@ -379,93 +391,122 @@ fn publish(
     state: &mut State,
     tx: &watch::Sender<Option<Arc<Published>>>,
 ) {
-    let assembled = state.held.assemble();
-    let now = Instant::now();
-    let mut waiting = None;
-    if !state.warm {
-        let missing_types: Vec<&str> = [("LDS", translate::LISTENER), ("CDS", translate::CLUSTER)]
-            .into_iter()
-            .filter(|(_, t)| !state.received.contains(t))
-            .map(|(n, _)| n)
-            .collect();
-        let late: Vec<&String> = assembled
-            .awaiting_endpoints
-            .iter()
-            .filter(|n| {
-                state
-                    .wanted_since
-                    .get(*n)
-                    .is_none_or(|t| now.duration_since(*t) < d.initial_fetch_timeout)
-            })
-            .collect();
-        if !missing_types.is_empty() {
-            waiting = Some(format!(
-                "config not received from XDS server: waiting for {}",
-                missing_types.join(" and ")
-            ));
-        } else if !late.is_empty() {
-            let shown: Vec<&str> = late.iter().take(5).map(|s| s.as_str()).collect();
-            waiting = Some(format!(
-                "config not received from XDS server: waiting for the endpoints of {} cluster(s): {}{}",
-                late.len(),
-                shown.join(", "),
-                if late.len() > shown.len() {
-                    ", …"
-                } else {
-                    ""
-                }
-            ));
-        } else {
-            state.warm = true;
-            if !assembled.awaiting_endpoints.is_empty() {
-                tracing::warn!(
-                    clusters = assembled.awaiting_endpoints.len(),
-                    timeout = ?d.initial_fetch_timeout,
-                    "ready without the endpoints of some clusters: their initial fetch timed out"
-                );
-            }
+    let changed = state.structure_changed || !state.endpoints_changed.is_empty();
+    if state.structure_changed {
+        state.assembly.rebuild(&state.held);
+        for c in &state.assembly.conflicts {
+            tracing::warn!("{c}");
         }
+        update_status(status, state);
+    } else if !state.endpoints_changed.is_empty() {
+        let rebuilt = state
+            .assembly
+            .update_endpoints(&state.held, &state.endpoints_changed);
+        tracing::debug!(
+            clusters = state.endpoints_changed.len(),
+            service_ports = rebuilt,
+            "endpoints changed"
+        );
     }
-    {
-        let mut s = status.lock();
-        s.waiting = waiting.clone();
-        s.not_served.clear();
-        s.skipped.clear();
-        s.ignored_filters.clear();
-        for (name, l) in &state.held.listeners {
-            match l {
-                Listener::NotServed(why) => {
-                    s.not_served.insert(name.clone(), why.clone());
-                }
-                Listener::Served(l) => {
-                    if !l.skipped_chains.is_empty() {
-                        s.skipped.insert(name.clone(), l.skipped_chains.clone());
-                    }
-                    if !l.ignored_filters.is_empty() {
-                        s.ignored_filters
-                            .insert(name.clone(), l.ignored_filters.iter().cloned().collect());
-                    }
-                }
-            }
+    state.structure_changed = false;
+    state.endpoints_changed.clear();
+    let was_warm = state.warm;
+    let waiting = if state.warm { None } else { warming(d, state) };
+    status.lock().waiting = waiting.clone();
+    if !changed && state.warm == was_warm {
+        // A readiness tick with nothing new: the gateway already has this.
+        if let Some(p) = tx.borrow().as_ref()
+            && p.waiting == waiting
+        {
+            return;
         }
-        s.cluster_notes = state
-            .held
-            .clusters
-            .iter()
-            .filter(|(_, c)| !c.notes.is_empty())
-            .map(|(n, c)| (n.clone(), c.notes.clone()))
-            .collect();
-    }
-    for c in &assembled.conflicts {
-        tracing::warn!("{c}");
     }
     let published = Published {
-        listeners: assembled.listeners,
-        services: assembled.services,
+        listeners: state.assembly.listeners.clone(),
+        services: state.assembly.services.clone(),
         warm: state.warm,
         waiting,
     };
     tx.send_replace(Some(Arc::new(published)));
+}
+
+/// Why the gateway is not warm yet, or `None` (and `state.warm` set) once it is.
+fn warming(d: &Discovery, state: &mut State) -> Option<String> {
+    let now = Instant::now();
+    let missing_types: Vec<&str> = [("LDS", translate::LISTENER), ("CDS", translate::CLUSTER)]
+        .into_iter()
+        .filter(|(_, t)| !state.received.contains(t))
+        .map(|(n, _)| n)
+        .collect();
+    if !missing_types.is_empty() {
+        return Some(format!(
+            "config not received from XDS server: waiting for {}",
+            missing_types.join(" and ")
+        ));
+    }
+    let awaiting = state.assembly.awaiting_endpoints(&state.held);
+    let late: Vec<&String> = awaiting
+        .iter()
+        .filter(|n| {
+            state
+                .wanted_since
+                .get(*n)
+                .is_none_or(|t| now.duration_since(*t) < d.initial_fetch_timeout)
+        })
+        .collect();
+    if !late.is_empty() {
+        let shown: Vec<&str> = late.iter().take(5).map(|s| s.as_str()).collect();
+        return Some(format!(
+            "config not received from XDS server: waiting for the endpoints of {} cluster(s): {}{}",
+            late.len(),
+            shown.join(", "),
+            if late.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            }
+        ));
+    }
+    state.warm = true;
+    if !awaiting.is_empty() {
+        tracing::warn!(
+            clusters = awaiting.len(),
+            timeout = ?d.initial_fetch_timeout,
+            "ready without the endpoints of some clusters: their initial fetch timed out"
+        );
+    }
+    None
+}
+
+/// What `config_dump` shows of the listeners and clusters held.
+fn update_status(status: &Status, state: &State) {
+    let mut s = status.lock();
+    s.not_served.clear();
+    s.skipped.clear();
+    s.ignored_filters.clear();
+    for (name, l) in &state.held.listeners {
+        match l {
+            Listener::NotServed(why) => {
+                s.not_served.insert(name.clone(), why.clone());
+            }
+            Listener::Served(l) => {
+                if !l.skipped_chains.is_empty() {
+                    s.skipped.insert(name.clone(), l.skipped_chains.clone());
+                }
+                if !l.ignored_filters.is_empty() {
+                    s.ignored_filters
+                        .insert(name.clone(), l.ignored_filters.iter().cloned().collect());
+                }
+            }
+        }
+    }
+    s.cluster_notes = state
+        .held
+        .clusters
+        .iter()
+        .filter(|(_, c)| !c.notes.is_empty())
+        .map(|(n, c)| (n.clone(), c.notes.clone()))
+        .collect();
 }
 
 /// How long the stream may stay silent while a subscription is unanswered.

@@ -514,18 +514,31 @@ pub struct Held {
     pub endpoints: BTreeMap<String, XEndpoints>,
 }
 
-/// The served part of the held resources.
+/// The served part of the held resources, kept up to date as they change: a change of
+/// listeners or clusters rebuilds it (every route may move), a change of endpoints
+/// rebuilds only the service ports whose routes use those endpoints, so one EDS update
+/// costs in proportion to its cluster, not to the mesh.
 #[derive(Debug, Default)]
-pub struct Assembled {
+pub struct Assembly {
     pub listeners: Vec<ListenerSpec>,
     pub services: HashMap<ServiceKey, Arc<ServicePort>>,
-    /// EDS names a served chain needs whose endpoints have not arrived.
-    pub awaiting_endpoints: BTreeSet<String>,
     /// Clusters a served chain names that CDS has not sent.
     pub missing_clusters: BTreeSet<String>,
-    /// Filter chains whose SNI names a service port another chain already gave a
-    /// different cluster for the same subset.
+    /// Filter chains whose SNI another chain already sent to a different cluster.
     pub conflicts: Vec<String>,
+    /// The routes of each service port: the service-level one and its subsets'.
+    routes: HashMap<ServiceKey, Vec<Route>>,
+    /// EDS name → the service ports whose routes use its endpoints.
+    keys_of_eds: HashMap<String, BTreeSet<ServiceKey>>,
+}
+
+/// One SNI's route: the subset (none for the service-level name), its cluster, and the
+/// policy of the chain and cluster together.
+#[derive(Debug, Clone)]
+struct Route {
+    subset: Option<String>,
+    cluster: String,
+    policy: TrafficPolicy,
 }
 
 impl Held {
@@ -545,35 +558,41 @@ impl Held {
             .collect()
     }
 
-    /// Joins the held resources into listeners and services.
-    pub fn assemble(&self) -> Assembled {
-        let mut out = Assembled::default();
-        // (host, port) → (endpoints, base route, subsets); built then frozen.
-        struct Building {
-            endpoints: Vec<Endpoint>,
-            base: Option<(Vec<usize>, TrafficPolicy, String)>,
-            subsets: BTreeMap<String, (Subset, String)>,
-            resolution: Resolution,
-        }
-        let mut building: BTreeMap<ServiceKey, Building> = BTreeMap::new();
-        for (lname, l) in &self.listeners {
+    /// The whole assembly at once.
+    pub fn assemble(&self) -> Assembly {
+        let mut a = Assembly::default();
+        a.rebuild(self);
+        a
+    }
+}
+
+impl Assembly {
+    /// EDS names a served route needs whose endpoints have not arrived.
+    pub fn awaiting_endpoints(&self, held: &Held) -> BTreeSet<String> {
+        self.keys_of_eds
+            .keys()
+            .filter(|e| !held.endpoints.contains_key(*e))
+            .cloned()
+            .collect()
+    }
+
+    /// Rebuilds everything from the held listeners, clusters and endpoints.
+    pub fn rebuild(&mut self, held: &Held) {
+        self.missing_clusters.clear();
+        self.conflicts.clear();
+        self.routes.clear();
+        self.keys_of_eds.clear();
+        self.listeners.clear();
+        // The cluster already taking each (service port, subset), for conflicts.
+        let mut taken: HashMap<(ServiceKey, Option<String>), String> = HashMap::new();
+        for (lname, l) in &held.listeners {
             let Listener::Served(l) = l else { continue };
             // One server per distinct ALPN list, each allowing exactly its chains' hosts.
             let mut servers: Vec<(Vec<String>, BTreeSet<String>)> = Vec::new();
             for chain in &l.chains {
-                let Some(cluster) = self.clusters.get(&chain.cluster) else {
-                    out.missing_clusters.insert(chain.cluster.clone());
+                let Some(cluster) = held.clusters.get(&chain.cluster) else {
+                    self.missing_clusters.insert(chain.cluster.clone());
                     continue;
-                };
-                let endpoints: &[Endpoint] = match &cluster.eds_name {
-                    Some(eds) => match self.endpoints.get(eds) {
-                        Some(e) => &e.endpoints,
-                        None => {
-                            out.awaiting_endpoints.insert(eds.clone());
-                            &[]
-                        }
-                    },
-                    None => &cluster.inline,
                 };
                 let mut policy = cluster.policy.clone();
                 policy.idle_timeout = chain.idle_timeout;
@@ -583,43 +602,28 @@ impl Held {
                         continue;
                     };
                     let skey = ServiceKey::new(key.host, key.port);
-                    let b = building.entry(skey.clone()).or_insert_with(|| Building {
-                        endpoints: Vec::new(),
-                        base: None,
-                        subsets: BTreeMap::new(),
-                        resolution: cluster.resolution,
-                    });
-                    let taken = match key.subset {
-                        None => b.base.as_ref().map(|(_, _, c)| c.clone()),
-                        Some(s) => b.subsets.get(s).map(|(_, c)| c.clone()),
-                    };
-                    if let Some(first) = taken {
-                        if first != chain.cluster {
-                            out.conflicts.push(format!(
+                    let subset = key.subset.map(str::to_string);
+                    match taken.get(&(skey.clone(), subset.clone())) {
+                        Some(first) if *first != chain.cluster => {
+                            self.conflicts.push(format!(
                                 "listener {lname}: {sni} routes to {} but another chain already sends it to {first}; the first is kept",
                                 chain.cluster
                             ));
                         }
-                    } else {
-                        let start = b.endpoints.len();
-                        b.endpoints.extend_from_slice(endpoints);
-                        let indexes: Vec<usize> = (start..b.endpoints.len()).collect();
-                        match key.subset {
-                            None => b.base = Some((indexes, policy.clone(), chain.cluster.clone())),
-                            Some(s) => {
-                                b.subsets.insert(
-                                    s.to_string(),
-                                    (
-                                        Subset {
-                                            name: s.to_string(),
-                                            labels: BTreeMap::new(),
-                                            endpoints: indexes,
-                                            policy: policy.clone(),
-                                        },
-                                        chain.cluster.clone(),
-                                    ),
-                                );
+                        Some(_) => {}
+                        None => {
+                            taken.insert((skey.clone(), subset.clone()), chain.cluster.clone());
+                            if let Some(eds) = &cluster.eds_name {
+                                self.keys_of_eds
+                                    .entry(eds.clone())
+                                    .or_default()
+                                    .insert(skey.clone());
                             }
+                            self.routes.entry(skey.clone()).or_default().push(Route {
+                                subset,
+                                cluster: chain.cluster.clone(),
+                                policy: policy.clone(),
+                            });
                         }
                     }
                     let mut alpn = chain.alpn.clone();
@@ -636,7 +640,7 @@ impl Held {
             if servers.is_empty() {
                 continue;
             }
-            out.listeners.push(ListenerSpec {
+            self.listeners.push(ListenerSpec {
                 addr: l.addr,
                 servers: servers
                     .into_iter()
@@ -650,29 +654,85 @@ impl Held {
                     .collect(),
             });
         }
-        for (key, b) in building {
-            let (default_route, policy) = match b.base {
-                Some((indexes, policy, _)) => (DefaultRoute::Endpoints(indexes), policy),
-                None => (DefaultRoute::NotListed, TrafficPolicy::default()),
-            };
-            // `<name>.<namespace>.svc.<domain>`: Kubernetes services carry their namespace.
-            let namespace = match key.host.split('.').collect::<Vec<_>>().as_slice() {
-                [_, ns, "svc", ..] => ns.to_string(),
-                _ => String::new(),
-            };
-            let service = ServicePort {
-                host: key.host.clone(),
-                namespace,
-                port: key.port,
-                port_name: String::new(),
-                endpoints: b.endpoints,
-                policy,
-                subsets: b.subsets.into_iter().map(|(k, (s, _))| (k, s)).collect(),
-                resolution: b.resolution,
-                default_route,
-            };
-            out.services.insert(key, Arc::new(service));
+        self.services = self
+            .routes
+            .iter()
+            .map(|(key, routes)| (key.clone(), Arc::new(service(key, routes, held))))
+            .collect();
+    }
+
+    /// Rebuilds the service ports that use the endpoints of `eds`; returns how many.
+    pub fn update_endpoints(&mut self, held: &Held, eds: &BTreeSet<String>) -> usize {
+        let keys: BTreeSet<&ServiceKey> = eds
+            .iter()
+            .filter_map(|e| self.keys_of_eds.get(e))
+            .flatten()
+            .collect();
+        for key in &keys {
+            if let Some(routes) = self.routes.get(*key) {
+                self.services
+                    .insert((*key).clone(), Arc::new(service(key, routes, held)));
+            }
         }
-        out
+        keys.len()
+    }
+}
+
+/// One service port from its routes and the endpoints they use.
+fn service(key: &ServiceKey, routes: &[Route], held: &Held) -> ServicePort {
+    let mut endpoints: Vec<Endpoint> = Vec::new();
+    let mut base = None;
+    let mut subsets = BTreeMap::new();
+    let mut resolution = Resolution::Static;
+    for route in routes {
+        let Some(cluster) = held.clusters.get(&route.cluster) else {
+            continue;
+        };
+        resolution = cluster.resolution;
+        let members: &[Endpoint] = match &cluster.eds_name {
+            Some(eds) => held
+                .endpoints
+                .get(eds)
+                .map(|e| e.endpoints.as_slice())
+                .unwrap_or(&[]),
+            None => &cluster.inline,
+        };
+        let start = endpoints.len();
+        endpoints.extend_from_slice(members);
+        let indexes: Vec<usize> = (start..endpoints.len()).collect();
+        match &route.subset {
+            None => base = Some((indexes, route.policy.clone())),
+            Some(name) => {
+                subsets.insert(
+                    name.clone(),
+                    Subset {
+                        name: name.clone(),
+                        labels: BTreeMap::new(),
+                        endpoints: indexes,
+                        policy: route.policy.clone(),
+                    },
+                );
+            }
+        }
+    }
+    let (default_route, policy) = match base {
+        Some((indexes, policy)) => (DefaultRoute::Endpoints(indexes), policy),
+        None => (DefaultRoute::NotListed, TrafficPolicy::default()),
+    };
+    // `<name>.<namespace>.svc.<domain>`: Kubernetes services carry their namespace.
+    let namespace = match key.host.split('.').collect::<Vec<_>>().as_slice() {
+        [_, ns, "svc", ..] => ns.to_string(),
+        _ => String::new(),
+    };
+    ServicePort {
+        host: key.host.clone(),
+        namespace,
+        port: key.port,
+        port_name: String::new(),
+        endpoints,
+        policy,
+        subsets,
+        resolution,
+        default_route,
     }
 }
