@@ -137,6 +137,13 @@ pub async fn run(
         .config_reloads
         .with_label_values(&["success"])
         .inc();
+    // Present from the start, so a dashboard sees the series before the first one.
+    for result in ["failure", "unchanged"] {
+        let _ = telemetry
+            .metrics
+            .config_reloads
+            .with_label_values(&[result]);
+    }
     let shared = Shared::new(snapshot.clone(), telemetry);
     // With discovery on, readiness waits for the control plane's first complete
     // configuration, and every update is merged into the file snapshot.
@@ -234,7 +241,7 @@ pub async fn run(
                 // Coalesce a burst of file events into one reload.
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 while reload_rx.try_recv().is_ok() {}
-                if let Some(new) = reload(&source, &mut gateway, why, from_xds.as_deref()) {
+                if let Some(new) = reload(&source, &mut gateway, why, from_xds.as_deref(), &files) {
                     files = new;
                 }
             }
@@ -333,6 +340,7 @@ fn reload(
     gateway: &mut Gateway,
     why: &str,
     from_xds: Option<&xds::Published>,
+    current: &Snapshot,
 ) -> Option<Arc<Snapshot>> {
     let telemetry = gateway.shared.telemetry.clone();
     let metrics = &telemetry.metrics;
@@ -343,6 +351,8 @@ fn reload(
             }
             let old = gateway.shared.runtime.load().snapshot.settings.clone();
             warn_restart_only(&old, &loaded.snapshot);
+            let expiries = |g: &Gateway| g.shared.tls.load_full().map(|m| m.expiries.clone());
+            let certs_before = expiries(gateway);
             if material::needed(&loaded.snapshot)
                 && let Err(e) = install_tls(&gateway.shared, &loaded.snapshot)
             {
@@ -353,6 +363,25 @@ fn reload(
                     trigger = why,
                     "certificate reload failed, keeping the previous ones: {e}"
                 );
+                return None;
+            }
+            // The files say what they said: nothing is rebuilt, so clusters keep their
+            // balancer state and connection counts. A certificate rotation is installed
+            // above either way.
+            if loaded.snapshot == *current {
+                if expiries(gateway) != certs_before {
+                    metrics.config_reloads.with_label_values(&["success"]).inc();
+                    tracing::info!(
+                        trigger = why,
+                        "certificates reloaded; configuration unchanged"
+                    );
+                } else {
+                    metrics
+                        .config_reloads
+                        .with_label_values(&["unchanged"])
+                        .inc();
+                    tracing::debug!(trigger = why, "configuration unchanged; nothing rebuilt");
+                }
                 return None;
             }
             let files = Arc::new(loaded.snapshot);

@@ -24,7 +24,7 @@ pub const ISTIO_ALPNS: [&str; 5] = [
 ];
 
 /// Everything the gateway needs to route, built once per configuration load.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub settings: Settings,
     /// One entry per bound socket address; several Gateway servers may share one.
@@ -55,7 +55,7 @@ impl ServiceKey {
 }
 
 /// The gateway's own settings (`strait.dev/v1alpha1` `Bootstrap`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub cluster: String,
     pub network: String,
@@ -245,14 +245,14 @@ pub struct NetworkGateway {
 }
 
 /// A bound socket with the Gateway servers that share it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerSpec {
     pub addr: SocketAddr,
     pub servers: Vec<ServerSpec>,
 }
 
 /// One `Gateway.spec.servers[]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerSpec {
     /// `<gateway namespace>/<gateway name>/<server index>`, for logs and `route`.
     pub name: String,
@@ -317,7 +317,7 @@ impl std::fmt::Display for HostMatch {
 }
 
 /// One port of one service (ServiceEntry host × port), with its subsets and endpoints.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServicePort {
     /// Lower-case service host.
     pub host: String,
@@ -367,7 +367,7 @@ pub enum Resolution {
 }
 
 /// A DestinationRule subset.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Subset {
     pub name: String,
     pub labels: BTreeMap<String, String>,
@@ -473,7 +473,7 @@ pub enum UpstreamTls {
 }
 
 /// A `strait.dev/v1alpha1` `Bridge`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BridgeSpec {
     pub name: String,
     pub listen: SocketAddr,
@@ -497,7 +497,7 @@ pub enum AuthzAction {
 }
 
 /// An AuthorizationPolicy that applies to this gateway.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuthzPolicy {
     pub name: String,
     pub action: AuthzAction,
@@ -505,7 +505,7 @@ pub struct AuthzPolicy {
 }
 
 /// One `rules[]` entry: all of its non-empty parts must match.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct AuthzRule {
     /// `from[]`: any one source must match (empty = any source).
     pub from: Vec<AuthzSource>,
@@ -513,7 +513,7 @@ pub struct AuthzRule {
     pub ports: Vec<u16>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct AuthzSource {
     pub principals: Vec<String>,
     pub not_principals: Vec<String>,

@@ -826,12 +826,14 @@ async fn sighup_reloads_and_a_second_signal_exits_at_once() {
     );
     assert_eq!(reloads(&gw, "success"), 1.0);
     gw.signal(libc::SIGHUP);
+    // The files are as they were: the reload runs and finds nothing to change.
     assert!(
-        gw.eventually(Duration::from_secs(10), || reloads(&gw, "success") == 2.0),
-        "{} reloads; stderr:\n{}",
-        reloads(&gw, "success"),
+        gw.eventually(Duration::from_secs(10), || reloads(&gw, "unchanged") == 1.0),
+        "{} unchanged reloads; stderr:\n{}",
+        reloads(&gw, "unchanged"),
         gw.stderr_text()
     );
+    assert_eq!(reloads(&gw, "success"), 1.0);
 
     // A connection that would hold the drain for its whole 30 s.
     let mut held = RawSession::open(gw.gateway, &sni(REVIEWS), 1, Duration::from_secs(5))
@@ -848,4 +850,57 @@ async fn sighup_reloads_and_a_second_signal_exits_at_once() {
         "a second signal should exit at once"
     );
     assert!(second.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_nothing_is_counted_as_unchanged_and_keeps_cluster_state() {
+    let reviews = RawEcho::start().await;
+    let ports = Ports::new();
+    let pool = format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  host: {REVIEWS}\n  trafficPolicy:\n    connectionPool:\n      tcp: {{maxConnections: 1}}\n"
+    );
+    let config = docs(&[
+        bootstrap(&ports, ""),
+        gateway("east-west", ports.gateway),
+        service(REVIEWS, reviews.addr.port()),
+        pool,
+    ]);
+    let gw = Strait::start(ports, &config);
+    let gateway = gw.gateway;
+    let open = |seed: u64| async move {
+        RawSession::open(gateway, &sni(REVIEWS), seed, Duration::from_secs(5)).await
+    };
+    let mut held = open(1).await.expect("the one connection allowed");
+    held.exchange(1024).await.unwrap();
+
+    // The same text written again: a file event, an unchanged configuration.
+    replace_file(&gw.config_path(), &config);
+    assert!(
+        gw.eventually(Duration::from_secs(10), || reloads(&gw, "unchanged") == 1.0),
+        "stderr:\n{}",
+        gw.stderr_text()
+    );
+    assert_eq!(
+        reloads(&gw, "success"),
+        1.0,
+        "only the start counts as a success"
+    );
+    assert_eq!(reloads(&gw, "failure"), 0.0);
+
+    // The cluster was not rebuilt: it still counts the open connection against its
+    // limit of one.
+    let second = open(2).await;
+    assert!(
+        matches!(second, Err(StreamFailure::NotServed(_))),
+        "a rebuilt cluster forgot the open connection: {:?}",
+        second.as_ref().err()
+    );
+    held.exchange(1024).await.unwrap();
+    held.finish().await.unwrap();
+
+    // A real change is still a success.
+    let changed = config.replace("maxConnections: 1", "maxConnections: 2");
+    replace_file(&gw.config_path(), &changed);
+    assert!(gw.eventually(Duration::from_secs(10), || reloads(&gw, "success") == 2.0));
+    assert_eq!(reloads(&gw, "unchanged"), 1.0);
 }

@@ -289,7 +289,7 @@ impl Metrics {
         let config_reloads = counter_vec(
             r,
             "strait_config_reloads_total",
-            "Configuration loads, by result (success or failure).",
+            "Configuration loads, by result: success (something changed), unchanged (the files say what they said; nothing rebuilt) or failure.",
             &["result"],
         );
         let cert_expiry = IntGaugeVec::new(
