@@ -846,10 +846,22 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let large = env_usize("STRAIT_XDS_BENCH_SERVICES", 10_000).max(1);
-    let small = env_usize("STRAIT_XDS_BENCH_SMALL", 100).max(1);
+    // `cargo test --all-targets` runs this binary without `--bench`: a small mesh then,
+    // which exercises every step in seconds; `cargo bench --bench xds` measures.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    if smoke {
+        eprintln!(
+            "xds bench: smoke run on a small mesh (run `cargo bench --bench xds` for the numbers)"
+        );
+    }
+    let large = env_usize(
+        "STRAIT_XDS_BENCH_SERVICES",
+        if smoke { 200 } else { 10_000 },
+    )
+    .max(1);
+    let small = env_usize("STRAIT_XDS_BENCH_SMALL", if smoke { 20 } else { 100 }).max(1);
     let per_service = env_usize("STRAIT_XDS_BENCH_ENDPOINTS", 5).max(1);
-    let updates = env_usize("STRAIT_XDS_BENCH_UPDATES", 20);
+    let updates = env_usize("STRAIT_XDS_BENCH_UPDATES", if smoke { 3 } else { 20 });
     let rounds = env_usize("STRAIT_XDS_BENCH_ROUNDS", 1).max(1);
     let timeout = Duration::from_secs(env_usize("STRAIT_XDS_BENCH_TIMEOUT", 180) as u64);
     let protocol = std::env::var("STRAIT_XDS_BENCH_PROTOCOL").unwrap_or_else(|_| "DELTA".into());
