@@ -441,12 +441,15 @@ async fn mtls_workload(certs: &Path) -> (std::net::SocketAddr, tokio::task::Join
                 let peer = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
                 let id = strait::tls::peer_spiffe_id(&peer).unwrap();
                 let _ = tls.write_all(format!("peer {id}\n").as_bytes()).await;
+                let _ = tls.flush().await;
                 let mut buf = vec![0u8; 4096];
                 loop {
                     match tls.read(&mut buf).await {
                         Ok(0) | Err(_) => break,
                         Ok(n) => {
-                            if tls.write_all(&buf[..n]).await.is_err() {
+                            // Flushed: rustls may hold what the socket did not take.
+                            if tls.write_all(&buf[..n]).await.is_err() || tls.flush().await.is_err()
+                            {
                                 break;
                             }
                         }

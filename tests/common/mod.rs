@@ -234,7 +234,11 @@ impl Workload {
                         match r.read(&mut buf).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => {
-                                if w.write_all(&buf[..n]).await.is_err() {
+                                // rustls may keep what the socket did not take at once;
+                                // without a flush it waits there for the next write,
+                                // which an echo that now waits to read never makes.
+                                if w.write_all(&buf[..n]).await.is_err() || w.flush().await.is_err()
+                                {
                                     return;
                                 }
                             }
