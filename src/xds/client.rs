@@ -249,11 +249,6 @@ pub fn node(d: &Discovery) -> core::Node {
     }
 }
 
-/// Per-type outcome of one response.
-struct Applied {
-    problems: Vec<String>,
-}
-
 fn apply_one(
     state: &mut State,
     type_url: &str,
@@ -609,9 +604,7 @@ async fn delta(
             continue;
         };
         outstanding.remove(t);
-        let mut result = Applied {
-            problems: Vec::new(),
-        };
+        let mut problems = Vec::new();
         for r in &msg.resources {
             match apply_one(state, t, &r.name, r.resource.as_ref()) {
                 Ok(name) => {
@@ -621,7 +614,7 @@ async fn delta(
                         .or_default()
                         .insert(name, r.version.clone());
                 }
-                Err(e) => result.problems.push(e),
+                Err(e) => problems.push(e),
             }
         }
         for name in &msg.removed_resources {
@@ -632,7 +625,7 @@ async fn delta(
         }
         state.received.insert(t);
         applied = true;
-        let error = (!result.problems.is_empty()).then(|| result.problems.join("\n"));
+        let error = (!problems.is_empty()).then(|| problems.join("\n"));
         let _ = out.send(DeltaDiscoveryRequest {
             type_url: t.to_string(),
             response_nonce: msg.nonce.clone(),

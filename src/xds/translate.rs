@@ -557,13 +557,6 @@ impl Held {
             .filter_map(|c| c.eds_name.clone())
             .collect()
     }
-
-    /// The whole assembly at once.
-    pub fn assemble(&self) -> Assembly {
-        let mut a = Assembly::default();
-        a.rebuild(self);
-        a
-    }
 }
 
 impl Assembly {

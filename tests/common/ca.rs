@@ -20,22 +20,8 @@ use rcgen::{
 use tonic::codegen::http;
 use tonic::{Request, Response, Status};
 
-/// The request message (istio/api `security/v1alpha1/ca.proto`).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct IstioCertificateRequest {
-    #[prost(string, tag = "1")]
-    pub csr: String,
-    #[prost(int64, tag = "3")]
-    pub validity_duration: i64,
-    #[prost(message, optional, tag = "4")]
-    pub metadata: Option<envoy_types::pb::google::protobuf::Struct>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct IstioCertificateResponse {
-    #[prost(string, repeated, tag = "1")]
-    pub cert_chain: Vec<String>,
-}
+// The messages are strait's own (`strait::svid`): one definition of Istio's CA API.
+use strait::svid::{CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse};
 
 /// How the fake CA answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,7 +296,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for CaService {
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let ca = self.0.clone();
         Box::pin(async move {
-            if req.uri().path() != "/istio.v1.auth.IstioCertificateService/CreateCertificate" {
+            if req.uri().path() != CREATE_CERTIFICATE {
                 return Ok(Status::unimplemented("no such method").into_http());
             }
             let codec =
