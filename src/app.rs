@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use crate::admin::{self, Role};
 use crate::config::{self, ConfigError, Loaded};
 use crate::handover::{self, Inherited};
-use crate::model::{CertSource, Snapshot};
+use crate::model::{CertSource, Changed, Snapshot};
 use crate::proxy::{BindError, Gateway, Shared};
 use crate::telemetry::{AccessLog, GatewayIdentity, Telemetry};
 use crate::tls::material;
@@ -147,15 +147,17 @@ pub async fn run(
     let shared = Shared::new(snapshot.clone(), telemetry);
     // With discovery on, readiness waits for the control plane's first complete
     // configuration, and every update is merged into the file snapshot.
-    let mut xds_rx = None;
+    let mut feed = None;
     if let Some(d) = settings.discovery.clone() {
         let status = xds::Status::new(d, shared.telemetry.metrics.registry());
         shared.set_waiting("xds", status.lock().waiting.clone());
         let _ = shared.discovery.set(status.clone());
-        xds_rx = Some(xds::start(status));
+        feed = Some(xds::start(status));
     }
     let mut files = snapshot.clone();
     let mut from_xds: Option<Arc<xds::Published>> = None;
+    // What the control plane changed that the runtime in force does not have yet.
+    let mut xds_pending = Changed::Services(Default::default());
     if material::needed(&snapshot) {
         install_tls(&shared, &snapshot)?;
     }
@@ -243,11 +245,15 @@ pub async fn run(
                 while reload_rx.try_recv().is_ok() {}
                 if let Some(new) = reload(&source, &mut gateway, why, from_xds.as_deref(), &files) {
                     files = new;
+                    xds_pending = Changed::Services(Default::default());
                 }
             }
-            Some(published) = next_update(&mut xds_rx) => {
-                apply_xds(&mut gateway, &files, &published);
-                from_xds = Some(published);
+            Some(update) = next_update(feed.as_deref()) => {
+                xds_pending.merge(update.changed);
+                if apply_xds(&mut gateway, &files, &update.published, &xds_pending) {
+                    xds_pending = Changed::Services(Default::default());
+                }
+                from_xds = Some(update.published);
             }
             Some(request) = handover_rx.recv() => match request {
                 handover::Request::Listeners(reply) => {
@@ -294,36 +300,35 @@ pub async fn run(
 }
 
 /// The next configuration from the control plane; never resolves without discovery.
-async fn next_update(
-    rx: &mut Option<tokio::sync::watch::Receiver<Option<Arc<xds::Published>>>>,
-) -> Option<Arc<xds::Published>> {
-    let Some(rx) = rx else {
-        return std::future::pending().await;
-    };
-    loop {
-        if rx.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-        if let Some(p) = rx.borrow_and_update().clone() {
-            return Some(p);
-        }
+async fn next_update(feed: Option<&xds::Feed>) -> Option<xds::Update> {
+    match feed {
+        Some(feed) => Some(feed.next().await),
+        None => std::future::pending().await,
     }
 }
 
 /// Installs the file snapshot merged with the control plane's resources, and readiness
-/// with it.
-fn apply_xds(gateway: &mut Gateway, files: &Arc<Snapshot>, published: &xds::Published) {
+/// with it; `changed` says which service ports differ from the runtime in force. Returns
+/// whether it was installed.
+fn apply_xds(
+    gateway: &mut Gateway,
+    files: &Arc<Snapshot>,
+    published: &xds::Published,
+    changed: &Changed,
+) -> bool {
     let merged = xds::merge(files, published);
-    match gateway.reload(Arc::new(merged)) {
+    let installed = match gateway.reload_changed(Arc::new(merged), changed) {
         Ok(()) => {
             tracing::debug!(listeners = ?gateway.bound(), services = published.services.len(), "xDS configuration applied");
+            true
         }
         Err(e) => {
             tracing::error!(
                 "an xDS listener cannot be bound; the previous listeners keep serving: {e}"
             );
+            false
         }
-    }
+    };
     gateway.shared.set_waiting(
         "xds",
         if published.warm {
@@ -332,6 +337,7 @@ fn apply_xds(gateway: &mut Gateway, files: &Arc<Snapshot>, published: &xds::Publ
             published.waiting.clone()
         },
     );
+    installed
 }
 
 /// Reloads the files; returns the new file snapshot when it was installed.

@@ -98,12 +98,11 @@ fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealt
             ServerTlsMode::AutoPassthrough => "AUTO_PASSTHROUGH",
             ServerTlsMode::IstioMutual => "ISTIO_MUTUAL",
         };
-        let hosts: Vec<String> = server.hosts.iter().map(|h| h.to_string()).collect();
         let _ = writeln!(
             out,
             "server     {} ({mode}) hosts [{}]",
             server.name,
-            hosts.join(", ")
+            server.hosts.describe(16)
         );
         let svc = m.service;
         let _ = writeln!(

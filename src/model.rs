@@ -5,7 +5,7 @@
 //! without touching the data path. Everything here is immutable once built and shared
 //! behind an `Arc`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,12 +30,37 @@ pub struct Snapshot {
     /// One entry per bound socket address; several Gateway servers may share one.
     pub listeners: Vec<ListenerSpec>,
     /// Services by (lower-case host, service port number).
-    pub services: HashMap<ServiceKey, Arc<ServicePort>>,
+    pub services: Services,
     pub bridges: Vec<BridgeSpec>,
     /// Authorization policies that apply to this gateway, in file order.
     pub authz: Vec<AuthzPolicy>,
     /// PeerAuthentication mode that applies to this gateway, if any.
     pub peer_authentication: Option<PeerAuthMode>,
+}
+
+/// Service ports by key, in a persistent map: a snapshot that changes one service port
+/// shares every other entry with the snapshot before it (a clone costs O(1), an insert
+/// O(log n)), so an update from istiod costs in proportion to what it changed.
+pub type Services = imbl::HashMap<ServiceKey, Arc<ServicePort>>;
+
+/// What a new snapshot may change relative to the one in force: everything (a file
+/// reload, new listeners or clusters from istiod), or only the named service ports (new
+/// endpoints from istiod); every other entry is then the very same `Arc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    Everything,
+    Services(std::collections::BTreeSet<ServiceKey>),
+}
+
+impl Changed {
+    /// Both changes together: what a snapshot changes after two updates in a row.
+    pub fn merge(&mut self, other: Changed) {
+        match (&mut *self, other) {
+            (Changed::Everything, _) => {}
+            (this, Changed::Everything) => *this = Changed::Everything,
+            (Changed::Services(a), Changed::Services(b)) => a.extend(b),
+        }
+    }
 }
 
 /// Lookup key for a service port: lower-case host plus the *service* port number.
@@ -257,7 +282,7 @@ pub struct ServerSpec {
     /// `<gateway namespace>/<gateway name>/<server index>`, for logs and `route`.
     pub name: String,
     pub mode: ServerTlsMode,
-    pub hosts: Vec<HostMatch>,
+    pub hosts: HostSet,
     /// ALPN values a ClientHello must offer one of, when the server sets its own (an xDS
     /// filter chain's `application_protocols`); `None` uses `passthroughAlpn`.
     pub alpn: Option<Vec<String>>,
@@ -313,6 +338,86 @@ impl std::fmt::Display for HostMatch {
             HostMatch::Suffix(s) => write!(f, "*{s}"),
             HostMatch::Exact(e) => f.write_str(e),
         }
+    }
+}
+
+/// A server's `hosts` in declaration order, with the exact names indexed: istiod lists
+/// every exported service's host on one listener, and matching a ClientHello must not
+/// scan them. Shared, so copying a server copies no host.
+#[derive(Clone, Default)]
+pub struct HostSet(Arc<HostIndex>);
+
+#[derive(Default)]
+struct HostIndex {
+    list: Vec<HostMatch>,
+    exact: HashSet<String>,
+    /// `*` and `*.suffix` patterns, in order.
+    patterns: Vec<HostMatch>,
+}
+
+impl HostSet {
+    pub fn new(list: Vec<HostMatch>) -> Self {
+        let mut exact = HashSet::new();
+        let mut patterns = Vec::new();
+        for h in &list {
+            match h {
+                HostMatch::Exact(e) => {
+                    exact.insert(e.clone());
+                }
+                other => patterns.push(other.clone()),
+            }
+        }
+        HostSet(Arc::new(HostIndex {
+            list,
+            exact,
+            patterns,
+        }))
+    }
+
+    /// Whether a (lower-case) service host falls under one of the patterns.
+    pub fn matches(&self, host: &str) -> bool {
+        self.0.exact.contains(host) || self.0.patterns.iter().any(|p| p.matches(host))
+    }
+
+    /// The patterns as declared, for display: at most `max` of them, then how many more.
+    pub fn describe(&self, max: usize) -> String {
+        let list = &self.0.list;
+        let mut out: Vec<String> = list.iter().take(max).map(HostMatch::to_string).collect();
+        if list.len() > max {
+            out.push(format!("… {} more", list.len() - max));
+        }
+        out.join(", ")
+    }
+}
+
+impl std::ops::Deref for HostSet {
+    type Target = [HostMatch];
+    fn deref(&self) -> &[HostMatch] {
+        &self.0.list
+    }
+}
+
+impl std::fmt::Debug for HostSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.list.iter()).finish()
+    }
+}
+
+impl PartialEq for HostSet {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.list == other.0.list
+    }
+}
+
+impl<const N: usize> PartialEq<[HostMatch; N]> for HostSet {
+    fn eq(&self, other: &[HostMatch; N]) -> bool {
+        self.0.list == other
+    }
+}
+
+impl From<Vec<HostMatch>> for HostSet {
+    fn from(list: Vec<HostMatch>) -> Self {
+        HostSet::new(list)
     }
 }
 

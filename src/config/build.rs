@@ -220,7 +220,7 @@ fn server_spec(s: &super::istio::ServerDoc) -> ServerSpec {
     ServerSpec {
         name: s.name.clone(),
         mode: s.mode,
-        hosts: s.hosts.clone(),
+        hosts: s.hosts.clone().into(),
         alpn: None,
     }
 }

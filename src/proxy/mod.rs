@@ -20,7 +20,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::handover::Inherited;
-use crate::model::{BridgeSpec, ServiceKey, Snapshot};
+use crate::model::{BridgeSpec, Changed, ServiceKey, Snapshot};
 use crate::telemetry::Telemetry;
 use crate::tls::material::TlsMaterial;
 use crate::upstream::{Cluster, StateRegistry};
@@ -43,11 +43,30 @@ impl ServiceClusters {
     }
 }
 
+/// The clusters of one service port, or `None` when it has no cluster to build.
+fn service_clusters(
+    service: &Arc<crate::model::ServicePort>,
+    registry: &StateRegistry,
+) -> Option<Arc<ServiceClusters>> {
+    let all = Cluster::new(service.clone(), None, registry)?;
+    let subsets = service
+        .subsets
+        .keys()
+        .filter_map(|name| {
+            Cluster::new(service.clone(), Some(name), registry).map(|c| (name.clone(), Arc::new(c)))
+        })
+        .collect();
+    Some(Arc::new(ServiceClusters {
+        all: Arc::new(all),
+        subsets,
+    }))
+}
+
 /// A snapshot plus the clusters built from it: what one connection routes against.
 pub struct Runtime {
     pub snapshot: Arc<Snapshot>,
     /// Shared with the next runtime for every service port an update left alone.
-    pub clusters: HashMap<ServiceKey, Arc<ServiceClusters>>,
+    pub clusters: imbl::HashMap<ServiceKey, Arc<ServiceClusters>>,
     /// Listener address → index into `snapshot.listeners`.
     listeners: HashMap<SocketAddr, usize>,
     /// Bridge listener address → index into `snapshot.bridges`.
@@ -56,46 +75,52 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn build(snapshot: Arc<Snapshot>, registry: &StateRegistry) -> Runtime {
-        Self::build_after(snapshot, registry, None)
+        Self::build_after(snapshot, registry, None, &Changed::Everything)
     }
 
     /// Builds the clusters of `snapshot`, keeping those of `previous` whose service port
     /// is the very same (`Arc::ptr_eq`): an update that changed one service rebuilds one
     /// service's clusters, and the others keep their balancer and connection counts.
+    /// With `Changed::Services`, only the service ports named are looked at: every
+    /// other one is `previous`'s, shared, so the work is proportional to the change.
     pub fn build_after(
         snapshot: Arc<Snapshot>,
         registry: &StateRegistry,
         previous: Option<&Runtime>,
+        changed: &Changed,
     ) -> Runtime {
-        let mut clusters = HashMap::with_capacity(snapshot.services.len());
-        for (key, service) in &snapshot.services {
-            if let Some(prev) = previous
-                && let Some(old) = prev.snapshot.services.get(key)
-                && Arc::ptr_eq(old, service)
-                && let Some(kept) = prev.clusters.get(key)
-            {
-                clusters.insert(key.clone(), kept.clone());
-                continue;
+        let same = |key: &ServiceKey, service: &Arc<crate::model::ServicePort>| {
+            let prev = previous?;
+            let old = prev.snapshot.services.get(key)?;
+            Arc::ptr_eq(old, service)
+                .then(|| prev.clusters.get(key).cloned())
+                .flatten()
+        };
+        let clusters = match (previous, changed) {
+            (Some(prev), Changed::Services(keys)) => {
+                let mut clusters = prev.clusters.clone();
+                for key in keys {
+                    let built = snapshot
+                        .services
+                        .get(key)
+                        .and_then(|s| same(key, s).or_else(|| service_clusters(s, registry)));
+                    match built {
+                        Some(c) => clusters.insert(key.clone(), c),
+                        None => clusters.remove(key),
+                    };
+                }
+                clusters
             }
-            let Some(all) = Cluster::new(service.clone(), None, registry) else {
-                continue;
-            };
-            let subsets = service
-                .subsets
-                .keys()
-                .filter_map(|name| {
-                    Cluster::new(service.clone(), Some(name), registry)
-                        .map(|c| (name.clone(), Arc::new(c)))
+            _ => snapshot
+                .services
+                .iter()
+                .filter_map(|(key, service)| {
+                    same(key, service)
+                        .or_else(|| service_clusters(service, registry))
+                        .map(|c| (key.clone(), c))
                 })
-                .collect();
-            clusters.insert(
-                key.clone(),
-                Arc::new(ServiceClusters {
-                    all: Arc::new(all),
-                    subsets,
-                }),
-            );
-        }
+                .collect(),
+        };
         let listeners = snapshot
             .listeners
             .iter()
@@ -192,11 +217,17 @@ impl Shared {
 
     /// Installs a new snapshot; connections already open keep what they picked.
     pub fn install(&self, snapshot: Arc<Snapshot>) {
+        self.install_changed(snapshot, &Changed::Everything);
+    }
+
+    /// Installs a new snapshot that differs from the one in force only where `changed`
+    /// says.
+    pub fn install_changed(&self, snapshot: Arc<Snapshot>, changed: &Changed) {
         let previous = self.runtime.load_full();
-        let runtime = Runtime::build_after(snapshot, &self.registry, Some(&previous));
+        let runtime = Runtime::build_after(snapshot, &self.registry, Some(&previous), changed);
         drop(previous);
         self.runtime.store(Arc::new(runtime));
-        self.registry.prune();
+        self.registry.prune(changed);
     }
 
     pub fn drain_state(&self) -> DrainState {
@@ -431,6 +462,16 @@ impl Gateway {
     /// accepting and removed ones stop; connections already open, on any listener, keep
     /// the route and upstream they picked.
     pub fn reload(&mut self, snapshot: Arc<Snapshot>) -> Result<(), BindError> {
+        self.reload_changed(snapshot, &Changed::Everything)
+    }
+
+    /// `reload` of a snapshot that differs from the one in force only where `changed`
+    /// says.
+    pub fn reload_changed(
+        &mut self,
+        snapshot: Arc<Snapshot>,
+        changed: &Changed,
+    ) -> Result<(), BindError> {
         let wanted = listener_addrs(&snapshot);
         let missing: Vec<SocketAddr> = wanted
             .iter()
@@ -438,7 +479,7 @@ impl Gateway {
             .filter(|a| !self.listeners.contains_key(a))
             .collect();
         let fresh = bind_all(&missing, &mut Inherited::default())?;
-        self.shared.install(snapshot);
+        self.shared.install_changed(snapshot, changed);
         for (addr, l) in fresh {
             tracing::info!(%addr, "listening");
             let task = ListenerTask::spawn(l, addr, self.shared.clone());
@@ -513,4 +554,96 @@ fn bind_all(
             Ok((addr, l))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, EndpointAddress, Locality, ServicePort, TrafficPolicy};
+
+    fn service(host: &str, ips: &[[u8; 4]]) -> Arc<ServicePort> {
+        Arc::new(ServicePort {
+            host: host.into(),
+            namespace: "default".into(),
+            port: 9080,
+            port_name: String::new(),
+            endpoints: ips
+                .iter()
+                .map(|ip| Endpoint {
+                    address: EndpointAddress::Ip((*ip).into()),
+                    port: 9080,
+                    labels: Default::default(),
+                    locality: Locality::default(),
+                    network: String::new(),
+                    weight: 1,
+                    service_account: None,
+                    tls_disabled: false,
+                    priority: None,
+                })
+                .collect(),
+            policy: TrafficPolicy::default(),
+            subsets: Default::default(),
+            resolution: Default::default(),
+            default_route: Default::default(),
+        })
+    }
+
+    fn snapshot(services: &[Arc<ServicePort>]) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            services: services.iter().map(|s| (s.key(), s.clone())).collect(),
+            ..Snapshot::default()
+        })
+    }
+
+    #[test]
+    fn a_named_change_rebuilds_only_its_service_port_and_prunes_only_its_state() {
+        let registry = StateRegistry::default();
+        let (a, b) = (
+            service("a.local", &[[10, 0, 0, 1]]),
+            service("b.local", &[[10, 0, 0, 2]]),
+        );
+        let first = Runtime::build(snapshot(&[a.clone(), b.clone()]), &registry);
+        let a2 = service("a.local", &[[10, 0, 0, 3]]);
+        // b's entry is the very same Arc; a's is new.
+        let mut services = first.snapshot.services.clone();
+        services.insert(a2.key(), a2.clone());
+        let second = Arc::new(Snapshot {
+            services,
+            ..Snapshot::default()
+        });
+        let changed = Changed::Services([a.key()].into());
+        let next = Runtime::build_after(second, &registry, Some(&first), &changed);
+        assert!(Arc::ptr_eq(
+            &next.clusters[&b.key()],
+            &first.clusters[&b.key()]
+        ));
+        assert!(!Arc::ptr_eq(
+            &next.clusters[&a.key()],
+            &first.clusters[&a.key()]
+        ));
+        assert_eq!(
+            next.clusters[&a.key()].all.members[0].endpoint.authority(),
+            "10.0.0.3:9080"
+        );
+        drop(first);
+        registry.prune(&changed);
+        let left: Vec<String> = registry
+            .endpoints()
+            .into_iter()
+            .map(|(_, a, _)| a)
+            .collect();
+        assert_eq!(left, ["10.0.0.3:9080", "10.0.0.2:9080"]);
+
+        // A named service port that is gone loses its clusters.
+        let third = Arc::new(Snapshot {
+            services: next.snapshot.services.without(&a.key()),
+            ..Snapshot::default()
+        });
+        let last = Runtime::build_after(third, &registry, Some(&next), &changed);
+        assert!(!last.clusters.contains_key(&a.key()));
+        assert!(Arc::ptr_eq(
+            &last.clusters[&b.key()],
+            &next.clusters[&b.key()]
+        ));
+    }
 }

@@ -5,10 +5,9 @@
 
 pub mod sni;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::model::{DefaultRoute, ServerSpec, ServiceKey, ServicePort};
+use crate::model::{DefaultRoute, ServerSpec, ServiceKey, ServicePort, Services};
 use sni::{SniMiss, lower_case, parse_subset_key};
 
 /// Why an SNI does not route. Each variant is one `NR` reason.
@@ -74,7 +73,7 @@ pub struct RouteMatch<'s> {
 /// subset names that configuration holds in lower case.
 pub fn resolve<'s>(
     servers: &'s [ServerSpec],
-    services: &'s HashMap<ServiceKey, Arc<ServicePort>>,
+    services: &'s Services,
     sni: Option<&str>,
 ) -> Result<RouteMatch<'s>, RouteMiss> {
     let sni = lower_case(sni.ok_or(RouteMiss::NoSni)?);
@@ -82,12 +81,14 @@ pub fn resolve<'s>(
     let host = key.host;
     let server = servers
         .iter()
-        .position(|s| s.hosts.iter().any(|h| h.matches(host)))
+        .position(|s| s.hosts.matches(host))
         .ok_or_else(|| RouteMiss::HostNotInGateway {
             host: host.to_string(),
+            // A server from istiod lists every exported host: a client sending unknown
+            // names must not cost a copy of them all.
             hosts: servers
                 .iter()
-                .flat_map(|s| s.hosts.iter().map(|h| h.to_string()))
+                .map(|s| s.hosts.describe(8))
                 .collect::<Vec<_>>()
                 .join(", "),
         })?;
@@ -136,7 +137,7 @@ pub fn resolve<'s>(
 
 /// The ports declared for `host`, for explaining an `UnknownService` miss offline
 /// (linear in the number of services, so never on the data path).
-pub fn declared_ports(services: &HashMap<ServiceKey, Arc<ServicePort>>, host: &str) -> String {
+pub fn declared_ports(services: &Services, host: &str) -> String {
     let mut ports: Vec<u16> = services
         .values()
         .filter(|s| s.host == host)
@@ -161,11 +162,11 @@ mod tests {
     use crate::model::{HostMatch, ServerTlsMode, Subset, TrafficPolicy};
     use std::collections::BTreeMap;
 
-    fn table() -> (Vec<ServerSpec>, HashMap<ServiceKey, Arc<ServicePort>>) {
+    fn table() -> (Vec<ServerSpec>, Services) {
         let servers = vec![ServerSpec {
             name: "istio-system/gw/0".into(),
             mode: ServerTlsMode::AutoPassthrough,
-            hosts: vec![HostMatch::parse("*.local")],
+            hosts: vec![HostMatch::parse("*.local")].into(),
             alpn: None,
         }];
         let mut subsets = BTreeMap::new();
@@ -189,9 +190,44 @@ mod tests {
             resolution: Default::default(),
             default_route: Default::default(),
         };
-        let mut services = HashMap::new();
+        let mut services = Services::new();
         services.insert(svc.key(), Arc::new(svc));
         (servers, services)
+    }
+
+    #[test]
+    fn a_server_listing_every_host_matches_by_name_and_a_refusal_names_only_a_few() {
+        let (_, services) = table();
+        let mut hosts: Vec<HostMatch> = (0..10_000)
+            .map(|i| HostMatch::Exact(format!("svc{i}.default.svc.cluster.local")))
+            .collect();
+        hosts.push(HostMatch::Exact("reviews.default.svc.cluster.local".into()));
+        let servers = vec![ServerSpec {
+            name: "xds/0.0.0.0_15443/0".into(),
+            mode: ServerTlsMode::AutoPassthrough,
+            hosts: hosts.into(),
+            alpn: None,
+        }];
+        let hit = resolve(
+            &servers,
+            &services,
+            Some("outbound_.9080_._.Reviews.default.svc.cluster.local"),
+        );
+        assert_eq!(hit.map(|m| m.service.port).ok(), Some(9080));
+        let miss = resolve(
+            &servers,
+            &services,
+            Some("outbound_.9080_._.other.default.svc.cluster.local"),
+        )
+        .unwrap_err();
+        let RouteMiss::HostNotInGateway { hosts, .. } = &miss else {
+            panic!("{miss:?}");
+        };
+        assert!(
+            hosts.starts_with("svc0.default.svc.cluster.local, svc1."),
+            "{hosts}"
+        );
+        assert!(hosts.ends_with("… 9993 more"), "{hosts}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use crate::model::{
-    DefaultRoute, Endpoint, EndpointAddress, Locality, ServiceKey, ServicePort, Settings,
+    Changed, DefaultRoute, Endpoint, EndpointAddress, Locality, ServiceKey, ServicePort, Settings,
     TrafficPolicy,
 };
 
@@ -116,9 +116,9 @@ impl EndpointState {
     }
 }
 
-/// Endpoint states by (service, endpoint authority); reused across snapshots.
+/// Endpoint states by service and endpoint authority; reused across snapshots.
 pub struct StateRegistry {
-    states: Mutex<HashMap<(ServiceKey, String), Arc<EndpointState>>>,
+    states: Mutex<HashMap<ServiceKey, HashMap<String, Arc<EndpointState>>>>,
     dns_ttl: Duration,
 }
 
@@ -141,8 +141,12 @@ impl StateRegistry {
         // A poisoned lock only means another thread panicked mid-insert; the map is
         // still a valid map, so keep using it.
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        states
-            .entry((service.clone(), endpoint.authority()))
+        let of_service = match states.get_mut(service) {
+            Some(m) => m,
+            None => states.entry(service.clone()).or_default(),
+        };
+        of_service
+            .entry(endpoint.authority())
             .or_insert_with(|| Arc::new(EndpointState::new(self.dns_ttl)))
             .clone()
     }
@@ -153,16 +157,33 @@ impl StateRegistry {
         let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<_> = states
             .iter()
-            .map(|((k, a), s)| (k.clone(), a.clone(), s.clone()))
+            .flat_map(|(k, m)| m.iter().map(|(a, s)| (k.clone(), a.clone(), s.clone())))
             .collect();
         out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         out
     }
 
-    /// Drops state no cluster refers to any more (after a reload removed endpoints).
-    pub fn prune(&self) {
+    /// Drops state no cluster refers to any more (after a reload removed endpoints): of
+    /// every service, or only of the service ports an update changed.
+    pub fn prune(&self, changed: &Changed) {
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        states.retain(|_, s| Arc::strong_count(s) > 1);
+        // Keeps the states in use; says whether any is.
+        let keep_used = |m: &mut HashMap<String, Arc<EndpointState>>| {
+            m.retain(|_, s| Arc::strong_count(s) > 1);
+            !m.is_empty()
+        };
+        match changed {
+            Changed::Everything => states.retain(|_, m| keep_used(m)),
+            Changed::Services(keys) => {
+                for key in keys {
+                    if let Some(m) = states.get_mut(key)
+                        && !keep_used(m)
+                    {
+                        states.remove(key);
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -13,8 +13,8 @@
 //! - a new stream re-subscribes with the versions held (delta
 //!   `initial_resource_versions`), and until it has answered, everything held keeps
 //!   serving unchanged;
-//! - the receive loop never waits on the consumer: updates are published to a `watch`
-//!   channel, which keeps only the newest.
+//! - the receive loop never waits on the consumer: updates are published to a [`Feed`],
+//!   which keeps only the newest and what it changed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -27,13 +27,13 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::protobuf::{Any, Struct, Value as PbValue, value::Kind};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::connect::{self, ConnectError};
 use super::translate::{self, Assembly, Held, Listener};
-use super::{Rejection, Status, jitter, short_type};
-use crate::model::{Discovery, ListenerSpec, ServiceKey, ServicePort, XdsProtocol};
+use super::{Feed, Rejection, Status, jitter, short_type};
+use crate::model::{Changed, Discovery, ListenerSpec, Services, XdsProtocol};
 
 /// Far above tonic's 4 MiB: a mesh of 10,000 services sends tens of MiB of clusters.
 const MAX_MESSAGE: usize = 1 << 30;
@@ -44,7 +44,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(15);
 #[derive(Debug, Default)]
 pub struct Published {
     pub listeners: Vec<ListenerSpec>,
-    pub services: HashMap<ServiceKey, Arc<ServicePort>>,
+    pub services: Services,
     /// Listeners and clusters received and every served cluster's endpoints in (or
     /// waited for long enough): readiness may pass.
     pub warm: bool,
@@ -73,6 +73,8 @@ struct State {
     structure_changed: bool,
     /// EDS names whose endpoints changed since the last publish.
     endpoints_changed: BTreeSet<String>,
+    /// What the gateway was last handed.
+    published: Option<Arc<Published>>,
 }
 
 /// How a stream ended.
@@ -87,7 +89,7 @@ enum End {
     },
 }
 
-pub async fn run(status: Arc<Status>, tx: watch::Sender<Option<Arc<Published>>>) {
+pub async fn run(status: Arc<Status>, feed: Arc<Feed>) {
     let d = status.discovery.clone();
     let mut state = State {
         held: Held::default(),
@@ -100,6 +102,7 @@ pub async fn run(status: Arc<Status>, tx: watch::Sender<Option<Arc<Published>>>)
         assembly: Assembly::default(),
         structure_changed: true,
         endpoints_changed: BTreeSet::new(),
+        published: None,
     };
     tracing::info!(
         address = %d.server.address,
@@ -113,7 +116,7 @@ pub async fn run(status: Arc<Status>, tx: watch::Sender<Option<Arc<Published>>>)
     );
     let mut backoff = BACKOFF_FIRST;
     loop {
-        let end = session(&d, &status, &mut state, &tx).await;
+        let end = session(&d, &status, &mut state, &feed).await;
         status.metrics.connected.set(0);
         let (why, reason, immediate) = match end {
             End::Open(why, reason) => (why, reason, false),
@@ -175,12 +178,7 @@ fn describe_status(s: &tonic::Status) -> String {
 }
 
 /// One stream, from connect to its end.
-async fn session(
-    d: &Discovery,
-    status: &Arc<Status>,
-    state: &mut State,
-    tx: &watch::Sender<Option<Arc<Published>>>,
-) -> End {
+async fn session(d: &Discovery, status: &Arc<Status>, state: &mut State, feed: &Feed) -> End {
     let channel = match connect::channel(&d.server).await {
         Ok(c) => c,
         Err(e) => return End::Open(e.to_string(), e.reason()),
@@ -195,8 +193,8 @@ async fn session(
     state.subscribed_eds.clear();
     status.lock().streams += 1;
     match d.protocol {
-        XdsProtocol::Delta => delta(d, status, state, tx, &mut client, headers).await,
-        XdsProtocol::StateOfTheWorld => sotw(d, status, state, tx, &mut client, headers).await,
+        XdsProtocol::Delta => delta(d, status, state, feed, &mut client, headers).await,
+        XdsProtocol::StateOfTheWorld => sotw(d, status, state, feed, &mut client, headers).await,
     }
 }
 
@@ -380,49 +378,51 @@ fn record(
 }
 
 /// Assembles and publishes the held configuration, and readiness with it.
-fn publish(
-    d: &Discovery,
-    status: &Status,
-    state: &mut State,
-    tx: &watch::Sender<Option<Arc<Published>>>,
-) {
-    let changed = state.structure_changed || !state.endpoints_changed.is_empty();
-    if state.structure_changed {
+fn publish(d: &Discovery, status: &Status, state: &mut State, feed: &Feed) {
+    let changed = if state.structure_changed {
         state.assembly.rebuild(&state.held);
         for c in &state.assembly.conflicts {
             tracing::warn!("{c}");
         }
         update_status(status, state);
-    } else if !state.endpoints_changed.is_empty() {
+        Changed::Everything
+    } else {
         let rebuilt = state
             .assembly
             .update_endpoints(&state.held, &state.endpoints_changed);
-        tracing::debug!(
-            clusters = state.endpoints_changed.len(),
-            service_ports = rebuilt,
-            "endpoints changed"
-        );
-    }
+        if !rebuilt.is_empty() {
+            tracing::debug!(
+                clusters = state.endpoints_changed.len(),
+                service_ports = rebuilt.len(),
+                "endpoints changed"
+            );
+        }
+        Changed::Services(rebuilt)
+    };
+    let anything = changed != Changed::Services(BTreeSet::new());
     state.structure_changed = false;
     state.endpoints_changed.clear();
     let was_warm = state.warm;
     let waiting = if state.warm { None } else { warming(d, state) };
     status.lock().waiting = waiting.clone();
-    if !changed && state.warm == was_warm {
+    if !anything
+        && state.warm == was_warm
+        && state
+            .published
+            .as_ref()
+            .is_some_and(|p| p.waiting == waiting)
+    {
         // A readiness tick with nothing new: the gateway already has this.
-        if let Some(p) = tx.borrow().as_ref()
-            && p.waiting == waiting
-        {
-            return;
-        }
+        return;
     }
-    let published = Published {
+    let published = Arc::new(Published {
         listeners: state.assembly.listeners.clone(),
         services: state.assembly.services.clone(),
         warm: state.warm,
         waiting,
-    };
-    tx.send_replace(Some(Arc::new(published)));
+    });
+    state.published = Some(published.clone());
+    feed.push(published, changed);
 }
 
 /// Why the gateway is not warm yet, or `None` (and `state.warm` set) once it is.
@@ -528,7 +528,7 @@ async fn delta(
     d: &Discovery,
     status: &Arc<Status>,
     state: &mut State,
-    tx: &watch::Sender<Option<Arc<Published>>>,
+    feed: &Feed,
     client: &mut AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
     headers: Headers,
 ) -> End {
@@ -586,7 +586,7 @@ async fn delta(
                 return End::Closed { why: format!("no answer to a subscription within {:?}", d.stall_timeout), reason: "stalled", applied };
             }
             _ = tick.tick(), if !state.warm => {
-                publish(d, status, state, tx);
+                publish(d, status, state, feed);
                 continue;
             }
         };
@@ -663,7 +663,7 @@ async fn delta(
                 state.subscribed_eds = wanted;
             }
         }
-        publish(d, status, state, tx);
+        publish(d, status, state, feed);
     }
 }
 
@@ -671,7 +671,7 @@ async fn sotw(
     d: &Discovery,
     status: &Arc<Status>,
     state: &mut State,
-    tx: &watch::Sender<Option<Arc<Published>>>,
+    feed: &Feed,
     client: &mut AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
     headers: Headers,
 ) -> End {
@@ -735,7 +735,7 @@ async fn sotw(
                 return End::Closed { why: format!("no answer to a subscription within {:?}", d.stall_timeout), reason: "stalled", applied };
             }
             _ = tick.tick(), if !state.warm => {
-                publish(d, status, state, tx);
+                publish(d, status, state, feed);
                 continue;
             }
         };
@@ -842,6 +842,6 @@ async fn sotw(
                 state.subscribed_eds = wanted;
             }
         }
-        publish(d, status, state, tx);
+        publish(d, status, state, feed);
     }
 }

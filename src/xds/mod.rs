@@ -18,9 +18,9 @@ use std::time::{Duration, SystemTime};
 
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
-use crate::model::{Discovery, ListenerSpec, ServiceKey, ServicePort, Snapshot, XdsProtocol};
+use crate::model::{Changed, Discovery, ListenerSpec, Snapshot, XdsProtocol};
 
 pub use client::Published;
 
@@ -227,17 +227,60 @@ impl Status {
     }
 }
 
-/// Starts the ADS client on the current runtime. Updates arrive on the returned
-/// receiver, coalesced: a slow consumer sees the latest, never a queue.
-pub fn start(status: Arc<Status>) -> watch::Receiver<Option<Arc<Published>>> {
-    let (tx, rx) = watch::channel(None);
-    tokio::spawn(client::run(status, tx));
-    rx
+/// Updates from the client to the gateway, coalesced: a slow consumer takes the latest
+/// configuration, never a queue, together with everything it changed since the one
+/// taken before.
+#[derive(Default)]
+pub struct Feed {
+    slot: Mutex<Option<Update>>,
+    notify: Notify,
+}
+
+/// One configuration from the control plane, and what it changed.
+pub struct Update {
+    pub published: Arc<Published>,
+    pub changed: Changed,
+}
+
+impl Feed {
+    fn push(&self, published: Arc<Published>, changed: Changed) {
+        {
+            let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.as_mut() {
+                Some(u) => {
+                    u.published = published;
+                    u.changed.merge(changed);
+                }
+                None => *slot = Some(Update { published, changed }),
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    /// The next update, once there is one.
+    pub async fn next(&self) -> Update {
+        loop {
+            if let Some(u) = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                return u;
+            }
+            // A push between the `take` above and this wait leaves a permit: no update
+            // is missed.
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// Starts the ADS client on the current runtime; its updates arrive on the feed.
+pub fn start(status: Arc<Status>) -> Arc<Feed> {
+    let feed = Arc::new(Feed::default());
+    tokio::spawn(client::run(status, feed.clone()));
+    feed
 }
 
 /// The file snapshot with the control plane's listeners and services added. Where both
 /// declare the same listener address or service port, the file wins and the xDS one is
-/// left out with a warning.
+/// left out with a warning. Costs in proportion to the files: the control plane's
+/// services are shared, not copied.
 pub fn merge(files: &Snapshot, xds: &Published) -> Snapshot {
     let mut out = files.clone();
     let taken: Vec<std::net::SocketAddr> = out.listeners.iter().map(|l| l.addr).collect();
@@ -248,25 +291,51 @@ pub fn merge(files: &Snapshot, xds: &Published) -> Snapshot {
         }
         out.listeners.push(ListenerSpec::clone(l));
     }
-    for (k, s) in &xds.services {
-        merge_service(&mut out.services, k, s);
+    let mut services = xds.services.clone();
+    for (k, s) in &files.services {
+        if services.contains_key(k) {
+            tracing::debug!(host = %k.host, port = k.port, "service declared in files and by xDS; the file's is kept");
+        }
+        services.insert(k.clone(), s.clone());
     }
+    out.services = services;
     out
-}
-
-fn merge_service(
-    services: &mut std::collections::HashMap<ServiceKey, Arc<ServicePort>>,
-    k: &ServiceKey,
-    s: &Arc<ServicePort>,
-) {
-    if services.contains_key(k) {
-        tracing::debug!(host = %k.host, port = k.port, "service declared in files and by xDS; the file's is kept");
-        return;
-    }
-    services.insert(k.clone(), s.clone());
 }
 
 /// Full jitter between half and all of `d`, so a fleet does not reconnect in step.
 pub(crate) fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + fastrand::f64() * 0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ServiceKey;
+
+    fn keys(hosts: &[&str]) -> Changed {
+        Changed::Services(hosts.iter().map(|h| ServiceKey::new(h, 80)).collect())
+    }
+
+    #[tokio::test]
+    async fn a_slow_consumer_gets_the_latest_configuration_and_every_change_since_its_last() {
+        let feed = Feed::default();
+        let first = Arc::new(Published::default());
+        let second = Arc::new(Published {
+            warm: true,
+            ..Published::default()
+        });
+        feed.push(first, keys(&["a"]));
+        feed.push(second.clone(), keys(&["b"]));
+        let u = feed.next().await;
+        assert!(Arc::ptr_eq(&u.published, &second));
+        assert_eq!(u.changed, keys(&["a", "b"]));
+
+        feed.push(second.clone(), keys(&["c"]));
+        feed.push(second.clone(), Changed::Everything);
+        feed.push(second, keys(&["d"]));
+        assert_eq!(feed.next().await.changed, Changed::Everything);
+        // Nothing pushed since: the next wait does not return a stale update.
+        let waited = tokio::time::timeout(Duration::from_millis(50), feed.next()).await;
+        assert!(waited.is_err());
+    }
 }

@@ -21,9 +21,9 @@ use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, value::Kind
 use prost::Message;
 
 use crate::model::{
-    DefaultRoute, Endpoint, EndpointAddress, HostMatch, LbPolicy, ListenerSpec, Locality,
-    OutlierDetection, Resolution, ServerSpec, ServerTlsMode, ServiceKey, ServicePort, Subset,
-    TLS_MODE_LABEL, TrafficPolicy,
+    DefaultRoute, Endpoint, EndpointAddress, HostMatch, HostSet, LbPolicy, ListenerSpec, Locality,
+    OutlierDetection, Resolution, ServerSpec, ServerTlsMode, ServiceKey, ServicePort, Services,
+    Subset, TLS_MODE_LABEL, TrafficPolicy,
 };
 use crate::route::sni::parse_subset_key;
 
@@ -521,7 +521,7 @@ pub struct Held {
 #[derive(Debug, Default)]
 pub struct Assembly {
     pub listeners: Vec<ListenerSpec>,
-    pub services: HashMap<ServiceKey, Arc<ServicePort>>,
+    pub services: Services,
     /// Clusters a served chain names that CDS has not sent.
     pub missing_clusters: BTreeSet<String>,
     /// Filter chains whose SNI another chain already sent to a different cluster.
@@ -641,7 +641,7 @@ impl Assembly {
                     .map(|(i, (alpn, hosts))| ServerSpec {
                         name: format!("xds/{lname}/{i}"),
                         mode: ServerTlsMode::AutoPassthrough,
-                        hosts: hosts.into_iter().map(HostMatch::Exact).collect(),
+                        hosts: HostSet::new(hosts.into_iter().map(HostMatch::Exact).collect()),
                         alpn: Some(alpn),
                     })
                     .collect(),
@@ -654,20 +654,25 @@ impl Assembly {
             .collect();
     }
 
-    /// Rebuilds the service ports that use the endpoints of `eds`; returns how many.
-    pub fn update_endpoints(&mut self, held: &Held, eds: &BTreeSet<String>) -> usize {
-        let keys: BTreeSet<&ServiceKey> = eds
+    /// Rebuilds the service ports that use the endpoints of `eds`; returns them.
+    pub fn update_endpoints(
+        &mut self,
+        held: &Held,
+        eds: &BTreeSet<String>,
+    ) -> BTreeSet<ServiceKey> {
+        let keys: BTreeSet<ServiceKey> = eds
             .iter()
             .filter_map(|e| self.keys_of_eds.get(e))
             .flatten()
+            .cloned()
             .collect();
         for key in &keys {
-            if let Some(routes) = self.routes.get(*key) {
+            if let Some(routes) = self.routes.get(key) {
                 self.services
-                    .insert((*key).clone(), Arc::new(service(key, routes, held)));
+                    .insert(key.clone(), Arc::new(service(key, routes, held)));
             }
         }
-        keys.len()
+        keys
     }
 }
 
