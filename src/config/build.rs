@@ -331,6 +331,7 @@ fn endpoint(e: &EndpointDoc, port: &SePort, resolution: Resolution) -> Option<En
         weight: e.weight,
         service_account: e.service_account.clone(),
         priority: None,
+        locality_weight: None,
     })
 }
 

@@ -480,6 +480,7 @@ mod tests {
             weight: 1,
             service_account: None,
             priority: None,
+            locality_weight: None,
         }
     }
 

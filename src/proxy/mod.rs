@@ -579,6 +579,7 @@ mod tests {
                     service_account: None,
                     tls_disabled: false,
                     priority: None,
+                    locality_weight: None,
                 })
                 .collect(),
             policy: TrafficPolicy::default(),

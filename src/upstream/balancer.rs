@@ -141,6 +141,22 @@ pub(super) fn pick(
                 None => Vec::new(),
             }
         }
+        Plan::PriorityWeighted {
+            priority,
+            group_of,
+            group_weight,
+        } => {
+            eligible.retain(|&i| group_of[i].is_some());
+            let best = eligible.iter().map(|&i| priority[i]).min().unwrap_or(0);
+            eligible.retain(|&i| priority[i] == best);
+            match pick_group(&eligible, group_of, group_weight) {
+                Some(g) => {
+                    eligible.retain(|&i| group_of[i] == Some(g));
+                    eligible
+                }
+                None => Vec::new(),
+            }
+        }
     };
     if pool.is_empty() {
         return Pick::NoHealthy;
@@ -153,28 +169,38 @@ pub(super) fn pick(
     Pick::Member(choice)
 }
 
-/// A locality group, at random by `distribute` weight, among the groups that still have
-/// a member in `pool`.
+/// A locality group, at random by weight, among the groups that still have a member in
+/// `pool`. As in Envoy, a group's weight is scaled by its share of members in the pool
+/// with an overprovisioning factor of 1.4: a locality with 3 of 4 members left keeps its
+/// whole weight, one with 1 of 4 keeps 35 % of it.
 fn pick_group(pool: &[usize], group_of: &[Option<usize>], weights: &[u64]) -> Option<usize> {
-    let mut present = vec![false; weights.len()];
+    let mut members = vec![0u64; weights.len()];
+    for g in group_of.iter().flatten() {
+        members[*g] += 1;
+    }
+    let mut left = vec![0u64; weights.len()];
     for &i in pool {
         if let Some(g) = group_of[i] {
-            present[g] = true;
+            left[g] += 1;
         }
     }
-    let total: u64 = (0..weights.len())
-        .filter(|&g| present[g])
-        .map(|g| weights[g])
-        .sum();
+    let effective: Vec<u64> = (0..weights.len())
+        .map(|g| {
+            // In thousandths, so a small weight keeps its proportion.
+            let all = members[g].max(1) * 100;
+            weights[g] * 1000 * (left[g] * 140).min(all) / all
+        })
+        .collect();
+    let total: u64 = effective.iter().sum();
     if total == 0 {
         return None;
     }
     let mut r = fastrand::u64(0..total);
-    for g in (0..weights.len()).filter(|&g| present[g]) {
-        if r < weights[g] {
+    for (g, &w) in effective.iter().enumerate() {
+        if r < w {
             return Some(g);
         }
-        r -= weights[g];
+        r -= w;
     }
     None
 }
@@ -270,6 +296,7 @@ mod tests {
             service_account: None,
             tls_disabled: false,
             priority: None,
+            locality_weight: None,
         }
     }
 
@@ -448,6 +475,47 @@ mod tests {
         assert!((share(0) - 0.4).abs() < 0.02, "{n:?}");
         assert!((share(2) - 0.2).abs() < 0.02, "{n:?}");
         assert_eq!(n[3], 0, "r2 is named by no rule");
+    }
+
+    #[test]
+    fn locality_weights_from_the_control_plane_split_within_the_best_priority() {
+        let gw = nowhere();
+        let at = |last: u8, locality: &str, priority: u32, weight: u32| Endpoint {
+            priority: Some(priority),
+            locality_weight: Some(weight),
+            ..endpoint(last, 1, locality, "")
+        };
+        let c = cluster(
+            vec![
+                at(1, "r1/z1/s1", 0, 80),
+                at(2, "r1/z1/s1", 0, 80),
+                at(3, "r1/z2/s1", 0, 20),
+                at(4, "r1/z3/s1", 0, 0),
+                at(5, "r2/z1/s1", 1, 50),
+            ],
+            with_outlier(0),
+        );
+        fastrand::seed(7);
+        let n = counts(&c, (&gw).into(), 20_000);
+        let share = |k: usize| n[k] as f64 / 20_000.0;
+        assert!((share(0) + share(1) - 0.8).abs() < 0.02, "{n:?}");
+        assert!((share(2) - 0.2).abs() < 0.02, "{n:?}");
+        assert_eq!(
+            (n[3], n[4]),
+            (0, 0),
+            "weight 0, and the next priority: {n:?}"
+        );
+        // One of the two members of the 80 % locality left: 1.4 × 1/2 keeps 70 % of
+        // its weight, 56 against 20.
+        c.record_failure(0);
+        let n = counts(&c, (&gw).into(), 20_000);
+        let share = |k: usize| n[k] as f64 / 20_000.0;
+        assert_eq!(n[0], 0, "{n:?}");
+        assert!((share(1) - 56.0 / 76.0).abs() < 0.02, "{n:?}");
+        // The whole priority gone: the next one takes everything.
+        c.record_failure(1);
+        c.record_failure(2);
+        assert_eq!(counts(&c, (&gw).into(), 100), vec![0, 0, 0, 0, 100]);
     }
 
     #[test]

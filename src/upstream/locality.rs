@@ -25,6 +25,14 @@ pub(super) enum Plan {
         group_of: Vec<Option<usize>>,
         group_weight: Vec<u64>,
     },
+    /// The control plane's priorities, and within the best one a locality group picked
+    /// by its weight (Envoy's locality-weighted balancing); members of a locality with
+    /// weight 0 get no traffic.
+    PriorityWeighted {
+        priority: Vec<u8>,
+        group_of: Vec<Option<usize>>,
+        group_weight: Vec<u64>,
+    },
 }
 
 impl Plan {
@@ -56,6 +64,36 @@ impl Plan {
                 .map(|l| priority(l, gateway, failover))
                 .collect(),
         )
+    }
+}
+
+/// The plan for priorities and locality weights as the control plane sent them: one
+/// group per (priority, locality), weighted by the locality's weight.
+pub(super) fn weighted(priority: Vec<u8>, localities: &[&Locality], weights: &[u32]) -> Plan {
+    let mut groups: Vec<(u8, &Locality)> = Vec::new();
+    let mut group_weight = Vec::new();
+    let mut group_of = Vec::with_capacity(localities.len());
+    for (m, l) in localities.iter().enumerate() {
+        let weight = weights.get(m).copied().unwrap_or(0);
+        if weight == 0 {
+            group_of.push(None);
+            continue;
+        }
+        let key = (priority.get(m).copied().unwrap_or(0), *l);
+        let g = match groups.iter().position(|k| *k == key) {
+            Some(g) => g,
+            None => {
+                groups.push(key);
+                group_weight.push(weight as u64);
+                groups.len() - 1
+            }
+        };
+        group_of.push(Some(g));
+    }
+    Plan::PriorityWeighted {
+        priority,
+        group_of,
+        group_weight,
     }
 }
 

@@ -375,12 +375,26 @@ impl Cluster {
     fn plan_for(&self, gateway: &Locality) -> locality::Plan {
         // Priorities the control plane computed for this gateway are applied as sent.
         if self.members.iter().any(|m| m.endpoint.priority.is_some()) {
-            return locality::Plan::Priority(
-                self.members
+            let priority: Vec<u8> = self
+                .members
+                .iter()
+                .map(|m| m.endpoint.priority.unwrap_or(0).min(u8::MAX as u32) as u8)
+                .collect();
+            if self
+                .members
+                .iter()
+                .any(|m| m.endpoint.locality_weight.is_some())
+            {
+                let localities: Vec<&Locality> =
+                    self.members.iter().map(|m| &m.endpoint.locality).collect();
+                let weights: Vec<u32> = self
+                    .members
                     .iter()
-                    .map(|m| m.endpoint.priority.unwrap_or(0).min(u8::MAX as u32) as u8)
-                    .collect(),
-            );
+                    .map(|m| m.endpoint.locality_weight.unwrap_or(0))
+                    .collect();
+                return locality::weighted(priority, &localities, &weights);
+            }
+            return locality::Plan::Priority(priority);
         }
         let localities: Vec<&Locality> =
             self.members.iter().map(|m| &m.endpoint.locality).collect();

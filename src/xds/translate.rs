@@ -74,6 +74,9 @@ pub struct XCluster {
     pub inline: Vec<Endpoint>,
     pub resolution: Resolution,
     pub policy: TrafficPolicy,
+    /// `common_lb_config.locality_weighted_lb_config`: the endpoints' locality weights
+    /// apply.
+    pub locality_weighted: bool,
     /// Settings read with a fallback, for the log and `config_dump`.
     pub notes: Vec<String>,
 }
@@ -358,6 +361,13 @@ pub fn cluster(any: &Any) -> Result<(String, Read<XCluster>), String> {
             min_health_percent: panic.unwrap_or(50),
         }
     });
+    use cds::cluster::common_lb_config::LocalityConfigSpecifier;
+    let locality_weighted = c.common_lb_config.as_ref().is_some_and(|l| {
+        matches!(
+            l.locality_config_specifier,
+            Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+        )
+    });
     let policy = TrafficPolicy {
         lb,
         connect_timeout: Some(connect_timeout),
@@ -412,6 +422,7 @@ pub fn cluster(any: &Any) -> Result<(String, Read<XCluster>), String> {
                 inline,
                 resolution,
                 policy,
+                locality_weighted,
                 notes,
             },
             problems: Vec::new(),
@@ -499,6 +510,7 @@ fn read_endpoints(cla: &eds::ClusterLoadAssignment, dns: bool) -> XEndpoints {
                     .max(1),
                 service_account: None,
                 priority: Some(group.priority),
+                locality_weight: Some(group.load_balancing_weight.as_ref().map_or(0, |w| w.value)),
             });
         }
     }
@@ -696,7 +708,11 @@ fn service(key: &ServiceKey, routes: &[Route], held: &Held) -> ServicePort {
             None => &cluster.inline,
         };
         let start = endpoints.len();
-        endpoints.extend_from_slice(members);
+        // Locality weights count only where the cluster says so, as in Envoy.
+        endpoints.extend(members.iter().map(|e| Endpoint {
+            locality_weight: e.locality_weight.filter(|_| cluster.locality_weighted),
+            ..e.clone()
+        }));
         let indexes: Vec<usize> = (start..endpoints.len()).collect();
         match &route.subset {
             None => base = Some((indexes, route.policy.clone())),
