@@ -32,8 +32,11 @@ struct Mesh {
 
 impl Mesh {
     async fn start() -> Mesh {
-        let istiod =
-            FakeIstiod::start(IstiodOptions::tls().token(TOKEN).cluster_id(CLUSTER_ID)).await;
+        Self::start_with(IstiodOptions::tls()).await
+    }
+
+    async fn start_with(opts: IstiodOptions) -> Mesh {
+        let istiod = FakeIstiod::start(opts.token(TOKEN).cluster_id(CLUSTER_ID)).await;
         let ca = TestCa::new();
         let v1 = Workload::start(&ca, "spiffe://cluster.local/ns/default/sa/reviews-v1").await;
         let v2 = Workload::start(&ca, "spiffe://cluster.local/ns/default/sa/reviews-v2").await;
@@ -537,6 +540,80 @@ async fn a_lost_stream_reconnects_with_the_versions_held_and_nothing_is_cut_delt
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_stream_reconnects_with_the_versions_held_and_nothing_is_cut_sotw() {
     lost_stream("SOTW").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istiods_max_connection_age_goaway_is_followed_at_once_and_nothing_notices() {
+    // istiod ends every connection after keepaliveMaxServerConnectionAge (30 min): GOAWAY,
+    // then, after the grace period, what is still open. Here 1.5 s, with 0.5 s of grace.
+    let mesh =
+        Mesh::start_with(IstiodOptions::tls().max_connection_age(Duration::from_millis(1500)))
+            .await;
+    mesh.serve_all();
+    mesh.istiod.push();
+    let gw = Strait::start(mesh.ports, &mesh.config("DELTA", ""));
+    let reviews_v1 = key("v1", REVIEWS);
+    let (mut held, _) = Held::open(mesh.gateway(), &mesh.ca, &reviews_v1).await;
+
+    // Readiness and routing are sampled while three connections come and go.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut samples = 0;
+    while mesh.istiod.streams_opened() < 4 && Instant::now() < deadline {
+        assert_eq!(
+            http_get(gw.status, "/healthz/ready").unwrap().0,
+            200,
+            "not ready across a connection's end; stderr:\n{}",
+            gw.stderr_text()
+        );
+        assert_eq!(
+            spiffe_through(mesh.gateway(), &mesh.ca, &reviews_v1).await,
+            mesh.v1.spiffe
+        );
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let records = mesh.istiod.records();
+    assert!(
+        records.streams.len() >= 4,
+        "{} streams in 15 s; stderr:\n{}",
+        records.streams.len(),
+        gw.stderr_text()
+    );
+    assert!(samples > 20, "{samples}");
+    // Each connection after the first asked for what it holds, versions included.
+    for stream in records.streams.iter().skip(1) {
+        let eds = records
+            .requests
+            .iter()
+            .find(|q| {
+                q.stream == stream.id && q.type_url == EDS_TYPE && q.kind == RequestKind::Initial
+            })
+            .unwrap_or_else(|| panic!("stream {} did not re-subscribe to endpoints", stream.id));
+        assert!(
+            eds.initial_resource_versions.contains_key(&reviews_v1),
+            "{eds:?}"
+        );
+    }
+    // Reopened at once, not after a backoff: 4 streams of 2 s each in well under 15 s.
+    assert!(Instant::now() < deadline);
+    assert!(held.echo(b"across three connections to istiod\n").await);
+
+    // The stream in use still takes updates.
+    mesh.set_endpoints(&reviews_v1, &[mesh.v2.addr]);
+    mesh.istiod.push();
+    assert!(
+        routes_to(
+            mesh.gateway(),
+            &mesh.ca,
+            &reviews_v1,
+            &mesh.v2.spiffe,
+            Duration::from_secs(10)
+        )
+        .await,
+        "an update after the reconnects never arrived; stderr:\n{}",
+        gw.stderr_text()
+    );
+    assert!(held.echo(b"after the update\n").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -499,6 +499,10 @@ pub fn cla(name: &str, localities: &[LocalitySpec<'_>]) -> ClusterLoadAssignment
 
 // ---- The fake istiod: options and what it records
 
+/// How long a stream may stay open on a connection past its maximum age (gRPC's
+/// `MaxConnectionAgeGrace`; istiod's is 10 s, shortened for tests).
+pub const MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_millis(500);
+
 /// How a [`FakeIstiod`] accepts clients.
 #[derive(Debug, Clone, Default)]
 pub struct IstiodOptions {
@@ -510,7 +514,8 @@ pub struct IstiodOptions {
     pub token: Option<String>,
     /// Require the `clusterid` header to be this.
     pub cluster_id: Option<String>,
-    /// Close connections (GOAWAY) after this age, like istiod's `keepaliveMaxServerConnectionAge`.
+    /// Close connections (GOAWAY) after this age, like istiod's `keepaliveMaxServerConnectionAge`;
+    /// streams still open end [`MAX_CONNECTION_AGE_GRACE`] later.
     pub max_connection_age: Option<Duration>,
 }
 
@@ -1082,22 +1087,30 @@ impl State {
 
     /// Ends every stream with `status`; returns how many.
     fn kill_streams(&mut self, status: &Status) -> usize {
-        let streams = std::mem::take(&mut self.streams);
-        for (id, live) in &streams {
-            match &live.tx {
-                Tx::Sotw(tx) => {
-                    let _ = tx.send(Err(status.clone()));
-                }
-                Tx::Delta(tx) => {
-                    let _ = tx.send(Err(status.clone()));
-                }
+        let ids: Vec<u64> = self.streams.keys().copied().collect();
+        ids.into_iter()
+            .filter(|&id| self.end_stream(id, status))
+            .count()
+    }
+
+    /// Ends one stream with `status`; false when it had already ended.
+    fn end_stream(&mut self, id: u64, status: &Status) -> bool {
+        let Some(live) = self.streams.remove(&id) else {
+            return false;
+        };
+        match &live.tx {
+            Tx::Sotw(tx) => {
+                let _ = tx.send(Err(status.clone()));
             }
-            live.kill.notify_one();
-            if let Some(record) = self.stream_record(*id) {
-                record.ended = true;
+            Tx::Delta(tx) => {
+                let _ = tx.send(Err(status.clone()));
             }
         }
-        streams.len()
+        live.kill.notify_one();
+        if let Some(record) = self.stream_record(id) {
+            record.ended = true;
+        }
+        true
     }
 }
 
@@ -1227,10 +1240,29 @@ impl Ads {
         handle: fn(&mut State, u64, T),
     ) {
         let shared = self.shared.clone();
+        // istiod's connections live `keepaliveMaxServerConnectionAge`; then gRPC sends
+        // GOAWAY and, after `MaxConnectionAgeGrace`, closes what is still open. strait
+        // opens one connection per stream, so the stream's age is its connection's.
+        let age = shared
+            .opts
+            .max_connection_age
+            .map(|a| a + MAX_CONNECTION_AGE_GRACE);
         tokio::spawn(async move {
+            let end_of_grace = async {
+                match age {
+                    Some(a) => tokio::time::sleep(a).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(end_of_grace);
             loop {
                 tokio::select! {
                     _ = kill.notified() => break,
+                    () = &mut end_of_grace => {
+                        let status = Status::unavailable("fake istiod: max connection age and its grace passed");
+                        shared.with(|state| state.end_stream(id, &status));
+                        break;
+                    }
                     msg = inbound.message() => match msg {
                         Ok(Some(req)) => shared.with(|state| handle(state, id, req)),
                         Ok(None) | Err(_) => break,
