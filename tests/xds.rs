@@ -95,6 +95,23 @@ impl Mesh {
             .set_cla(&cla(cluster, &[("us-east", "a", 0, &members)]));
     }
 
+    /// istiod moves reviews v1's endpoint to the v2 workload; waits until new connections
+    /// follow, failing with `why` and the gateway's stderr.
+    async fn move_v1_to_v2(&self, gw: &Strait, why: &str) {
+        let reviews_v1 = key("v1", REVIEWS);
+        self.set_endpoints(&reviews_v1, &[self.v2.addr]);
+        self.istiod.push();
+        let moved = routes_to(
+            self.gateway(),
+            &self.ca,
+            &reviews_v1,
+            &self.v2.spiffe,
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(moved, "{why}; stderr:\n{}", gw.stderr_text());
+    }
+
     fn config(&self, protocol: &str, extra: &str) -> String {
         let root = self.istiod.root_pem_path().expect("TLS fake istiod");
         self.ports.bootstrap(&format!(
@@ -309,20 +326,8 @@ async fn endpoint_changes(protocol: &str) {
 
     // v1's endpoint moves from the v1 workload to the v2 workload: new connections
     // follow, the open one stays on v1.
-    mesh.set_endpoints(&reviews_v1, &[mesh.v2.addr]);
-    mesh.istiod.push();
-    assert!(
-        routes_to(
-            mesh.gateway(),
-            &mesh.ca,
-            &reviews_v1,
-            &mesh.v2.spiffe,
-            Duration::from_secs(10)
-        )
-        .await,
-        "new connections did not move; stderr:\n{}",
-        gw.stderr_text()
-    );
+    mesh.move_v1_to_v2(&gw, "new connections did not move")
+        .await;
     assert!(held.echo(b"after an endpoint was removed\n").await);
 
     // An endpoint marked unhealthy takes no new connections.
@@ -599,20 +604,8 @@ async fn istiods_max_connection_age_goaway_is_followed_at_once_and_nothing_notic
     assert!(held.echo(b"across three connections to istiod\n").await);
 
     // The stream in use still takes updates.
-    mesh.set_endpoints(&reviews_v1, &[mesh.v2.addr]);
-    mesh.istiod.push();
-    assert!(
-        routes_to(
-            mesh.gateway(),
-            &mesh.ca,
-            &reviews_v1,
-            &mesh.v2.spiffe,
-            Duration::from_secs(10)
-        )
-        .await,
-        "an update after the reconnects never arrived; stderr:\n{}",
-        gw.stderr_text()
-    );
+    mesh.move_v1_to_v2(&gw, "an update after the reconnects never arrived")
+        .await;
     assert!(held.echo(b"after the update\n").await);
 }
 
