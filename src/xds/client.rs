@@ -524,6 +524,44 @@ fn closed(e: tonic::Status, applied: bool) -> End {
     }
 }
 
+/// The next response on the stream. While the configuration is not warm yet, readiness
+/// is re-published every tick on the way (the initial fetch timeout counts down). The
+/// stream's end, an error, or a subscription left unanswered past `stallTimeout` end it.
+#[allow(clippy::too_many_arguments)]
+async fn next_response<M: prost::Message + Default + 'static>(
+    stream: &mut tonic::Streaming<M>,
+    outstanding: &HashMap<&'static str, Instant>,
+    tick: &mut tokio::time::Interval,
+    applied: bool,
+    d: &Discovery,
+    status: &Status,
+    state: &mut State,
+    feed: &Feed,
+) -> Result<M, End> {
+    loop {
+        tokio::select! {
+            m = stream.message() => return match m {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => Err(End::Closed { why: "the control plane closed the stream".into(), reason: "closed", applied }),
+                Err(e) => Err(closed(e, applied)),
+            },
+            () = sleep_until(stalled(outstanding, d)) => {
+                return Err(End::Closed { why: format!("no answer to a subscription within {:?}", d.stall_timeout), reason: "stalled", applied });
+            }
+            _ = tick.tick(), if !state.warm => publish(d, status, state, feed),
+        }
+    }
+}
+
+/// The rejection of a response of a type nobody asked for.
+fn not_subscribed(type_url: &str) -> RpcStatus {
+    RpcStatus {
+        code: tonic::Code::InvalidArgument as i32,
+        message: format!("type {type_url} was not subscribed to"),
+        details: Vec::new(),
+    }
+}
+
 async fn delta(
     d: &Discovery,
     status: &Arc<Status>,
@@ -576,29 +614,26 @@ async fn delta(
     let mut applied = false;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
-        let msg: DeltaDiscoveryResponse = tokio::select! {
-            m = stream.message() => match m {
-                Ok(Some(m)) => m,
-                Ok(None) => return End::Closed { why: "the control plane closed the stream".into(), reason: "closed", applied },
-                Err(e) => return closed(e, applied),
-            },
-            () = sleep_until(stalled(&outstanding, d)) => {
-                return End::Closed { why: format!("no answer to a subscription within {:?}", d.stall_timeout), reason: "stalled", applied };
-            }
-            _ = tick.tick(), if !state.warm => {
-                publish(d, status, state, feed);
-                continue;
-            }
+        let msg: DeltaDiscoveryResponse = match next_response(
+            &mut stream,
+            &outstanding,
+            &mut tick,
+            applied,
+            d,
+            status,
+            state,
+            feed,
+        )
+        .await
+        {
+            Ok(m) => m,
+            Err(end) => return end,
         };
         let Some(t) = static_type(&msg.type_url) else {
             let _ = out.send(DeltaDiscoveryRequest {
                 type_url: msg.type_url.clone(),
                 response_nonce: msg.nonce.clone(),
-                error_detail: Some(RpcStatus {
-                    code: tonic::Code::InvalidArgument as i32,
-                    message: format!("type {} was not subscribed to", msg.type_url),
-                    details: Vec::new(),
-                }),
+                error_detail: Some(not_subscribed(&msg.type_url)),
                 ..Default::default()
             });
             continue;
@@ -725,29 +760,26 @@ async fn sotw(
     let mut applied = false;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
-        let msg: DiscoveryResponse = tokio::select! {
-            m = stream.message() => match m {
-                Ok(Some(m)) => m,
-                Ok(None) => return End::Closed { why: "the control plane closed the stream".into(), reason: "closed", applied },
-                Err(e) => return closed(e, applied),
-            },
-            () = sleep_until(stalled(&outstanding, d)) => {
-                return End::Closed { why: format!("no answer to a subscription within {:?}", d.stall_timeout), reason: "stalled", applied };
-            }
-            _ = tick.tick(), if !state.warm => {
-                publish(d, status, state, feed);
-                continue;
-            }
+        let msg: DiscoveryResponse = match next_response(
+            &mut stream,
+            &outstanding,
+            &mut tick,
+            applied,
+            d,
+            status,
+            state,
+            feed,
+        )
+        .await
+        {
+            Ok(m) => m,
+            Err(end) => return end,
         };
         let Some(t) = static_type(&msg.type_url) else {
             let _ = out.send(DiscoveryRequest {
                 type_url: msg.type_url.clone(),
                 response_nonce: msg.nonce.clone(),
-                error_detail: Some(RpcStatus {
-                    code: tonic::Code::InvalidArgument as i32,
-                    message: format!("type {} was not subscribed to", msg.type_url),
-                    details: Vec::new(),
-                }),
+                error_detail: Some(not_subscribed(&msg.type_url)),
                 ..Default::default()
             });
             continue;
