@@ -54,6 +54,7 @@ fn route(c: &mut Criterion) {
         mode: ServerTlsMode::AutoPassthrough,
         hosts: HostSet::new(vec![HostMatch::parse("*.local")]),
         alpn: None,
+        routes: Vec::new(),
     }];
     let mut group = c.benchmark_group("route_resolve");
     for n in [1usize, 1_000, 100_000] {
@@ -63,6 +64,7 @@ fn route(c: &mut Criterion) {
             mode: ServerTlsMode::AutoPassthrough,
             hosts: HostSet::new((0..n).map(|i| HostMatch::Exact(host(i))).collect()),
             alpn: None,
+            routes: Vec::new(),
         }];
         let target = host(n / 2);
         let hit = format!("outbound_.9080_._.{target}");

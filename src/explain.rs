@@ -52,7 +52,19 @@ fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealt
             );
         }
         Err(e) => {
-            let _ = writeln!(out, "parsed     no: {e}");
+            let by_route = snapshot
+                .listeners
+                .iter()
+                .flat_map(|l| l.servers.iter())
+                .any(|s| s.mode == ServerTlsMode::Passthrough || !s.routes.is_empty());
+            if by_route {
+                let _ = writeln!(
+                    out,
+                    "parsed     not a subset key: only VirtualService routes can take it"
+                );
+            } else {
+                let _ = writeln!(out, "parsed     no: {e}");
+            }
         }
     }
     let _ = writeln!(
@@ -94,16 +106,47 @@ fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealt
             }
         };
         let server = &listener.servers[m.server];
-        let mode = match server.mode {
-            ServerTlsMode::AutoPassthrough => "AUTO_PASSTHROUGH",
-            ServerTlsMode::IstioMutual => "ISTIO_MUTUAL",
-        };
+        let mode = server.mode.name();
         let _ = writeln!(
             out,
             "server     {} ({mode}) hosts [{}]",
             server.name,
             server.hosts.describe(16)
         );
+        if let Some(r) = m.route {
+            let matched = if r.sni_hosts.is_empty() {
+                "tcp route".to_string()
+            } else {
+                let hosts: Vec<String> = r.sni_hosts.iter().map(|h| h.to_string()).collect();
+                format!("tls route sniHosts [{}]", hosts.join(", "))
+            };
+            let _ = writeln!(
+                out,
+                "route      VirtualService {} {matched}",
+                r.virtual_service
+            );
+            let total: u64 = r.destinations.iter().map(|d| d.weight as u64).sum();
+            for d in &r.destinations {
+                let _ = writeln!(
+                    out,
+                    "  -> {}:{}{} weight {} ({:.0} % of connections)",
+                    d.service.host,
+                    d.service.port,
+                    d.subset
+                        .as_deref()
+                        .map(|s| format!(" subset {s}"))
+                        .unwrap_or_default(),
+                    d.weight,
+                    d.weight as f64 * 100.0 / total.max(1) as f64
+                );
+            }
+            if r.destinations.len() > 1 {
+                let _ = writeln!(
+                    out,
+                    "           (each connection picks one by weight; one pick is shown below)"
+                );
+            }
+        }
         let svc = m.service;
         let _ = writeln!(
             out,

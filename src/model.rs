@@ -286,12 +286,83 @@ pub struct ServerSpec {
     /// ALPN values a ClientHello must offer one of, when the server sets its own (an xDS
     /// filter chain's `application_protocols`); `None` uses `passthroughAlpn`.
     pub alpn: Option<Vec<String>>,
+    /// The routes of the VirtualServices bound to this server, in order: on a PASSTHROUGH
+    /// server, its `tls` routes (the first whose `sniHosts` matches the SNI applies); on
+    /// an ISTIO_MUTUAL server, the first `tcp` route matching its port, which then
+    /// applies to every connection instead of the SNI subset key.
+    pub routes: Vec<L4Route>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServerTlsMode {
     AutoPassthrough,
     IstioMutual,
+    /// `PASSTHROUGH`: any TLS ClientHello, routed by the server's VirtualService `tls`
+    /// routes on its SNI and replayed to the destination, which terminates TLS itself.
+    Passthrough,
+}
+
+impl ServerTlsMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerTlsMode::AutoPassthrough => "AUTO_PASSTHROUGH",
+            ServerTlsMode::IstioMutual => "ISTIO_MUTUAL",
+            ServerTlsMode::Passthrough => "PASSTHROUGH",
+        }
+    }
+}
+
+/// One VirtualService route on a gateway server or a Bridge: `tls[].match[]` (with
+/// `sniHosts`) or a `tcp[]` rule (without), and where it sends connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct L4Route {
+    /// `<namespace>/<name>` of the VirtualService, for logs and metrics.
+    pub virtual_service: String,
+    /// `match.sniHosts` (`*`, `*.suffix`, exact, lower case); empty for a `tcp` route.
+    pub sni_hosts: Vec<HostMatch>,
+    /// Weighted destinations, weight 0 left out; one is chosen per connection.
+    pub destinations: Vec<Destination>,
+}
+
+/// A `route[].destination` with its `weight`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Destination {
+    pub service: ServiceKey,
+    pub subset: Option<String>,
+    pub weight: u32,
+}
+
+impl L4Route {
+    /// How specifically the route takes a connection with this (lower-case) SNI, as Envoy
+    /// ranks `server_names`: an exact name before the longest `*.suffix`, before `*`
+    /// (lower is more specific); `None` when it does not take it.
+    pub fn specificity(&self, sni: &str) -> Option<(u8, usize)> {
+        self.sni_hosts
+            .iter()
+            .filter(|h| h.matches(sni))
+            .map(|h| match h {
+                HostMatch::Exact(_) => (0, 0),
+                HostMatch::Suffix(s) => (1, usize::MAX - s.len()),
+                HostMatch::Any => (2, 0),
+            })
+            .min()
+    }
+
+    /// A destination, at random by weight (Envoy's `weighted_clusters`, per connection).
+    pub fn pick(&self) -> Option<&Destination> {
+        let total: u64 = self.destinations.iter().map(|d| d.weight as u64).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut r = fastrand::u64(0..total);
+        for d in &self.destinations {
+            if r < d.weight as u64 {
+                return Some(d);
+            }
+            r -= d.weight as u64;
+        }
+        None
+    }
 }
 
 /// A Gateway server host pattern, after dropping any `namespace/` prefix.
@@ -327,6 +398,18 @@ impl HostMatch {
             HostMatch::Any => true,
             HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
             HostMatch::Exact(e) => e == host,
+        }
+    }
+
+    /// Whether some host matches both patterns: a VirtualService's `hosts` against a
+    /// Gateway server's (Istio's `pickMatchingGatewayHosts`).
+    pub fn intersects(&self, other: &HostMatch) -> bool {
+        match (self, other) {
+            (HostMatch::Any, _) | (_, HostMatch::Any) => true,
+            (HostMatch::Exact(a), b) | (b, HostMatch::Exact(a)) => b.matches(a),
+            (HostMatch::Suffix(a), HostMatch::Suffix(b)) => {
+                a.ends_with(b.as_str()) || b.ends_with(a.as_str())
+            }
         }
     }
 }
@@ -592,6 +675,10 @@ pub struct BridgeSpec {
     pub port: u16,
     pub subset: Option<String>,
     pub identity: Option<String>,
+    /// The `tcp` route of a mesh-bound VirtualService for the Bridge's host and port (as a
+    /// sidecar applies it): each connection goes to one of its destinations by weight
+    /// instead of to `host`, `port` and `subset`.
+    pub route: Option<L4Route>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -413,3 +413,56 @@ async fn a_reload_moves_the_bridge_listener() {
     assert_eq!(bulk_echo(app, 4, 1024).await, Ok(1024));
     assert!(local.accepted() >= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_virtual_service_splits_bridged_connections_by_weight() {
+    let mesh = Mesh::new();
+    let reviews_l = std::net::TcpListener::bind(("127.0.0.1", free_port())).unwrap();
+    let reviews_addr = reviews_l.local_addr().unwrap();
+    let reviews = raw_echo_on(reviews_l);
+    let ratings_l = std::net::TcpListener::bind(("127.0.0.1", free_port())).unwrap();
+    let ratings_port = ratings_l.local_addr().unwrap().port();
+    let ratings = raw_echo_on(ratings_l);
+    let ports = Ports::new();
+    let listen = at("127.0.0.1", ports.gateway);
+    // As a sidecar would: a VirtualService without `gateways` (the mesh) for the
+    // Bridge's host sends half its connections to ratings.
+    let config = format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: ratings, namespace: default}}\nspec:\n  hosts: [ratings.default.svc.cluster.local]\n  ports: [{{number: 9080, name: tcp, targetPort: {ratings_port}}}]\n  resolution: STATIC\n  endpoints: [{{address: 127.0.0.1, network: network1}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews-split, namespace: default}}\nspec:\n  hosts: [reviews]\n  tcp:\n  - match: [{{port: 9080}}]\n    route:\n    - destination: {{host: reviews, subset: v1}}\n      weight: 50\n    - destination: {{host: ratings}}\n      weight: 50\n",
+        network1_bridge(
+            &ports,
+            listen,
+            &mesh.bridge,
+            at("127.0.0.9", 1),
+            GATEWAY_ID,
+            &[reviews_addr],
+            "",
+        )
+    );
+    let bridge = Strait::start(ports, &config);
+    const N: u64 = 200;
+    for _ in 0..N {
+        let app = TcpStream::connect(listen).await.unwrap();
+        assert_eq!(
+            bulk_echo(app, 2, 512).await,
+            Ok(512),
+            "{}",
+            bridge.stderr_text()
+        );
+    }
+    let (a, b) = (reviews.accepted(), ratings.accepted());
+    assert_eq!(a + b, N);
+    assert!(
+        (70..=130).contains(&a),
+        "reviews {a}, ratings {b}: 50 % expected"
+    );
+    assert!(bridge.eventually(Duration::from_secs(5), || {
+        bridge.metric(
+            "strait_route_destination_total",
+            &[
+                ("virtual_service", "default/reviews-split"),
+                ("destination_service", "ratings.default.svc.cluster.local"),
+            ],
+        ) == b as f64
+    }));
+}

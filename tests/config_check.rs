@@ -10,7 +10,12 @@ fn examples() -> PathBuf {
 
 #[test]
 fn each_example_loads_and_lists_the_file_it_read() {
-    for name in ["passthrough.yaml", "istio-mutual.yaml", "bridge.yaml"] {
+    for name in [
+        "passthrough.yaml",
+        "istio-mutual.yaml",
+        "bridge.yaml",
+        "expose-istiod.yaml",
+    ] {
         let path = examples().join(name);
         let loaded =
             load_paths(std::slice::from_ref(&path)).unwrap_or_else(|e| panic!("{name}: {e}"));

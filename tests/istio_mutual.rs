@@ -596,3 +596,99 @@ async fn permissive_peer_authentication_admits_clients_without_a_certificate() {
         gw.metric("strait_refusals_total", &[("reason", "denied_by_policy")]) == 1.0
     }));
 }
+
+/// A sidecar-less workload that answers every line with its own name.
+async fn named_server(name: &'static str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weighted_tcp_route_splits_connections_by_weight_and_weight_zero_gets_none() {
+    let s = setup();
+    let (a, _ta) = named_server("a").await;
+    let (b, _tb) = named_server("b").await;
+    let (c, _tc) = named_server("c").await;
+    let ports = Ports::new();
+    let entry = |name: &str, port: u16| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  hosts: [{name}.default.svc.cluster.local]\n  ports: [{{number: 9080, name: tcp, targetPort: {port}}}]\n  resolution: STATIC\n  endpoints: [{{address: 127.0.0.1}}]\n"
+        )
+    };
+    let routes = format!(
+        "{}{}{}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: split, namespace: istio-system}}\nspec:\n  hosts: [\"*.local\"]\n  gateways: [mtls]\n  tcp:\n  - match: [{{port: 1}}]\n    route: [{{destination: {{host: c.default.svc.cluster.local}}}}]\n  - match: [{{port: {gw}}}]\n    route:\n    - destination: {{host: a.default.svc.cluster.local, port: {{number: 9080}}}}\n      weight: 80\n    - destination: {{host: b.default.svc.cluster.local, port: {{number: 9080}}}}\n      weight: 20\n    - destination: {{host: c.default.svc.cluster.local, port: {{number: 9080}}}}\n      weight: 0\n",
+        entry("a", a.port()),
+        entry("b", b.port()),
+        entry("c", c.port()),
+        gw = ports.gateway,
+    );
+    let gw = Strait::start(ports, &config(&ports, &s.gw_certs, 1, &routes));
+    let client = issue(
+        &s.mesh_ca,
+        "spiffe://cluster.local/ns/foo/sa/sleep",
+        &s.dir.path().join("client"),
+    );
+
+    // 1,000 connections, 8 at a time; each asks once who answers.
+    const N: usize = 1000;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (next, client, addr) = (next.clone(), client.clone(), gw.gateway);
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < N {
+                let mut tls = mtls_handshake(addr, &client).await.unwrap();
+                tls.write_all(b"who\n").await.unwrap();
+                let mut answer = [0u8; 2];
+                tls.read_exact(&mut answer).await.unwrap();
+                got.push(answer[0]);
+            }
+            got
+        }));
+    }
+    let mut count = std::collections::BTreeMap::<u8, usize>::new();
+    for t in tasks {
+        for who in t.await.unwrap() {
+            *count.entry(who).or_default() += 1;
+        }
+    }
+    let to = |who: u8| count.get(&who).copied().unwrap_or(0);
+    assert_eq!(to(b'a') + to(b'b'), N, "{count:?}");
+    assert!(
+        (750..=850).contains(&to(b'a')),
+        "{count:?}: 80 % expected on a"
+    );
+    assert_eq!(
+        to(b'c'),
+        0,
+        "weight 0, and a rule for another port: {count:?}"
+    );
+    let picks = |svc: &str| {
+        gw.metric(
+            "strait_route_destination_total",
+            &[
+                ("virtual_service", "istio-system/split"),
+                ("destination_service", svc),
+            ],
+        )
+    };
+    assert_eq!(picks("a.default.svc.cluster.local"), to(b'a') as f64);
+    assert_eq!(picks("b.default.svc.cluster.local"), to(b'b') as f64);
+}

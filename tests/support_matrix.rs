@@ -37,6 +37,13 @@ spec:
     tls: {}
 ---
 apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs}
+spec:
+  tls: [{match: [{}], route: [{destination: {port: {}}}]}]
+  tcp: [{match: [{}], route: [{destination: {port: {}}}]}]
+---
+apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: se}
 spec:
@@ -274,6 +281,7 @@ fn the_fixture_reaches_every_kind() {
         "Gateway",
         "PeerAuthentication",
         "ServiceEntry",
+        "VirtualService",
         "WorkloadEntry",
         "trafficPolicy",
     ];

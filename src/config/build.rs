@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use crate::model::{
     BridgeSpec, Endpoint, EndpointAddress, HostMatch, ListenerSpec, Resolution, ServerSpec,
-    ServiceKey, ServicePort, Settings, Snapshot, Subset,
+    ServerTlsMode, ServiceKey, ServicePort, Settings, Snapshot, Subset,
 };
 
 use super::diagnostics::{Loc, Sink};
 use super::document::{Meta, Parsed};
 use super::istio::{DestinationRuleDoc, EndpointDoc, SePort, ServiceEntryDoc, WorkloadEntryDoc};
+use super::virtual_service::{self, Declared, ServerRef, VirtualServiceDoc};
 
 /// The label Istio puts on workloads that do not accept mTLS.
 use crate::model::TLS_MODE_LABEL;
@@ -27,6 +28,7 @@ pub(crate) fn build(sink: &mut Sink, parsed: Parsed) -> Snapshot {
         peer_authentications,
         authorization_policies,
         bridges,
+        virtual_services,
     } = parsed;
 
     let mut sockets: Vec<(SocketAddr, Option<Loc>, String)> = Vec::new();
@@ -70,9 +72,9 @@ pub(crate) fn build(sink: &mut Sink, parsed: Parsed) -> Snapshot {
                             format!(
                                 "server {} ({}) conflicts with server {} ({}) on {}; one address serves one TLS mode, use another port or bind",
                                 server.name,
-                                mode_name(server.mode),
+                                server.mode.name(),
                                 other.name,
-                                mode_name(other.mode),
+                                other.mode.name(),
                                 server.addr
                             ),
                         );
@@ -97,6 +99,13 @@ pub(crate) fn build(sink: &mut Sink, parsed: Parsed) -> Snapshot {
 
     let mut services = build_services(sink, &service_entries, &workload_entries);
     apply_destination_rules(sink, &destination_rules, &mut services);
+    bind_virtual_services(
+        sink,
+        &gateways,
+        &virtual_services,
+        &services,
+        &mut listeners,
+    );
 
     let mut bridge_specs = Vec::new();
     for b in &bridges {
@@ -135,6 +144,13 @@ pub(crate) fn build(sink: &mut Sink, parsed: Parsed) -> Snapshot {
             Some(b.listen_loc),
             format!("Bridge {}", b.meta.name),
         ));
+        let route = virtual_service::bridge_route(
+            sink,
+            &key.host,
+            b.port,
+            &virtual_services,
+            &services.declared(),
+        );
         bridge_specs.push(BridgeSpec {
             name: b.meta.name.clone(),
             listen: b.listen,
@@ -142,6 +158,7 @@ pub(crate) fn build(sink: &mut Sink, parsed: Parsed) -> Snapshot {
             port: b.port,
             subset: b.subset.as_ref().map(|(s, _)| s.clone()),
             identity: b.identity.clone(),
+            route,
         });
     }
 
@@ -209,10 +226,44 @@ pub(crate) fn build(sink: &mut Sink, parsed: Parsed) -> Snapshot {
     }
 }
 
-fn mode_name(mode: crate::model::ServerTlsMode) -> &'static str {
-    match mode {
-        crate::model::ServerTlsMode::AutoPassthrough => "AUTO_PASSTHROUGH",
-        crate::model::ServerTlsMode::IstioMutual => "ISTIO_MUTUAL",
+/// Gives each PASSTHROUGH and ISTIO_MUTUAL server the routes of the VirtualServices bound
+/// to it.
+fn bind_virtual_services(
+    sink: &mut Sink,
+    gateways: &[super::istio::GatewayDoc],
+    vss: &[VirtualServiceDoc],
+    services: &Services,
+    listeners: &mut [ListenerSpec],
+) {
+    let declared = services.declared();
+    let mut taken = BTreeMap::new();
+    for gw in gateways {
+        for doc in &gw.servers {
+            let server = ServerRef {
+                gateway_namespace: &gw.namespace,
+                gateway_name: &gw.name,
+                port: doc.addr.port(),
+                mode: doc.mode,
+                hosts: &doc.hosts,
+            };
+            let routes = virtual_service::routes_for(sink, &server, vss, &declared, &mut taken);
+            if doc.mode == ServerTlsMode::Passthrough && routes.is_empty() {
+                sink.warn(
+                    doc.mode_loc,
+                    format!(
+                        "PASSTHROUGH server {} has no VirtualService tls route bound to it (gateways: [{}/{}]); it refuses every connection",
+                        doc.name, gw.namespace, gw.name
+                    ),
+                );
+            }
+            if let Some(spec) = listeners
+                .iter_mut()
+                .flat_map(|l| l.servers.iter_mut())
+                .find(|s| s.name == doc.name)
+            {
+                spec.routes = routes;
+            }
+        }
     }
 }
 
@@ -222,6 +273,7 @@ fn server_spec(s: &super::istio::ServerDoc) -> ServerSpec {
         mode: s.mode,
         hosts: s.hosts.clone().into(),
         alpn: None,
+        routes: Vec::new(),
     }
 }
 
@@ -246,6 +298,16 @@ fn check_socket_conflicts(sink: &mut Sink, sockets: &[(SocketAddr, Option<Loc>, 
                     format!("{a_what} ({a}) cannot be bound together with {b_what} ({b}); give one of them another port"),
                 );
             }
+        }
+    }
+}
+
+impl Services {
+    /// What VirtualService destinations may name.
+    fn declared(&self) -> Declared<'_> {
+        Declared {
+            ports_of_host: &self.by_host,
+            ports: &self.ports,
         }
     }
 }

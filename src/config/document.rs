@@ -35,6 +35,7 @@ pub(crate) struct Parsed {
     pub peer_authentications: Vec<PeerAuthDoc>,
     pub authorization_policies: Vec<AuthzDoc>,
     pub bridges: Vec<BridgeDoc>,
+    pub virtual_services: Vec<super::virtual_service::VirtualServiceDoc>,
 }
 
 const NETWORKING: [&str; 3] = [
@@ -53,6 +54,7 @@ enum Kind {
     DestinationRule,
     PeerAuthentication,
     AuthorizationPolicy,
+    VirtualService,
     Bootstrap,
     Bridge,
     /// Kubernetes' `v1` `List`, as `kubectl get -o yaml` prints it.
@@ -67,6 +69,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
         "ServiceEntry" if networking => Kind::ServiceEntry,
         "WorkloadEntry" if networking => Kind::WorkloadEntry,
         "DestinationRule" if networking => Kind::DestinationRule,
+        "VirtualService" if networking => Kind::VirtualService,
         "PeerAuthentication" if security => Kind::PeerAuthentication,
         "AuthorizationPolicy" if security => Kind::AuthorizationPolicy,
         "Bootstrap" if api_version == STRAIT => Kind::Bootstrap,
@@ -153,6 +156,11 @@ pub(crate) fn read_document(sink: &mut Sink, node: &Node, out: &mut Parsed) {
         Kind::DestinationRule => {
             if let Some(d) = istio::destination_rule(sink, meta, spec) {
                 out.destination_rules.push(d);
+            }
+        }
+        Kind::VirtualService => {
+            if let Some(d) = super::virtual_service::read(sink, meta, spec) {
+                out.virtual_services.push(d);
             }
         }
         Kind::PeerAuthentication => {

@@ -20,6 +20,8 @@ use super::yaml::Node;
 
 #[derive(Debug)]
 pub(crate) struct GatewayDoc {
+    pub name: String,
+    pub namespace: String,
     pub servers: Vec<ServerDoc>,
 }
 
@@ -71,7 +73,11 @@ pub(crate) fn gateway(sink: &mut Sink, meta: Meta, mut spec: Fields<'_, '_>) -> 
         ),
     }
     spec.finish(sink);
-    Some(GatewayDoc { servers })
+    Some(GatewayDoc {
+        name: meta.name,
+        namespace: meta.namespace,
+        servers,
+    })
 }
 
 fn server(
@@ -143,13 +149,14 @@ fn server(
                         ) {
                             Some("AUTO_PASSTHROUGH") => mode = Some(ServerTlsMode::AutoPassthrough),
                             Some("ISTIO_MUTUAL") => mode = Some(ServerTlsMode::IstioMutual),
+                            Some("PASSTHROUGH") => mode = Some(ServerTlsMode::Passthrough),
                             Some(other) => {
                                 skipped = true;
                                 sink.warn(
                                     m.loc,
                                     format!(
                                         "{mp} {other} is not supported by strait \
-                                         (AUTO_PASSTHROUGH or ISTIO_MUTUAL); server skipped"
+                                         (AUTO_PASSTHROUGH, ISTIO_MUTUAL or PASSTHROUGH); server skipped"
                                     ),
                                 );
                             }
@@ -160,7 +167,7 @@ fn server(
                         skipped = true;
                         sink.warn(
                             tls.loc,
-                            format!("{tp}.mode is not set; strait serves only AUTO_PASSTHROUGH and ISTIO_MUTUAL servers; server skipped"),
+                            format!("{tp}.mode is not set; strait serves only AUTO_PASSTHROUGH, ISTIO_MUTUAL and PASSTHROUGH servers; server skipped"),
                         );
                     }
                 }
@@ -172,7 +179,7 @@ fn server(
             skipped = true;
             sink.warn(
                 node.loc,
-                format!("{path} has no tls.mode; strait serves only AUTO_PASSTHROUGH and ISTIO_MUTUAL servers; server skipped"),
+                format!("{path} has no tls.mode; strait serves only AUTO_PASSTHROUGH, ISTIO_MUTUAL and PASSTHROUGH servers; server skipped"),
             );
         }
     }

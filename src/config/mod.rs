@@ -13,6 +13,7 @@ mod duration;
 mod fields;
 mod istio;
 mod strait;
+mod virtual_service;
 mod yaml;
 
 use std::path::{Path, PathBuf};

@@ -160,7 +160,7 @@ fn passthrough_example_builds_the_expected_snapshot() {
 fn unknown_kinds_and_api_versions_are_warnings_naming_them() {
     let w = warnings(
         "apiVersion: networking.istio.io/v1
-kind: VirtualService
+kind: Sidecar
 metadata: {name: x}
 spec: {}
 ---
@@ -172,8 +172,149 @@ metadata: {name: y}
     assert_eq!(
         w,
         [
-            "t.yaml:2:7: warning: kind VirtualService (networking.istio.io/v1) is not used by strait; ignored",
+            "t.yaml:2:7: warning: kind Sidecar (networking.istio.io/v1) is not used by strait; ignored",
             "t.yaml:7:7: warning: kind Gateway (gateway.networking.k8s.io/v1) is not used by strait; ignored",
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// VirtualService
+
+const ISTIOD_SE: &str = "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: istiod, namespace: istio-system}
+spec:
+  hosts: [istiod.istio-system.svc.cluster.local]
+  resolution: STATIC
+  ports: [{number: 15012, name: grpc}, {number: 443, name: https}]
+  endpoints: [{address: 10.0.0.20}]
+";
+
+fn passthrough_gateway(vs: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: istiod-gateway, namespace: istio-system}}
+spec:
+  servers:
+  - port: {{number: 15012, name: tls, protocol: tls}}
+    tls: {{mode: PASSTHROUGH}}
+    hosts: [\"*\"]
+{ISTIOD_SE}{vs}"
+    )
+}
+
+#[test]
+fn a_name_routed_twice_on_a_port_is_reported_at_both_places_and_the_first_kept() {
+    let vs = |name: &str, port: u16| {
+        format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}, namespace: istio-system}}
+spec:
+  hosts: [\"*\"]
+  gateways: [istio-system/istiod-gateway]
+  tls:
+  - match: [{{sniHosts: [istiod.istio-system.svc]}}]
+    route: [{{destination: {{host: istiod.istio-system.svc.cluster.local, port: {{number: {port}}}}}}}]
+"
+        )
+    };
+    let text = passthrough_gateway(&format!("{}{}", vs("first", 15012), vs("second", 443)));
+    let l = load_ok(&text);
+    assert_eq!(
+        l.diagnostics
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>(),
+        [
+            "t.yaml:26:25: warning: VirtualService istio-system/first: sniHost istiod.istio-system.svc on port 15012 is routed again by VirtualService istio-system/second (line 36); this first route is kept",
+            "t.yaml:36:25: warning: VirtualService istio-system/second: sniHost istiod.istio-system.svc on port 15012 is already routed by VirtualService istio-system/first (line 26); the first route is kept",
+        ]
+    );
+    let routes = &l.snapshot.listeners[0].servers[0].routes;
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0].virtual_service, "istio-system/first");
+    assert_eq!(routes[0].destinations[0].service.port, 15012);
+}
+
+#[test]
+fn virtual_services_bind_by_gateway_and_port_and_drop_zero_weights() {
+    let l = load_ok(&passthrough_gateway(
+        "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: elsewhere, namespace: default}
+spec:
+  hosts: [\"*\"]
+  gateways: [istiod-gateway]
+  tls:
+  - match: [{sniHosts: [\"*\"]}]
+    route: [{destination: {host: istiod.istio-system.svc.cluster.local, port: {number: 15012}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bound, namespace: istio-system}
+spec:
+  hosts: [\"*.svc\"]
+  gateways: [istiod-gateway]
+  tls:
+  - match: [{port: 9999, sniHosts: [other.svc]}]
+    route: [{destination: {host: istiod.istio-system.svc.cluster.local, port: {number: 15012}}}]
+  - match: [{sniHosts: [\"*.svc\"], sourceLabels: {app: x}}]
+    route:
+    - destination: {host: istiod, port: {number: 15012}}
+      weight: 90
+    - destination: {host: istiod.istio-system.svc.cluster.local, port: {number: 443}}
+      weight: 0
+    - destination: {host: istiod.istio-system.svc.cluster.local, port: {number: 443}}
+      weight: 10
+",
+    ));
+    assert!(l.diagnostics.is_empty(), "{:?}", warnings_of(&l));
+    let routes = &l.snapshot.listeners[0].servers[0].routes;
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    assert_eq!(routes[0].virtual_service, "istio-system/bound");
+    assert_eq!(routes[0].sni_hosts, [HostMatch::Suffix(".svc".into())]);
+    let d: Vec<(u16, u32)> = routes[0]
+        .destinations
+        .iter()
+        .map(|d| (d.service.port, d.weight))
+        .collect();
+    assert_eq!(d, [(15012, 90), (443, 10)]);
+    assert_eq!(
+        routes[0].destinations[0].service.host, "istiod.istio-system.svc.cluster.local",
+        "a short name is a service of the VirtualService's namespace"
+    );
+}
+
+#[test]
+fn destinations_that_name_nothing_declared_are_errors() {
+    let e = load_err(&passthrough_gateway(
+        "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad, namespace: istio-system}
+spec:
+  hosts: [\"*\"]
+  gateways: [istiod-gateway]
+  tls:
+  - match: [{sniHosts: [\"*\"]}]
+    route:
+    - destination: {host: istiod.istio-system.svc.cluster.local}
+      weight: 50
+    - destination: {host: nowhere.istio-system.svc.cluster.local, port: {number: 1}}
+      weight: 50
+",
+    ));
+    assert_eq!(
+        e,
+        [
+            "t.yaml:28:7: error: VirtualService istio-system/bad: destination istiod.istio-system.svc.cluster.local needs a port number; its declared ports are 15012, 443",
+            "t.yaml:30:7: error: VirtualService istio-system/bad: destination host nowhere.istio-system.svc.cluster.local is not declared by a ServiceEntry; declare it, or connections routed here are refused",
         ]
     );
 }
@@ -388,9 +529,9 @@ spec:
     assert_eq!(
         warnings_of(&l),
         [
-            "t.yaml:7:17: warning: spec.servers[0].tls.mode SIMPLE is not supported by strait (AUTO_PASSTHROUGH or ISTIO_MUTUAL); server skipped",
+            "t.yaml:7:17: warning: spec.servers[0].tls.mode SIMPLE is not supported by strait (AUTO_PASSTHROUGH, ISTIO_MUTUAL or PASSTHROUGH); server skipped",
             "t.yaml:7:25: warning: field spec.servers[0].tls.credentialName is not used by strait; ignored",
-            "t.yaml:9:5: warning: spec.servers[1] has no tls.mode; strait serves only AUTO_PASSTHROUGH and ISTIO_MUTUAL servers; server skipped",
+            "t.yaml:9:5: warning: spec.servers[1] has no tls.mode; strait serves only AUTO_PASSTHROUGH, ISTIO_MUTUAL and PASSTHROUGH servers; server skipped",
         ]
     );
 }

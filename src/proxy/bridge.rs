@@ -129,25 +129,41 @@ pub(super) async fn handle(
         result.refuse(ResponseFlag::NoRoute, "no_bridge");
         return;
     };
-    result.service = Some(bridge.host.clone());
-    result.subset = bridge.subset.clone();
-    let key = ServiceKey::new(&bridge.host, bridge.port);
+    // A VirtualService tcp route picks the destination per connection, as a sidecar's.
+    let (key, subset) = match &bridge.route {
+        Some(route) => match route.pick() {
+            Some(d) => (d.service.clone(), d.subset.as_deref()),
+            None => {
+                result.refuse(ResponseFlag::NoRoute, "no_destination");
+                return;
+            }
+        },
+        None => (
+            ServiceKey::new(&bridge.host, bridge.port),
+            bridge.subset.as_deref(),
+        ),
+    };
+    result.service = Some(key.host.clone());
+    result.subset = subset.map(str::to_string);
     let (Some(service), Some(cluster)) = (
         runtime.snapshot.services.get(&key),
         runtime
             .clusters
             .get(&key)
-            .and_then(|c| c.get(bridge.subset.as_deref()))
+            .and_then(|c| c.get(subset))
             .cloned(),
     ) else {
         result.refuse(ResponseFlag::NoHealthyUpstream, "no_cluster");
         return;
     };
+    if let Some(route) = &bridge.route {
+        result.routed_by(route, service, subset);
+    }
     let Some(_slot) = cluster.admit() else {
         result.refuse(ResponseFlag::UpstreamOverflow, "cluster_max_connections");
         return;
     };
-    let sni = build_subset_key(service.port, bridge.subset.as_deref(), &service.host);
+    let sni = build_subset_key(service.port, subset, &service.host);
     let opened = match open(&shared, &runtime, bridge, &cluster, &sni).await {
         Ok(o) => o,
         Err((flag, reason, detail)) => {
@@ -167,7 +183,7 @@ pub(super) async fn handle(
     let mut labels = IstioLabels::for_route(
         &shared.telemetry.identity,
         service,
-        bridge.subset.as_deref(),
+        subset,
         None,
         opened.peer.is_some(),
     );

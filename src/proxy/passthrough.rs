@@ -129,6 +129,9 @@ async fn forward(
         };
         return refuse_no_route(&mut stream, &mut result, &miss).await;
     }
+    if let Some(r) = route.route {
+        result.routed_by(r, route.service, route.subset);
+    }
     if mode == ServerTlsMode::IstioMutual {
         let service = route.service.clone();
         let subset = route.subset.map(str::to_string);
@@ -167,7 +170,11 @@ async fn forward(
         &shared,
         settings,
         cluster,
-        Purpose::Passthrough,
+        if mode == ServerTlsMode::Passthrough {
+            Purpose::Tls
+        } else {
+            Purpose::Passthrough
+        },
         // The ClientHello goes to the endpoint exactly as received.
         Some(&buf),
         &mut result,

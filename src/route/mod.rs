@@ -7,7 +7,9 @@ pub mod sni;
 
 use std::sync::Arc;
 
-use crate::model::{DefaultRoute, ServerSpec, ServiceKey, ServicePort, Services};
+use crate::model::{
+    DefaultRoute, L4Route, ServerSpec, ServerTlsMode, ServiceKey, ServicePort, Services,
+};
 use sni::{SniMiss, lower_case, parse_subset_key};
 
 /// Why an SNI does not route. Each variant is one `NR` reason.
@@ -39,6 +41,12 @@ pub enum RouteMiss {
     AlpnNotAllowed { offered: String, allowed: String },
     #[error("the control plane lists no filter chain for {sni}")]
     NotListed { sni: String },
+    #[error("no VirtualService tls route on this server takes the name {sni}")]
+    NoTlsRoute { sni: String },
+    #[error(
+        "VirtualService {virtual_service} routes here, but none of its destinations is declared"
+    )]
+    NoDestination { virtual_service: String },
 }
 
 impl RouteMiss {
@@ -52,6 +60,8 @@ impl RouteMiss {
             RouteMiss::UnknownSubset { .. } => "unknown_subset",
             RouteMiss::AlpnNotAllowed { .. } => "alpn_not_allowed",
             RouteMiss::NotListed { .. } => "not_listed",
+            RouteMiss::NoTlsRoute { .. } => "no_tls_route",
+            RouteMiss::NoDestination { .. } => "no_destination",
         }
     }
 }
@@ -64,6 +74,8 @@ pub struct RouteMatch<'s> {
     pub service: &'s Arc<ServicePort>,
     /// The declared subset name (as written in the DestinationRule).
     pub subset: Option<&'s str>,
+    /// The VirtualService route that chose the destination, when one did.
+    pub route: Option<&'s L4Route>,
 }
 
 /// Resolves an SNI against one listener's servers and the service table.
@@ -77,6 +89,12 @@ pub fn resolve<'s>(
     sni: Option<&str>,
 ) -> Result<RouteMatch<'s>, RouteMiss> {
     let sni = lower_case(sni.ok_or(RouteMiss::NoSni)?);
+    if servers
+        .iter()
+        .any(|s| !s.routes.is_empty() || s.mode == ServerTlsMode::Passthrough)
+    {
+        return resolve_by_route(servers, services, &sni);
+    }
     let key = parse_subset_key(&sni)?;
     let host = key.host;
     let server = servers
@@ -132,7 +150,81 @@ pub fn resolve<'s>(
         server,
         service,
         subset,
+        route: None,
     })
+}
+
+/// A listener whose servers route by VirtualService: a PASSTHROUGH server takes the `tls`
+/// route whose `sniHosts` match the name most specifically (exact, then the longest
+/// `*.suffix`, then `*`, as Envoy matches `server_names`); an ISTIO_MUTUAL server whose hosts cover
+/// the name (a subset key's host, or the name itself) takes its `tcp` route. The route
+/// then picks a destination by weight. Servers without routes route by subset key.
+fn resolve_by_route<'s>(
+    servers: &'s [ServerSpec],
+    services: &'s Services,
+    sni: &str,
+) -> Result<RouteMatch<'s>, RouteMiss> {
+    let key = parse_subset_key(sni).ok();
+    let host = key.as_ref().map_or(sni, |k| k.host);
+    let mut found = None;
+    for (i, s) in servers.iter().enumerate() {
+        let route = match s.mode {
+            // The most specific route wins, the first among equals.
+            ServerTlsMode::Passthrough => s
+                .routes
+                .iter()
+                .filter_map(|r| r.specificity(sni).map(|rank| (rank, r)))
+                .min_by_key(|(rank, _)| *rank)
+                .map(|(_, r)| r),
+            _ if s.hosts.matches(host) => match s.routes.first() {
+                Some(r) => Some(r),
+                // An ISTIO_MUTUAL server without a VirtualService routes by subset key.
+                None => return resolve_key(servers, i, services, sni),
+            },
+            _ => None,
+        };
+        if let Some(r) = route {
+            found = Some((i, r));
+            break;
+        }
+    }
+    let Some((server, route)) = found else {
+        return Err(RouteMiss::NoTlsRoute {
+            sni: sni.to_string(),
+        });
+    };
+    let no_destination = || RouteMiss::NoDestination {
+        virtual_service: route.virtual_service.clone(),
+    };
+    let dest = route.pick().ok_or_else(no_destination)?;
+    let service = services.get(&dest.service).ok_or_else(no_destination)?;
+    let subset = match &dest.subset {
+        Some(name) => Some(
+            service
+                .subsets
+                .get_key_value(name)
+                .map(|(k, _)| k.as_str())
+                .ok_or_else(no_destination)?,
+        ),
+        None => None,
+    };
+    Ok(RouteMatch {
+        server,
+        service,
+        subset,
+        route: Some(route),
+    })
+}
+
+/// The subset-key route of `sni` on server `i` alone.
+fn resolve_key<'s>(
+    servers: &'s [ServerSpec],
+    i: usize,
+    services: &'s Services,
+    sni: &str,
+) -> Result<RouteMatch<'s>, RouteMiss> {
+    // The server has no routes, so this takes the subset-key path.
+    resolve(&servers[i..=i], services, Some(sni)).map(|m| RouteMatch { server: i, ..m })
 }
 
 /// The ports declared for `host`, for explaining an `UnknownService` miss offline
@@ -168,6 +260,7 @@ mod tests {
             mode: ServerTlsMode::AutoPassthrough,
             hosts: vec![HostMatch::parse("*.local")].into(),
             alpn: None,
+            routes: Vec::new(),
         }];
         let mut subsets = BTreeMap::new();
         subsets.insert(
@@ -207,6 +300,7 @@ mod tests {
             mode: ServerTlsMode::AutoPassthrough,
             hosts: hosts.into(),
             alpn: None,
+            routes: Vec::new(),
         }];
         let hit = resolve(
             &servers,

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub accepted: IntCounter,
     pub active: IntGauge,
     pub refusals: IntCounterVec,
+    /// Connections a VirtualService route sent to each of its destinations.
+    pub route_picks: IntCounterVec,
     pub upstream_connect_attempts: IntCounter,
     pub upstream_connect_failures: IntCounterVec,
     pub upstream_connect_seconds: Histogram,
@@ -228,6 +230,17 @@ impl Metrics {
             "Connections refused or ended abnormally, by response flag and reason.",
             &["response_flag", "reason"],
         );
+        let route_picks = counter_vec(
+            r,
+            "strait_route_destination_total",
+            "Connections a VirtualService tls or tcp route sent to each destination (weighted per connection).",
+            &[
+                "virtual_service",
+                "destination_service",
+                "destination_port",
+                "destination_subset",
+            ],
+        );
         let upstream_connect_attempts = IntCounter::new(
             "strait_upstream_connect_attempts_total",
             "Upstream connection attempts.",
@@ -338,6 +351,7 @@ impl Metrics {
             accepted,
             active,
             refusals,
+            route_picks,
             upstream_connect_attempts,
             upstream_connect_failures,
             upstream_connect_seconds,

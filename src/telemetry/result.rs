@@ -68,6 +68,8 @@ pub struct ConnectionResult {
     pub alpn: Option<String>,
     pub service: Option<String>,
     pub subset: Option<String>,
+    /// The VirtualService whose route chose the destination.
+    pub virtual_service: Option<String>,
     pub upstream: Option<SocketAddr>,
     /// Network of the endpoint picked, when it is not this process's own (a bridge
     /// reaching it through that network's gateway).
@@ -150,6 +152,7 @@ impl ConnectionResult {
             alpn: None,
             service: None,
             subset: None,
+            virtual_service: None,
             upstream: None,
             upstream_network: None,
             peer_identity: None,
@@ -168,6 +171,27 @@ impl ConnectionResult {
 
     pub fn elapsed(&self) -> std::time::Duration {
         self.start.elapsed()
+    }
+
+    /// Records the VirtualService route that chose this connection's destination, and
+    /// counts the choice.
+    pub fn routed_by(
+        &mut self,
+        route: &crate::model::L4Route,
+        service: &crate::model::ServicePort,
+        subset: Option<&str>,
+    ) {
+        self.telemetry
+            .metrics
+            .route_picks
+            .with_label_values(&[
+                route.virtual_service.as_str(),
+                service.host.as_str(),
+                &service.port.to_string(),
+                subset.unwrap_or(""),
+            ])
+            .inc();
+        self.virtual_service = Some(route.virtual_service.clone());
     }
 
     /// Records a refusal (or abnormal end) with its flag and bounded reason.
@@ -205,6 +229,7 @@ impl ConnectionResult {
             "alpn": self.alpn,
             "service": self.service,
             "subset": self.subset,
+            "virtual_service": self.virtual_service,
             "upstream": self.upstream.map(|a| a.to_string()),
             "upstream_network": self.upstream_network,
             "peer_identity": self.peer_identity,

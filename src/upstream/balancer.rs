@@ -92,6 +92,7 @@ pub(super) fn pick(
             Purpose::Passthrough => {
                 super::passthrough_exclusion(&members[i].endpoint, network).is_none()
             }
+            Purpose::Tls => super::in_network(&members[i].endpoint, network),
             Purpose::Terminated | Purpose::Bridge => true,
         })
         .collect();

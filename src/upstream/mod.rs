@@ -219,6 +219,9 @@ pub enum Purpose {
     /// endpoints of another network are reached through that network's gateway, not
     /// dialled from here.
     Passthrough,
+    /// PASSTHROUGH: the client's TLS is the destination's own (a server certificate of
+    /// its own, not mesh mTLS), so any endpoint of the gateway's network will do.
+    Tls,
     /// The gateway speaks for the client: any endpoint will do.
     Terminated,
     /// A bridge speaks for a local client: every endpoint is a candidate, but those in

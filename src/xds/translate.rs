@@ -21,9 +21,9 @@ use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, value::Kind
 use prost::Message;
 
 use crate::model::{
-    DefaultRoute, Endpoint, EndpointAddress, HostMatch, HostSet, LbPolicy, ListenerSpec, Locality,
-    OutlierDetection, Resolution, ServerSpec, ServerTlsMode, ServiceKey, ServicePort, Services,
-    Subset, TLS_MODE_LABEL, TrafficPolicy,
+    DefaultRoute, Destination, Endpoint, EndpointAddress, HostMatch, HostSet, L4Route, LbPolicy,
+    ListenerSpec, Locality, OutlierDetection, Resolution, ServerSpec, ServerTlsMode, ServiceKey,
+    ServicePort, Services, Subset, TLS_MODE_LABEL, TrafficPolicy,
 };
 use crate::route::sni::parse_subset_key;
 
@@ -47,6 +47,20 @@ pub struct XListener {
     pub ignored_filters: BTreeSet<String>,
     /// Filter chains not served, with why.
     pub skipped_chains: Vec<String>,
+    /// PASSTHROUGH chains: any name, or names that are not subset keys, to clusters.
+    pub tls_chains: Vec<TlsChain>,
+}
+
+/// A filter chain of a PASSTHROUGH server (istiod's `buildGatewayNetworkFiltersFromTLSRoutes`):
+/// its `server_names` are a VirtualService's `sniHosts` (none for `*`), and `tcp_proxy`
+/// sends to `outbound|<port>|<subset>|<host>` clusters, weighted when several.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsChain {
+    pub server_names: Vec<String>,
+    /// `(cluster, weight)`, weight 0 left out.
+    pub clusters: Vec<(String, u32)>,
+    pub idle_timeout: Option<Duration>,
+    pub max_duration: Option<Duration>,
 }
 
 /// One filter chain: the SNIs and ALPNs it matches and where `tcp_proxy` sends them.
@@ -163,6 +177,7 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
         chains: Vec::new(),
         ignored_filters: BTreeSet::new(),
         skipped_chains: Vec::new(),
+        tls_chains: Vec::new(),
     };
     let mut problems = Vec::new();
     let mut seen: HashMap<(String, Vec<String>), usize> = HashMap::new();
@@ -208,32 +223,14 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
                 continue;
             }
         };
-        let cluster = match proxy.cluster_specifier {
-            Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(c)) => c,
-            Some(tcp::tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
-                // A weighted split belongs to PASSTHROUGH/TCP routes; an SNI subset key
-                // names one cluster.
-                match w
-                    .clusters
-                    .iter()
-                    .filter(|c| c.weight > 0)
-                    .max_by_key(|c| c.weight)
-                {
-                    Some(c) => {
-                        problems.push(format!(
-                            "listener {name} {label}: weighted_clusters served by its heaviest cluster {} only",
-                            c.name
-                        ));
-                        c.name.clone()
-                    }
-                    None => {
-                        problems.push(format!(
-                            "listener {name} {label}: weighted_clusters with no weight"
-                        ));
-                        continue;
-                    }
-                }
-            }
+        let weighted: Vec<(String, u32)> = match &proxy.cluster_specifier {
+            Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(c)) => vec![(c.clone(), 1)],
+            Some(tcp::tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => w
+                .clusters
+                .iter()
+                .filter(|c| c.weight > 0)
+                .map(|c| (c.name.clone(), c.weight))
+                .collect(),
             None => {
                 problems.push(format!(
                     "listener {name} {label}: tcp_proxy names no cluster"
@@ -241,18 +238,47 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
                 continue;
             }
         };
-        if m.server_names.is_empty() {
-            out.skipped_chains.push(format!(
-                "{label}: matches any SNI (PASSTHROUGH) to {cluster}, which strait does not serve from xDS"
+        let Some((cluster, _)) = weighted.iter().max_by_key(|(_, w)| *w).cloned() else {
+            problems.push(format!(
+                "listener {name} {label}: weighted_clusters with no weight"
             ));
             continue;
+        };
+        // Names that are not subset keys (or none: any name) are a PASSTHROUGH server's
+        // routes to `outbound|…` clusters.
+        let plain: Vec<String> = m
+            .server_names
+            .iter()
+            .map(|s| s.to_ascii_lowercase())
+            .filter(|s| parse_subset_key(s).is_err())
+            .collect();
+        let only_plain = plain.len() == m.server_names.len();
+        if m.server_names.is_empty() || !plain.is_empty() {
+            match weighted.iter().find(|(c, _)| outbound_cluster(c).is_none()) {
+                Some((c, _)) => out.skipped_chains.push(format!(
+                    "{label}: routes names that are not subset keys to {c}, which is not an outbound|<port>|<subset>|<host> cluster"
+                )),
+                None => out.tls_chains.push(TlsChain {
+                    server_names: plain,
+                    clusters: weighted.clone(),
+                    idle_timeout: duration(&proxy.idle_timeout),
+                    max_duration: duration(&proxy.max_downstream_connection_duration),
+                }),
+            }
+            if only_plain {
+                continue;
+            }
+        }
+        if weighted.len() > 1 {
+            problems.push(format!(
+                "listener {name} {label}: an SNI subset key names one cluster; weighted_clusters served by its heaviest cluster {cluster} only"
+            ));
         }
         let mut names = Vec::new();
         for sni in &m.server_names {
             let sni = sni.to_ascii_lowercase();
             if parse_subset_key(&sni).is_err() {
-                out.skipped_chains
-                    .push(format!("{label}: {sni} is not an outbound_ subset key"));
+                // Served above as a PASSTHROUGH route.
                 continue;
             }
             let mut alpn = m.application_protocols.clone();
@@ -284,6 +310,25 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
             value: Listener::Served(out),
             problems,
         },
+    ))
+}
+
+/// `outbound|<port>|<subset>|<host>`: the service port and subset of a cluster istiod
+/// builds for a VirtualService destination.
+pub fn outbound_cluster(name: &str) -> Option<(ServiceKey, Option<String>)> {
+    let mut parts = name.splitn(4, '|');
+    let (Some("outbound"), Some(port), Some(subset), Some(host)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    if host.is_empty() {
+        return None;
+    }
+    Some((
+        ServiceKey::new(host, port),
+        (!subset.is_empty()).then(|| subset.to_ascii_lowercase()),
     ))
 }
 
@@ -564,8 +609,14 @@ impl Held {
                 Listener::Served(l) => Some(l),
                 Listener::NotServed(_) => None,
             })
-            .flat_map(|l| l.chains.iter())
-            .filter_map(|c| self.clusters.get(&c.cluster))
+            .flat_map(|l| {
+                l.chains.iter().map(|c| &c.cluster).chain(
+                    l.tls_chains
+                        .iter()
+                        .flat_map(|t| t.clusters.iter().map(|(c, _)| c)),
+                )
+            })
+            .filter_map(|c| self.clusters.get(c))
             .filter_map(|c| c.eds_name.clone())
             .collect()
     }
@@ -642,21 +693,33 @@ impl Assembly {
                     }
                 }
             }
-            if servers.is_empty() {
+            let mut specs: Vec<ServerSpec> = servers
+                .into_iter()
+                .enumerate()
+                .map(|(i, (alpn, hosts))| ServerSpec {
+                    name: format!("xds/{lname}/{i}"),
+                    mode: ServerTlsMode::AutoPassthrough,
+                    hosts: HostSet::new(hosts.into_iter().map(HostMatch::Exact).collect()),
+                    alpn: Some(alpn),
+                    routes: Vec::new(),
+                })
+                .collect();
+            let routes = self.tls_routes(lname, l, held, &mut taken);
+            if !routes.is_empty() {
+                specs.push(ServerSpec {
+                    name: format!("xds/{lname}/passthrough"),
+                    mode: ServerTlsMode::Passthrough,
+                    hosts: HostSet::new(vec![HostMatch::Any]),
+                    alpn: None,
+                    routes,
+                });
+            }
+            if specs.is_empty() {
                 continue;
             }
             self.listeners.push(ListenerSpec {
                 addr: l.addr,
-                servers: servers
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (alpn, hosts))| ServerSpec {
-                        name: format!("xds/{lname}/{i}"),
-                        mode: ServerTlsMode::AutoPassthrough,
-                        hosts: HostSet::new(hosts.into_iter().map(HostMatch::Exact).collect()),
-                        alpn: Some(alpn),
-                    })
-                    .collect(),
+                servers: specs,
             });
         }
         self.services = self
@@ -664,6 +727,77 @@ impl Assembly {
             .iter()
             .map(|(key, routes)| (key.clone(), Arc::new(service(key, routes, held))))
             .collect();
+    }
+
+    /// The PASSTHROUGH routes of a listener's TLS chains; each `outbound|…` cluster they
+    /// send to becomes a route of its service port (and subset), as an SNI key's cluster
+    /// does.
+    fn tls_routes(
+        &mut self,
+        lname: &str,
+        l: &XListener,
+        held: &Held,
+        taken: &mut HashMap<(ServiceKey, Option<String>), String>,
+    ) -> Vec<L4Route> {
+        let mut routes = Vec::new();
+        for chain in &l.tls_chains {
+            let mut destinations = Vec::new();
+            for (name, weight) in &chain.clusters {
+                let Some((skey, subset)) = outbound_cluster(name) else {
+                    continue;
+                };
+                let Some(cluster) = held.clusters.get(name) else {
+                    self.missing_clusters.insert(name.clone());
+                    continue;
+                };
+                let slot = (skey.clone(), subset.clone());
+                match taken.get(&slot) {
+                    Some(first) if first != name => self.conflicts.push(format!(
+                        "listener {lname}: {name} is the service port of {first}, which is kept"
+                    )),
+                    Some(_) => {}
+                    None => {
+                        taken.insert(slot, name.clone());
+                        if let Some(eds) = &cluster.eds_name {
+                            self.keys_of_eds
+                                .entry(eds.clone())
+                                .or_default()
+                                .insert(skey.clone());
+                        }
+                        let mut policy = cluster.policy.clone();
+                        policy.idle_timeout = chain.idle_timeout;
+                        policy.max_connection_duration = chain.max_duration;
+                        self.routes.entry(skey.clone()).or_default().push(Route {
+                            subset: subset.clone(),
+                            cluster: name.clone(),
+                            policy,
+                        });
+                    }
+                }
+                destinations.push(Destination {
+                    service: skey,
+                    subset,
+                    weight: *weight,
+                });
+            }
+            if destinations.is_empty() {
+                continue;
+            }
+            routes.push(L4Route {
+                virtual_service: format!("xds/{lname}"),
+                sni_hosts: if chain.server_names.is_empty() {
+                    vec![HostMatch::Any]
+                } else {
+                    chain
+                        .server_names
+                        .iter()
+                        .map(|n| HostMatch::parse(n))
+                        .collect()
+                },
+                destinations,
+            });
+        }
+        routes
     }
 
     /// Rebuilds the service ports that use the endpoints of `eds`; returns them.

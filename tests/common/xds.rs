@@ -303,6 +303,94 @@ impl ListenerSpec {
     }
 }
 
+/// A listener istiod builds for a PASSTHROUGH Gateway server (`gateway.go`,
+/// `buildGatewayNetworkFiltersFromTLSRoutes`): `tls_inspector`, one filter chain per
+/// VirtualService `tls[].match[]` with `server_names` = its `sniHosts` (none for `*`), no
+/// transport socket and no ALPN, and `tcp_proxy` to `outbound|<port>|<subset>|<host>`
+/// clusters (`weighted_clusters` when the route has several destinations).
+/// One PASSTHROUGH filter chain: its `sniHosts` and its `(cluster, weight)` destinations.
+pub type TlsChainSpec<'a> = (&'a [&'a str], &'a [(&'a str, u32)]);
+
+pub fn passthrough_listener(name: &str, addr: SocketAddr, chains: &[TlsChainSpec<'_>]) -> Listener {
+    let mut l = ListenerSpec::new(addr, &[]).name(name).build();
+    l.filter_chains = chains
+        .iter()
+        .map(|(sni_hosts, clusters)| {
+            let server_names = if sni_hosts.contains(&"*") {
+                Vec::new()
+            } else {
+                sni_hosts.iter().map(|h| h.to_string()).collect()
+            };
+            let cluster_specifier = match clusters {
+                [(one, _)] => tcp_proxy::ClusterSpecifier::Cluster(one.to_string()),
+                many => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+                    clusters: many
+                        .iter()
+                        .map(|(c, w)| tcp_proxy::weighted_cluster::ClusterWeight {
+                            name: c.to_string(),
+                            weight: *w,
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            };
+            FilterChain {
+                filter_chain_match: Some(FilterChainMatch {
+                    server_names,
+                    ..Default::default()
+                }),
+                filters: vec![Filter {
+                    name: "envoy.filters.network.tcp_proxy".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(to_any(&TcpProxy {
+                        stat_prefix: clusters[0].0.to_string(),
+                        cluster_specifier: Some(cluster_specifier),
+                        ..Default::default()
+                    }))),
+                }],
+                ..Default::default()
+            }
+        })
+        .collect();
+    l
+}
+
+pub const ISTIOD_HOST: &str = "istiod.istio-system.svc.cluster.local";
+pub const ISTIOD_XDS: &str = "outbound|15012||istiod.istio-system.svc.cluster.local";
+pub const ISTIOD_WEBHOOK: &str = "outbound|443||istiod.istio-system.svc.cluster.local";
+
+/// What istiod sends for Istio's expose-istiod.yaml on `any` (`sniHosts: ["*"]` to
+/// istiod's 15012), plus, on `split`, a route for `istiod.istio-system.svc` only, 80/20
+/// between 15012 and 443: the `outbound|…` clusters and their endpoints `xds` and `webhook`.
+pub fn serve_expose_istiod(
+    istiod: &FakeIstiod,
+    any: SocketAddr,
+    split: SocketAddr,
+    xds: SocketAddr,
+    webhook: SocketAddr,
+) {
+    istiod.set_listener(&passthrough_listener(
+        &format!("0.0.0.0_{}", any.port()),
+        any,
+        &[(&["*"], &[(ISTIOD_XDS, 1)])],
+    ));
+    istiod.set_listener(&passthrough_listener(
+        &format!("0.0.0.0_{}", split.port()),
+        split,
+        &[(
+            &["istiod.istio-system.svc"],
+            &[(ISTIOD_XDS, 80), (ISTIOD_WEBHOOK, 20)],
+        )],
+    ));
+    for (cluster, addr) in [(ISTIOD_XDS, xds), (ISTIOD_WEBHOOK, webhook)] {
+        istiod.set_cluster(&eds_cluster(cluster, None));
+        istiod.set_cla(&cla(
+            cluster,
+            &[("us-east", "a", 0, &[(addr, 1, HealthStatus::Healthy)])],
+        ));
+    }
+    istiod.push();
+}
+
 /// The 15443 listener on `addr`, named `<ip>_<port>`, one chain per `(sni, cluster)`, no
 /// telemetry filter. [`ListenerSpec`] for the variations.
 pub fn listener_15443(addr: SocketAddr, chains: &[(&str, &str)]) -> Listener {
