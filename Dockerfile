@@ -45,7 +45,7 @@ COPY --from=builder /build/target/release/strait /usr/local/bin/strait
 USER 65532:65532
 # 15443 AUTO_PASSTHROUGH/ISTIO_MUTUAL data, 15021 /healthz/ready, 15090 /stats/prometheus.
 # The admin API (15000) binds loopback only and is not exposed.
-EXPOSE 15443 15021 15090
+EXPOSE 15443 15012 15017 15021 15090
 # No HEALTHCHECK: distroless has neither a shell nor curl to run one, and strait has no
 # probe subcommand. Health is the orchestrator's job: Kubernetes probes GET :15021/healthz/ready
 # (200 ready, 503 draining), see deploy/strait-eastwest.yaml.

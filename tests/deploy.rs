@@ -14,6 +14,10 @@ use std::path::{Path, PathBuf};
 use saphyr::{LoadableYamlNode, YamlOwned};
 
 const DATA_PORT: i64 = 15443;
+/// istiod's xDS/CA and webhook ports, as Istio's `expose-istiod.yaml` serves them through
+/// the east-west gateway (PASSTHROUGH) for remote clusters.
+const ISTIOD_PORT: i64 = 15012;
+const WEBHOOK_PORT: i64 = 15017;
 const STATUS_PORT: i64 = 15021;
 const METRICS_PORT: i64 = 15090;
 const READY_PATH: &str = "/healthz/ready";
@@ -388,13 +392,21 @@ fn dockerfile_problems(dockerfile: &str, manifest: &str, cargo_toml: &str) -> Ve
         }
     }
 
-    // EXPOSE: exactly the data, status and metrics ports (admin stays on loopback).
+    // EXPOSE: exactly the data ports (15443, and 15012/15017 for istiod behind a
+    // PASSTHROUGH Gateway), status and metrics (admin stays on loopback).
     let exposed: BTreeSet<i64> = runtime
         .all("EXPOSE")
         .flat_map(|e| e.args.split_whitespace())
         .filter_map(|p| p.split('/').next()?.parse().ok())
         .collect();
-    let wanted: BTreeSet<i64> = [DATA_PORT, STATUS_PORT, METRICS_PORT].into();
+    let wanted: BTreeSet<i64> = [
+        DATA_PORT,
+        ISTIOD_PORT,
+        WEBHOOK_PORT,
+        STATUS_PORT,
+        METRICS_PORT,
+    ]
+    .into();
     if exposed != wanted {
         problems.push(format!(
             "EXPOSE lists {exposed:?}; the gateway serves {wanted:?} (admin 15000 is loopback-only)"
@@ -1238,7 +1250,13 @@ fn manifest_problems(manifest: &str, flavour: Flavour) -> Vec<String> {
         .iter()
         .filter_map(|p| int_at(p, &["containerPort"]))
         .collect();
-    for port in [DATA_PORT, STATUS_PORT, METRICS_PORT] {
+    for port in [
+        DATA_PORT,
+        ISTIOD_PORT,
+        WEBHOOK_PORT,
+        STATUS_PORT,
+        METRICS_PORT,
+    ] {
         if !container_ports.contains(&port) {
             problems.push(format!("container ports {container_ports:?} lack {port}"));
         }
@@ -1436,7 +1454,12 @@ fn manifest_problems(manifest: &str, flavour: Flavour) -> Vec<String> {
             pod_labels.get(NETWORK_LABEL)
         ));
     }
-    for (name, port) in [("tls", DATA_PORT), ("status-port", STATUS_PORT)] {
+    for (name, port) in [
+        ("tls", DATA_PORT),
+        ("tls-istiod", ISTIOD_PORT),
+        ("tls-webhook", WEBHOOK_PORT),
+        ("status-port", STATUS_PORT),
+    ] {
         let found = seq(service, &["spec", "ports"])
             .iter()
             .find(|p| str_at(p, &["name"]) == Some(name) && int_at(p, &["port"]) == Some(port));
@@ -2302,14 +2325,14 @@ fn broken_dockerfiles_are_caught() {
         ("uid 0", "USER 65532:65532", "USER 0", "root"),
         (
             "metrics port not exposed",
-            "EXPOSE 15443 15021 15090",
-            "EXPOSE 15443 15021",
+            "EXPOSE 15443 15012 15017 15021 15090",
+            "EXPOSE 15443 15012 15017 15021",
             "EXPOSE",
         ),
         (
             "admin port exposed",
-            "EXPOSE 15443 15021 15090",
-            "EXPOSE 15443 15021 15090 15000",
+            "EXPOSE 15443 15012 15017 15021 15090",
+            "EXPOSE 15443 15012 15017 15021 15090 15000",
             "EXPOSE",
         ),
         (
