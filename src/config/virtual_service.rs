@@ -9,8 +9,9 @@
 //! - only `match.port` (compared with the server's port) and `match.gateways` are
 //!   evaluated; `sourceLabels`, `destinationSubnets` and `sourceNamespace` are ignored on a
 //!   gateway. Several `match` entries are OR-ed; an empty list matches;
-//! - on a PASSTHROUGH server each `tls[].match[]` is its own route on its `sniHosts`; a
-//!   second route for an SNI already taken on the port is skipped with a warning;
+//! - on a PASSTHROUGH server each `tls[].match[]` is its own route on its `sniHosts` (at
+//!   run time the most specific match wins, as Envoy matches `server_names`); a second
+//!   route for an SNI already taken on the port is skipped with a warning;
 //! - on an ISTIO_MUTUAL server only `tcp` rules apply, and the first that matches wins;
 //! - weights of 0 are dropped; a single destination without a weight takes everything.
 
