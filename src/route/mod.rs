@@ -325,6 +325,45 @@ mod tests {
     }
 
     #[test]
+    fn a_passthrough_server_takes_the_most_specific_sni_hosts_match() {
+        use crate::model::{Destination, L4Route};
+        let (_, services) = table();
+        let reviews = ServiceKey::new("reviews.default.svc.cluster.local", 9080);
+        let route = |vs: &str, hosts: &[&str], subset: Option<&str>| L4Route {
+            virtual_service: vs.into(),
+            sni_hosts: hosts.iter().map(|h| HostMatch::parse(h)).collect(),
+            destinations: vec![Destination {
+                service: reviews.clone(),
+                subset: subset.map(str::to_string),
+                weight: 1,
+            }],
+        };
+        let servers = vec![ServerSpec {
+            name: "istio-system/gw/0".into(),
+            mode: ServerTlsMode::Passthrough,
+            hosts: vec![HostMatch::Any].into(),
+            alpn: None,
+            routes: vec![
+                route("any", &["*"], None),
+                route("suffix", &["*.example.com"], None),
+                route("longer", &["*.b.example.com"], None),
+                route("exact", &["a.b.example.com"], Some("v2")),
+            ],
+        }];
+        let vs = |sni: &str| {
+            resolve(&servers, &services, Some(sni))
+                .map(|m| m.route.map(|r| r.virtual_service.clone()))
+                .unwrap_or_default()
+        };
+        assert_eq!(vs("A.B.example.com").as_deref(), Some("exact"));
+        assert_eq!(vs("c.b.example.com").as_deref(), Some("longer"));
+        assert_eq!(vs("c.example.com").as_deref(), Some("suffix"));
+        assert_eq!(vs("elsewhere.test").as_deref(), Some("any"));
+        let m = resolve(&servers, &services, Some("a.b.example.com")).unwrap();
+        assert_eq!(m.subset, Some("v2"));
+    }
+
+    #[test]
     fn routes_declared_combinations_only() {
         let (servers, services) = table();
         let r = resolve(
