@@ -232,7 +232,7 @@ spec:
             .collect::<Vec<_>>(),
         [
             "t.yaml:26:25: warning: VirtualService istio-system/first: sniHost istiod.istio-system.svc on port 15012 is routed again by VirtualService istio-system/second (line 36); this first route is kept",
-            "t.yaml:36:25: warning: VirtualService istio-system/second: sniHost istiod.istio-system.svc on port 15012 is already routed by VirtualService istio-system/first (line 26); the first route is kept",
+            "t.yaml:36:25: warning: VirtualService istio-system/second: sniHost istiod.istio-system.svc on port 15012 is already routed by VirtualService istio-system/first (line 26); this match is skipped, the first route is kept",
         ]
     );
     let routes = &l.snapshot.listeners[0].servers[0].routes;

@@ -266,40 +266,52 @@ pub(crate) fn routes_for(
             match server.mode {
                 ServerTlsMode::Passthrough => {
                     for m in rule.matches.iter().filter(|m| applies(m)) {
-                        let mut sni_hosts = Vec::new();
+                        // As istiod does (`CheckDuplicates`), a match naming a host another
+                        // route already takes on this port is skipped whole.
+                        let mut duplicate = false;
                         for (sni, loc) in &m.sni_hosts {
                             let key = (server.port, sni.to_ascii_lowercase());
-                            if let Some((first, first_vs)) = taken.get(&key) {
-                                sink.warn(
-                                    *loc,
-                                    format!(
-                                        "VirtualService {}: sniHost {sni} on port {} is already routed by VirtualService {first_vs} (line {}); the first route is kept",
-                                        vs.meta.qualified(),
-                                        server.port,
-                                        first.line
-                                    ),
-                                );
-                                sink.warn(
-                                    *first,
-                                    format!(
-                                        "VirtualService {first_vs}: sniHost {sni} on port {} is routed again by VirtualService {} (line {}); this first route is kept",
-                                        server.port,
-                                        vs.meta.qualified(),
-                                        loc.line
-                                    ),
-                                );
+                            let Some((first, first_vs)) = taken.get(&key) else {
                                 continue;
-                            }
-                            taken.insert(key, (*loc, vs.meta.qualified()));
-                            sni_hosts.push(HostMatch::parse(sni));
+                            };
+                            duplicate = true;
+                            sink.warn(
+                                *loc,
+                                format!(
+                                    "VirtualService {}: sniHost {sni} on port {} is already routed by VirtualService {first_vs} (line {}); this match is skipped, the first route is kept",
+                                    vs.meta.qualified(),
+                                    server.port,
+                                    first.line
+                                ),
+                            );
+                            sink.warn(
+                                *first,
+                                format!(
+                                    "VirtualService {first_vs}: sniHost {sni} on port {} is routed again by VirtualService {} (line {}); this first route is kept",
+                                    server.port,
+                                    vs.meta.qualified(),
+                                    loc.line
+                                ),
+                            );
                         }
-                        if !sni_hosts.is_empty() {
-                            out.push(L4Route {
-                                virtual_service: vs.meta.qualified(),
-                                sni_hosts,
-                                destinations: destinations.clone(),
-                            });
+                        if duplicate || m.sni_hosts.is_empty() {
+                            continue;
                         }
+                        for (sni, loc) in &m.sni_hosts {
+                            taken.insert(
+                                (server.port, sni.to_ascii_lowercase()),
+                                (*loc, vs.meta.qualified()),
+                            );
+                        }
+                        out.push(L4Route {
+                            virtual_service: vs.meta.qualified(),
+                            sni_hosts: m
+                                .sni_hosts
+                                .iter()
+                                .map(|(h, _)| HostMatch::parse(h))
+                                .collect(),
+                            destinations: destinations.clone(),
+                        });
                     }
                 }
                 _ => {
