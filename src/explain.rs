@@ -180,18 +180,14 @@ fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealt
                 .map(|o| format!(", outlier detection after {} errors", o.consecutive_errors))
                 .unwrap_or_default()
         );
-        let passthrough = server.mode == ServerTlsMode::AutoPassthrough;
+        let purpose = crate::upstream::Purpose::of_server(server.mode);
         let mut eligible = 0;
         let _ = writeln!(out, "endpoints  {}", indexes.len());
         for i in indexes {
             let Some(e) = svc.endpoints.get(i) else {
                 continue;
             };
-            let excluded = if passthrough {
-                crate::upstream::passthrough_exclusion(e, &snapshot.settings.network)
-            } else {
-                None
-            };
+            let excluded = purpose.exclusion(e, &snapshot.settings.network);
             let ok = excluded.is_none();
             if ok {
                 eligible += 1;
@@ -227,8 +223,8 @@ fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealt
             .alpn
             .as_deref()
             .unwrap_or(&snapshot.settings.passthrough_alpn);
-        let alpn_ok =
-            !passthrough || route::alpn_allowed(alpn.iter().map(|s| s.as_bytes()), allowed);
+        let alpn_ok = purpose != crate::upstream::Purpose::Passthrough
+            || route::alpn_allowed(alpn.iter().map(|s| s.as_bytes()), allowed);
         if !alpn_ok {
             let _ = writeln!(
                 out,

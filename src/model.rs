@@ -350,18 +350,8 @@ impl L4Route {
 
     /// A destination, at random by weight (Envoy's `weighted_clusters`, per connection).
     pub fn pick(&self) -> Option<&Destination> {
-        let total: u64 = self.destinations.iter().map(|d| d.weight as u64).sum();
-        if total == 0 {
-            return None;
-        }
-        let mut r = fastrand::u64(0..total);
-        for d in &self.destinations {
-            if r < d.weight as u64 {
-                return Some(d);
-            }
-            r -= d.weight as u64;
-        }
-        None
+        let weights = self.destinations.iter().map(|d| d.weight as u64);
+        crate::upstream::weighted_index(weights).and_then(|i| self.destinations.get(i))
     }
 }
 

@@ -170,11 +170,7 @@ async fn forward(
         &shared,
         settings,
         cluster,
-        if mode == ServerTlsMode::Passthrough {
-            Purpose::Tls
-        } else {
-            Purpose::Passthrough
-        },
+        Purpose::of_server(mode),
         // The ClientHello goes to the endpoint exactly as received.
         Some(&buf),
         &mut result,

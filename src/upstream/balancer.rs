@@ -88,13 +88,7 @@ pub(super) fn pick(
 ) -> Pick {
     let members = &cluster.members;
     let mut eligible: Vec<usize> = (0..members.len())
-        .filter(|&i| match purpose {
-            Purpose::Passthrough => {
-                super::passthrough_exclusion(&members[i].endpoint, network).is_none()
-            }
-            Purpose::Tls => super::in_network(&members[i].endpoint, network),
-            Purpose::Terminated | Purpose::Bridge => true,
-        })
+        .filter(|&i| purpose.exclusion(&members[i].endpoint, network).is_none())
         .collect();
     if eligible.is_empty() {
         return Pick::NoEndpoint;
@@ -192,18 +186,7 @@ fn pick_group(pool: &[usize], group_of: &[Option<usize>], weights: &[u64]) -> Op
             weights[g] * 1000 * (left[g] * 140).min(all) / all
         })
         .collect();
-    let total: u64 = effective.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let mut r = fastrand::u64(0..total);
-    for (g, &w) in effective.iter().enumerate() {
-        if r < w {
-            return Some(g);
-        }
-        r -= w;
-    }
-    None
+    weighted_index(effective.into_iter())
 }
 
 fn round_robin(cluster: &Cluster, pool: &[usize]) -> usize {
@@ -233,16 +216,24 @@ fn weight(cluster: &Cluster, i: usize) -> u64 {
 }
 
 fn weighted_random(cluster: &Cluster, pool: &[usize]) -> usize {
-    let total: u64 = pool.iter().map(|&i| weight(cluster, i)).sum();
-    let mut r = fastrand::u64(0..total.max(1));
-    for &i in pool {
-        let w = weight(cluster, i);
+    weighted_index(pool.iter().map(|&i| weight(cluster, i)))
+        .map_or(pool[pool.len() - 1], |k| pool[k])
+}
+
+/// An index at random, in proportion to its weight; `None` when every weight is 0.
+pub(crate) fn weighted_index(weights: impl Iterator<Item = u64> + Clone) -> Option<usize> {
+    let total: u64 = weights.clone().sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = fastrand::u64(0..total);
+    for (i, w) in weights.enumerate() {
         if r < w {
-            return i;
+            return Some(i);
         }
         r -= w;
     }
-    pool[pool.len() - 1]
+    None
 }
 
 /// Power of two choices on active connections, weighted: the lower `active / weight` wins.

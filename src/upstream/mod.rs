@@ -24,6 +24,7 @@ use crate::model::{
 };
 
 pub use balancer::Pick;
+pub(crate) use balancer::weighted_index;
 pub use dns::DEFAULT_DNS_TTL;
 
 /// Milliseconds since the process started: a cheap monotonic clock for atomics.
@@ -241,16 +242,40 @@ pub fn in_network(endpoint: &Endpoint, own_network: &str) -> bool {
 
 /// Why an endpoint can never be a passthrough target from a gateway in
 /// `gateway_network`, or `None` when it can be.
-pub fn passthrough_exclusion(endpoint: &Endpoint, gateway_network: &str) -> Option<&'static str> {
+fn passthrough_exclusion(endpoint: &Endpoint, gateway_network: &str) -> Option<&'static str> {
     if endpoint.tls_disabled {
         Some("security.istio.io/tlsMode=disabled cannot terminate the client's mTLS")
-    } else if !gateway_network.is_empty()
-        && !endpoint.network.is_empty()
-        && endpoint.network != gateway_network
-    {
-        Some("in another network: reached through that network's gateway")
     } else {
-        None
+        network_exclusion(endpoint, gateway_network)
+    }
+}
+
+/// Why a gateway in `gateway_network` never dials `endpoint` itself (it is reached through
+/// its own network's gateway), or `None`. A gateway without a network sees every one.
+fn network_exclusion(endpoint: &Endpoint, gateway_network: &str) -> Option<&'static str> {
+    (!gateway_network.is_empty()
+        && !endpoint.network.is_empty()
+        && endpoint.network != gateway_network)
+        .then_some("in another network: reached through that network's gateway")
+}
+
+impl Purpose {
+    /// What a connection on a gateway server of this mode dials for.
+    pub fn of_server(mode: crate::model::ServerTlsMode) -> Purpose {
+        match mode {
+            crate::model::ServerTlsMode::AutoPassthrough => Purpose::Passthrough,
+            crate::model::ServerTlsMode::Passthrough => Purpose::Tls,
+            crate::model::ServerTlsMode::IstioMutual => Purpose::Terminated,
+        }
+    }
+
+    /// Why a connection of this purpose can never use `endpoint`, or `None` when it can.
+    pub fn exclusion(self, endpoint: &Endpoint, gateway_network: &str) -> Option<&'static str> {
+        match self {
+            Purpose::Passthrough => passthrough_exclusion(endpoint, gateway_network),
+            Purpose::Tls => network_exclusion(endpoint, gateway_network),
+            Purpose::Terminated | Purpose::Bridge => None,
+        }
     }
 }
 
