@@ -659,28 +659,16 @@ impl Assembly {
                     };
                     let skey = ServiceKey::new(key.host, key.port);
                     let subset = key.subset.map(str::to_string);
-                    match taken.get(&(skey.clone(), subset.clone())) {
-                        Some(first) if *first != chain.cluster => {
-                            self.conflicts.push(format!(
-                                "listener {lname}: {sni} routes to {} but another chain already sends it to {first}; the first is kept",
-                                chain.cluster
-                            ));
-                        }
-                        Some(_) => {}
-                        None => {
-                            taken.insert((skey.clone(), subset.clone()), chain.cluster.clone());
-                            if let Some(eds) = &cluster.eds_name {
-                                self.keys_of_eds
-                                    .entry(eds.clone())
-                                    .or_default()
-                                    .insert(skey.clone());
-                            }
-                            self.routes.entry(skey.clone()).or_default().push(Route {
-                                subset,
-                                cluster: chain.cluster.clone(),
-                                policy: policy.clone(),
-                            });
-                        }
+                    let route = Route {
+                        subset,
+                        cluster: chain.cluster.clone(),
+                        policy: policy.clone(),
+                    };
+                    if let Err(first) = self.take(&mut taken, &skey, route, cluster) {
+                        self.conflicts.push(format!(
+                            "listener {lname}: {sni} routes to {} but another chain already sends it to {first}; the first is kept",
+                            chain.cluster
+                        ));
                     }
                     let mut alpn = chain.alpn.clone();
                     alpn.sort();
@@ -729,6 +717,33 @@ impl Assembly {
             .collect();
     }
 
+    /// Makes `route` the route of its service port and subset unless another cluster
+    /// already took them (returned as the error); a route to the same cluster again is
+    /// kept once.
+    fn take(
+        &mut self,
+        taken: &mut HashMap<(ServiceKey, Option<String>), String>,
+        skey: &ServiceKey,
+        route: Route,
+        cluster: &XCluster,
+    ) -> Result<(), String> {
+        let slot = (skey.clone(), route.subset.clone());
+        match taken.get(&slot) {
+            Some(first) if *first != route.cluster => return Err(first.clone()),
+            Some(_) => return Ok(()),
+            None => {}
+        }
+        taken.insert(slot, route.cluster.clone());
+        if let Some(eds) = &cluster.eds_name {
+            self.keys_of_eds
+                .entry(eds.clone())
+                .or_default()
+                .insert(skey.clone());
+        }
+        self.routes.entry(skey.clone()).or_default().push(route);
+        Ok(())
+    }
+
     /// The PASSTHROUGH routes of a listener's TLS chains; each `outbound|…` cluster they
     /// send to becomes a route of its service port (and subset), as an SNI key's cluster
     /// does.
@@ -750,29 +765,18 @@ impl Assembly {
                     self.missing_clusters.insert(name.clone());
                     continue;
                 };
-                let slot = (skey.clone(), subset.clone());
-                match taken.get(&slot) {
-                    Some(first) if first != name => self.conflicts.push(format!(
+                let mut policy = cluster.policy.clone();
+                policy.idle_timeout = chain.idle_timeout;
+                policy.max_connection_duration = chain.max_duration;
+                let route = Route {
+                    subset: subset.clone(),
+                    cluster: name.clone(),
+                    policy,
+                };
+                if let Err(first) = self.take(taken, &skey, route, cluster) {
+                    self.conflicts.push(format!(
                         "listener {lname}: {name} is the service port of {first}, which is kept"
-                    )),
-                    Some(_) => {}
-                    None => {
-                        taken.insert(slot, name.clone());
-                        if let Some(eds) = &cluster.eds_name {
-                            self.keys_of_eds
-                                .entry(eds.clone())
-                                .or_default()
-                                .insert(skey.clone());
-                        }
-                        let mut policy = cluster.policy.clone();
-                        policy.idle_timeout = chain.idle_timeout;
-                        policy.max_connection_duration = chain.max_duration;
-                        self.routes.entry(skey.clone()).or_default().push(Route {
-                            subset: subset.clone(),
-                            cluster: name.clone(),
-                            policy,
-                        });
-                    }
+                    ));
                 }
                 destinations.push(Destination {
                     service: skey,
