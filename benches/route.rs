@@ -55,6 +55,7 @@ fn route(c: &mut Criterion) {
         hosts: HostSet::new(vec![HostMatch::parse("*.local")]),
         alpn: None,
         routes: Vec::new(),
+        rbac: Vec::new(),
     }];
     let mut group = c.benchmark_group("route_resolve");
     for n in [1usize, 1_000, 100_000] {
@@ -65,6 +66,7 @@ fn route(c: &mut Criterion) {
             hosts: HostSet::new((0..n).map(|i| HostMatch::Exact(host(i))).collect()),
             alpn: None,
             routes: Vec::new(),
+            rbac: Vec::new(),
         }];
         let target = host(n / 2);
         let hit = format!("outbound_.9080_._.{target}");

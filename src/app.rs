@@ -316,8 +316,18 @@ fn apply_xds(
     published: &xds::Published,
     changed: &Changed,
 ) -> bool {
-    let merged = xds::merge(files, published);
-    let installed = match gateway.reload_changed(Arc::new(merged), changed) {
+    let merged = Arc::new(xds::merge(files, published));
+    // istiod may be the first to ask for an ISTIO_MUTUAL server: the gateway's own
+    // certificate is needed from now on.
+    if material::needed(&merged)
+        && gateway.shared.tls.load().is_none()
+        && let Err(e) = install_tls(&gateway.shared, &merged)
+    {
+        tracing::error!(
+            "an ISTIO_MUTUAL server from the control plane has no certificate and refuses connections: {e}"
+        );
+    }
+    let installed = match gateway.reload_changed(merged, changed) {
         Ok(()) => {
             tracing::debug!(listeners = ?gateway.bound(), services = published.services.len(), "xDS configuration applied");
             true
@@ -359,8 +369,12 @@ fn reload(
             warn_restart_only(&old, &loaded.snapshot);
             let expiries = |g: &Gateway| g.shared.tls.load_full().map(|m| m.expiries.clone());
             let certs_before = expiries(gateway);
-            if material::needed(&loaded.snapshot)
-                && let Err(e) = install_tls(&gateway.shared, &loaded.snapshot)
+            // What will be installed: the files with the control plane's resources, which
+            // may hold the only ISTIO_MUTUAL servers.
+            let with_xds = from_xds.map(|p| xds::merge(&loaded.snapshot, p));
+            let will_serve = with_xds.as_ref().unwrap_or(&loaded.snapshot);
+            if material::needed(will_serve)
+                && let Err(e) = install_tls(&gateway.shared, will_serve)
             {
                 // Keep the certificates in use; a half-written rotation will be retried
                 // on the next file event.
@@ -391,8 +405,8 @@ fn reload(
                 return None;
             }
             let files = Arc::new(loaded.snapshot);
-            let installed = match from_xds {
-                Some(p) => Arc::new(xds::merge(&files, p)),
+            let installed = match with_xds {
+                Some(merged) => Arc::new(merged),
                 None => files.clone(),
             };
             match gateway.reload(installed) {

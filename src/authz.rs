@@ -2,7 +2,12 @@
 //! any matching DENY policy denies; otherwise, if any ALLOW policy exists, one must match;
 //! with no ALLOW policy, the connection is allowed.
 
-use crate::model::{AuthzAction, AuthzPolicy, AuthzRule, AuthzSource};
+use std::net::SocketAddr;
+
+use crate::model::{
+    AuthzAction, AuthzPolicy, AuthzRule, AuthzSource, RbacAction, RbacFilter, RbacPermission,
+    RbacPrincipal,
+};
 use crate::tls::spiffe::SpiffeId;
 
 /// Why a connection was denied.
@@ -58,6 +63,68 @@ pub fn authorize(policies: &[AuthzPolicy], peer: &Peer<'_>) -> Result<(), Denied
                 .collect::<Vec<_>>()
                 .join(", "),
         ))
+    }
+}
+
+/// A connection as Envoy's network RBAC filter judges it.
+pub struct RbacConn<'a> {
+    /// The verified peer certificate's SPIFFE ID (its URI SAN); `None` when the gateway
+    /// did not terminate the client's TLS or the client sent no certificate.
+    pub principal: Option<&'a str>,
+    pub peer: SocketAddr,
+    /// The gateway's own address of the connection: destination IP and port.
+    pub local: SocketAddr,
+    pub sni: Option<&'a str>,
+}
+
+/// Applies a server's RBAC filters in order, as Envoy runs them: an ALLOW filter refuses a
+/// connection no policy matches, a DENY filter one that a policy matches, a LOG filter
+/// nothing; a filter without rules lets everything through.
+pub fn check_rbac(filters: &[RbacFilter], conn: &RbacConn<'_>) -> Result<(), Denied> {
+    for f in filters {
+        let Some(policies) = &f.policies else {
+            continue;
+        };
+        let matched = policies.iter().find(|p| {
+            p.permissions.iter().any(|x| permission_matches(x, conn))
+                && p.principals.iter().any(|x| principal_matches_rbac(x, conn))
+        });
+        match (f.action, matched) {
+            (RbacAction::Deny, Some(p)) => return Err(Denied::ByDenyPolicy(p.name.clone())),
+            (RbacAction::Allow, None) => return Err(Denied::NotAllowed(f.name.clone())),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn permission_matches(p: &RbacPermission, c: &RbacConn<'_>) -> bool {
+    match p {
+        RbacPermission::Any => true,
+        RbacPermission::And(all) => all.iter().all(|x| permission_matches(x, c)),
+        RbacPermission::Or(any) => any.iter().any(|x| permission_matches(x, c)),
+        RbacPermission::Not(x) => !permission_matches(x, c),
+        RbacPermission::DestinationPort(port) => c.local.port() == *port,
+        RbacPermission::DestinationPortRange(start, end) => {
+            (*start..*end).contains(&u32::from(c.local.port()))
+        }
+        RbacPermission::DestinationIp(net) => net.contains(c.local.ip()),
+        RbacPermission::ServerName(m) => m.matches(c.sni.unwrap_or("")),
+    }
+}
+
+fn principal_matches_rbac(p: &RbacPrincipal, c: &RbacConn<'_>) -> bool {
+    match p {
+        RbacPrincipal::Any => true,
+        RbacPrincipal::And(all) => all.iter().all(|x| principal_matches_rbac(x, c)),
+        RbacPrincipal::Or(any) => any.iter().any(|x| principal_matches_rbac(x, c)),
+        RbacPrincipal::Not(x) => !principal_matches_rbac(x, c),
+        RbacPrincipal::Authenticated(name) => match (c.principal, name) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(id), Some(m)) => m.matches(id),
+        },
+        RbacPrincipal::RemoteIp(net) => net.contains(c.peer.ip()),
     }
 }
 

@@ -291,6 +291,150 @@ pub struct ServerSpec {
     /// an ISTIO_MUTUAL server, the first `tcp` route matching its port, which then
     /// applies to every connection instead of the SNI subset key.
     pub routes: Vec<L4Route>,
+    /// The network RBAC filters istiod puts in front of `tcp_proxy` for the
+    /// AuthorizationPolicies selecting the gateway, in order: every one must let a
+    /// connection through. Empty for servers from files, whose policies are `Snapshot::authz`.
+    pub rbac: Vec<RbacFilter>,
+}
+
+/// Envoy's network RBAC filter (`envoy.filters.network.rbac`), as far as a TCP gateway can
+/// evaluate it: peer identity, addresses, ports and server name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RbacFilter {
+    /// The filter's `stat_prefix`, for logs.
+    pub name: String,
+    pub action: RbacAction,
+    /// `None` when the filter has no `rules`: it lets every connection through.
+    pub policies: Option<Vec<RbacPolicy>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RbacAction {
+    /// A connection must match a policy.
+    Allow,
+    /// A connection matching a policy is refused.
+    Deny,
+    /// Matching only marks the connection for logging; nothing is refused.
+    Log,
+}
+
+/// One named policy: it matches when one of its permissions and one of its principals do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RbacPolicy {
+    pub name: String,
+    pub permissions: Vec<RbacPermission>,
+    pub principals: Vec<RbacPrincipal>,
+}
+
+/// What the connection asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RbacPermission {
+    Any,
+    And(Vec<RbacPermission>),
+    Or(Vec<RbacPermission>),
+    Not(Box<RbacPermission>),
+    DestinationPort(u16),
+    /// `[start, end)`, as Envoy's `Int32Range`.
+    DestinationPortRange(u32, u32),
+    DestinationIp(Cidr),
+    /// `requested_server_name`: the ClientHello's SNI.
+    ServerName(StringMatch),
+}
+
+/// Who the connection comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RbacPrincipal {
+    Any,
+    And(Vec<RbacPrincipal>),
+    Or(Vec<RbacPrincipal>),
+    Not(Box<RbacPrincipal>),
+    /// `authenticated`: a peer certificate was verified, with a URI SAN matching the
+    /// pattern when one is given. A connection whose TLS the gateway does not terminate is
+    /// never authenticated.
+    Authenticated(Option<StringMatch>),
+    /// `remote_ip`, `direct_remote_ip` and `source_ip`: the peer's address (the gateway
+    /// reads no PROXY protocol or forwarded headers, so the three are the same).
+    RemoteIp(Cidr),
+}
+
+/// An address range, `address_prefix/prefix_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 peer on a dual-stack socket arrives as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let len = u32::from(self.len.min(32));
+                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let len = u32::from(self.len.min(128));
+                let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Envoy's `StringMatcher`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StringMatch {
+    pub kind: StringMatchKind,
+    pub ignore_case: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum StringMatchKind {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+    /// `safe_regex`, matched against the whole value (RE2 syntax).
+    Regex(regex::Regex),
+}
+
+impl PartialEq for StringMatchKind {
+    fn eq(&self, other: &Self) -> bool {
+        use StringMatchKind::*;
+        match (self, other) {
+            (Exact(a), Exact(b))
+            | (Prefix(a), Prefix(b))
+            | (Suffix(a), Suffix(b))
+            | (Contains(a), Contains(b)) => a == b,
+            (Regex(a), Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
+}
+
+impl StringMatch {
+    pub fn matches(&self, value: &str) -> bool {
+        let fold = |s: &str| {
+            if self.ignore_case {
+                s.to_lowercase()
+            } else {
+                s.to_string()
+            }
+        };
+        match &self.kind {
+            StringMatchKind::Exact(p) => fold(value) == fold(p),
+            StringMatchKind::Prefix(p) => fold(value).starts_with(&fold(p)),
+            StringMatchKind::Suffix(p) => fold(value).ends_with(&fold(p)),
+            StringMatchKind::Contains(p) => fold(value).contains(&fold(p)),
+            StringMatchKind::Regex(r) => r.is_match(value),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

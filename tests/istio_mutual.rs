@@ -597,28 +597,6 @@ async fn permissive_peer_authentication_admits_clients_without_a_certificate() {
     }));
 }
 
-/// A sidecar-less workload that answers every line with its own name.
-async fn named_server(name: &'static str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    (addr, task)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_weighted_tcp_route_splits_connections_by_weight_and_weight_zero_gets_none() {
     let s = setup();

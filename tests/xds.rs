@@ -882,3 +882,96 @@ async fn passthrough_listeners_from_istiod_route_any_name_and_split_weighted_clu
         to_xds as f64
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_mutual_listeners_from_istiod_terminate_split_by_weight_and_apply_rbac() {
+    let mesh = Mesh::start().await;
+    let pki = MutualPki::new(mesh.dir.path());
+    let (gw_certs, sleep, banned, outsider) = (pki.gateway, pki.sleep, pki.banned, pki.outsider);
+    let (a, _a) = named_server("a").await;
+    let (b, _b) = named_server("b").await;
+    let split = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let opaque = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    serve_mutual_split(&mesh.istiod, split, opaque, a, b);
+    // Only istiod asks for an ISTIO_MUTUAL server: the files name just the certificates.
+    let gw = Strait::start(
+        mesh.ports,
+        &mesh.config(
+            "DELTA",
+            &format!("  certificates: {{dir: {}}}\n", gw_certs.display()),
+        ),
+    );
+    assert!(
+        mesh.istiod
+            .wait_ack(LDS_TYPE, Duration::from_secs(10))
+            .await
+            .is_some()
+    );
+    assert!(
+        mesh.istiod.requests(LDS_TYPE).iter().all(|q| !q.is_nack()),
+        "{:?}",
+        mesh.istiod.requests(LDS_TYPE)
+    );
+
+    // 1,000 connections, 8 at a time, through the 80/20 `tcp` route.
+    const N: usize = 1000;
+    let sni = "outbound_.9080_._.a.default.svc.cluster.local";
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (next, sleep) = (next.clone(), sleep.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < N {
+                got.push(mtls_who(split, &sleep, sni).await);
+            }
+            got
+        }));
+    }
+    let mut count = std::collections::BTreeMap::<String, usize>::new();
+    for t in tasks {
+        for who in t.await.unwrap() {
+            let who = who.unwrap_or_else(|e| panic!("{e}\n{}", gw.stderr_text()));
+            *count.entry(who).or_default() += 1;
+        }
+    }
+    let to = |who: &str| count.get(who).copied().unwrap_or(0);
+    assert_eq!(to("a") + to("b"), N, "{count:?}");
+    assert!(
+        (750..=850).contains(&to("a")),
+        "{count:?}: 80 % expected on a"
+    );
+    let picks = |svc: &str| {
+        gw.metric(
+            "strait_route_destination_total",
+            &[
+                ("virtual_service", &format!("xds/0.0.0.0_{}", split.port())),
+                ("destination_service", svc),
+            ],
+        )
+    };
+    assert_eq!(picks("a.default.svc.cluster.local"), to("a") as f64);
+    assert_eq!(picks("b.default.svc.cluster.local"), to("b") as f64);
+
+    // istiod's RBAC: DENY by principal, ALLOW by namespace; each refusal counted.
+    assert!(mtls_who(split, &banned, sni).await.is_err());
+    assert!(mtls_who(split, &outsider, sni).await.is_err());
+    assert!(gw.eventually(Duration::from_secs(5), || {
+        gw.metric("strait_refusals_total", &[("reason", "denied_by_policy")]) == 1.0
+            && gw.metric(
+                "strait_refusals_total",
+                &[("reason", "not_allowed_by_policy")],
+            ) == 1.0
+    }));
+    // A chain whose policy strait cannot evaluate is not served, and says why.
+    assert!(mtls_who(opaque, &sleep, sni).await.is_err());
+    let (_, dump) = http_get(gw.admin, "/config_dump").unwrap();
+    assert!(
+        dump.contains("not served, as a policy that cannot be evaluated"),
+        "{dump}"
+    );
+    assert!(
+        dump.contains("ns[istio-system]-policy[deny-banned]-rule[0]"),
+        "the served server lists its RBAC: {dump}"
+    );
+}

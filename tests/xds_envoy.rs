@@ -808,3 +808,145 @@ async fn envoy_routes_istiods_passthrough_listeners_as_strait_does() {
     }
     drop(strait);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_and_strait_serve_istiods_istio_mutual_listeners_alike() {
+    if envoy_missing() {
+        return;
+    }
+    use common::xds::{MutualPki, SDS_TYPE, serve_gateway_secrets, serve_mutual_split};
+    use common::{mtls_who, named_server};
+    let dir = common::TempDir::new("mutual");
+    let pki = MutualPki::new(dir.path());
+    let (gw_certs, sleep, banned, outsider) = (pki.gateway, pki.sleep, pki.banned, pki.outsider);
+    let (a, _a) = named_server("a").await;
+    let (b, _b) = named_server("b").await;
+    let at = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+    let for_envoy = FakeIstiod::start(IstiodOptions::plaintext()).await;
+    let for_strait = FakeIstiod::start(IstiodOptions::plaintext()).await;
+    // What pilot-agent serves Envoy over SDS is strait's own certificate directory.
+    let pem = |f: &str| std::fs::read_to_string(gw_certs.join(f)).unwrap();
+    serve_gateway_secrets(
+        &for_envoy,
+        &pem("cert-chain.pem"),
+        &pem("key.pem"),
+        &pem("root-cert.pem"),
+    );
+    let (e_split, e_header) = (at(common::free_port()), at(common::free_port()));
+    serve_mutual_split(&for_envoy, e_split, e_header, a, b);
+    let (s_split, s_header) = (at(common::free_port()), at(common::free_port()));
+    serve_mutual_split(&for_strait, s_split, s_header, a, b);
+    let Some(envoy) = Envoy::start(&for_envoy, EnvoyOptions::new(true)).await else {
+        return;
+    };
+    let ports = common::Ports::new();
+    let config = ports.bootstrap(&format!(
+        "  certificates: {{dir: {}}}\n  discovery:\n    address: {}\n    node: {{ip: 127.0.0.1, podName: istio-eastwestgateway-1, namespace: istio-system}}\n",
+        gw_certs.display(),
+        for_strait.url()
+    ));
+    let strait = common::Strait::start(ports, &config);
+    for istiod in [&for_envoy, &for_strait] {
+        for t in [CDS_TYPE, EDS_TYPE, LDS_TYPE] {
+            assert!(
+                istiod.wait_ack(t, WAIT).await.is_some(),
+                "no ACK for {t}\n{}",
+                envoy.log()
+            );
+        }
+        assert!(
+            istiod.requests(LDS_TYPE).iter().all(|q| !q.is_nack()),
+            "a listener was rejected: {:?}\n{}",
+            istiod
+                .requests(LDS_TYPE)
+                .iter()
+                .filter_map(|q| q.error.clone())
+                .collect::<Vec<_>>(),
+            envoy.log()
+        );
+    }
+    assert!(
+        for_envoy.wait_ack(SDS_TYPE, WAIT).await.is_some(),
+        "envoy never took the SDS secrets\n{}",
+        envoy.log()
+    );
+
+    let sni = "outbound_.9080_._.a.default.svc.cluster.local";
+    let warm = eventually(WAIT, || async { mtls_who(e_split, &sleep, sni).await.ok() }).await;
+    assert!(
+        warm.is_some(),
+        "envoy never served {e_split}\n{}",
+        envoy.log()
+    );
+    for (name, split, header) in [("envoy", e_split, e_header), ("strait", s_split, s_header)] {
+        // The weighted `tcp` route: 200 mTLS connections split about 80/20.
+        let mut to_a = 0;
+        for _ in 0..200 {
+            let who = mtls_who(split, &sleep, sni)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}\n{}", strait.stderr_text()));
+            assert!(who == "a" || who == "b", "{name}: {who}");
+            to_a += usize::from(who == "a");
+        }
+        assert!(
+            (135..=185).contains(&to_a),
+            "{name}: {to_a}/200 to a, 80 % expected"
+        );
+        // DENY by principal, ALLOW by namespace, and an ALLOW on metadata nothing sets
+        // (strait cannot evaluate it and does not serve the chain): each refuses.
+        assert!(
+            mtls_who(split, &banned, sni).await.is_err(),
+            "{name}: the DENY policy's principal got through"
+        );
+        assert!(
+            mtls_who(split, &outsider, sni).await.is_err(),
+            "{name}: a namespace the ALLOW policy does not name got through"
+        );
+        assert!(
+            mtls_who(header, &sleep, sni).await.is_err(),
+            "{name}: an ALLOW policy on metadata let a connection through"
+        );
+    }
+    for (reason, n) in [("denied_by_policy", 1.0), ("not_allowed_by_policy", 1.0)] {
+        assert_eq!(
+            strait.metric("strait_refusals_total", &[("reason", reason)]),
+            n,
+            "{reason}"
+        );
+    }
+    let (_, dump) = common::http_get(strait.admin, "/config_dump").unwrap();
+    assert!(
+        dump.contains("a principal on metadata cannot be evaluated on a TCP connection"),
+        "the skipped chain and why: {dump}"
+    );
+
+    // An HTTP rule in a network RBAC filter: both reject the listener.
+    for istiod in [&for_envoy, &for_strait] {
+        let addr = at(common::free_port());
+        let rule = common::xds::istiod_rbac(
+            common::xds::RbacAction::Allow,
+            "allow-header",
+            vec![(
+                Vec::new(),
+                vec![common::xds::header_principal("x-team", "foo")],
+            )],
+        );
+        istiod.set_listener(&common::xds::mutual_listener(
+            "0.0.0.0_http_rule",
+            addr,
+            &["*.local"],
+            &[],
+            &[(common::xds::MUTUAL_A, 1)],
+            &[rule],
+        ));
+        istiod.push();
+        let nack = istiod.wait_nack(LDS_TYPE, WAIT).await;
+        assert!(
+            nack.as_ref()
+                .and_then(|n| n.error.as_deref())
+                .is_some_and(|e| e.contains("header")),
+            "{nack:?}\n{}",
+            envoy.log()
+        );
+    }
+}

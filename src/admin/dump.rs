@@ -57,6 +57,11 @@ pub fn config_dump(shared: &Shared) -> Value {
                 })).collect::<Vec<_>>(),
                 "hosts": srv.hosts.iter().map(HostMatch::to_string).collect::<Vec<_>>(),
                 "alpn": srv.alpn,
+                "rbac": srv.rbac.iter().map(|f| json!({
+                    "name": f.name,
+                    "action": format!("{:?}", f.action).to_uppercase(),
+                    "policies": f.policies.as_ref().map(|p| p.iter().map(|p| p.name.clone()).collect::<Vec<_>>()),
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "services": services.iter().map(|svc| json!({

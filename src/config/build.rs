@@ -274,6 +274,7 @@ fn server_spec(s: &super::istio::ServerDoc) -> ServerSpec {
         hosts: s.hosts.clone().into(),
         alpn: None,
         routes: Vec::new(),
+        rbac: Vec::new(),
     }
 }
 

@@ -14,22 +14,34 @@ use super::hello::{Alert, refuse_with_alert};
 use super::passthrough::{copy_limits, open_upstream, record_copy};
 use super::rewind::Rewind;
 use super::{Runtime, Shared};
-use crate::authz::{Peer, authorize};
-use crate::model::{ServicePort, UpstreamTls};
+use crate::authz::{Peer, RbacConn, authorize, check_rbac};
+use crate::model::{RbacFilter, ServicePort, TLS_MODE_LABEL, UpstreamTls};
 use crate::route::sni::build_subset_key;
 use crate::telemetry::{ConnectionResult, IstioLabels, ResponseFlag};
 use crate::tls::{classify_handshake_error, handshake_error_detail, peer_spiffe_id};
 use crate::upstream::Purpose;
 
+/// Where an ISTIO_MUTUAL connection goes once admitted, and what admits it.
+pub(super) struct MutualRoute<'a> {
+    pub service: Arc<ServicePort>,
+    pub subset: Option<String>,
+    /// The server's RBAC filters (from istiod), applied after `Snapshot::authz`.
+    pub rbac: &'a [RbacFilter],
+}
+
 pub(super) async fn serve(
     shared: &Arc<Shared>,
     runtime: &Runtime,
-    service: Arc<ServicePort>,
-    subset: Option<String>,
+    route: MutualRoute<'_>,
     mut stream: TcpStream,
     hello: Vec<u8>,
     mut result: ConnectionResult,
 ) {
+    let MutualRoute {
+        service,
+        subset,
+        rbac,
+    } = route;
     let settings = &runtime.snapshot.settings;
     result.service = Some(service.host.clone());
     result.subset = subset.clone();
@@ -43,6 +55,7 @@ pub(super) async fn serve(
         return;
     };
     let listener_port = result.listener.port();
+    let local = stream.local_addr().unwrap_or(result.listener);
 
     // The handshake reads the ClientHello we already consumed, then the rest from the socket.
     let acceptor = tokio_rustls::TlsAcceptor::from(material.server.clone());
@@ -83,7 +96,14 @@ pub(super) async fn serve(
         trust_domains: &trust_domains,
         port: listener_port,
     };
-    if let Err(denied) = authorize(&runtime.snapshot.authz, &peer) {
+    let conn = RbacConn {
+        principal: peer_id.as_ref().map(|id| id.as_str()),
+        peer: result.downstream,
+        local,
+        sni: result.sni.as_deref(),
+    };
+    let verdict = authorize(&runtime.snapshot.authz, &peer).and_then(|()| check_rbac(rbac, &conn));
+    if let Err(denied) = verdict {
         result.refuse(ResponseFlag::Unauthorized, denied.reason());
         tracing::info!(
             peer = %result.downstream,
@@ -138,7 +158,16 @@ pub(super) async fn serve(
     };
     let drain = shared.closing();
     let opened = upstream;
-    let outcome = if cluster.policy.tls == UpstreamTls::IstioMutual {
+    // Istio's auto mTLS, as a bridge does it and as istiod's `transport_socket_matches`
+    // ask: an endpoint labelled `tlsMode: istio` has a sidecar that expects mTLS.
+    let meshed = cluster
+        .members
+        .get(opened.connected.member)
+        .is_some_and(|m| {
+            m.endpoint.labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio")
+                && !m.endpoint.tls_disabled
+        });
+    let outcome = if cluster.policy.tls == UpstreamTls::IstioMutual || meshed {
         let Some(client) = material.client(None) else {
             result.refuse(ResponseFlag::UpstreamConnectFailure, "no_client_config");
             return;

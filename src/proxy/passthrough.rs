@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use super::copy::{ByteCounters, CopyEnd, CopyLimits, CopyOutcome, CopyTcp, copy_tcp};
 use super::hello::{Alert, HelloError, Offer, read_client_hello, refuse_with_alert};
 use super::{LiveGuard, OpenGuard, Shared};
+use crate::authz::{RbacConn, check_rbac};
 use crate::model::{ServerTlsMode, Settings};
 use crate::route::{self, RouteMiss};
 use crate::telemetry::{Accepted, ConnectionResult, IstioLabels, ResponseFlag};
@@ -132,15 +133,34 @@ async fn forward(
     if let Some(r) = route.route {
         result.routed_by(r, route.service, route.subset);
     }
+    let rbac = &servers[route.server].rbac;
+    let local = stream.local_addr().unwrap_or(listener);
     if mode == ServerTlsMode::IstioMutual {
-        let service = route.service.clone();
-        let subset = route.subset.map(str::to_string);
+        let to = super::mutual::MutualRoute {
+            service: route.service.clone(),
+            subset: route.subset.map(str::to_string),
+            rbac,
+        };
         // Boxed: the TLS-terminating path is far larger than passthrough, and an unboxed
         // await would size every passthrough connection's task for it.
         return Box::pin(super::mutual::serve(
-            &shared, &runtime, service, subset, stream, buf, result,
+            &shared, &runtime, to, stream, buf, result,
         ))
         .await;
+    }
+    // Without TLS terminated the client is unauthenticated: only addresses, ports and
+    // the SNI can match. Refused as Envoy's RBAC filter refuses, by closing.
+    let conn = RbacConn {
+        principal: None,
+        peer: result.downstream,
+        local,
+        sni: offer.sni.as_deref(),
+    };
+    if let Err(denied) = check_rbac(rbac, &conn) {
+        result.refuse(ResponseFlag::Unauthorized, denied.reason());
+        tracing::info!(peer = %result.downstream, "refused: {denied}");
+        result.detail = Some(denied.to_string());
+        return;
     }
 
     result.service = Some(route.service.host.clone());

@@ -261,6 +261,7 @@ mod tests {
             hosts: vec![HostMatch::parse("*.local")].into(),
             alpn: None,
             routes: Vec::new(),
+            rbac: Vec::new(),
         }];
         let mut subsets = BTreeMap::new();
         subsets.insert(
@@ -301,6 +302,7 @@ mod tests {
             hosts: hosts.into(),
             alpn: None,
             routes: Vec::new(),
+            rbac: Vec::new(),
         }];
         let hit = resolve(
             &servers,
@@ -349,6 +351,7 @@ mod tests {
                 route("longer", &["*.b.example.com"], None),
                 route("exact", &["a.b.example.com"], Some("v2")),
             ],
+            rbac: Vec::new(),
         }];
         let vs = |sni: &str| {
             resolve(&servers, &services, Some(sni))

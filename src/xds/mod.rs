@@ -10,6 +10,7 @@
 
 mod client;
 pub mod connect;
+pub mod rbac;
 pub mod translate;
 
 use std::collections::BTreeMap;

@@ -20,10 +20,12 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, value::Kind};
 use prost::Message;
 
+use super::rbac;
 use crate::model::{
     DefaultRoute, Destination, Endpoint, EndpointAddress, HostMatch, HostSet, L4Route, LbPolicy,
-    ListenerSpec, Locality, OutlierDetection, Resolution, ServerSpec, ServerTlsMode, ServiceKey,
-    ServicePort, Services, Subset, TLS_MODE_LABEL, TrafficPolicy,
+    ListenerSpec, Locality, OutlierDetection, RbacAction, RbacFilter, RbacPermission, RbacPolicy,
+    RbacPrincipal, Resolution, ServerSpec, ServerTlsMode, ServiceKey, ServicePort, Services,
+    Subset, TLS_MODE_LABEL, TrafficPolicy,
 };
 use crate::route::sni::parse_subset_key;
 
@@ -49,6 +51,9 @@ pub struct XListener {
     pub skipped_chains: Vec<String>,
     /// PASSTHROUGH chains: any name, or names that are not subset keys, to clusters.
     pub tls_chains: Vec<TlsChain>,
+    /// ISTIO_MUTUAL chains: the gateway's mTLS terminated, then to clusters; their names
+    /// are the server's hosts.
+    pub mutual_chains: Vec<TlsChain>,
 }
 
 /// A filter chain of a PASSTHROUGH server (istiod's `buildGatewayNetworkFiltersFromTLSRoutes`):
@@ -61,6 +66,8 @@ pub struct TlsChain {
     pub clusters: Vec<(String, u32)>,
     pub idle_timeout: Option<Duration>,
     pub max_duration: Option<Duration>,
+    /// RBAC filters in front of `tcp_proxy`, in order.
+    pub rbac: Vec<RbacFilter>,
 }
 
 /// One filter chain: the SNIs and ALPNs it matches and where `tcp_proxy` sends them.
@@ -71,6 +78,7 @@ pub struct Chain {
     pub cluster: String,
     pub idle_timeout: Option<Duration>,
     pub max_duration: Option<Duration>,
+    pub rbac: Vec<RbacFilter>,
 }
 
 /// Why a listener is acknowledged but not served (an HTTP listener, an internal one…).
@@ -109,7 +117,7 @@ pub struct Read<T> {
     pub problems: Vec<String>,
 }
 
-fn decode<M: Message + Default>(any: &Any, want: &str) -> Result<M, String> {
+pub(super) fn decode<M: Message + Default>(any: &Any, want: &str) -> Result<M, String> {
     if any.type_url != want {
         return Err(format!("type {} where {want} was expected", any.type_url));
     }
@@ -178,6 +186,7 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
         ignored_filters: BTreeSet::new(),
         skipped_chains: Vec::new(),
         tls_chains: Vec::new(),
+        mutual_chains: Vec::new(),
     };
     let mut problems = Vec::new();
     let mut seen: HashMap<(String, Vec<String>), usize> = HashMap::new();
@@ -187,11 +196,18 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
         } else {
             format!("filter chain {}", fc.name)
         };
-        if fc.transport_socket.is_some() {
-            out.skipped_chains.push(format!(
-                "{label}: terminates TLS, which this listener does not"
-            ));
-            continue;
+        // A chain that terminates TLS is an ISTIO_MUTUAL server; its SAN matchers become
+        // an RBAC filter on the verified peer's identity, in front of the others.
+        let mut rbac = Vec::new();
+        let terminates = fc.transport_socket.is_some();
+        if let Some(ts) = &fc.transport_socket {
+            match mutual_tls(ts) {
+                Ok(san) => rbac.extend(san),
+                Err(why) => {
+                    out.skipped_chains.push(format!("{label}: {why}"));
+                    continue;
+                }
+            }
         }
         let m = fc.filter_chain_match.clone().unwrap_or_default();
         let Some(last) = fc.filters.last() else {
@@ -205,8 +221,43 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
                 .push(format!("{label}: ends in {}, not tcp_proxy", last.name));
             continue;
         }
+        let (mut invalid, mut unevaluable) = (None, None);
         for f in &fc.filters[..fc.filters.len() - 1] {
-            out.ignored_filters.insert(f.name.clone());
+            let typed = match &f.config_type {
+                Some(lds::filter::ConfigType::TypedConfig(a)) => Some(a),
+                _ => None,
+            };
+            if f.name != rbac::RBAC && typed.is_none_or(|a| a.type_url != rbac::RBAC_TYPE) {
+                out.ignored_filters.insert(f.name.clone());
+                continue;
+            }
+            let read = typed
+                .ok_or_else(|| {
+                    rbac::RbacError::Invalid("an RBAC filter without typed_config".into())
+                })
+                .and_then(rbac::filter);
+            match read {
+                Ok(filter) => rbac.push(filter),
+                Err(rbac::RbacError::Invalid(e)) => {
+                    invalid = Some(e);
+                    break;
+                }
+                Err(rbac::RbacError::Unevaluable(e)) => {
+                    unevaluable = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = invalid {
+            problems.push(format!("listener {name} {label}: {e}"));
+            continue;
+        }
+        if let Some(e) = unevaluable {
+            // Fail closed: what istiod denies must not get through a filter left out.
+            out.skipped_chains.push(format!(
+                "{label}: {e}; not served, as a policy that cannot be evaluated must not let connections through"
+            ));
+            continue;
         }
         let proxy: tcp::TcpProxy = match &last.config_type {
             Some(lds::filter::ConfigType::TypedConfig(a)) => match decode(a, TCP_PROXY_TYPE) {
@@ -244,6 +295,25 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
             ));
             continue;
         };
+        let idle_timeout = duration(&proxy.idle_timeout);
+        let max_duration = duration(&proxy.max_downstream_connection_duration);
+        // An ISTIO_MUTUAL server's names are its hosts (none for `*`); its one route is
+        // the chain's cluster or weighted clusters.
+        if terminates {
+            match weighted.iter().find(|(c, _)| outbound_cluster(c).is_none()) {
+                Some((c, _)) => out.skipped_chains.push(format!(
+                    "{label}: terminates TLS and sends to {c}, which is not an outbound|<port>|<subset>|<host> cluster"
+                )),
+                None => out.mutual_chains.push(TlsChain {
+                    server_names: m.server_names.iter().map(|s| s.to_ascii_lowercase()).collect(),
+                    clusters: weighted,
+                    idle_timeout,
+                    max_duration,
+                    rbac,
+                }),
+            }
+            continue;
+        }
         // Names that are not subset keys (or none: any name) are a PASSTHROUGH server's
         // routes to `outbound|…` clusters.
         let plain: Vec<String> = m
@@ -261,8 +331,9 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
                 None => out.tls_chains.push(TlsChain {
                     server_names: plain,
                     clusters: weighted.clone(),
-                    idle_timeout: duration(&proxy.idle_timeout),
-                    max_duration: duration(&proxy.max_downstream_connection_duration),
+                    idle_timeout,
+                    max_duration,
+                    rbac: rbac.clone(),
                 }),
             }
             if only_plain {
@@ -300,8 +371,9 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
             server_names: names,
             alpn: m.application_protocols.clone(),
             cluster,
-            idle_timeout: duration(&proxy.idle_timeout),
-            max_duration: duration(&proxy.max_downstream_connection_duration),
+            idle_timeout,
+            max_duration,
+            rbac,
         });
     }
     Ok((
@@ -311,6 +383,102 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
             problems,
         },
     ))
+}
+
+const TLS_SOCKET_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+/// The SDS names of the workload certificate and the mesh root, which pilot-agent serves
+/// an Istio gateway; strait's are its own SVID and roots (files or the mesh CA).
+const SDS_CERTIFICATE: &str = "default";
+const SDS_ROOT: &str = "ROOTCA";
+
+/// Reads a filter chain's transport socket as the ISTIO_MUTUAL termination istiod builds
+/// (`BuildListenerTLSContext`): the workload certificate and mesh root over SDS, a client
+/// certificate required. SAN matchers (`server.tls.subjectAltNames`) come back as an
+/// ALLOW filter on the peer's URI SAN. Anything else (SIMPLE or MUTUAL with a
+/// `credentialName`, inline certificates) is an `Err` saying why it is not served.
+fn mutual_tls(ts: &core::TransportSocket) -> Result<Option<RbacFilter>, String> {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+    use tls::common_tls_context::ValidationContextType as V;
+    let any = match &ts.config_type {
+        Some(core::transport_socket::ConfigType::TypedConfig(a)) => a,
+        None => return Err(format!("transport socket {} without typed_config", ts.name)),
+    };
+    let ctx: tls::DownstreamTlsContext = decode(any, TLS_SOCKET_TYPE)
+        .map_err(|e| format!("terminates TLS with transport socket {}: {e}", ts.name))?;
+    if !ctx
+        .require_client_certificate
+        .as_ref()
+        .is_some_and(|b| b.value)
+    {
+        return Err("terminates TLS without requiring a client certificate (SIMPLE): only ISTIO_MUTUAL is served".into());
+    }
+    let common = ctx.common_tls_context.unwrap_or_default();
+    let certs: Vec<&str> = common
+        .tls_certificate_sds_secret_configs
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    if !common.tls_certificates.is_empty() || certs != [SDS_CERTIFICATE] {
+        return Err(format!(
+            "terminates TLS with certificate {}: only ISTIO_MUTUAL (SDS {SDS_CERTIFICATE:?}, the gateway's own SVID) is served",
+            if certs.is_empty() {
+                "given inline".to_string()
+            } else {
+                format!("{certs:?} from SDS")
+            }
+        ));
+    }
+    let (defaults, root) = match &common.validation_context_type {
+        Some(V::CombinedValidationContext(c)) => (
+            c.default_validation_context.clone(),
+            c.validation_context_sds_secret_config
+                .as_ref()
+                .map(|s| s.name.clone()),
+        ),
+        Some(V::ValidationContextSdsSecretConfig(s)) => (None, Some(s.name.clone())),
+        _ => (None, None),
+    };
+    if root.as_deref() != Some(SDS_ROOT) {
+        return Err(format!(
+            "verifies clients against {}: only ISTIO_MUTUAL (SDS {SDS_ROOT:?}, the mesh root) is served",
+            root.map_or("no SDS root".to_string(), |r| format!("SDS {r:?}"))
+        ));
+    }
+    let defaults = defaults.unwrap_or_default();
+    let mut sans = Vec::new();
+    #[allow(deprecated)]
+    for m in &defaults.match_subject_alt_names {
+        sans.push(rbac::string_match(m).map_err(|e| format!("subject alt name matcher: {e}"))?);
+    }
+    for m in &defaults.match_typed_subject_alt_names {
+        use tls::subject_alt_name_matcher::SanType;
+        if SanType::try_from(m.san_type) != Ok(SanType::Uri) {
+            return Err(format!(
+                "matches client SANs of type {}: only URI SANs (SPIFFE IDs) are known to this gateway",
+                SanType::try_from(m.san_type).map_or("unknown", |t| t.as_str_name())
+            ));
+        }
+        let Some(value) = &m.matcher else {
+            return Err("a subject alt name matcher without a value".into());
+        };
+        sans.push(rbac::string_match(value).map_err(|e| format!("subject alt name matcher: {e}"))?);
+    }
+    if sans.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(RbacFilter {
+        name: "subjectAltNames".into(),
+        action: RbacAction::Allow,
+        policies: Some(vec![RbacPolicy {
+            name: "subjectAltNames".into(),
+            permissions: vec![RbacPermission::Any],
+            principals: sans
+                .into_iter()
+                .map(|m| RbacPrincipal::Authenticated(Some(m)))
+                .collect(),
+        }]),
+    }))
 }
 
 /// `outbound|<port>|<subset>|<host>`: the service port and subset of a cluster istiod
@@ -613,6 +781,7 @@ impl Held {
                 l.chains.iter().map(|c| &c.cluster).chain(
                     l.tls_chains
                         .iter()
+                        .chain(&l.mutual_chains)
                         .flat_map(|t| t.clusters.iter().map(|(c, _)| c)),
                 )
             })
@@ -643,8 +812,9 @@ impl Assembly {
         let mut taken: HashMap<(ServiceKey, Option<String>), String> = HashMap::new();
         for (lname, l) in &held.listeners {
             let Listener::Served(l) = l else { continue };
-            // One server per distinct ALPN list, each allowing exactly its chains' hosts.
-            let mut servers: Vec<(Vec<String>, BTreeSet<String>)> = Vec::new();
+            // One server per distinct ALPN list and RBAC, each allowing exactly its
+            // chains' hosts.
+            let mut servers: Vec<(Vec<String>, &[RbacFilter], BTreeSet<String>)> = Vec::new();
             for chain in &l.chains {
                 let Some(cluster) = held.clusters.get(&chain.cluster) else {
                     self.missing_clusters.insert(chain.cluster.clone());
@@ -673,33 +843,73 @@ impl Assembly {
                     let mut alpn = chain.alpn.clone();
                     alpn.sort();
                     let host = skey.host.clone();
-                    match servers.iter_mut().find(|(a, _)| *a == alpn) {
-                        Some((_, hosts)) => {
+                    match servers
+                        .iter_mut()
+                        .find(|(a, r, _)| *a == alpn && *r == chain.rbac.as_slice())
+                    {
+                        Some((_, _, hosts)) => {
                             hosts.insert(host);
                         }
-                        None => servers.push((alpn, BTreeSet::from([host]))),
+                        None => servers.push((alpn, &chain.rbac, BTreeSet::from([host]))),
                     }
                 }
             }
             let mut specs: Vec<ServerSpec> = servers
                 .into_iter()
                 .enumerate()
-                .map(|(i, (alpn, hosts))| ServerSpec {
+                .map(|(i, (alpn, rbac, hosts))| ServerSpec {
                     name: format!("xds/{lname}/{i}"),
                     mode: ServerTlsMode::AutoPassthrough,
                     hosts: HostSet::new(hosts.into_iter().map(HostMatch::Exact).collect()),
                     alpn: Some(alpn),
                     routes: Vec::new(),
+                    rbac: rbac.to_vec(),
                 })
                 .collect();
-            let routes = self.tls_routes(lname, l, held, &mut taken);
-            if !routes.is_empty() {
+            // ISTIO_MUTUAL servers: each chain is one, its hosts the chain's names.
+            for (i, chain) in l.mutual_chains.iter().enumerate() {
+                let Some(mut route) = self.chain_route(lname, chain, held, &mut taken) else {
+                    continue;
+                };
+                // The chain's names are the server's hosts; its route takes every
+                // connection the server admits.
+                let hosts = std::mem::take(&mut route.sni_hosts);
                 specs.push(ServerSpec {
-                    name: format!("xds/{lname}/passthrough"),
+                    name: format!("xds/{lname}/mutual/{i}"),
+                    mode: ServerTlsMode::IstioMutual,
+                    hosts: HostSet::new(hosts),
+                    alpn: None,
+                    routes: vec![route],
+                    rbac: chain.rbac.clone(),
+                });
+            }
+            // PASSTHROUGH routes, one server per distinct RBAC.
+            let mut passthrough: Vec<(&[RbacFilter], Vec<L4Route>)> = Vec::new();
+            for chain in &l.tls_chains {
+                let Some(route) = self.chain_route(lname, chain, held, &mut taken) else {
+                    continue;
+                };
+                match passthrough
+                    .iter_mut()
+                    .find(|(r, _)| *r == chain.rbac.as_slice())
+                {
+                    Some((_, routes)) => routes.push(route),
+                    None => passthrough.push((&chain.rbac, vec![route])),
+                }
+            }
+            let several = passthrough.len() > 1;
+            for (i, (rbac, routes)) in passthrough.into_iter().enumerate() {
+                specs.push(ServerSpec {
+                    name: if several {
+                        format!("xds/{lname}/passthrough/{i}")
+                    } else {
+                        format!("xds/{lname}/passthrough")
+                    },
                     mode: ServerTlsMode::Passthrough,
                     hosts: HostSet::new(vec![HostMatch::Any]),
                     alpn: None,
                     routes,
+                    rbac: rbac.to_vec(),
                 });
             }
             if specs.is_empty() {
@@ -744,64 +954,60 @@ impl Assembly {
         Ok(())
     }
 
-    /// The PASSTHROUGH routes of a listener's TLS chains; each `outbound|…` cluster they
-    /// send to becomes a route of its service port (and subset), as an SNI key's cluster
-    /// does.
-    fn tls_routes(
+    /// The route of a PASSTHROUGH or ISTIO_MUTUAL chain: each `outbound|…` cluster it
+    /// sends to becomes a route of its service port (and subset), as an SNI key's cluster
+    /// does, and a weighted destination.
+    fn chain_route(
         &mut self,
         lname: &str,
-        l: &XListener,
+        chain: &TlsChain,
         held: &Held,
         taken: &mut HashMap<(ServiceKey, Option<String>), String>,
-    ) -> Vec<L4Route> {
-        let mut routes = Vec::new();
-        for chain in &l.tls_chains {
-            let mut destinations = Vec::new();
-            for (name, weight) in &chain.clusters {
-                let Some((skey, subset)) = outbound_cluster(name) else {
-                    continue;
-                };
-                let Some(cluster) = held.clusters.get(name) else {
-                    self.missing_clusters.insert(name.clone());
-                    continue;
-                };
-                let mut policy = cluster.policy.clone();
-                policy.idle_timeout = chain.idle_timeout;
-                policy.max_connection_duration = chain.max_duration;
-                let route = Route {
-                    subset: subset.clone(),
-                    cluster: name.clone(),
-                    policy,
-                };
-                if let Err(first) = self.take(taken, &skey, route, cluster) {
-                    self.conflicts.push(format!(
-                        "listener {lname}: {name} is the service port of {first}, which is kept"
-                    ));
-                }
-                destinations.push(Destination {
-                    service: skey,
-                    subset,
-                    weight: *weight,
-                });
-            }
-            if destinations.is_empty() {
+    ) -> Option<L4Route> {
+        let mut destinations = Vec::new();
+        for (name, weight) in &chain.clusters {
+            let Some((skey, subset)) = outbound_cluster(name) else {
                 continue;
+            };
+            let Some(cluster) = held.clusters.get(name) else {
+                self.missing_clusters.insert(name.clone());
+                continue;
+            };
+            let mut policy = cluster.policy.clone();
+            policy.idle_timeout = chain.idle_timeout;
+            policy.max_connection_duration = chain.max_duration;
+            let route = Route {
+                subset: subset.clone(),
+                cluster: name.clone(),
+                policy,
+            };
+            if let Err(first) = self.take(taken, &skey, route, cluster) {
+                self.conflicts.push(format!(
+                    "listener {lname}: {name} is the service port of {first}, which is kept"
+                ));
             }
-            routes.push(L4Route {
-                virtual_service: format!("xds/{lname}"),
-                sni_hosts: if chain.server_names.is_empty() {
-                    vec![HostMatch::Any]
-                } else {
-                    chain
-                        .server_names
-                        .iter()
-                        .map(|n| HostMatch::parse(n))
-                        .collect()
-                },
-                destinations,
+            destinations.push(Destination {
+                service: skey,
+                subset,
+                weight: *weight,
             });
         }
-        routes
+        if destinations.is_empty() {
+            return None;
+        }
+        Some(L4Route {
+            virtual_service: format!("xds/{lname}"),
+            sni_hosts: if chain.server_names.is_empty() {
+                vec![HostMatch::Any]
+            } else {
+                chain
+                    .server_names
+                    .iter()
+                    .map(|n| HostMatch::parse(n))
+                    .collect()
+            },
+            destinations,
+        })
     }
 
     /// Rebuilds the service ports that use the endpoints of `eds`; returns them.

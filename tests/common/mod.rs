@@ -1758,3 +1758,65 @@ pub fn dead_port() -> (u16, socket2::Socket) {
 }
 pub mod ca;
 pub mod xds;
+
+/// A sidecar-less workload that answers every read with its own name and a newline.
+pub async fn named_server(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Through an ISTIO_MUTUAL server, as a sidecar would: mTLS with the SVID in `certs`
+/// (`cert-chain.pem`, `key.pem`, `root-cert.pem`), ALPN `istio-peer-exchange, istio`,
+/// SNI `sni`; asks once who answers. An error when the handshake fails or the gateway
+/// closes without an answer (a refusal).
+pub async fn mtls_who(gw: SocketAddr, certs: &Path, sni: &str) -> std::io::Result<String> {
+    use strait::tls::{TrustConfig, client_config, load_identity};
+    let id = load_identity(certs).map_err(std::io::Error::other)?;
+    let trust = TrustConfig {
+        trust_domain: "cluster.local".into(),
+        aliases: Vec::new(),
+        federated: Default::default(),
+    };
+    let config = client_config(&id, &trust, None, &[b"istio-peer-exchange", b"istio"])
+        .map_err(std::io::Error::other)?;
+    let exchange = async {
+        let tcp = TcpStream::connect(gw).await?;
+        let name = ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        tls.write_all(b"who\n").await?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            match tls.read(&mut byte).await? {
+                0 => break,
+                _ if byte[0] == b'\n' => break,
+                _ => line.push(byte[0]),
+            }
+        }
+        if line.is_empty() {
+            return Err(std::io::Error::other("closed without an answer"));
+        }
+        Ok(String::from_utf8_lossy(&line).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| std::io::Error::other("no answer in 10 s"))?
+}

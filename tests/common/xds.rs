@@ -34,21 +34,35 @@ use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality, Metadata,
     Node, SocketAddress, TrafficDirection, address, config_source, socket_address,
 };
+use envoy_types::pb::envoy::config::core::v3::{
+    DataSource, TransportSocket, data_source, transport_socket,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
 };
+pub use envoy_types::pb::envoy::config::rbac::v3::rbac::Action as RbacAction;
+use envoy_types::pb::envoy::config::rbac::v3::{
+    self as rbac_config, Permission, Principal, permission, principal,
+};
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::BoolValue;
 use envoy_types::pb::google::protobuf::{
     Any, Duration as PbDuration, ListValue, Struct, UInt32Value, UInt64Value, Value, value,
 };
@@ -73,6 +87,10 @@ pub const CDS_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 pub const EDS_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
 /// The type URL of Istio's `istio.stats` telemetry filter config (istio/proxy, not Envoy).
+/// SDS secrets: what pilot-agent serves Envoy over `sds-grpc` (the workload certificate
+/// `default` and the mesh root `ROOTCA`); served here for the real Envoy only, since strait
+/// uses its own SVID.
+pub const SDS_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 pub const ISTIO_STATS_TYPE: &str = "type.googleapis.com/stats.PluginConfig";
 
 /// `allIstioMtlsALPNs` (istio `listener.go:97`): what a 15443 chain matches on.
@@ -387,6 +405,392 @@ pub fn serve_expose_istiod(
             cluster,
             &[("us-east", "a", 0, &[(addr, 1, HealthStatus::Healthy)])],
         ));
+    }
+    istiod.push();
+}
+
+// ---- ISTIO_MUTUAL servers, their RBAC, and the secrets they name
+
+/// The config source istiod writes for an SDS secret: pilot-agent's `sds-grpc`.
+fn sds_secret(name: &str) -> tls::SdsSecretConfig {
+    use envoy_types::pb::envoy::config::core::v3::{
+        ApiConfigSource, GrpcService, api_config_source, grpc_service,
+    };
+    tls::SdsSecretConfig {
+        name: name.into(),
+        sds_config: Some(ConfigSource {
+            config_source_specifier: Some(config_source::ConfigSourceSpecifier::ApiConfigSource(
+                ApiConfigSource {
+                    api_type: api_config_source::ApiType::Grpc as i32,
+                    transport_api_version: ApiVersion::V3 as i32,
+                    grpc_services: vec![GrpcService {
+                        target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                            grpc_service::EnvoyGrpc {
+                                cluster_name: "sds-grpc".into(),
+                                ..Default::default()
+                            },
+                        )),
+                        ..Default::default()
+                    }],
+                    set_node_on_first_message_only: true,
+                    ..Default::default()
+                },
+            )),
+            initial_fetch_timeout: Some(duration(Duration::ZERO)),
+            resource_api_version: ApiVersion::V3 as i32,
+            ..Default::default()
+        }),
+    }
+}
+
+/// A listener istiod builds for an ISTIO_MUTUAL Gateway server with a VirtualService
+/// `tcp` route (`gateway.go` `createGatewayTCPFilterChainOpts`, `listener.go`
+/// `BuildListenerTLSContext`, `authentication.go` `ApplyToCommonTLSContext`): one filter
+/// chain, `server_names` the server's hosts (none for `*`), a `DownstreamTlsContext`
+/// requiring a client certificate, with the workload certificate (`default`) and the
+/// mesh root (`ROOTCA`) over SDS, `server.tls.subjectAltNames` as exact SAN matchers, and
+/// ALPN `istio-peer-exchange, h2, http/1.1`; then the RBAC filters of the
+/// AuthorizationPolicies selecting the gateway, then `tcp_proxy` to the route's
+/// `outbound|…` clusters. istiod's `istio.metadata_exchange` filter is left out: the
+/// Envoy these fixtures are proven against is upstream Envoy, which does not have it.
+pub fn mutual_listener(
+    name: &str,
+    addr: SocketAddr,
+    hosts: &[&str],
+    subject_alt_names: &[&str],
+    clusters: &[(&str, u32)],
+    rbac: &[Rbac],
+) -> Listener {
+    let mut l = ListenerSpec::new(addr, &[]).name(name).build();
+    let mut chain = passthrough_listener(name, addr, &[(hosts, clusters)])
+        .filter_chains
+        .remove(0);
+    let context = tls::DownstreamTlsContext {
+        common_tls_context: Some(tls::CommonTlsContext {
+            alpn_protocols: ["istio-peer-exchange", "h2", "http/1.1"]
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+            tls_certificate_sds_secret_configs: vec![sds_secret("default")],
+            validation_context_type: Some(
+                tls::common_tls_context::ValidationContextType::CombinedValidationContext(
+                    tls::common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(tls::CertificateValidationContext {
+                            #[allow(deprecated)]
+                            match_subject_alt_names: subject_alt_names
+                                .iter()
+                                .map(|san| exact(san))
+                                .collect(),
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds_secret("ROOTCA")),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            ..Default::default()
+        }),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    };
+    chain.transport_socket = Some(TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(to_any(&context))),
+    });
+    let filters = rbac.iter().map(|r| Filter {
+        name: "envoy.filters.network.rbac".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(to_any(r))),
+    });
+    chain.filters.splice(0..0, filters);
+    l.filter_chains = vec![chain];
+    l
+}
+
+fn exact(value: &str) -> StringMatcher {
+    StringMatcher {
+        match_pattern: Some(string_matcher::MatchPattern::Exact(value.into())),
+        ..Default::default()
+    }
+}
+
+/// istiod's network RBAC filter for one AuthorizationPolicy (`authz/builder`, as in its
+/// `testdata/tcp/*-out.yaml`): one policy per rule, named
+/// `ns[<ns>]-policy[<name>]-rule[<i>]`, each `and_rules` of `or_rules` and `and_ids` of
+/// `or_ids`, statPrefix `tcp.`.
+pub fn istiod_rbac(
+    action: rbac_config::rbac::Action,
+    policy: &str,
+    rules: Vec<(Vec<Permission>, Vec<Principal>)>,
+) -> Rbac {
+    let and_rules = |rules: Vec<Permission>| Permission {
+        rule: Some(permission::Rule::AndRules(permission::Set {
+            rules: if rules.is_empty() {
+                vec![Permission {
+                    rule: Some(permission::Rule::Any(true)),
+                }]
+            } else {
+                rules
+            },
+        })),
+    };
+    let and_ids = |ids: Vec<Principal>| Principal {
+        identifier: Some(principal::Identifier::AndIds(principal::Set {
+            ids: if ids.is_empty() {
+                vec![Principal {
+                    identifier: Some(principal::Identifier::Any(true)),
+                }]
+            } else {
+                ids
+            },
+        })),
+    };
+    let policies = rules
+        .into_iter()
+        .enumerate()
+        .map(|(i, (permissions, principals))| {
+            (
+                format!("ns[istio-system]-policy[{policy}]-rule[{i}]"),
+                rbac_config::Policy {
+                    permissions: vec![and_rules(permissions)],
+                    principals: vec![and_ids(principals)],
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    Rbac {
+        rules: Some(rbac_config::Rbac {
+            action: action as i32,
+            policies,
+            ..Default::default()
+        }),
+        stat_prefix: "tcp.".into(),
+        shadow_rules_stat_prefix: "istio_dry_run_allow_".into(),
+        ..Default::default()
+    }
+}
+
+/// `source.principals: [p]`: `or_ids` of `authenticated.principal_name.exact`
+/// `spiffe://<p>`.
+pub fn principals(ids: &[&str]) -> Principal {
+    Principal {
+        identifier: Some(principal::Identifier::OrIds(principal::Set {
+            ids: ids
+                .iter()
+                .map(|id| Principal {
+                    identifier: Some(principal::Identifier::Authenticated(
+                        principal::Authenticated {
+                            principal_name: Some(exact(&format!("spiffe://{id}"))),
+                        },
+                    )),
+                })
+                .collect(),
+        })),
+    }
+}
+
+/// `source.namespaces: [ns]`: `principal_name.safe_regex` `.*/ns/<ns>/.*`.
+pub fn namespaces(namespaces: &[&str]) -> Principal {
+    Principal {
+        identifier: Some(principal::Identifier::OrIds(principal::Set {
+            ids: namespaces
+                .iter()
+                .map(|ns| Principal {
+                    identifier: Some(principal::Identifier::Authenticated(
+                        principal::Authenticated {
+                            principal_name: Some(StringMatcher {
+                                match_pattern: Some(string_matcher::MatchPattern::SafeRegex(
+                                    RegexMatcher {
+                                        regex: format!(".*/ns/{ns}/.*"),
+                                        ..Default::default()
+                                    },
+                                )),
+                                ..Default::default()
+                            }),
+                        },
+                    )),
+                })
+                .collect(),
+        })),
+    }
+}
+
+/// `to.operation.ports: [p]`: `or_rules` of `destination_port`.
+pub fn ports(ports: &[u16]) -> Permission {
+    Permission {
+        rule: Some(permission::Rule::OrRules(permission::Set {
+            rules: ports
+                .iter()
+                .map(|p| Permission {
+                    rule: Some(permission::Rule::DestinationPort((*p).into())),
+                })
+                .collect(),
+        })),
+    }
+}
+
+/// A principal on an HTTP header: Envoy rejects it in a network RBAC filter.
+pub fn header_principal(name: &str, value: &str) -> Principal {
+    use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
+    Principal {
+        identifier: Some(principal::Identifier::Header(HeaderMatcher {
+            name: name.into(),
+            header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(exact(
+                value,
+            ))),
+            ..Default::default()
+        })),
+    }
+}
+
+/// A principal on dynamic metadata (`filter`, `key`): valid, but nothing a TCP gateway
+/// without Istio's filters sets.
+pub fn metadata_principal(filter: &str, key: &str, value: &str) -> Principal {
+    use envoy_types::pb::envoy::r#type::matcher::v3::{
+        MetadataMatcher, ValueMatcher, metadata_matcher, value_matcher,
+    };
+    #[allow(deprecated)]
+    Principal {
+        identifier: Some(principal::Identifier::Metadata(MetadataMatcher {
+            filter: filter.into(),
+            path: vec![metadata_matcher::PathSegment {
+                segment: Some(metadata_matcher::path_segment::Segment::Key(key.into())),
+            }],
+            value: Some(ValueMatcher {
+                match_pattern: Some(value_matcher::MatchPattern::StringMatch(exact(value))),
+            }),
+            ..Default::default()
+        })),
+    }
+}
+
+/// The SDS secrets pilot-agent would serve: `default` (the workload's chain and key, PEM)
+/// and `ROOTCA` (the mesh root).
+pub fn serve_gateway_secrets(istiod: &FakeIstiod, chain_pem: &str, key_pem: &str, root_pem: &str) {
+    let inline = |pem: &str| DataSource {
+        specifier: Some(data_source::Specifier::InlineBytes(pem.as_bytes().to_vec())),
+        ..Default::default()
+    };
+    let default = tls::Secret {
+        name: "default".into(),
+        r#type: Some(tls::secret::Type::TlsCertificate(tls::TlsCertificate {
+            certificate_chain: Some(inline(chain_pem)),
+            private_key: Some(inline(key_pem)),
+            ..Default::default()
+        })),
+    };
+    let root = tls::Secret {
+        name: "ROOTCA".into(),
+        r#type: Some(tls::secret::Type::ValidationContext(
+            tls::CertificateValidationContext {
+                trusted_ca: Some(inline(root_pem)),
+                ..Default::default()
+            },
+        )),
+    };
+    istiod.set(SDS_TYPE, "default", to_any(&default));
+    istiod.set(SDS_TYPE, "ROOTCA", to_any(&root));
+}
+
+/// The SVIDs [`serve_mutual_split`]'s tests use, from one `strait ca init` mesh CA under
+/// `dir`: the gateway's, and clients from namespace `foo` (`sleep`, and [`BANNED`]) and
+/// from namespace `bar`.
+pub struct MutualPki {
+    pub gateway: PathBuf,
+    pub sleep: PathBuf,
+    pub banned: PathBuf,
+    pub outsider: PathBuf,
+}
+
+impl MutualPki {
+    pub fn new(dir: &Path) -> MutualPki {
+        let ca = super::mesh_ca(dir, "cluster.local");
+        let svid = |ns: &str, sa: &str| {
+            super::mesh_cert(
+                &ca,
+                &format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
+                &dir.join(format!("{ns}-{sa}")),
+            )
+        };
+        MutualPki {
+            gateway: svid("istio-system", "istio-eastwestgateway"),
+            sleep: svid("foo", "sleep"),
+            banned: svid("foo", "banned"),
+            outsider: svid("bar", "sleep"),
+        }
+    }
+}
+
+pub const MUTUAL_A: &str = "outbound|9080||a.default.svc.cluster.local";
+pub const MUTUAL_B: &str = "outbound|9080||b.default.svc.cluster.local";
+/// The identity a DENY policy of [`serve_mutual_split`] names.
+pub const BANNED: &str = "cluster.local/ns/foo/sa/banned";
+
+/// What istiod sends for an ISTIO_MUTUAL Gateway server (hosts `*.local`) on `split`
+/// whose VirtualService `tcp` route sends 80 % to `a` and 20 % to `b` (sidecar-less
+/// workloads: no `tlsMode` endpoint metadata), behind two AuthorizationPolicies: DENY
+/// from principal [`BANNED`], and ALLOW from namespace `foo` to the server's port. On
+/// `opaque`, the same server whose one ALLOW policy matches dynamic metadata, which no
+/// filter sets here.
+pub fn serve_mutual_split(
+    istiod: &FakeIstiod,
+    split: SocketAddr,
+    opaque: SocketAddr,
+    a: SocketAddr,
+    b: SocketAddr,
+) {
+    let deny = istiod_rbac(
+        RbacAction::Deny,
+        "deny-banned",
+        vec![(Vec::new(), vec![principals(&[BANNED])])],
+    );
+    let allow = istiod_rbac(
+        RbacAction::Allow,
+        "allow-foo",
+        vec![(vec![ports(&[split.port()])], vec![namespaces(&["foo"])])],
+    );
+    istiod.set_listener(&mutual_listener(
+        &format!("0.0.0.0_{}", split.port()),
+        split,
+        &["*.local"],
+        &[],
+        &[(MUTUAL_A, 80), (MUTUAL_B, 20)],
+        &[deny, allow],
+    ));
+    let by_metadata = istiod_rbac(
+        RbacAction::Allow,
+        "allow-metadata",
+        vec![(
+            Vec::new(),
+            vec![metadata_principal(
+                "istio_authn",
+                "source.principal",
+                BANNED,
+            )],
+        )],
+    );
+    istiod.set_listener(&mutual_listener(
+        &format!("0.0.0.0_{}", opaque.port()),
+        opaque,
+        &["*.local"],
+        &[],
+        &[(MUTUAL_A, 1)],
+        &[by_metadata],
+    ));
+    for (cluster, addr) in [(MUTUAL_A, a), (MUTUAL_B, b)] {
+        istiod.set_cluster(&eds_cluster(cluster, None));
+        let mut c = cla(
+            cluster,
+            &[("us-east", "a", 0, &[(addr, 1, HealthStatus::Healthy)])],
+        );
+        for e in c
+            .endpoints
+            .iter_mut()
+            .flat_map(|l| l.lb_endpoints.iter_mut())
+        {
+            e.metadata = None;
+        }
+        istiod.set_cla(&c);
     }
     istiod.push();
 }
@@ -800,7 +1204,7 @@ struct State {
 /// Types whose SotW responses carry the complete set and that a client subscribes to by
 /// wildcard; EDS (the only other type an east-west gateway asks for) goes by name.
 fn is_wildcard_type(type_url: &str) -> bool {
-    type_url != EDS_TYPE
+    type_url != EDS_TYPE && type_url != SDS_TYPE
 }
 
 /// Types in the order istiod pushes them (CDS before EDS before LDS), then the rest.
@@ -1225,6 +1629,16 @@ impl Shared {
     /// istiod's stream start: authenticate (`Unauthenticated` naming the cause), then
     /// register the stream.
     fn open(&self, metadata: &MetadataMap, tx: Tx) -> Result<(u64, Arc<Notify>), Status> {
+        self.open_stream(metadata, tx, true)
+    }
+
+    /// `authenticate: false` for pilot-agent's local SDS socket, which asks for no token.
+    fn open_stream(
+        &self,
+        metadata: &MetadataMap,
+        tx: Tx,
+        authenticate: bool,
+    ) -> Result<(u64, Arc<Notify>), Status> {
         let header = |name: &str| {
             metadata
                 .get(name)
@@ -1232,7 +1646,11 @@ impl Shared {
         };
         let authorization = header("authorization");
         let cluster_id = header("clusterid");
-        let rejected = self.authenticate(authorization.as_deref(), cluster_id.as_deref());
+        let rejected = if authenticate {
+            self.authenticate(authorization.as_deref(), cluster_id.as_deref())
+        } else {
+            Ok(())
+        };
         self.with(|state| {
             let rejected = rejected.err().or_else(|| {
                 state
@@ -1390,6 +1808,39 @@ impl AggregatedDiscoveryService for Ads {
     }
 }
 
+/// pilot-agent's SDS, on the same server: state of the world only, as Envoy asks for it.
+#[tonic::async_trait]
+impl SecretDiscoveryService for Ads {
+    type StreamSecretsStream = UnboundedReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaSecretsStream = UnboundedReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (id, kill) = self
+            .shared
+            .open_stream(request.metadata(), Tx::Sotw(tx), false)?;
+        self.read(id, kill, request.into_inner(), State::on_sotw);
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+
+    async fn delta_secrets(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        Err(Status::unimplemented("fake SDS: state of the world only"))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        _request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        Err(Status::unimplemented("fake SDS: streams only"))
+    }
+}
+
 // ---- The fake istiod: transport
 
 /// An accepted connection, plaintext or TLS, as tonic's server wants it.
@@ -1533,11 +1984,13 @@ async fn serve(
             }
         }
     });
-    let service = AggregatedDiscoveryServiceServer::from_arc(Arc::new(Ads {
+    let ads = Arc::new(Ads {
         shared: shared.clone(),
-    }))
-    .max_decoding_message_size(usize::MAX)
-    .max_encoding_message_size(usize::MAX);
+    });
+    let service = AggregatedDiscoveryServiceServer::from_arc(ads.clone())
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let sds = SecretDiscoveryServiceServer::from_arc(ads);
     let mut builder = tonic::transport::Server::builder();
     if let Some(age) = shared.opts.max_connection_age {
         builder = builder.max_connection_age(age);
@@ -1549,20 +2002,12 @@ async fn serve(
             let _ = stop.await;
         };
         let incoming = ReceiverStream::new(incoming);
-        let _ = match ca {
-            Some(ca) => {
-                builder
-                    .add_service(service)
-                    .add_service(super::ca::CaService(ca))
-                    .serve_with_incoming_shutdown(incoming, stopped)
-                    .await
-            }
-            None => {
-                builder
-                    .serve_with_incoming_shutdown(service, incoming, stopped)
-                    .await
-            }
+        let router = builder.add_service(service).add_service(sds);
+        let router = match ca {
+            Some(ca) => router.add_service(super::ca::CaService(ca)),
+            None => router,
         };
+        let _ = router.serve_with_incoming_shutdown(incoming, stopped).await;
     });
     Ok(Serving {
         accept,
@@ -2059,6 +2504,10 @@ fn envoy_bootstrap(istiod: &FakeIstiod, admin: SocketAddr, delta: bool) -> serde
             }
         });
     }
+    // pilot-agent's SDS socket stands here as the fake's own address.
+    let mut sds_cluster = xds_cluster.clone();
+    sds_cluster["name"] = json!("sds-grpc");
+    sds_cluster["load_assignment"]["cluster_name"] = json!("sds-grpc");
     json!({
         "node": {
             "id": ENVOY_NODE_ID,
@@ -2088,7 +2537,7 @@ fn envoy_bootstrap(istiod: &FakeIstiod, admin: SocketAddr, delta: bool) -> serde
             "cds_config": config_source,
             "lds_config": config_source
         },
-        "static_resources": {"clusters": [xds_cluster]}
+        "static_resources": {"clusters": [sds_cluster, xds_cluster]}
     })
 }
 
