@@ -245,6 +245,7 @@ fn bind_virtual_services(
                 port: doc.addr.port(),
                 mode: doc.mode,
                 hosts: &doc.hosts,
+                host_namespaces: &doc.host_namespaces,
             };
             let routes = virtual_service::routes_for(sink, &server, vss, &declared, &mut taken);
             if doc.mode == ServerTlsMode::Passthrough && routes.is_empty() {

@@ -32,6 +32,10 @@ pub(crate) struct ServerDoc {
     pub addr: SocketAddr,
     pub mode: ServerTlsMode,
     pub hosts: Vec<HostMatch>,
+    /// The namespace each host admits VirtualServices from (`ns/host`, `./host` for the
+    /// Gateway's own); `None` for any (no prefix, or `*/host`), as Istio's
+    /// `pickMatchingGatewayHosts` reads it.
+    pub host_namespaces: Vec<Option<String>>,
     /// Where `tls.mode` was written.
     pub mode_loc: Loc,
 }
@@ -108,13 +112,19 @@ fn server(
         .get("bind")
         .map(|n| fields::ip(sink, n, &path.key("bind")))
         .unwrap_or(Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
-    let hosts: Vec<HostMatch> = match f.get("hosts") {
-        Some(n) => fields::strings(sink, n, &path.key("hosts"))
-            .iter()
-            .map(|h| HostMatch::parse(h))
-            .collect(),
+    let written = match f.get("hosts") {
+        Some(n) => fields::strings(sink, n, &path.key("hosts")),
         None => Vec::new(),
     };
+    let hosts: Vec<HostMatch> = written.iter().map(|h| HostMatch::parse(h)).collect();
+    let host_namespaces = written
+        .iter()
+        .map(|h| match h.split_once('/') {
+            None | Some(("*", _)) => None,
+            Some((".", _)) => Some(meta.namespace.clone()),
+            Some((ns, _)) => Some(ns.to_string()),
+        })
+        .collect();
     if hosts.is_empty() {
         sink.error(
             node.loc,
@@ -194,6 +204,7 @@ fn server(
         addr: SocketAddr::new(bind?, number?),
         mode: mode?,
         hosts,
+        host_namespaces,
         mode_loc,
     })
 }

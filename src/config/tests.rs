@@ -292,6 +292,63 @@ spec:
 }
 
 #[test]
+fn a_namespaced_gateway_host_admits_virtual_services_of_that_namespace_only() {
+    let gateway = |hosts: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: istiod-gateway, namespace: istio-system}}
+spec:
+  servers:
+  - port: {{number: 15012, name: tls, protocol: tls}}
+    tls: {{mode: PASSTHROUGH}}
+    hosts: [{hosts}]
+{ISTIOD_SE}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: other-team, namespace: default}}
+spec:
+  hosts: [\"*\"]
+  gateways: [istio-system/istiod-gateway]
+  tls:
+  - match: [{{sniHosts: [other.example.com]}}]
+    route: [{{destination: {{host: istiod.istio-system.svc.cluster.local, port: {{number: 15012}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: own, namespace: istio-system}}
+spec:
+  hosts: [\"*\"]
+  gateways: [istiod-gateway]
+  tls:
+  - match: [{{sniHosts: [istiod.istio-system.svc]}}]
+    route: [{{destination: {{host: istiod.istio-system.svc.cluster.local, port: {{number: 15012}}}}}}]
+"
+        )
+    };
+    let bound = |hosts: &str| -> Vec<String> {
+        let l = load_ok(&gateway(hosts));
+        l.snapshot.listeners[0].servers[0]
+            .routes
+            .iter()
+            .map(|r| r.virtual_service.clone())
+            .collect()
+    };
+    // `ns/host` and `./host` (the Gateway's namespace) admit only that namespace's;
+    // no prefix and `*/host` admit any.
+    assert_eq!(bound("\"istio-system/*\""), ["istio-system/own"]);
+    assert_eq!(bound("\"./*\""), ["istio-system/own"]);
+    assert_eq!(bound("\"default/*\""), ["default/other-team"]);
+    for any in ["\"*\"", "\"*/*\""] {
+        assert_eq!(
+            bound(any),
+            ["default/other-team", "istio-system/own"],
+            "{any}"
+        );
+    }
+}
+
+#[test]
 fn destinations_that_name_nothing_declared_are_errors() {
     let e = load_err(&passthrough_gateway(
         "---

@@ -225,6 +225,8 @@ pub(crate) struct ServerRef<'a> {
     pub port: u16,
     pub mode: ServerTlsMode,
     pub hosts: &'a [HostMatch],
+    /// Per host, the one namespace whose VirtualServices it admits (`None`: any).
+    pub host_namespaces: &'a [Option<String>],
 }
 
 /// The declared service ports of each host, and the subsets of each service port.
@@ -244,11 +246,12 @@ pub(crate) fn routes_for(
 ) -> Vec<L4Route> {
     let mut out = Vec::new();
     for vs in vss {
+        let admits = |(s, ns): (&HostMatch, &Option<String>)| {
+            ns.as_ref().is_none_or(|ns| *ns == vs.meta.namespace)
+                && vs.hosts.iter().any(|h| s.intersects(h))
+        };
         if !binds(vs, &vs.gateways, server)
-            || !vs
-                .hosts
-                .iter()
-                .any(|h| server.hosts.iter().any(|s| s.intersects(h)))
+            || !server.hosts.iter().zip(server.host_namespaces).any(admits)
         {
             continue;
         }
