@@ -1190,7 +1190,10 @@ fn print_table(names: &[String], cells: &Cells) {
 fn print_goals(cells: &Cells) {
     println!("\nper-round ratios (each figure one round, in round order):");
     let per_round: Vec<&str> = BULK.iter().map(|b| b.id).chain(["rr32", "cps"]).collect();
-    for id in &per_round {
+    for id in per_round
+        .iter()
+        .filter(|id| !cells.values("strait", id).is_empty())
+    {
         let show = |peer: &str| {
             let r = cells.ratios("strait", peer, id);
             if r.is_empty() {
