@@ -266,8 +266,8 @@ async fn bulk(t: &Target, b: &Bulk, secs: f64) -> f64 {
 
 /// Gbit/s client → backend over `conns` connections in writes of `chunk` bytes, counted
 /// by the backend. Each client then half-closes and reads the backend's count of its
-/// bytes, which checks that the proxy passed the FIN on after the last byte and keeps
-/// the other direction open; a connection that fails there is reported.
+/// bytes, which checks that the proxy delivered every byte, passed the FIN on after the
+/// last one and kept the other direction open; a connection that fails there is reported.
 async fn bulk_up(t: &Target, conns: usize, chunk: usize, secs: f64) -> f64 {
     let mut tasks = Vec::new();
     let received = SINK_RECEIVED.load(Ordering::Relaxed);
@@ -281,8 +281,10 @@ async fn bulk_up(t: &Target, conns: usize, chunk: usize, secs: f64) -> f64 {
             let mut s = t.open(Kind::Sink).await.map_err(at("open"))?;
             let buf = vec![0x17u8; chunk];
             let end = Instant::now() + Duration::from_secs_f64(secs);
+            let mut sent = 0u64;
             while Instant::now() < end {
                 s.write_all(&buf).await.map_err(at("write"))?;
+                sent += chunk as u64;
             }
             s.shutdown().await.map_err(at("shutdown(Write)"))?;
             let mut n = [0u8; 8];
@@ -290,7 +292,13 @@ async fn bulk_up(t: &Target, conns: usize, chunk: usize, secs: f64) -> f64 {
                 .await
                 .map_err(at("reading the backend's count"))?;
             abort(s);
-            io::Result::Ok(u64::from_be_bytes(n))
+            let counted = u64::from_be_bytes(n);
+            if counted != sent {
+                return Err(io::Error::other(format!(
+                    "the backend counted {counted} of the {sent} bytes sent"
+                )));
+            }
+            io::Result::Ok(counted)
         }));
     }
     sum_tasks(&t.name, tasks).await;
