@@ -55,7 +55,12 @@ pub(super) async fn serve(
         return;
     };
     let listener_port = result.listener.port();
-    let local = stream.local_addr().unwrap_or(result.listener);
+    // A system call: only where istiod's RBAC may read the destination address.
+    let local = if rbac.is_empty() {
+        result.listener
+    } else {
+        stream.local_addr().unwrap_or(result.listener)
+    };
 
     // The handshake reads the ClientHello we already consumed, then the rest from the socket.
     let acceptor = tokio_rustls::TlsAcceptor::from(material.server.clone());

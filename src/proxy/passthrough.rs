@@ -134,7 +134,6 @@ async fn forward(
         result.routed_by(r, route.service, route.subset);
     }
     let rbac = &servers[route.server].rbac;
-    let local = stream.local_addr().unwrap_or(listener);
     if mode == ServerTlsMode::IstioMutual {
         let to = super::mutual::MutualRoute {
             service: route.service.clone(),
@@ -150,17 +149,20 @@ async fn forward(
     }
     // Without TLS terminated the client is unauthenticated: only addresses, ports and
     // the SNI can match. Refused as Envoy's RBAC filter refuses, by closing.
-    let conn = RbacConn {
-        principal: None,
-        peer: result.downstream,
-        local,
-        sni: offer.sni.as_deref(),
-    };
-    if let Err(denied) = check_rbac(rbac, &conn) {
-        result.refuse(ResponseFlag::Unauthorized, denied.reason());
-        tracing::info!(peer = %result.downstream, "refused: {denied}");
-        result.detail = Some(denied.to_string());
-        return;
+    // Asked only where a policy may read it: the local address costs a system call.
+    if !rbac.is_empty() {
+        let conn = RbacConn {
+            principal: None,
+            peer: result.downstream,
+            local: stream.local_addr().unwrap_or(listener),
+            sni: offer.sni.as_deref(),
+        };
+        if let Err(denied) = check_rbac(rbac, &conn) {
+            result.refuse(ResponseFlag::Unauthorized, denied.reason());
+            tracing::info!(peer = %result.downstream, "refused: {denied}");
+            result.detail = Some(denied.to_string());
+            return;
+        }
     }
 
     result.service = Some(route.service.host.clone());
