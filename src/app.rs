@@ -318,9 +318,11 @@ fn apply_xds(
 ) -> bool {
     let merged = Arc::new(xds::merge(files, published));
     // istiod may be the first to ask for an ISTIO_MUTUAL server: the gateway's own
-    // certificate is needed from now on.
-    if material::needed(&merged)
+    // certificate is needed from now on. Only a change of listeners can ask for one; an
+    // endpoint update must not scan every service.
+    if *changed == Changed::Everything
         && gateway.shared.tls.load().is_none()
+        && material::needed(&merged)
         && let Err(e) = install_tls(&gateway.shared, &merged)
     {
         tracing::error!(

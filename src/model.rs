@@ -390,8 +390,9 @@ impl Cidr {
 /// Envoy's `StringMatcher`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StringMatch {
-    pub kind: StringMatchKind,
-    pub ignore_case: bool,
+    /// With `ignore_case`, the pattern is held in lower case.
+    kind: StringMatchKind,
+    ignore_case: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -419,20 +420,32 @@ impl PartialEq for StringMatchKind {
 }
 
 impl StringMatch {
+    /// `ignore_case` applies to the literal patterns, as in Envoy (not to a regex).
+    pub fn new(kind: StringMatchKind, ignore_case: bool) -> StringMatch {
+        use StringMatchKind::*;
+        let kind = match kind {
+            Exact(p) if ignore_case => Exact(p.to_lowercase()),
+            Prefix(p) if ignore_case => Prefix(p.to_lowercase()),
+            Suffix(p) if ignore_case => Suffix(p.to_lowercase()),
+            Contains(p) if ignore_case => Contains(p.to_lowercase()),
+            other => other,
+        };
+        StringMatch { kind, ignore_case }
+    }
+
     pub fn matches(&self, value: &str) -> bool {
-        let fold = |s: &str| {
-            if self.ignore_case {
-                s.to_lowercase()
-            } else {
-                s.to_string()
-            }
+        // Runs per connection: the value is copied only to fold its case.
+        let value = if self.ignore_case && !matches!(self.kind, StringMatchKind::Regex(_)) {
+            std::borrow::Cow::Owned(value.to_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(value)
         };
         match &self.kind {
-            StringMatchKind::Exact(p) => fold(value) == fold(p),
-            StringMatchKind::Prefix(p) => fold(value).starts_with(&fold(p)),
-            StringMatchKind::Suffix(p) => fold(value).ends_with(&fold(p)),
-            StringMatchKind::Contains(p) => fold(value).contains(&fold(p)),
-            StringMatchKind::Regex(r) => r.is_match(value),
+            StringMatchKind::Exact(p) => *value == **p,
+            StringMatchKind::Prefix(p) => value.starts_with(p.as_str()),
+            StringMatchKind::Suffix(p) => value.ends_with(p.as_str()),
+            StringMatchKind::Contains(p) => value.contains(p.as_str()),
+            StringMatchKind::Regex(r) => r.is_match(&value),
         }
     }
 }
@@ -725,6 +738,12 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// Labelled `security.istio.io/tlsMode: istio`: it has a sidecar, which expects mTLS
+    /// (Istio's auto mTLS).
+    pub fn has_sidecar(&self) -> bool {
+        self.labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio")
+    }
+
     pub fn authority(&self) -> String {
         match &self.address {
             EndpointAddress::Ip(ip) => SocketAddr::new(*ip, self.port).to_string(),

@@ -251,10 +251,7 @@ pub(super) fn string_match(m: &StringMatcher) -> Result<StringMatch, String> {
         }
         None => return Err("a string matcher without a pattern".into()),
     };
-    Ok(StringMatch {
-        kind,
-        ignore_case: m.ignore_case,
-    })
+    Ok(StringMatch::new(kind, m.ignore_case))
 }
 
 #[cfg(test)]
@@ -400,6 +397,25 @@ mod tests {
         let empty = filter(&any_of(&network::Rbac::default())).unwrap();
         assert_eq!(empty.policies, None);
         assert!(check_rbac(&[empty], &banned).is_ok());
+    }
+
+    #[test]
+    fn ignore_case_folds_literal_patterns_only() {
+        let m = |p: MatchPattern, ignore_case: bool| {
+            string_match(&StringMatcher {
+                match_pattern: Some(p),
+                ignore_case,
+            })
+            .unwrap()
+        };
+        let id = "spiffe://cluster.local/ns/Foo/sa/sleep";
+        let prefix = |s: &str| MatchPattern::Prefix(s.into());
+        assert!(m(prefix("SPIFFE://Cluster.local/ns/foo"), true).matches(id));
+        assert!(!m(prefix("SPIFFE://Cluster.local/ns/foo"), false).matches(id));
+        assert!(m(MatchPattern::Exact(id.into()), false).matches(id));
+        assert!(!m(MatchPattern::Suffix("SA/SLEEP".into()), false).matches(id));
+        assert!(m(MatchPattern::Suffix("SA/SLEEP".into()), true).matches(id));
+        assert!(m(MatchPattern::Contains("/NS/foo/".into()), true).matches(id));
     }
 
     #[test]
