@@ -45,9 +45,6 @@ use crate::upstream::{
     dial_endpoint, in_network,
 };
 
-/// The label Istio puts on endpoints whose sidecar terminates mTLS.
-use crate::model::TLS_MODE_LABEL;
-
 /// How one endpoint is reached from the bridge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hop<'a> {
@@ -75,8 +72,7 @@ pub fn hop_for<'a>(
     pick: impl FnOnce(usize) -> usize,
 ) -> Option<Hop<'a>> {
     if in_network(endpoint, &settings.network) {
-        let meshed = endpoint.labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio")
-            || *upstream_tls == UpstreamTls::IstioMutual;
+        let meshed = endpoint.has_sidecar() || *upstream_tls == UpstreamTls::IstioMutual;
         return Some(if meshed && !endpoint.tls_disabled {
             Hop::DirectMutual
         } else {
@@ -478,7 +474,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadWatch<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{EndpointAddress, Locality};
+    use crate::model::{EndpointAddress, Locality, TLS_MODE_LABEL};
     use std::collections::BTreeMap;
 
     fn endpoint(network: &str, tls_mode: Option<&str>) -> Endpoint {

@@ -15,7 +15,7 @@ use super::passthrough::{copy_limits, open_upstream, record_copy};
 use super::rewind::Rewind;
 use super::{Runtime, Shared};
 use crate::authz::{Peer, RbacConn, authorize, check_rbac};
-use crate::model::{RbacFilter, ServicePort, TLS_MODE_LABEL, UpstreamTls};
+use crate::model::{RbacFilter, ServicePort, UpstreamTls};
 use crate::route::sni::build_subset_key;
 use crate::telemetry::{ConnectionResult, IstioLabels, ResponseFlag};
 use crate::tls::{classify_handshake_error, handshake_error_detail, peer_spiffe_id};
@@ -168,10 +168,7 @@ pub(super) async fn serve(
     let meshed = cluster
         .members
         .get(opened.connected.member)
-        .is_some_and(|m| {
-            m.endpoint.labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio")
-                && !m.endpoint.tls_disabled
-        });
+        .is_some_and(|m| m.endpoint.has_sidecar() && !m.endpoint.tls_disabled);
     let outcome = if cluster.policy.tls == UpstreamTls::IstioMutual || meshed {
         let Some(client) = material.client(None) else {
             result.refuse(ResponseFlag::UpstreamConnectFailure, "no_client_config");
