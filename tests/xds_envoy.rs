@@ -34,6 +34,15 @@ fn spiffe(sa: &str) -> String {
     format!("spiffe://cluster.local/ns/default/sa/{sa}")
 }
 
+/// strait's Bootstrap for the plaintext fake `istiod` (15010 style), `extra` spec lines
+/// first.
+fn strait_config(ports: &common::Ports, istiod: &FakeIstiod, extra: &str) -> String {
+    ports.bootstrap(&format!(
+        "{extra}  discovery:\n    address: {}\n    node: {{ip: 127.0.0.1, podName: istio-eastwestgateway-1, namespace: istio-system}}\n",
+        istiod.url()
+    ))
+}
+
 /// Says so loudly when Envoy is not installed: the test then has nothing to compare with.
 fn envoy_missing() -> bool {
     let missing = common::xds::envoy_bin().is_none();
@@ -681,10 +690,7 @@ async fn locality_weights_split_connections_as_envoy_splits_them() {
     let Some(envoy) = Envoy::start(&for_envoy, envoy_opts).await else {
         return;
     };
-    let config = ports.bootstrap(&format!(
-        "  discovery:\n    address: {}\n    node: {{ip: 127.0.0.1, podName: istio-eastwestgateway-1, namespace: istio-system}}\n",
-        for_strait.url()
-    ));
+    let config = strait_config(&ports, &for_strait, "");
     let strait = common::Strait::start(ports, &config);
     reaches(&envoy, &ca, RATINGS, &spiffe("ratings-a")).await;
 
@@ -741,10 +747,7 @@ async fn envoy_routes_istiods_passthrough_listeners_as_strait_does() {
     let Some(envoy) = Envoy::start(&for_envoy, envoy_opts).await else {
         return;
     };
-    let config = ports.bootstrap(&format!(
-        "  discovery:\n    address: {}\n    node: {{ip: 127.0.0.1, podName: istio-eastwestgateway-1, namespace: istio-system}}\n",
-        for_strait.url()
-    ));
+    let config = strait_config(&ports, &for_strait, "");
     let strait = common::Strait::start(ports, &config);
     for istiod in [&for_envoy, &for_strait] {
         for t in [CDS_TYPE, EDS_TYPE, LDS_TYPE] {
@@ -840,11 +843,11 @@ async fn envoy_and_strait_serve_istiods_istio_mutual_listeners_alike() {
         return;
     };
     let ports = common::Ports::new();
-    let config = ports.bootstrap(&format!(
-        "  certificates: {{dir: {}}}\n  discovery:\n    address: {}\n    node: {{ip: 127.0.0.1, podName: istio-eastwestgateway-1, namespace: istio-system}}\n",
-        gw_certs.display(),
-        for_strait.url()
-    ));
+    let config = strait_config(
+        &ports,
+        &for_strait,
+        &format!("  certificates: {{dir: {}}}\n", gw_certs.display()),
+    );
     let strait = common::Strait::start(ports, &config);
     for istiod in [&for_envoy, &for_strait] {
         for t in [CDS_TYPE, EDS_TYPE, LDS_TYPE] {

@@ -193,6 +193,12 @@ spec:
 ";
 
 fn passthrough_gateway(vs: &str) -> String {
+    passthrough_gateway_with_hosts("\"*\"", vs)
+}
+
+/// istio-system/istiod-gateway: one PASSTHROUGH server on 15012 with `hosts: [<hosts>]`,
+/// istiod's ServiceEntry, then `vs`.
+fn passthrough_gateway_with_hosts(hosts: &str, vs: &str) -> String {
     format!(
         "apiVersion: networking.istio.io/v1
 kind: Gateway
@@ -201,7 +207,7 @@ spec:
   servers:
   - port: {{number: 15012, name: tls, protocol: tls}}
     tls: {{mode: PASSTHROUGH}}
-    hosts: [\"*\"]
+    hosts: [{hosts}]
 {ISTIOD_SE}{vs}"
     )
 }
@@ -293,41 +299,29 @@ spec:
 
 #[test]
 fn a_namespaced_gateway_host_admits_virtual_services_of_that_namespace_only() {
-    let gateway = |hosts: &str| {
-        format!(
-            "apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: istiod-gateway, namespace: istio-system}}
-spec:
-  servers:
-  - port: {{number: 15012, name: tls, protocol: tls}}
-    tls: {{mode: PASSTHROUGH}}
-    hosts: [{hosts}]
-{ISTIOD_SE}---
+    let vss = "---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {{name: other-team, namespace: default}}
+metadata: {name: other-team, namespace: default}
 spec:
   hosts: [\"*\"]
   gateways: [istio-system/istiod-gateway]
   tls:
-  - match: [{{sniHosts: [other.example.com]}}]
-    route: [{{destination: {{host: istiod.istio-system.svc.cluster.local, port: {{number: 15012}}}}}}]
+  - match: [{sniHosts: [other.example.com]}]
+    route: [{destination: {host: istiod.istio-system.svc.cluster.local, port: {number: 15012}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {{name: own, namespace: istio-system}}
+metadata: {name: own, namespace: istio-system}
 spec:
   hosts: [\"*\"]
   gateways: [istiod-gateway]
   tls:
-  - match: [{{sniHosts: [istiod.istio-system.svc]}}]
-    route: [{{destination: {{host: istiod.istio-system.svc.cluster.local, port: {{number: 15012}}}}}}]
-"
-        )
-    };
+  - match: [{sniHosts: [istiod.istio-system.svc]}]
+    route: [{destination: {host: istiod.istio-system.svc.cluster.local, port: {number: 15012}}}]
+";
     let bound = |hosts: &str| -> Vec<String> {
-        let l = load_ok(&gateway(hosts));
+        let l = load_ok(&passthrough_gateway_with_hosts(hosts, vss));
         l.snapshot.listeners[0].servers[0]
             .routes
             .iter()
