@@ -288,6 +288,29 @@ async fn mesh_clients_pass_and_every_bad_certificate_is_refused_with_its_reason(
     );
 }
 
+/// `openssl s_client` through the gateway with the client identity in `certs`, offering
+/// `alpn` (comma-separated): sends one line and returns (stdout, stderr).
+async fn openssl_mtls(
+    gw: std::net::SocketAddr,
+    certs: &Path,
+    alpn: &str,
+    line: &str,
+) -> (String, String) {
+    let script = format!(
+        "(echo {line}; sleep 1) | timeout 10 openssl s_client -no_ign_eof -connect {gw} -servername outbound_.9080_._.{ECHO} -alpn {alpn} -cert {c}/cert-chain.pem -cert_chain {c}/cert-chain.pem -key {c}/key.pem -CAfile {c}/root-cert.pem -verify_return_error",
+        c = certs.display()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("sh").arg("-c").arg(script).output().unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_client_with_a_mesh_certificate_reaches_the_workload() {
     let s = setup();
@@ -299,23 +322,52 @@ async fn openssl_client_with_a_mesh_certificate_reaches_the_workload() {
         "spiffe://cluster.local/ns/foo/sa/sleep",
         &s.dir.path().join("c"),
     );
-    let gateway = gw.gateway.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        let script = format!(
-            "(echo hello-over-mtls; sleep 1) | timeout 10 openssl s_client -quiet -no_ign_eof -connect {gateway} -servername outbound_.9080_._.{ECHO} -alpn istio -cert {c}/cert-chain.pem -cert_chain {c}/cert-chain.pem -key {c}/key.pem -CAfile {c}/root-cert.pem -verify_return_error",
-            c = client.display()
-        );
-        Command::new("sh").arg("-c").arg(script).output().unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (stdout, stderr) = openssl_mtls(gw.gateway, &client, "istio", "hello-over-mtls").await;
     assert!(
         stdout.contains("hello-over-mtls"),
         "stdout: {stdout}\nstderr: {stderr}"
     );
     assert!(stderr.contains("verify return:1"), "{stderr}");
+    assert!(stdout.contains("ALPN protocol: istio\n"), "{stdout}");
+}
+
+/// What Envoy does on istiod's ISTIO_MUTUAL gateway chains (`alpn_protocols`
+/// `istio-peer-exchange, h2, http/1.1`): a client offering `h2` or `http/1.1` (curl, a
+/// gRPC client) gets it, and one whose offer matches nothing is served without ALPN
+/// rather than refused. A sidecar's offer still gets `istio`, never `istio-peer-exchange`,
+/// whose metadata exchange strait does not speak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_offering_any_alpn_are_served_and_get_the_protocol_envoy_would_pick() {
+    let s = setup();
+    let (echo, _task) = plaintext_echo().await;
+    let ports = Ports::new();
+    let gw = Strait::start(ports, &config(&ports, &s.gw_certs, echo.port(), ""));
+    let client = issue(
+        &s.mesh_ca,
+        "spiffe://cluster.local/ns/foo/sa/sleep",
+        &s.dir.path().join("c"),
+    );
+    let cases = [
+        ("h2,http/1.1", "ALPN protocol: h2\n"),
+        ("http/1.1", "ALPN protocol: http/1.1\n"),
+        ("istio-peer-exchange,istio", "ALPN protocol: istio\n"),
+        ("acme-tls/1", "No ALPN negotiated"),
+    ];
+    for (i, (offer, negotiated)) in cases.iter().enumerate() {
+        let line = format!("alpn-case-{i}");
+        let (stdout, stderr) = openssl_mtls(gw.gateway, &client, offer, &line).await;
+        assert!(
+            stdout.contains(&line),
+            "offer {offer}: the line did not come back\nstdout: {stdout}\nstderr: {stderr}"
+        );
+        assert!(stdout.contains(negotiated), "offer {offer}: {stdout}");
+    }
+    assert_eq!(
+        gw.metric("istio_tcp_connections_opened_total", &[]),
+        cases.len() as f64,
+        "{}",
+        gw.metrics_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

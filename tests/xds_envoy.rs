@@ -818,7 +818,7 @@ async fn envoy_and_strait_serve_istiods_istio_mutual_listeners_alike() {
         return;
     }
     use common::xds::{MutualPki, SDS_TYPE, serve_gateway_secrets, serve_mutual_split};
-    use common::{mtls_who, named_server};
+    use common::{mtls_who, mtls_who_offering, named_server};
     let dir = common::TempDir::new("mutual");
     let pki = MutualPki::new(dir.path());
     let (gw_certs, sleep, banned, outsider) = (pki.gateway, pki.sleep, pki.banned, pki.outsider);
@@ -909,6 +909,19 @@ async fn envoy_and_strait_serve_istiods_istio_mutual_listeners_alike() {
             mtls_who(header, &sleep, sni).await.is_err(),
             "{name}: an ALLOW policy on metadata let a connection through"
         );
+        // The chain's `alpn_protocols` (`istio-peer-exchange, h2, http/1.1`): an HTTP
+        // client gets its protocol, and an offer matching nothing is served without ALPN.
+        for (offer, negotiated) in [
+            (&["h2", "http/1.1"][..], Some("h2")),
+            (&["http/1.1"][..], Some("http/1.1")),
+            (&["acme-tls/1"][..], None),
+        ] {
+            let (who, got) = mtls_who_offering(split, &sleep, sni, offer)
+                .await
+                .unwrap_or_else(|e| panic!("{name}, offering {offer:?}: {e}"));
+            assert!(who == "a" || who == "b", "{name}: {who}");
+            assert_eq!(got.as_deref(), negotiated, "{name}, offering {offer:?}");
+        }
     }
     for (reason, n) in [("denied_by_policy", 1.0), ("not_allowed_by_policy", 1.0)] {
         assert_eq!(

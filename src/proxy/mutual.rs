@@ -27,6 +27,8 @@ pub(super) struct MutualRoute<'a> {
     pub subset: Option<String>,
     /// The server's RBAC filters (from istiod), applied after `Snapshot::authz`.
     pub rbac: &'a [RbacFilter],
+    /// The ALPN protocols the client offered, in its order.
+    pub offered_alpn: &'a [Vec<u8>],
 }
 
 pub(super) async fn serve(
@@ -41,6 +43,7 @@ pub(super) async fn serve(
         service,
         subset,
         rbac,
+        offered_alpn,
     } = route;
     let settings = &runtime.snapshot.settings;
     result.service = Some(service.host.clone());
@@ -63,7 +66,8 @@ pub(super) async fn serve(
     };
 
     // The handshake reads the ClientHello we already consumed, then the rest from the socket.
-    let acceptor = tokio_rustls::TlsAcceptor::from(material.server.clone());
+    let config = material.server_for(offered_alpn.iter().map(Vec::as_slice));
+    let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
     let handshake = acceptor.accept(Rewind::new(hello, stream));
     let tls = match tokio::time::timeout(settings.client_hello_timeout, handshake).await {
         Ok(Ok(tls)) => tls,

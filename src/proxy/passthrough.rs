@@ -139,6 +139,7 @@ async fn forward(
             service: route.service.clone(),
             subset: route.subset.map(str::to_string),
             rbac,
+            offered_alpn: &offer.alpn,
         };
         // Boxed: the TLS-terminating path is far larger than passthrough, and an unboxed
         // await would size every passthrough connection's task for it.

@@ -14,7 +14,10 @@ use crate::model::{ISTIO_ALPNS, PeerAuthMode, Snapshot, UpstreamTls};
 
 /// What ISTIO_MUTUAL servers, bridges and mTLS origination use.
 pub struct TlsMaterial {
-    pub server: Arc<rustls::ServerConfig>,
+    /// The ISTIO_MUTUAL servers' configuration, negotiating [`SERVER_ALPNS`].
+    server: Arc<rustls::ServerConfig>,
+    /// The same without ALPN, for a client whose offer matches none of them.
+    server_without_alpn: Arc<rustls::ServerConfig>,
     /// Client configurations by expected peer identity (`None`: any peer of a trusted domain).
     clients: BTreeMap<Option<String>, Arc<rustls::ClientConfig>>,
     pub spiffe_id: Option<SpiffeId>,
@@ -22,7 +25,42 @@ pub struct TlsMaterial {
     pub expiries: Vec<(&'static str, PathBuf, SystemTime)>,
 }
 
+/// What an ISTIO_MUTUAL server negotiates, in its order of preference: Istio's own
+/// protocols, then those of istiod's gateway chains (`h2`, `http/1.1`), so that a client
+/// speaking HTTP over the terminated connection (curl, a gRPC client) gets its protocol.
+/// `istio` comes before `istio-peer-exchange`: a sidecar offers both, and the latter
+/// would start Istio's in-band metadata exchange, which strait does not speak.
+pub const SERVER_ALPNS: [&str; 7] = [
+    ISTIO_ALPNS[0],
+    ISTIO_ALPNS[1],
+    ISTIO_ALPNS[2],
+    ISTIO_ALPNS[3],
+    ISTIO_ALPNS[4],
+    "h2",
+    "http/1.1",
+];
+
 impl TlsMaterial {
+    /// The server configuration for a client offering `offered` (ALPN protocol names).
+    /// Where the offer matches none of [`SERVER_ALPNS`], the handshake goes on without
+    /// ALPN, as Envoy's does, instead of failing with `no_application_protocol` (what
+    /// rustls does with a protocol list configured).
+    pub fn server_for<'a>(
+        &self,
+        mut offered: impl Iterator<Item = &'a [u8]>,
+    ) -> &Arc<rustls::ServerConfig> {
+        let mut any = false;
+        let matched = offered.any(|p| {
+            any = true;
+            SERVER_ALPNS.iter().any(|ours| ours.as_bytes() == p)
+        });
+        if matched || !any {
+            &self.server
+        } else {
+            &self.server_without_alpn
+        }
+    }
+
     /// The client configuration for an expected peer (built at load for every identity
     /// the configuration names).
     pub fn client(&self, expected: Option<&str>) -> Option<&Arc<rustls::ClientConfig>> {
@@ -110,7 +148,7 @@ fn build(
         aliases: s.trust_domain_aliases.clone(),
         federated,
     };
-    let alpn: Vec<&[u8]> = ISTIO_ALPNS.iter().map(|a| a.as_bytes()).collect();
+    let alpn: Vec<&[u8]> = SERVER_ALPNS.iter().map(|a| a.as_bytes()).collect();
     // PeerAuthentication STRICT (or none) requires a client certificate; PERMISSIVE and
     // DISABLE let a client without one through, unauthenticated.
     let client_auth = match snapshot.peer_authentication {
@@ -118,6 +156,9 @@ fn build(
         Some(PeerAuthMode::Strict) | None => ClientAuth::Required,
     };
     let server = server_config_with(&identity, &trust, &alpn, client_auth)?;
+    let mut bare = (*server).clone();
+    bare.alpn_protocols.clear();
+    let server_without_alpn = Arc::new(bare);
     let mut clients = BTreeMap::new();
     let mut expected: Vec<Option<String>> = vec![None];
     expected.extend(snapshot.bridges.iter().map(|b| b.identity.clone()));
@@ -152,6 +193,7 @@ fn build(
     }
     Ok(TlsMaterial {
         server,
+        server_without_alpn,
         clients,
         spiffe_id: identity.spiffe_id,
         expiries,

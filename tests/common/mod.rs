@@ -1786,6 +1786,19 @@ pub async fn named_server(name: &'static str) -> (SocketAddr, tokio::task::JoinH
 /// SNI `sni`; asks once who answers. An error when the handshake fails or the gateway
 /// closes without an answer (a refusal).
 pub async fn mtls_who(gw: SocketAddr, certs: &Path, sni: &str) -> std::io::Result<String> {
+    mtls_who_offering(gw, certs, sni, &["istio-peer-exchange", "istio"])
+        .await
+        .map(|(who, _)| who)
+}
+
+/// [`mtls_who`] with the client offering `alpn`; also returns the protocol the server
+/// negotiated (`None`: no ALPN).
+pub async fn mtls_who_offering(
+    gw: SocketAddr,
+    certs: &Path,
+    sni: &str,
+    alpn: &[&str],
+) -> std::io::Result<(String, Option<String>)> {
     use strait::tls::{TrustConfig, client_config, load_identity};
     let id = load_identity(certs).map_err(std::io::Error::other)?;
     let trust = TrustConfig {
@@ -1793,14 +1806,19 @@ pub async fn mtls_who(gw: SocketAddr, certs: &Path, sni: &str) -> std::io::Resul
         aliases: Vec::new(),
         federated: Default::default(),
     };
-    let config = client_config(&id, &trust, None, &[b"istio-peer-exchange", b"istio"])
-        .map_err(std::io::Error::other)?;
+    let alpn: Vec<&[u8]> = alpn.iter().map(|a| a.as_bytes()).collect();
+    let config = client_config(&id, &trust, None, &alpn).map_err(std::io::Error::other)?;
     let exchange = async {
         let tcp = TcpStream::connect(gw).await?;
         let name = ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
         let mut tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await?;
+        let negotiated = tls
+            .get_ref()
+            .1
+            .alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned());
         tls.write_all(b"who\n").await?;
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
@@ -1814,7 +1832,7 @@ pub async fn mtls_who(gw: SocketAddr, certs: &Path, sni: &str) -> std::io::Resul
         if line.is_empty() {
             return Err(std::io::Error::other("closed without an answer"));
         }
-        Ok(String::from_utf8_lossy(&line).into_owned())
+        Ok((String::from_utf8_lossy(&line).into_owned(), negotiated))
     };
     tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
