@@ -936,6 +936,38 @@ async fn envoy_and_strait_serve_istiods_istio_mutual_listeners_alike() {
         "the skipped chain and why: {dump}"
     );
 
+    // A server for `*` (a chain without `server_names`) takes a client that sends no
+    // SNI (rustls sends none for an IP address); the `*.local` one does not.
+    let mut any = Vec::new();
+    for istiod in [&for_envoy, &for_strait] {
+        let addr = at(common::free_port());
+        istiod.set_listener(&common::xds::mutual_listener(
+            "0.0.0.0_any",
+            addr,
+            &["*"],
+            &[],
+            &[(common::xds::MUTUAL_A, 1)],
+            &[],
+        ));
+        istiod.push();
+        any.push(addr);
+    }
+    for (name, addr, split) in [("envoy", any[0], e_split), ("strait", any[1], s_split)] {
+        let who = eventually(WAIT, || async {
+            mtls_who(addr, &sleep, "127.0.0.1").await.ok()
+        })
+        .await;
+        assert_eq!(who.as_deref(), Some("a"), "{name}: no SNI on a `*` server");
+        assert!(
+            mtls_who(split, &sleep, "127.0.0.1").await.is_err(),
+            "{name}: the `*.local` server took a client without SNI"
+        );
+    }
+    assert_eq!(
+        strait.metric("strait_refusals_total", &[("reason", "no_sni")]),
+        1.0
+    );
+
     // An HTTP rule in a network RBAC filter: both reject the listener.
     for istiod in [&for_envoy, &for_strait] {
         let addr = at(common::free_port());

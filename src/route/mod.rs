@@ -8,7 +8,7 @@ pub mod sni;
 use std::sync::Arc;
 
 use crate::model::{
-    DefaultRoute, L4Route, ServerSpec, ServerTlsMode, ServiceKey, ServicePort, Services,
+    DefaultRoute, HostMatch, L4Route, ServerSpec, ServerTlsMode, ServiceKey, ServicePort, Services,
 };
 use sni::{SniMiss, lower_case, parse_subset_key};
 
@@ -88,7 +88,10 @@ pub fn resolve<'s>(
     services: &'s Services,
     sni: Option<&str>,
 ) -> Result<RouteMatch<'s>, RouteMiss> {
-    let sni = lower_case(sni.ok_or(RouteMiss::NoSni)?);
+    let Some(sni) = sni else {
+        return resolve_without_sni(servers, services);
+    };
+    let sni = lower_case(sni);
     if servers
         .iter()
         .any(|s| !s.routes.is_empty() || s.mode == ServerTlsMode::Passthrough)
@@ -193,6 +196,30 @@ fn resolve_by_route<'s>(
             sni: sni.to_string(),
         });
     };
+    route_to(server, route, services)
+}
+
+/// A ClientHello without SNI matches only a filter chain without `server_names`: an
+/// ISTIO_MUTUAL server for exactly `*` (istiod writes no names for it) whose route takes
+/// every connection, as Envoy matches it. Everything else needs the name.
+fn resolve_without_sni<'s>(
+    servers: &'s [ServerSpec],
+    services: &'s Services,
+) -> Result<RouteMatch<'s>, RouteMiss> {
+    servers
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.mode == ServerTlsMode::IstioMutual && s.hosts.contains(&HostMatch::Any))
+        .find_map(|(i, s)| s.routes.first().map(|r| (i, r)))
+        .map_or(Err(RouteMiss::NoSni), |(i, r)| route_to(i, r, services))
+}
+
+/// Picks `route`'s destination on server `server`.
+fn route_to<'s>(
+    server: usize,
+    route: &'s L4Route,
+    services: &'s Services,
+) -> Result<RouteMatch<'s>, RouteMiss> {
     let no_destination = || RouteMiss::NoDestination {
         virtual_service: route.virtual_service.clone(),
     };
@@ -364,6 +391,50 @@ mod tests {
         assert_eq!(vs("elsewhere.test").as_deref(), Some("any"));
         let m = resolve(&servers, &services, Some("a.b.example.com")).unwrap();
         assert_eq!(m.subset, Some("v2"));
+    }
+
+    /// Without SNI only a chain without names matches: an ISTIO_MUTUAL server for `*`
+    /// with a route. A PASSTHROUGH route for `*` and an ISTIO_MUTUAL server for a
+    /// pattern need the name, as Envoy's filter chains with `server_names` do.
+    #[test]
+    fn a_client_without_sni_reaches_only_an_istio_mutual_server_for_every_host() {
+        use crate::model::{Destination, L4Route};
+        let (_, services) = table();
+        let reviews = ServiceKey::new("reviews.default.svc.cluster.local", 9080);
+        let server = |name: &str, mode, hosts: &str| ServerSpec {
+            name: name.into(),
+            mode,
+            hosts: vec![HostMatch::parse(hosts)].into(),
+            alpn: None,
+            routes: vec![L4Route {
+                virtual_service: name.into(),
+                sni_hosts: vec![HostMatch::Any],
+                destinations: vec![Destination {
+                    service: reviews.clone(),
+                    subset: Some("v2".into()),
+                    weight: 1,
+                }],
+            }],
+            rbac: Vec::new(),
+        };
+        let mut servers = vec![
+            server("passthrough", ServerTlsMode::Passthrough, "*"),
+            server("named", ServerTlsMode::IstioMutual, "*.local"),
+        ];
+        assert_eq!(
+            resolve(&servers, &services, None).unwrap_err(),
+            RouteMiss::NoSni
+        );
+        servers.push(server("any", ServerTlsMode::IstioMutual, "*"));
+        let m = resolve(&servers, &services, None).unwrap();
+        assert_eq!((m.server, m.subset), (2, Some("v2")));
+        assert_eq!(m.route.map(|r| r.virtual_service.as_str()), Some("any"));
+        // Without a route, a server for `*` routes by subset key: the name is needed.
+        servers[2].routes.clear();
+        assert_eq!(
+            resolve(&servers, &services, None).unwrap_err(),
+            RouteMiss::NoSni
+        );
     }
 
     #[test]
