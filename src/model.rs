@@ -497,11 +497,7 @@ impl L4Route {
         self.sni_hosts
             .iter()
             .filter(|h| h.matches(sni))
-            .map(|h| match h {
-                HostMatch::Exact(_) => (0, 0),
-                HostMatch::Suffix(s) => (1, usize::MAX - s.len()),
-                HostMatch::Any => (2, 0),
-            })
+            .map(HostMatch::rank)
             .min()
     }
 
@@ -545,6 +541,16 @@ impl HostMatch {
             HostMatch::Any => true,
             HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
             HostMatch::Exact(e) => e == host,
+        }
+    }
+
+    /// Envoy's `server_names` order: an exact name before the longest `*.suffix`, before
+    /// `*` (lower is more specific).
+    pub fn rank(&self) -> (u8, usize) {
+        match self {
+            HostMatch::Exact(_) => (0, 0),
+            HostMatch::Suffix(s) => (1, usize::MAX - s.len()),
+            HostMatch::Any => (2, 0),
         }
     }
 
@@ -607,6 +613,20 @@ impl HostSet {
     /// Whether a (lower-case) service host falls under one of the patterns.
     pub fn matches(&self, host: &str) -> bool {
         self.0.exact.contains(host) || self.0.patterns.iter().any(|p| p.matches(host))
+    }
+
+    /// How specifically the set takes `host` ([`HostMatch::rank`] of its best pattern);
+    /// `None` when no pattern matches.
+    pub fn specificity(&self, host: &str) -> Option<(u8, usize)> {
+        if self.0.exact.contains(host) {
+            return Some((0, 0));
+        }
+        self.0
+            .patterns
+            .iter()
+            .filter(|p| p.matches(host))
+            .map(HostMatch::rank)
+            .min()
     }
 
     /// The patterns as declared, for display: at most `max` of them, then how many more.

@@ -169,34 +169,40 @@ fn resolve_by_route<'s>(
 ) -> Result<RouteMatch<'s>, RouteMiss> {
     let key = parse_subset_key(sni).ok();
     let host = key.as_ref().map_or(sni, |k| k.host);
-    let mut found = None;
+    // Across every server on the port, the most specific match wins, the first among
+    // equals, as Envoy ranks the `server_names` of a listener's filter chains: a
+    // PASSTHROUGH route for `a.example.com` takes that name from an ISTIO_MUTUAL server
+    // for `*.example.com` declared before it.
+    let mut found: Option<((u8, usize), usize, Option<&L4Route>)> = None;
     for (i, s) in servers.iter().enumerate() {
-        let route = match s.mode {
-            // The most specific route wins, the first among equals.
+        let candidate = match s.mode {
             ServerTlsMode::Passthrough => s
                 .routes
                 .iter()
-                .filter_map(|r| r.specificity(sni).map(|rank| (rank, r)))
-                .min_by_key(|(rank, _)| *rank)
-                .map(|(_, r)| r),
-            _ if s.hosts.matches(host) => match s.routes.first() {
-                Some(r) => Some(r),
-                // An ISTIO_MUTUAL server without a VirtualService routes by subset key.
-                None => return resolve_key(servers, i, services, sni),
-            },
-            _ => None,
+                .filter_map(|r| r.specificity(sni).map(|rank| (rank, Some(r))))
+                .min_by_key(|(rank, _)| *rank),
+            // A server without a VirtualService routes by subset key.
+            _ => s
+                .hosts
+                .specificity(host)
+                .map(|rank| (rank, s.routes.first())),
         };
-        if let Some(r) = route {
-            found = Some((i, r));
-            break;
+        if let Some((rank, route)) = candidate
+            && found.as_ref().is_none_or(|(best, _, _)| rank < *best)
+        {
+            found = Some((rank, i, route));
+            if rank == (0, 0) {
+                break; // an exact name: nothing later can be more specific
+            }
         }
     }
-    let Some((server, route)) = found else {
-        return Err(RouteMiss::NoTlsRoute {
+    match found {
+        Some((_, server, Some(route))) => route_to(server, route, services),
+        Some((_, server, None)) => resolve_key(servers, server, services, sni),
+        None => Err(RouteMiss::NoTlsRoute {
             sni: sni.to_string(),
-        });
-    };
-    route_to(server, route, services)
+        }),
+    }
 }
 
 /// A ClientHello without SNI matches only a filter chain without `server_names`: an
@@ -391,6 +397,63 @@ mod tests {
         assert_eq!(vs("elsewhere.test").as_deref(), Some("any"));
         let m = resolve(&servers, &services, Some("a.b.example.com")).unwrap();
         assert_eq!(m.subset, Some("v2"));
+    }
+
+    /// ISTIO_MUTUAL and PASSTHROUGH servers on one port: the most specific name wins
+    /// whichever server was declared first, as among Envoy's filter chains.
+    #[test]
+    fn servers_on_one_port_are_ranked_by_the_specificity_of_their_names() {
+        use crate::model::{Destination, L4Route};
+        let (_, services) = table();
+        let reviews = ServiceKey::new("reviews.default.svc.cluster.local", 9080);
+        let server = |name: &str, mode, hosts: &str, sni_hosts: &str| ServerSpec {
+            name: name.into(),
+            mode,
+            hosts: vec![HostMatch::parse(hosts)].into(),
+            alpn: None,
+            routes: vec![L4Route {
+                virtual_service: name.into(),
+                sni_hosts: vec![HostMatch::parse(sni_hosts)],
+                destinations: vec![Destination {
+                    service: reviews.clone(),
+                    subset: None,
+                    weight: 1,
+                }],
+            }],
+            rbac: Vec::new(),
+        };
+        let servers = vec![
+            server(
+                "mutual-wide",
+                ServerTlsMode::IstioMutual,
+                "*.example.com",
+                "*",
+            ),
+            server(
+                "pass-exact",
+                ServerTlsMode::Passthrough,
+                "*",
+                "a.example.com",
+            ),
+            server("mutual-exact", ServerTlsMode::IstioMutual, "c.test", "*"),
+            server("pass-any", ServerTlsMode::Passthrough, "*", "*"),
+            server(
+                "pass-wide",
+                ServerTlsMode::Passthrough,
+                "*",
+                "*.example.com",
+            ),
+        ];
+        let picked = |sni: &str| {
+            resolve(&servers, &services, Some(sni))
+                .map(|m| servers[m.server].name.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(picked("a.example.com"), "pass-exact");
+        // Equally specific: the first declared.
+        assert_eq!(picked("b.example.com"), "mutual-wide");
+        assert_eq!(picked("c.test"), "mutual-exact");
+        assert_eq!(picked("d.test"), "pass-any");
     }
 
     /// Without SNI only a chain without names matches: an ISTIO_MUTUAL server for `*`
