@@ -53,24 +53,6 @@ fn issue(ca: &Path, id: &str, out: &Path) -> PathBuf {
     out.to_path_buf()
 }
 
-/// A sidecar-less workload: plaintext TCP echo.
-async fn plaintext_echo() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    (addr, task)
-}
-
 fn config(ports: &Ports, certs: &Path, echo_port: u16, policies: &str) -> String {
     format!(
         r#"{bootstrap}---

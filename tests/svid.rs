@@ -14,7 +14,7 @@ use common::xds::{FakeIstiod, ISTIOD_SERVER_NAME, IstiodOptions};
 use common::*;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const GW: &str = "spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway";
 const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/sleep";
@@ -23,24 +23,6 @@ const TOKEN: &str = "gateway-token";
 
 fn sni() -> String {
     format!("outbound_.9080_._.{ECHO}")
-}
-
-/// A sidecar-less workload: plaintext echo on a reserved port.
-async fn plaintext_echo() -> SocketAddr {
-    let l = TcpListener::bind(("127.0.0.1", free_port())).await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 struct Setup {
@@ -62,7 +44,7 @@ impl Setup {
             istiod,
             ca,
             ports: Ports::new(),
-            echo: plaintext_echo().await,
+            echo: plaintext_echo().await.0,
             dir,
         }
     }
@@ -374,7 +356,7 @@ async fn a_bridge_and_an_istio_mutual_gateway_with_svids_from_the_ca_cross_netwo
     let gw_token = dir.write("gateway-token", "gateway-token");
     let br_token = dir.write("bridge-token", "bridge-token");
     let no_files = dir.path().join("no-certificates-here");
-    let workload = plaintext_echo().await;
+    let workload = plaintext_echo().await.0;
 
     let gw_ports = Ports::new();
     let gw_config = network2_gateway(

@@ -1759,6 +1759,24 @@ pub fn dead_port() -> (u16, socket2::Socket) {
 pub mod ca;
 pub mod xds;
 
+/// A sidecar-less workload: plaintext TCP echo, on a reserved port.
+pub async fn plaintext_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind(("127.0.0.1", free_port())).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
 /// A sidecar-less workload that answers every read with its own name and a newline.
 pub async fn named_server(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
