@@ -130,6 +130,17 @@ struct Setup {
     gw_certs: PathBuf,
 }
 
+impl Setup {
+    /// A mesh client certificate for `spiffe://cluster.local/ns/foo/sa/sleep`, in `dir`.
+    fn sleep(&self, dir: &str) -> PathBuf {
+        issue(
+            &self.mesh_ca,
+            "spiffe://cluster.local/ns/foo/sa/sleep",
+            &self.dir.path().join(dir),
+        )
+    }
+}
+
 fn setup() -> Setup {
     let dir = TempDir::new("mtls");
     let mesh_ca = ca_init(dir.path(), "cluster.local");
@@ -148,11 +159,7 @@ async fn mesh_clients_pass_and_every_bad_certificate_is_refused_with_its_reason(
     let ports = Ports::new();
     let gw = Strait::start(ports, &config(&ports, &s.gw_certs, echo.port(), ""));
 
-    let good = issue(
-        &s.mesh_ca,
-        "spiffe://cluster.local/ns/foo/sa/sleep",
-        &s.dir.path().join("good"),
-    );
+    let good = s.sleep("good");
     let mut tls = mtls_connect(gw.gateway, &good).await.unwrap();
     assert_eq!(
         echo_once(&mut tls, b"decrypted and forwarded\n").await,
@@ -299,11 +306,7 @@ async fn openssl_client_with_a_mesh_certificate_reaches_the_workload() {
     let (echo, _task) = plaintext_echo().await;
     let ports = Ports::new();
     let gw = Strait::start(ports, &config(&ports, &s.gw_certs, echo.port(), ""));
-    let client = issue(
-        &s.mesh_ca,
-        "spiffe://cluster.local/ns/foo/sa/sleep",
-        &s.dir.path().join("c"),
-    );
+    let client = s.sleep("c");
     let (stdout, stderr) = openssl_mtls(gw.gateway, &client, "istio", "hello-over-mtls").await;
     assert!(
         stdout.contains("hello-over-mtls"),
@@ -324,11 +327,7 @@ async fn clients_offering_any_alpn_are_served_and_get_the_protocol_envoy_would_p
     let (echo, _task) = plaintext_echo().await;
     let ports = Ports::new();
     let gw = Strait::start(ports, &config(&ports, &s.gw_certs, echo.port(), ""));
-    let client = issue(
-        &s.mesh_ca,
-        "spiffe://cluster.local/ns/foo/sa/sleep",
-        &s.dir.path().join("c"),
-    );
+    let client = s.sleep("c");
     let cases = [
         ("h2,http/1.1", "ALPN protocol: h2\n"),
         ("http/1.1", "ALPN protocol: http/1.1\n"),
@@ -412,11 +411,7 @@ async fn rotating_certificates_keeps_open_connections_and_serves_the_new_one() {
     let (echo, _task) = plaintext_echo().await;
     let ports = Ports::new();
     let gw = Strait::start(ports, &config(&ports, &s.gw_certs, echo.port(), ""));
-    let client = issue(
-        &s.mesh_ca,
-        "spiffe://cluster.local/ns/foo/sa/sleep",
-        &s.dir.path().join("c"),
-    );
+    let client = s.sleep("c");
     let mut open = mtls_connect(gw.gateway, &client).await.unwrap();
     let first = open.get_ref().1.peer_certificates().unwrap()[0].clone();
 
@@ -509,11 +504,7 @@ async fn destination_rule_istio_mutual_re_encrypts_with_the_gateway_identity() {
         "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: echo, namespace: default}}\nspec:\n  host: {ECHO}\n  trafficPolicy:\n    tls: {{mode: ISTIO_MUTUAL}}\n"
     );
     let gw = Strait::start(ports, &config(&ports, &s.gw_certs, wl.port(), &dr));
-    let client = issue(
-        &s.mesh_ca,
-        "spiffe://cluster.local/ns/foo/sa/sleep",
-        &s.dir.path().join("c"),
-    );
+    let client = s.sleep("c");
     let mut tls = mtls_handshake(gw.gateway, &client).await.unwrap();
     let mut first = vec![0u8; format!("peer {GW_ID}\n").len()];
     tls.read_exact(&mut first).await.unwrap();
@@ -618,11 +609,7 @@ async fn permissive_peer_authentication_admits_clients_without_a_certificate() {
             .await
             .contains("anonymous-hello")
     );
-    let good = issue(
-        &s.mesh_ca,
-        "spiffe://cluster.local/ns/foo/sa/sleep",
-        &s.dir.path().join("good"),
-    );
+    let good = s.sleep("good");
     mtls_connect(gw.gateway, &good)
         .await
         .expect("an identified client passes");
@@ -651,11 +638,7 @@ async fn a_weighted_tcp_route_splits_connections_by_weight_and_weight_zero_gets_
         gw = ports.gateway,
     );
     let gw = Strait::start(ports, &config(&ports, &s.gw_certs, 1, &routes));
-    let client = issue(
-        &s.mesh_ca,
-        "spiffe://cluster.local/ns/foo/sa/sleep",
-        &s.dir.path().join("client"),
-    );
+    let client = s.sleep("client");
 
     // 1,000 connections, 8 at a time; each asks once who answers.
     const N: usize = 1000;

@@ -399,14 +399,16 @@ mod tests {
         assert_eq!(m.subset, Some("v2"));
     }
 
-    /// ISTIO_MUTUAL and PASSTHROUGH servers on one port: the most specific name wins
-    /// whichever server was declared first, as among Envoy's filter chains.
-    #[test]
-    fn servers_on_one_port_are_ranked_by_the_specificity_of_their_names() {
+    /// A server with one route, on `sni_hosts`, to reviews (and `subset`).
+    fn routed_server(
+        name: &str,
+        mode: ServerTlsMode,
+        hosts: &str,
+        sni_hosts: &str,
+        subset: Option<&str>,
+    ) -> ServerSpec {
         use crate::model::{Destination, L4Route};
-        let (_, services) = table();
-        let reviews = ServiceKey::new("reviews.default.svc.cluster.local", 9080);
-        let server = |name: &str, mode, hosts: &str, sni_hosts: &str| ServerSpec {
+        ServerSpec {
             name: name.into(),
             mode,
             hosts: vec![HostMatch::parse(hosts)].into(),
@@ -415,13 +417,22 @@ mod tests {
                 virtual_service: name.into(),
                 sni_hosts: vec![HostMatch::parse(sni_hosts)],
                 destinations: vec![Destination {
-                    service: reviews.clone(),
-                    subset: None,
+                    service: ServiceKey::new("reviews.default.svc.cluster.local", 9080),
+                    subset: subset.map(str::to_string),
                     weight: 1,
                 }],
             }],
             rbac: Vec::new(),
-        };
+        }
+    }
+
+    /// ISTIO_MUTUAL and PASSTHROUGH servers on one port: the most specific name wins
+    /// whichever server was declared first, as among Envoy's filter chains.
+    #[test]
+    fn servers_on_one_port_are_ranked_by_the_specificity_of_their_names() {
+        let (_, services) = table();
+        let server =
+            |name, mode, hosts, sni_hosts| routed_server(name, mode, hosts, sni_hosts, None);
         let servers = vec![
             server(
                 "mutual-wide",
@@ -461,25 +472,8 @@ mod tests {
     /// pattern need the name, as Envoy's filter chains with `server_names` do.
     #[test]
     fn a_client_without_sni_reaches_only_an_istio_mutual_server_for_every_host() {
-        use crate::model::{Destination, L4Route};
         let (_, services) = table();
-        let reviews = ServiceKey::new("reviews.default.svc.cluster.local", 9080);
-        let server = |name: &str, mode, hosts: &str| ServerSpec {
-            name: name.into(),
-            mode,
-            hosts: vec![HostMatch::parse(hosts)].into(),
-            alpn: None,
-            routes: vec![L4Route {
-                virtual_service: name.into(),
-                sni_hosts: vec![HostMatch::Any],
-                destinations: vec![Destination {
-                    service: reviews.clone(),
-                    subset: Some("v2".into()),
-                    weight: 1,
-                }],
-            }],
-            rbac: Vec::new(),
-        };
+        let server = |name, mode, hosts| routed_server(name, mode, hosts, "*", Some("v2"));
         let mut servers = vec![
             server("passthrough", ServerTlsMode::Passthrough, "*"),
             server("named", ServerTlsMode::IstioMutual, "*.local"),

@@ -1759,44 +1759,45 @@ pub fn dead_port() -> (u16, socket2::Socket) {
 pub mod ca;
 pub mod xds;
 
-/// A sidecar-less workload: plaintext TCP echo, on a reserved port.
-pub async fn plaintext_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+/// A plaintext workload on a reserved loopback port, serving each connection with
+/// `serve` in its own task.
+async fn plaintext_workload<F, Fut>(serve: F) -> (SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = TcpListener::bind(("127.0.0.1", free_port())).await.unwrap();
     let addr = l.local_addr().unwrap();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
+            if let Ok((s, _)) = l.accept().await {
+                tokio::spawn(serve(s));
+            }
         }
     });
     (addr, task)
 }
 
+/// A sidecar-less workload: plaintext TCP echo.
+pub async fn plaintext_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    plaintext_workload(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
+}
+
 /// A sidecar-less workload that answers every read with its own name and a newline.
 pub async fn named_server(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
-                        break;
-                    }
-                }
-            });
+    plaintext_workload(move |mut s| async move {
+        let mut buf = [0u8; 64];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 || s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                break;
+            }
         }
-    });
-    (addr, task)
+    })
+    .await
 }
 
 /// Through an ISTIO_MUTUAL server, as a sidecar would: mTLS with the SVID in `certs`
