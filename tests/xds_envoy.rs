@@ -968,6 +968,49 @@ async fn envoy_and_strait_serve_istiods_istio_mutual_listeners_alike() {
         1.0
     );
 
+    // ISTIO_MUTUAL and PASSTHROUGH chains on one port: the PASSTHROUGH chain's exact name
+    // takes that name from the ISTIO_MUTUAL chain's `*.svc`, listed first; any other
+    // `.svc` name is the ISTIO_MUTUAL chain's.
+    use common::xds::{ISTIOD_XDS, MUTUAL_A, cla, eds_cluster, passthrough_listener};
+    let ca = TestCa::new();
+    let pod = Workload::start(&ca, "spiffe://cluster.local/ns/istio-system/sa/istiod").await;
+    let mut mixed = Vec::new();
+    for istiod in [&for_envoy, &for_strait] {
+        let addr = at(common::free_port());
+        istiod.set_cluster(&eds_cluster(ISTIOD_XDS, None));
+        istiod.set_cla(&cla(
+            ISTIOD_XDS,
+            &[("us-east", "a", 0, &[(pod.addr, 1, Healthy)])],
+        ));
+        let name = "0.0.0.0_mixed";
+        let mut l =
+            common::xds::mutual_listener(name, addr, &["*.svc"], &[], &[(MUTUAL_A, 1)], &[]);
+        let exact: &[&str] = &["istiod.istio-system.svc"];
+        l.filter_chains
+            .extend(passthrough_listener(name, addr, &[(exact, &[(ISTIOD_XDS, 1)])]).filter_chains);
+        istiod.set_listener(&l);
+        istiod.push();
+        mixed.push(addr);
+    }
+    for (name, addr) in [("envoy", mixed[0]), ("strait", mixed[1])] {
+        let who = eventually(WAIT, || async {
+            round_trip(addr, &ca, "istiod.istio-system.svc").await.ok()
+        })
+        .await;
+        assert_eq!(
+            who.as_deref(),
+            Some(pod.spiffe.as_str()),
+            "{name}: the PASSTHROUGH chain's exact name\n{}",
+            envoy.log()
+        );
+        let who = mtls_who(addr, &sleep, "reviews.default.svc").await;
+        assert_eq!(
+            who.ok().as_deref(),
+            Some("a"),
+            "{name}: the ISTIO_MUTUAL wildcard"
+        );
+    }
+
     // An HTTP rule in a network RBAC filter: both reject the listener.
     for istiod in [&for_envoy, &for_strait] {
         let addr = at(common::free_port());
