@@ -1011,33 +1011,45 @@ async fn envoy_and_strait_serve_istiods_istio_mutual_listeners_alike() {
         );
     }
 
-    // An HTTP rule in a network RBAC filter: both reject the listener.
-    for istiod in [&for_envoy, &for_strait] {
-        let addr = at(common::free_port());
-        let rule = common::xds::istiod_rbac(
+    // An HTTP rule in a network RBAC filter, and a principal regex that is not one on its
+    // own (`foo)|(?:bar` in a namespace): both reject the listener.
+    let header_rule = || {
+        common::xds::istiod_rbac(
             common::xds::RbacAction::Allow,
             "allow-header",
             vec![(
                 Vec::new(),
                 vec![common::xds::header_principal("x-team", "foo")],
             )],
-        );
-        istiod.set_listener(&common::xds::mutual_listener(
-            "0.0.0.0_http_rule",
-            addr,
-            &["*.local"],
-            &[],
-            &[(common::xds::MUTUAL_A, 1)],
-            &[rule],
-        ));
-        istiod.push();
-        let nack = istiod.wait_nack(LDS_TYPE, WAIT).await;
-        assert!(
-            nack.as_ref()
-                .and_then(|n| n.error.as_deref())
-                .is_some_and(|e| e.contains("header")),
-            "{nack:?}\n{}",
-            envoy.log()
-        );
+        )
+    };
+    let bad_regex = || {
+        common::xds::istiod_rbac(
+            common::xds::RbacAction::Allow,
+            "allow-bad-regex",
+            vec![(Vec::new(), vec![common::xds::namespaces(&["foo)|(?:bar"])])],
+        )
+    };
+    for istiod in [&for_envoy, &for_strait] {
+        let addr = at(common::free_port());
+        for (rule, says) in [(header_rule(), "header"), (bad_regex(), "foo)|(?:bar")] {
+            istiod.set_listener(&common::xds::mutual_listener(
+                "0.0.0.0_bad_rule",
+                addr,
+                &["*.local"],
+                &[],
+                &[(common::xds::MUTUAL_A, 1)],
+                &[rule],
+            ));
+            istiod.push();
+            let nack = istiod.wait_nack(LDS_TYPE, WAIT).await;
+            assert!(
+                nack.as_ref()
+                    .and_then(|n| n.error.as_deref())
+                    .is_some_and(|e| e.to_lowercase().contains(says)),
+                "{nack:?}\n{}",
+                envoy.log()
+            );
+        }
     }
 }

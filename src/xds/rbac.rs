@@ -238,13 +238,17 @@ pub(super) fn string_match(m: &StringMatcher) -> Result<StringMatch, String> {
         Some(MatchPattern::Suffix(s)) => StringMatchKind::Suffix(s.clone()),
         Some(MatchPattern::Contains(s)) => StringMatchKind::Contains(s.clone()),
         Some(MatchPattern::SafeRegex(r)) => {
-            // Envoy matches a safe_regex against the whole value.
-            let anchored = format!("^(?:{})$", r.regex);
-            let re = regex::RegexBuilder::new(&anchored)
-                .size_limit(1 << 20)
-                .build()
-                .map_err(|e| format!("regex {:?}: {e}", r.regex))?;
-            StringMatchKind::Regex(re)
+            // Envoy matches a safe_regex against the whole value, hence the anchors. The
+            // pattern must be a regular expression on its own first: wrapped, an
+            // unbalanced one such as `a)|(?:b` would parse, and match far more.
+            let build = |pattern: &str| {
+                regex::RegexBuilder::new(pattern)
+                    .size_limit(1 << 20)
+                    .build()
+                    .map_err(|e| format!("regex {:?}: {e}", r.regex))
+            };
+            build(&r.regex)?;
+            StringMatchKind::Regex(build(&format!("^(?:{})$", r.regex))?)
         }
         Some(MatchPattern::Custom(c)) => {
             return Err(format!("custom string matcher {} is not supported", c.name));
@@ -416,6 +420,33 @@ mod tests {
         assert!(!m(MatchPattern::Suffix("SA/SLEEP".into()), false).matches(id));
         assert!(m(MatchPattern::Suffix("SA/SLEEP".into()), true).matches(id));
         assert!(m(MatchPattern::Contains("/NS/foo/".into()), true).matches(id));
+    }
+
+    /// A `safe_regex` matches the whole value, as RE2's full match in Envoy, and a pattern
+    /// that is not a regular expression on its own is refused, even where wrapping it
+    /// for the full match would make one (`a)|(?:b` would match anything starting with
+    /// `a`).
+    #[test]
+    fn a_safe_regex_matches_the_whole_value_and_only_a_valid_pattern_is_taken() {
+        use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
+        let regex = |r: &str| {
+            string_match(&pattern(MatchPattern::SafeRegex(RegexMatcher {
+                regex: r.into(),
+                ..Default::default()
+            })))
+        };
+        let ns = regex(".*/ns/foo/.*").unwrap();
+        assert!(ns.matches("spiffe://cluster.local/ns/foo/sa/sleep"));
+        assert!(!ns.matches("spiffe://cluster.local/ns/foobar/sa/sleep"));
+        let alt = regex("a|b").unwrap();
+        assert!(alt.matches("a") && alt.matches("b") && !alt.matches("ab"));
+        for bad in ["a)|(?:b", "a)|(b", "(a", "a)", "[a"] {
+            let err = regex(bad).err();
+            assert!(
+                err.is_some_and(|e| e.contains("regex")),
+                "{bad:?} was taken"
+            );
+        }
     }
 
     #[test]
