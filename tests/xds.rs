@@ -975,3 +975,91 @@ async fn istio_mutual_listeners_from_istiod_terminate_split_by_weight_and_apply_
         "the served server lists its RBAC: {dump}"
     );
 }
+
+/// Regenerates the seeds of the `xds_resources` fuzz target from these fixtures (records
+/// of a kind byte, a little-endian u16 length and the encoded resource; see the target):
+/// `cargo test --test xds regenerate_xds_fuzz_seeds -- --ignored`.
+#[test]
+#[ignore = "writes fuzz/corpus/xds_resources; run with --ignored after changing the fixtures"]
+fn regenerate_xds_fuzz_seeds() {
+    use prost::Message;
+    fn record(out: &mut Vec<u8>, kind: u8, m: &impl Message) {
+        let body = m.encode_to_vec();
+        out.push(kind);
+        out.extend_from_slice(&u16::try_from(body.len()).unwrap().to_le_bytes());
+        out.extend_from_slice(&body);
+    }
+    fn clusters(out: &mut Vec<u8>, names: &[&str], at: SocketAddr) {
+        for c in names {
+            record(out, 1, &eds_cluster(c, None));
+            let far = SocketAddr::new(at.ip(), at.port() + 1);
+            record(
+                out,
+                2,
+                &cla(
+                    c,
+                    &[
+                        ("us-east", "a", 0, &[(at, 1, HealthStatus::Healthy)]),
+                        ("us-west", "b", 1, &[(far, 2, HealthStatus::Healthy)]),
+                    ],
+                ),
+            );
+        }
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/xds_resources");
+    let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    let a = "outbound_.9080_._.a.default.svc.cluster.local";
+    let b = "outbound_.9080_.v2_.b.default.svc.cluster.local";
+
+    let mut seed = Vec::new();
+    record(&mut seed, 0, &listener_15443(at(15443), &[(a, a), (b, b)]));
+    clusters(&mut seed, &[a, b], at(9080));
+    std::fs::write(dir.join("auto_passthrough"), &seed).unwrap();
+
+    let mut seed = Vec::new();
+    let any: &[&str] = &["*"];
+    let istiod: &[&str] = &["istiod.istio-system.svc"];
+    let split = [(ISTIOD_XDS, 80), (ISTIOD_WEBHOOK, 20)];
+    record(
+        &mut seed,
+        0,
+        &passthrough_listener("0.0.0.0_15012", at(15012), &[(any, &[(ISTIOD_XDS, 1)])]),
+    );
+    record(
+        &mut seed,
+        0,
+        &passthrough_listener("0.0.0.0_443", at(443), &[(istiod, &split)]),
+    );
+    clusters(&mut seed, &[ISTIOD_XDS, ISTIOD_WEBHOOK], at(15012));
+    std::fs::write(dir.join("passthrough"), &seed).unwrap();
+
+    let mut seed = Vec::new();
+    let deny = istiod_rbac(
+        RbacAction::Deny,
+        "deny",
+        vec![(
+            Vec::new(),
+            vec![principals(&["spiffe://cluster.local/ns/x/sa/y"])],
+        )],
+    );
+    let allow = istiod_rbac(
+        RbacAction::Allow,
+        "allow",
+        vec![(vec![ports(&[8443])], vec![namespaces(&["foo"])])],
+    );
+    let mut mixed = mutual_listener(
+        "0.0.0.0_8443",
+        at(8443),
+        &["*.local"],
+        &["spiffe://cluster.local/ns/foo/sa/sleep"],
+        &[(MUTUAL_A, 80), (MUTUAL_B, 20)],
+        &[deny, allow],
+    );
+    mixed.filter_chains.extend(
+        passthrough_listener("0.0.0.0_8443", at(8443), &[(istiod, &[(ISTIOD_XDS, 1)])])
+            .filter_chains,
+    );
+    record(&mut seed, 0, &mixed);
+    clusters(&mut seed, &[MUTUAL_A, MUTUAL_B, ISTIOD_XDS], at(9080));
+    std::fs::write(dir.join("istio_mutual_rbac"), &seed).unwrap();
+}
