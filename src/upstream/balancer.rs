@@ -29,15 +29,22 @@ pub(super) struct Balancer {
     lb: LbPolicy,
     /// Weighted round-robin order: member indexes, interleaved by weight.
     schedule: Vec<u32>,
-    cursor: Cursor,
+    /// Round-robin positions, one per pool a plan picks from (priority level, locality
+    /// group; slot 0 for the whole cluster), so that picks from one pool do not move
+    /// another's: interleaved on one cursor, the first member of a pool after another
+    /// pool's members would take most of its picks. Pools beyond the slots share them.
+    cursors: [Cursor; POOL_CURSORS],
 }
+
+/// Round-robin cursors per cluster; see [`Balancer::cursors`].
+const POOL_CURSORS: usize = 4;
 
 impl Balancer {
     pub(super) fn new(lb: LbPolicy, weights: &[u32]) -> Self {
         Balancer {
             lb,
             schedule: smooth_schedule(weights),
-            cursor: Cursor::default(),
+            cursors: Default::default(),
         }
     }
 }
@@ -106,7 +113,14 @@ pub(super) fn pick(
         .map_or(0, |o| o.min_health_percent);
     // Below minHealthPercent, ejection is ignored (Envoy's panic threshold).
     let panic = outlier::panicking(healthy_count, eligible.len(), min_health);
-    eligible.retain(|&i| !exclude.contains(&i) && (panic || !members[i].state.is_ejected()));
+    let healthy = |i: usize| panic || !members[i].state.is_ejected();
+    // Every member this purpose may use, healthy or not: what a priority's health is
+    // judged against.
+    let mut considered = match plan {
+        Plan::Priority(_) | Plan::PriorityWeighted { .. } => eligible.clone(),
+        _ => Vec::new(),
+    };
+    eligible.retain(|&i| !exclude.contains(&i) && healthy(i));
     // A bridge's own network is a tier above every other: remote networks cost a
     // gateway hop and are the failover, whatever the locality plan says within a tier.
     if purpose == Purpose::Bridge
@@ -115,12 +129,18 @@ pub(super) fn pick(
             .any(|&i| super::in_network(&members[i].endpoint, network))
     {
         eligible.retain(|&i| super::in_network(&members[i].endpoint, network));
+        considered.retain(|&i| super::in_network(&members[i].endpoint, network));
     }
+    // Which round-robin cursor the pool uses: 0 for the whole cluster, else one per
+    // level or group.
+    let mut pool_key = 0;
     let pool = match plan {
         Plan::Flat => eligible,
         Plan::Priority(prio) => {
-            let best = eligible.iter().map(|&i| prio[i]).min().unwrap_or(0);
-            eligible.retain(|&i| prio[i] == best);
+            if let Some(level) = pick_priority(&considered, &eligible, prio, healthy) {
+                eligible.retain(|&i| prio[i] == level);
+                pool_key = usize::from(level) + 1;
+            }
             eligible
         }
         Plan::Distribute {
@@ -131,6 +151,7 @@ pub(super) fn pick(
             match pick_group(&eligible, group_of, group_weight) {
                 Some(g) => {
                     eligible.retain(|&i| group_of[i] == Some(g));
+                    pool_key = g + 1;
                     eligible
                 }
                 None => Vec::new(),
@@ -142,11 +163,13 @@ pub(super) fn pick(
             group_weight,
         } => {
             eligible.retain(|&i| group_of[i].is_some());
-            let best = eligible.iter().map(|&i| priority[i]).min().unwrap_or(0);
-            eligible.retain(|&i| priority[i] == best);
+            if let Some(level) = pick_priority(&considered, &eligible, priority, healthy) {
+                eligible.retain(|&i| priority[i] == level);
+            }
             match pick_group(&eligible, group_of, group_weight) {
                 Some(g) => {
                     eligible.retain(|&i| group_of[i] == Some(g));
+                    pool_key = g + 1;
                     eligible
                 }
                 None => Vec::new(),
@@ -157,11 +180,73 @@ pub(super) fn pick(
         return Pick::NoHealthy;
     }
     let choice = match cluster.balancer.lb {
-        LbPolicy::RoundRobin => round_robin(cluster, &pool),
+        LbPolicy::RoundRobin => round_robin(cluster, &pool, pool_key),
         LbPolicy::Random => weighted_random(cluster, &pool),
         LbPolicy::LeastRequest => least_request(cluster, &pool),
     };
     Pick::Member(choice)
+}
+
+/// The priority level that takes a new connection, as Envoy shares load between
+/// levels (`LoadBalancerBase::recalculatePerPriorityState`): a level's health is its
+/// share of healthy members among `considered`, times the overprovisioning factor 1.4,
+/// at most 100 %; the levels, best first, each take as much of the load as their health
+/// (scaled up when the healths add up to less than 100 %), until none is left, and any
+/// rounding remainder goes to the first level with health. A level with 3 of 4 members
+/// healthy keeps all its load, one with 1 of 2 keeps 70 % and spills 30 % to the next,
+/// rather than piling everything on its last members. A level none of whose members is
+/// in `pool` (this connection's candidates) takes nothing; when every level is so, the
+/// best level in `pool`.
+fn pick_priority(
+    considered: &[usize],
+    pool: &[usize],
+    priority: &[u8],
+    healthy: impl Fn(usize) -> bool,
+) -> Option<u8> {
+    // (level, members, healthy members, members in the pool), best level first.
+    let mut levels: Vec<(u8, u64, u64, bool)> = Vec::new();
+    for &i in considered {
+        let p = priority[i];
+        let k = match levels.iter().position(|l| l.0 == p) {
+            Some(k) => k,
+            None => {
+                levels.push((p, 0, 0, false));
+                levels.len() - 1
+            }
+        };
+        levels[k].1 += 1;
+        levels[k].2 += u64::from(healthy(i));
+    }
+    for &i in pool {
+        if let Some(l) = levels.iter_mut().find(|l| l.0 == priority[i]) {
+            l.3 = true;
+        }
+    }
+    levels.sort_unstable_by_key(|l| l.0);
+    let health: Vec<u64> = levels
+        .iter()
+        .map(|&(_, all, up, _)| (140 * up / all.max(1)).min(100))
+        .collect();
+    let total = health.iter().sum::<u64>().min(100);
+    let mut load = vec![0u64; levels.len()];
+    // No health anywhere leaves every load at 0 (the fallback below).
+    let mut left = 100;
+    for (l, h) in load.iter_mut().zip(&health) {
+        *l = (h * 100).checked_div(total).unwrap_or(0).min(left);
+        left -= *l;
+    }
+    if let Some(first) = health.iter().position(|&h| h > 0) {
+        load[first] += left;
+    }
+    for (l, level) in load.iter_mut().zip(&levels) {
+        if !level.3 {
+            *l = 0;
+        }
+    }
+    match weighted_index(load.iter().copied()) {
+        Some(k) => Some(levels[k].0),
+        None => pool.iter().map(|&i| priority[i]).min(),
+    }
 }
 
 /// A locality group, at random by weight, among the groups that still have a member in
@@ -189,10 +274,11 @@ fn pick_group(pool: &[usize], group_of: &[Option<usize>], weights: &[u64]) -> Op
     weighted_index(effective.into_iter())
 }
 
-fn round_robin(cluster: &Cluster, pool: &[usize]) -> usize {
+fn round_robin(cluster: &Cluster, pool: &[usize], pool_key: usize) -> usize {
     let schedule = &cluster.balancer.schedule;
+    let cursor = &cluster.balancer.cursors[pool_key % POOL_CURSORS];
     if pool.len() == cluster.members.len() {
-        let n = cluster.balancer.cursor.next();
+        let n = cursor.next();
         return schedule[n % schedule.len()] as usize;
     }
     // Walk the schedule from the cursor to the next member in the pool, so the pool
@@ -202,7 +288,7 @@ fn round_robin(cluster: &Cluster, pool: &[usize]) -> usize {
         in_pool[i] = true;
     }
     for _ in 0..schedule.len() {
-        let n = cluster.balancer.cursor.next();
+        let n = cursor.next();
         let m = schedule[n % schedule.len()] as usize;
         if in_pool[m] {
             return m;
@@ -435,6 +521,65 @@ mod tests {
         );
         c.record_failure(1);
         assert_eq!(counts(&c, (&gw).into(), 10), vec![10, 0, 0, 0]);
+    }
+
+    /// Envoy's priority load: a level that loses members keeps the load its health
+    /// (1.4 × its healthy share) covers and spills the rest to the next level, whether
+    /// the levels come from `localityLbSetting` or from the control plane.
+    #[test]
+    fn a_priority_losing_members_spills_its_uncovered_share_to_the_next() {
+        let gw = Locality::parse("r1/z1/s1");
+        let file = cluster(
+            vec![
+                endpoint(1, 1, "r1/z1/s1", ""),
+                endpoint(2, 1, "r1/z1/s1", ""),
+                endpoint(3, 1, "r1/z2/s1", ""),
+                endpoint(4, 1, "r1/z2/s1", ""),
+            ],
+            TrafficPolicy {
+                locality_lb: Some(LocalityLbSetting {
+                    enabled: true,
+                    distribute: vec![],
+                    failover: vec![],
+                }),
+                ..with_outlier(0)
+            },
+        );
+        let at = |last: u8, priority: u32| Endpoint {
+            priority: Some(priority),
+            ..endpoint(last, 1, "", "")
+        };
+        let pushed = cluster(
+            vec![at(1, 0), at(2, 0), at(3, 1), at(4, 1), at(5, 1), at(6, 1)],
+            with_outlier(0),
+        );
+        fastrand::seed(5);
+        for c in [&file, &pushed] {
+            let n = counts(c, (&gw).into(), 20_000);
+            assert_eq!(n[0] + n[1], 20_000, "all healthy: the first level: {n:?}");
+            // One of two left: 70 % stays, on the one left; 30 % goes to the next level.
+            c.record_failure(0);
+            let n = counts(c, (&gw).into(), 20_000);
+            let share = |k: usize| n[k] as f64 / 20_000.0;
+            assert_eq!(n[0], 0, "{n:?}");
+            assert!((share(1) - 0.7).abs() < 0.02, "{n:?}");
+            let next: Vec<f64> = (2..n.len()).map(share).collect();
+            assert!((next.iter().sum::<f64>() - 0.3).abs() < 0.02, "{n:?}");
+            // Round robin within the next level stays even, though picks alternate
+            // between the levels.
+            let (lo, hi) = next
+                .iter()
+                .fold((1.0f64, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            assert!(hi - lo < 0.02, "{n:?}");
+            // None left: the next level takes everything.
+            c.record_failure(1);
+            let n = counts(c, (&gw).into(), 1000);
+            assert_eq!(n[0] + n[1], 0, "{n:?}");
+        }
+        // A level of four with three healthy covers its whole load (1.4 × 3/4 > 1).
+        pushed.record_failure(2);
+        let n = counts(&pushed, (&gw).into(), 1000);
+        assert_eq!(n[3] + n[4] + n[5], 1000, "{n:?}");
     }
 
     #[test]
