@@ -923,13 +923,14 @@ async fn envoy_and_strait_serve_istiods_istio_mutual_listeners_alike() {
             assert_eq!(got.as_deref(), negotiated, "{name}, offering {offer:?}");
         }
     }
-    for (reason, n) in [("denied_by_policy", 1.0), ("not_allowed_by_policy", 1.0)] {
-        assert_eq!(
-            strait.metric("strait_refusals_total", &[("reason", reason)]),
-            n,
-            "{reason}"
-        );
-    }
+    // A refusal is counted when its connection's task ends, just after the client's close.
+    let refused = |reason: &str| strait.metric("strait_refusals_total", &[("reason", reason)]);
+    assert!(
+        strait.eventually(WAIT, || refused("denied_by_policy") == 1.0
+            && refused("not_allowed_by_policy") == 1.0),
+        "{}",
+        strait.metrics_text()
+    );
     let (_, dump) = common::http_get(strait.admin, "/config_dump").unwrap();
     assert!(
         dump.contains("a principal on metadata cannot be evaluated on a TCP connection"),
@@ -963,9 +964,10 @@ async fn envoy_and_strait_serve_istiods_istio_mutual_listeners_alike() {
             "{name}: the `*.local` server took a client without SNI"
         );
     }
-    assert_eq!(
-        strait.metric("strait_refusals_total", &[("reason", "no_sni")]),
-        1.0
+    assert!(
+        strait.eventually(WAIT, || refused("no_sni") == 1.0),
+        "{}",
+        strait.metrics_text()
     );
 
     // ISTIO_MUTUAL and PASSTHROUGH chains on one port: the PASSTHROUGH chain's exact name
