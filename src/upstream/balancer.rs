@@ -225,7 +225,7 @@ fn pick_priority(
     levels.sort_unstable_by_key(|l| l.0);
     let health: Vec<u64> = levels
         .iter()
-        .map(|&(_, all, up, _)| (140 * up / all.max(1)).min(100))
+        .map(|&(_, all, up, _)| overprovisioned(100, up, all))
         .collect();
     let total = health.iter().sum::<u64>().min(100);
     let mut load = vec![0u64; levels.len()];
@@ -265,13 +265,17 @@ fn pick_group(pool: &[usize], group_of: &[Option<usize>], weights: &[u64]) -> Op
         }
     }
     let effective: Vec<u64> = (0..weights.len())
-        .map(|g| {
-            // In thousandths, so a small weight keeps its proportion.
-            let all = members[g].max(1) * 100;
-            weights[g] * 1000 * (left[g] * 140).min(all) / all
-        })
+        // In thousandths, so a small weight keeps its proportion.
+        .map(|g| overprovisioned(weights[g] * 1000, left[g], members[g]))
         .collect();
     weighted_index(effective.into_iter())
+}
+
+/// Envoy's overprovisioning factor of 1.4 applied to `full`: what `up` of `all` members
+/// cover of it, never more than the whole (3 of 4 cover all of it, 1 of 4 covers 35 %).
+fn overprovisioned(full: u64, up: u64, all: u64) -> u64 {
+    let all = all.max(1) * 100;
+    full * (up * 140).min(all) / all
 }
 
 fn round_robin(cluster: &Cluster, pool: &[usize], pool_key: usize) -> usize {
