@@ -66,7 +66,7 @@ pub(super) async fn serve(
     };
 
     // The handshake reads the ClientHello we already consumed, then the rest from the socket.
-    let config = material.server_for(offered_alpn.iter().map(Vec::as_slice));
+    let config = material.server_for(offered_alpn);
     let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
     let handshake = acceptor.accept(Rewind::new(hello, stream));
     let tls = match tokio::time::timeout(settings.client_hello_timeout, handshake).await {

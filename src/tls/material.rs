@@ -45,16 +45,9 @@ impl TlsMaterial {
     /// Where the offer matches none of [`SERVER_ALPNS`], the handshake goes on without
     /// ALPN, as Envoy's does, instead of failing with `no_application_protocol` (what
     /// rustls does with a protocol list configured).
-    pub fn server_for<'a>(
-        &self,
-        mut offered: impl Iterator<Item = &'a [u8]>,
-    ) -> &Arc<rustls::ServerConfig> {
-        let mut any = false;
-        let matched = offered.any(|p| {
-            any = true;
-            SERVER_ALPNS.iter().any(|ours| ours.as_bytes() == p)
-        });
-        if matched || !any {
+    pub fn server_for(&self, offered: &[Vec<u8>]) -> &Arc<rustls::ServerConfig> {
+        let ours = |p: &Vec<u8>| SERVER_ALPNS.iter().any(|a| a.as_bytes() == p.as_slice());
+        if offered.is_empty() || offered.iter().any(ours) {
             &self.server
         } else {
             &self.server_without_alpn
