@@ -15,7 +15,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::istiod::{
-    Istiod, IstiodOptions, Lab, PilotAgent, Spoke, envoy_gateway, peers_present, strait_gateway,
+    Istiod, IstiodOptions, Lab, PROXY_ISTIO_VERSION, PilotAgent, Spoke, envoy_gateway,
+    peers_present, strait_gateway,
 };
 use common::xds::Envoy;
 use common::{Strait, TestCa, Workload, echo_once, tls_connect};
@@ -217,29 +218,80 @@ async fn outcomes(
     seen
 }
 
-/// Polls until both gateways give `want` for `sni`, or `within` passes; the last pair
-/// seen on failure.
-async fn both_settle(
-    strait: SocketAddr,
-    envoy: SocketAddr,
+/// Polls until every gateway gives `want` for `sni`, or `within` passes; what each
+/// gave last on failure.
+async fn settle(
+    gateways: &[(&str, SocketAddr)],
     ca: &TestCa,
     sni: &str,
     alpn: &[&str],
     want: &Outcome,
     within: Duration,
-) -> Result<(), (Outcome, Outcome)> {
+) -> Result<(), Vec<(String, Outcome)>> {
     let deadline = Instant::now() + within;
     loop {
-        let s = attempt(strait, ca, sni, alpn).await;
-        let e = attempt(envoy, ca, sni, alpn).await;
-        if &s == want && &e == want {
+        let mut got = Vec::new();
+        for (who, gw) in gateways {
+            got.push((who.to_string(), attempt(*gw, ca, sni, alpn).await));
+        }
+        if got.iter().all(|(_, o)| o == want) {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err((s, e));
+            return Err(got);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// [`settle`] for each row of `table`; panics naming the row and what each gateway did.
+async fn settle_table(
+    gateways: &[(&str, SocketAddr)],
+    ca: &TestCa,
+    table: &[Row],
+    context: impl Fn() -> String,
+) {
+    for (name, alpn, want) in table {
+        if let Err(got) = settle(gateways, ca, name, alpn, want, WAIT).await {
+            panic!(
+                "{name} (ALPN {alpn:?}): want {want:?}; got {got:?}\n{}",
+                context()
+            );
+        }
+    }
+}
+
+/// An SNI, the ALPN offered, and how the connection must end.
+type Row = (String, &'static [&'static str], Outcome);
+
+const ISTIO_ALPN: &[&str] = &["istio"];
+
+/// The names of the AUTO_PASSTHROUGH table: each subset, no subset, the production
+/// (Kubernetes) and DNS services, a name in upper case; a subset only network2 has,
+/// undeclared subsets, ports and hosts, and a ClientHello without an Istio ALPN.
+fn routing_table(w: &Workloads) -> Vec<Row> {
+    let reached = |w: &Workload| Outcome::Reached(w.spiffe.clone());
+    vec![
+        (sni(9080, "v1", REVIEWS), ISTIO_ALPN, reached(&w.v1)),
+        (sni(9080, "v2", REVIEWS), ISTIO_ALPN, reached(&w.v2)),
+        (sni(9080, "", RATINGS), ISTIO_ALPN, reached(&w.ratings)),
+        (sni(9080, "", DETAILS), ISTIO_ALPN, reached(&w.details)),
+        (
+            sni(9080, "v1", REVIEWS).to_uppercase(),
+            ISTIO_ALPN,
+            reached(&w.v1),
+        ),
+        // Only network2 has v3: istiod sends no endpoint for it.
+        (sni(9080, "v3", REVIEWS), ISTIO_ALPN, Outcome::Refused),
+        (sni(9080, "v9", REVIEWS), ISTIO_ALPN, Outcome::Refused),
+        (sni(9999, "", REVIEWS), ISTIO_ALPN, Outcome::Refused),
+        (
+            sni(9080, "", "nosuch.default.svc.cluster.local"),
+            ISTIO_ALPN,
+            Outcome::Refused,
+        ),
+        (sni(9080, "v1", REVIEWS), &["h2"], Outcome::Refused),
+    ]
 }
 
 /// Everything a side-by-side test has: istiod, both gateways, and what they say when a
@@ -304,11 +356,13 @@ async fn start_workloads(ca: &TestCa) -> Workloads {
     }
 }
 
-/// istiod with the multi-network mesh written, then strait and Envoy connected to it.
-async fn side_by_side(lab: &Lab) -> SideBySide {
+/// istiod with the multi-network mesh written; with or without the extensions only
+/// istio-proxy has ([`IstiodOptions::istio_proxy_extensions`]).
+async fn mesh_istiod(istio_proxy_extensions: bool) -> Istiod {
     let istiod = Istiod::start(IstiodOptions {
         kubernetes: true,
         debounce: Some("20ms".into()),
+        istio_proxy_extensions,
         ..Default::default()
     })
     .await;
@@ -332,12 +386,22 @@ async fn side_by_side(lab: &Lab) -> SideBySide {
     );
     istiod.apply("details.yaml", DETAILS_SERVICE);
     istiod.apply_kube("ratings.yaml", RATINGS_KUBE);
+    istiod
+}
 
-    let strait_spoke = lab.spoke("strait");
-    let envoy_spoke = lab.spoke("envoy");
-    let details_ip = Ipv4Addr::new(10, 0, 0, 31);
-    strait_spoke.hosts(&[("details.hub.test", details_ip)]);
-    envoy_spoke.hosts(&[("details.hub.test", details_ip)]);
+/// A gateway's spoke, with the DNS service's name resolvable in it.
+fn gateway_spoke(lab: &Lab, tag: &str) -> Spoke {
+    let spoke = lab.spoke(tag);
+    spoke.hosts(&[("details.hub.test", Ipv4Addr::new(10, 0, 0, 31))]);
+    spoke
+}
+
+/// istiod with the multi-network mesh written (for upstream Envoy), then strait and
+/// Envoy connected to it.
+async fn side_by_side(lab: &Lab) -> SideBySide {
+    let istiod = mesh_istiod(false).await;
+    let strait_spoke = gateway_spoke(lab, "strait");
+    let envoy_spoke = gateway_spoke(lab, "envoy");
     let agent = PilotAgent::start(&istiod).await;
     let strait = strait_gateway(&strait_spoke, STRAIT_POD, "");
     let envoy = envoy_gateway(&envoy_spoke, ENVOY_POD, &agent)
@@ -369,53 +433,378 @@ fn auto_passthrough_from_the_real_istiod_routes_as_envoy_does() {
         let s = side_by_side(&lab).await;
         let (strait, envoy) = (s.strait_spoke.gateway(), s.envoy_spoke.gateway());
 
-        let istio = ["istio"];
-        let reached = |w: &Workload| Outcome::Reached(w.spiffe.clone());
-        let table: Vec<(String, &[&str], Outcome)> = vec![
-            (sni(9080, "v1", REVIEWS), &istio, reached(&w.v1)),
-            (sni(9080, "v2", REVIEWS), &istio, reached(&w.v2)),
-            (sni(9080, "", RATINGS), &istio, reached(&w.ratings)),
-            (sni(9080, "", DETAILS), &istio, reached(&w.details)),
-            (
-                sni(9080, "v1", REVIEWS).to_uppercase(),
-                &istio,
-                reached(&w.v1),
-            ),
-            // Only network2 has v3: istiod sends no endpoint for it.
-            (sni(9080, "v3", REVIEWS), &istio, Outcome::Refused),
-            (sni(9080, "v9", REVIEWS), &istio, Outcome::Refused),
-            (sni(9999, "", REVIEWS), &istio, Outcome::Refused),
-            (
-                sni(9080, "", "nosuch.default.svc.cluster.local"),
-                &istio,
-                Outcome::Refused,
-            ),
-            (sni(9080, "v1", REVIEWS), &["h2"], Outcome::Refused),
-        ];
-        // First, each name as the reference decides it, once istiod has pushed.
-        for (name, alpn, want) in &table {
-            if let Err((got_strait, got_envoy)) =
-                both_settle(strait, envoy, &ca, name, alpn, want, WAIT).await
-            {
-                panic!(
-                    "{name} (ALPN {alpn:?}): want {want:?}; strait {got_strait:?}, envoy {got_envoy:?}\n{}",
-                    s.logs()
-                );
-            }
-        }
+        let both = [("strait", strait), ("envoy", envoy)];
+        settle_table(&both, &ca, &routing_table(&w), || s.logs()).await;
         // The service without a subset spreads over network1's two and nothing else.
         let local = [w.v1.spiffe.clone(), w.v2.spiffe.clone()].into();
-        for (who, gw) in [("strait", strait), ("envoy", envoy)] {
-            let seen = outcomes(gw, &ca, &sni(9080, "", REVIEWS), &istio, 20).await;
+        for (who, gw) in both {
+            let seen = outcomes(gw, &ca, &sni(9080, "", REVIEWS), ISTIO_ALPN, 20).await;
             assert_eq!(seen, local, "{who}: reviews without a subset\n{}", s.logs());
         }
         assert_eq!(w.v2_remote.accepted(), 0, "network2's v2 was dialled");
         assert_eq!(w.v3_remote.accepted(), 0, "network2's v3 was dialled");
 
         for id in [s.strait_id(), s.envoy_id()] {
-            if let Err(e) = s.istiod.wait_synced(&id, WAIT).await {
-                panic!("{e}\n{}", s.logs());
+            let entry = s
+                .istiod
+                .wait_synced(&id, WAIT)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+            assert_eq!(
+                entry["istio_version"], PROXY_ISTIO_VERSION,
+                "{id}: {entry:#}"
+            );
+            assert_eq!(entry["cluster_id"], "cluster1", "{id}: {entry:#}");
+        }
+        // istiod parses strait's node as it parses Envoy's: nothing it says of strait
+        // (a metadata field of the wrong type, an unknown version) that it does not
+        // say of Envoy.
+        let of_strait = s.istiod.complaints_about(STRAIT_POD);
+        let of_envoy = s.istiod.complaints_about(ENVOY_POD);
+        let only_strait: Vec<_> = of_strait.difference(&of_envoy).collect();
+        assert!(
+            only_strait.is_empty(),
+            "istiod complains of strait only: {only_strait:#?}"
+        );
+    });
+}
+
+/// strait's admin `config_dump`, fetched from the hub.
+fn config_dump(strait: &Strait) -> serde_json::Value {
+    let (status, body) = common::http_get(strait.admin, "/config_dump").expect("admin");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("config_dump is JSON")
+}
+
+/// The xDS types strait has NACKed, with the last rejection of each.
+fn nacks(dump: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
+    dump["discovery"]["types"]
+        .as_object()
+        .map(|types| {
+            types
+                .iter()
+                .filter(|(_, t)| t["nacks"].as_u64().unwrap_or(0) > 0)
+                .map(|(name, t)| (name.clone(), t["lastRejection"].clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What a production istiod sends, `istio.stats` before every `tcp_proxy` and the
+/// `istio.metadata_exchange` cluster filter included (extensions only istio-proxy
+/// has): strait acknowledges all of it, routes the same table as on the output Envoy
+/// was compared on, and lists what it acknowledged without acting on it.
+#[test]
+fn istiods_production_output_is_acknowledged_and_routed() {
+    if common::istiod::harness_bin().is_none() {
+        return;
+    }
+    let lab = Lab::new("prod");
+    lab.run(|| async {
+        let ca = TestCa::new();
+        let w = start_workloads(&ca).await;
+        let istiod = mesh_istiod(true).await;
+        let spoke = gateway_spoke(&lab, "strait");
+        let strait = strait_gateway(&spoke, STRAIT_POD, "");
+        let context = || {
+            format!(
+                "--- strait\n{}\n--- istiod\n{}",
+                strait.stderr_text(),
+                istiod.log()
+            )
+        };
+        settle_table(
+            &[("strait", spoke.gateway())],
+            &ca,
+            &routing_table(&w),
+            context,
+        )
+        .await;
+        if let Err(e) = istiod
+            .wait_synced(&format!("{STRAIT_POD}.istio-system"), WAIT)
+            .await
+        {
+            panic!("{e}\n{}", context());
+        }
+        let dump = config_dump(&strait);
+        assert_eq!(nacks(&dump), vec![], "{:#}", dump["discovery"]);
+        let ignored = &dump["discovery"]["ignoredFilters"]["0.0.0.0_15443"];
+        assert!(
+            ignored
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f == "istio.stats")),
+            "istio.stats is not listed as acknowledged and not run: {:#}",
+            dump["discovery"]
+        );
+        assert_eq!(w.v2_remote.accepted() + w.v3_remote.accepted(), 0);
+    });
+}
+
+/// Opens a TLS session to `sni` through `gateway` that stays open; checks it echoes.
+async fn open_tunnel(
+    gateway: SocketAddr,
+    ca: &TestCa,
+    sni: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let (mut tls, _) = tls_connect(gateway, ca, sni, ISTIO_ALPN)
+        .await
+        .unwrap_or_else(|e| panic!("tunnel through {gateway}: {e}"));
+    assert_eq!(echo_once(&mut tls, b"open\n").await, b"open\n");
+    tls
+}
+
+/// Round trips to `sni` through every gateway, over and over until `stop`; counts the
+/// ones that failed, per gateway.
+fn steady_traffic(
+    gateways: &[(&'static str, SocketAddr)],
+    ca: &std::sync::Arc<TestCa>,
+    sni: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(&'static str, u64, u64)>> {
+    let gateways = gateways.to_vec();
+    let ca = ca.clone();
+    tokio::spawn(async move {
+        let mut tally: Vec<(&'static str, u64, u64)> =
+            gateways.iter().map(|(who, _)| (*who, 0, 0)).collect();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for (i, (_, gw)) in gateways.iter().enumerate() {
+                tally[i].1 += 1;
+                if matches!(attempt(*gw, &ca, &sni, ISTIO_ALPN).await, Outcome::Refused) {
+                    tally[i].2 += 1;
+                }
             }
         }
+        tally
+    })
+}
+
+/// Editing istiod's YAML while traffic flows: a WorkloadEntry added and removed, a
+/// subset added, a service removed, the Gateway's hosts narrowed. strait and Envoy
+/// follow alike, connections to what did not change never fail, tunnels opened before
+/// survive every change, and nothing is NACKed.
+#[test]
+fn istiod_edits_under_traffic_are_followed_alike() {
+    if !peers_present() {
+        return;
+    }
+    let lab = Lab::new("edit");
+    lab.run(|| async {
+        let ca = std::sync::Arc::new(TestCa::new());
+        let w = start_workloads(&ca).await;
+        let v1b = Workload::start_at(&ca, &spiffe("reviews-v1b"), hub(15)).await;
+        let s = side_by_side(&lab).await;
+        let both = [
+            ("strait", s.strait_spoke.gateway()),
+            ("envoy", s.envoy_spoke.gateway()),
+        ];
+        let v1 = sni(9080, "v1", REVIEWS);
+        settle_table(&both, &ca, &routing_table(&w), || s.logs()).await;
+        let mut tunnels = Vec::new();
+        for (_, gw) in both {
+            tunnels.push(open_tunnel(gw, &ca, &v1).await);
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let traffic = steady_traffic(&both, &ca, sni(9080, "v2", REVIEWS), stop.clone());
+
+        // A WorkloadEntry added: v1 now also reaches v1b, through both.
+        s.istiod.apply(
+            "reviews-v1b.yaml",
+            &reviews_entry("reviews-v1b", "v1", "network1", hub(15)),
+        );
+        for (who, gw) in both {
+            let deadline = Instant::now() + WAIT;
+            while attempt(gw, &ca, &v1, ISTIO_ALPN).await != Outcome::Reached(v1b.spiffe.clone()) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{who} never reached the added v1b\n{}",
+                    s.logs()
+                );
+            }
+        }
+        // ... and removed: v1 reaches only v1 again.
+        s.istiod.delete("reviews-v1b.yaml");
+        settle(
+            &both,
+            &ca,
+            &v1,
+            ISTIO_ALPN,
+            &Outcome::Reached(w.v1.spiffe.clone()),
+            WAIT,
+        )
+        .await
+        .unwrap_or_else(|got| panic!("v1b removed: {got:?}\n{}", s.logs()));
+        let before = v1b.accepted();
+        for (who, gw) in both {
+            let seen = outcomes(gw, &ca, &v1, ISTIO_ALPN, 10).await;
+            assert_eq!(
+                seen,
+                [w.v1.spiffe.clone()].into(),
+                "{who} after v1b was removed"
+            );
+        }
+        assert_eq!(v1b.accepted(), before, "a removed endpoint was dialled");
+
+        // A subset added.
+        s.istiod.apply(
+            "reviews.yaml",
+            &format!("{REVIEWS_SERVICE}  - {{name: v2b, labels: {{version: v2}}}}\n"),
+        );
+        let v2b = sni(9080, "v2b", REVIEWS);
+        settle(
+            &both,
+            &ca,
+            &v2b,
+            ISTIO_ALPN,
+            &Outcome::Reached(w.v2.spiffe.clone()),
+            WAIT,
+        )
+        .await
+        .unwrap_or_else(|got| panic!("subset v2b added: {got:?}\n{}", s.logs()));
+
+        // A service removed.
+        s.istiod.delete("details.yaml");
+        settle(
+            &both,
+            &ca,
+            &sni(9080, "", DETAILS),
+            ISTIO_ALPN,
+            &Outcome::Refused,
+            WAIT,
+        )
+        .await
+        .unwrap_or_else(|got| panic!("details removed: {got:?}\n{}", s.logs()));
+
+        // The Gateway's hosts narrowed to reviews alone.
+        s.istiod.apply(
+            "expose-services.yaml",
+            &EXPOSE_SERVICES.replace("\"*.local\"", "reviews.default.svc.cluster.local"),
+        );
+        settle(
+            &both,
+            &ca,
+            &sni(9080, "", RATINGS),
+            ISTIO_ALPN,
+            &Outcome::Refused,
+            WAIT,
+        )
+        .await
+        .unwrap_or_else(|got| panic!("hosts narrowed: {got:?}\n{}", s.logs()));
+        settle(
+            &both,
+            &ca,
+            &v1,
+            ISTIO_ALPN,
+            &Outcome::Reached(w.v1.spiffe.clone()),
+            WAIT,
+        )
+        .await
+        .unwrap_or_else(|got| panic!("reviews after narrowing: {got:?}\n{}", s.logs()));
+
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let tally = traffic.await.unwrap();
+        for (who, made, failed) in tally {
+            assert!(made > 0, "{who}: no steady traffic was sent");
+            assert_eq!(
+                failed,
+                0,
+                "{who}: {failed} of {made} connections to v2 failed during the edits\n{}",
+                s.logs()
+            );
+        }
+        for (tunnel, (who, _)) in tunnels.iter_mut().zip(both) {
+            assert_eq!(
+                echo_once(tunnel, b"still here\n").await,
+                b"still here\n",
+                "{who}: a tunnel opened before the edits was cut"
+            );
+        }
+        for id in [s.strait_id(), s.envoy_id()] {
+            s.istiod
+                .wait_synced(&id, WAIT)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+        }
+        let dump = config_dump(&s.strait);
+        assert_eq!(nacks(&dump), vec![], "{:#}", dump["discovery"]);
+    });
+}
+
+/// istiod stopped and started again (same CA, files and ports) under traffic: both
+/// gateways keep serving what they had, tunnels survive, and both streams resume and
+/// are SYNCED again.
+#[test]
+fn istiod_restarted_under_traffic_changes_nothing_serving() {
+    if !peers_present() {
+        return;
+    }
+    let lab = Lab::new("restart");
+    lab.run(|| async {
+        let ca = std::sync::Arc::new(TestCa::new());
+        let w = start_workloads(&ca).await;
+        let mut s = side_by_side(&lab).await;
+        let both = [
+            ("strait", s.strait_spoke.gateway()),
+            ("envoy", s.envoy_spoke.gateway()),
+        ];
+        let table = routing_table(&w);
+        settle_table(&both, &ca, &table, || s.logs()).await;
+        for id in [s.strait_id(), s.envoy_id()] {
+            s.istiod
+                .wait_synced(&id, WAIT)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+        }
+        let v1 = sni(9080, "v1", REVIEWS);
+        let mut tunnels = Vec::new();
+        for (_, gw) in both {
+            tunnels.push(open_tunnel(gw, &ca, &v1).await);
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let traffic = steady_traffic(&both, &ca, sni(9080, "v2", REVIEWS), stop.clone());
+
+        assert_eq!(s.istiod.stop(), Some(0), "istiod's exit on SIGTERM");
+        // While it is away, everything routes as before and strait stays ready.
+        for (name, alpn, want) in &table {
+            for (who, gw) in both {
+                let got = attempt(gw, &ca, name, alpn).await;
+                assert_eq!(&got, want, "{who}, {name}, istiod stopped\n{}", s.logs());
+            }
+        }
+        let (status, _) = common::http_get(s.strait.status, "/healthz/ready").unwrap();
+        assert_eq!(status, 200, "strait left ready while istiod was away");
+
+        s.istiod.restart().await;
+        for id in [s.strait_id(), s.envoy_id()] {
+            s.istiod
+                .wait_synced(&id, WAIT)
+                .await
+                .unwrap_or_else(|e| panic!("after the restart: {e}\n{}", s.logs()));
+        }
+        settle_table(&both, &ca, &table, || s.logs()).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for (who, made, failed) in traffic.await.unwrap() {
+            assert!(made > 0, "{who}: no steady traffic was sent");
+            assert_eq!(
+                failed,
+                0,
+                "{who}: {failed} of {made} connections failed across the restart\n{}",
+                s.logs()
+            );
+        }
+        for (tunnel, (who, _)) in tunnels.iter_mut().zip(both) {
+            assert_eq!(
+                echo_once(tunnel, b"still here\n").await,
+                b"still here\n",
+                "{who}: a tunnel was cut by istiod's restart"
+            );
+        }
+        assert_eq!(s.istiod.starts(), 2);
+        let dump = config_dump(&s.strait);
+        assert!(
+            dump["discovery"]["streams"].as_u64().unwrap_or(0) >= 2,
+            "strait did not open a new stream: {:#}",
+            dump["discovery"]
+        );
+        assert_eq!(nacks(&dump), vec![], "{:#}", dump["discovery"]);
     });
 }

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 pub use diagnostics::{Diagnostic, Severity};
 pub use duration::{DurationError, parse_duration};
 pub use fields::FieldUse;
+pub use strait::ISTIO_VERSION;
 
 use crate::model::Snapshot;
 use diagnostics::Sink;

@@ -223,8 +223,10 @@ impl Env {
 const ISTIOD_ADDRESS: &str = "istiod.istio-system.svc:15012";
 const ISTIOD_ROOT_CERT: &str = "/var/run/secrets/istio/root-cert.pem";
 const ISTIO_TOKEN: &str = "/var/run/secrets/tokens/istio-token";
-/// The Istio release whose xDS dialect strait speaks (node metadata `ISTIO_VERSION`).
-pub const ISTIO_VERSION: &str = "1.28.0";
+/// The Istio release whose xDS dialect strait speaks (node metadata `ISTIO_VERSION`):
+/// the istiod of `interop/` that the tests run, Istio's 1.32 development line.
+/// `ISTIO_META_ISTIO_VERSION` overrides it, as for pilot-agent.
+pub const ISTIO_VERSION: &str = "1.32.0";
 
 /// `spec.discovery`: istiod over ADS. Everything a pod's environment says (Istio's
 /// `POD_NAME`, `POD_NAMESPACE`, `INSTANCE_IP`, `SERVICE_ACCOUNT`, `ISTIO_META_*`) is

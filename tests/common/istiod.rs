@@ -362,6 +362,21 @@ impl Istiod {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// istiod's warnings and errors about proxy `pod` (`<pod>.<namespace>` in its log),
+    /// without their time stamps and with the pod's name as `<pod>`, so that two
+    /// proxies' complaints compare.
+    pub fn complaints_about(&self, pod: &str) -> std::collections::BTreeSet<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(pod))
+            .filter_map(|l| {
+                let (_, rest) = l.split_once('\t')?;
+                let level = rest.split('\t').next()?;
+                matches!(level, "warn" | "error").then(|| rest.replace(pod, "<pod>"))
+            })
+            .collect()
+    }
+
     /// The plugged CA's directory (`root-cert.pem`, `ca-cert.pem`, …).
     pub fn ca_dir(&self) -> PathBuf {
         self.dir.path().join("ca")
@@ -472,8 +487,8 @@ fn write_atomically(dir: &Path, name: &str, text: &str) {
 }
 
 /// The Istio version strait and Envoy announce to the harness's istiod
-/// (`ISTIO_VERSION`), the strait default.
-pub const PROXY_ISTIO_VERSION: &str = "1.28.0";
+/// (`ISTIO_VERSION`): strait's default.
+pub const PROXY_ISTIO_VERSION: &str = strait::config::ISTIO_VERSION;
 
 /// strait as network1's east-west gateway in `spoke`, on istiod's plaintext xDS port
 /// (Bootstrap `discovery`), pod `pod`; `extra` spec lines (indented 2) are added.

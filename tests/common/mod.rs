@@ -1793,7 +1793,18 @@ where
     F: Fn(TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let l = TcpListener::bind(("127.0.0.1", free_port())).await.unwrap();
+    plaintext_workload_at(SocketAddr::from(([127, 0, 0, 1], free_port())), serve).await
+}
+
+async fn plaintext_workload_at<F, Fut>(
+    addr: SocketAddr,
+    serve: F,
+) -> (SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind(addr).await.unwrap();
     let addr = l.local_addr().unwrap();
     let task = tokio::spawn(async move {
         loop {
@@ -1816,7 +1827,15 @@ pub async fn plaintext_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 
 /// A sidecar-less workload that answers every read with its own name and a newline.
 pub async fn named_server(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    plaintext_workload(move |mut s| async move {
+    named_server_at(name, SocketAddr::from(([127, 0, 0, 1], free_port()))).await
+}
+
+/// [`named_server`] on a chosen address.
+pub async fn named_server_at(
+    name: &'static str,
+    addr: SocketAddr,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    plaintext_workload_at(addr, move |mut s| async move {
         let mut buf = [0u8; 64];
         while let Ok(n) = s.read(&mut buf).await {
             if n == 0 || s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
