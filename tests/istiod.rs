@@ -808,3 +808,375 @@ fn istiod_restarted_under_traffic_changes_nothing_serving() {
         assert_eq!(nacks(&dump), vec![], "{:#}", dump["discovery"]);
     });
 }
+
+/// Istio's `samples/multicluster/expose-istiod.yaml`: PASSTHROUGH servers on 15012 and
+/// 15017 and the VirtualService `tls` routes to istiod's Service.
+const EXPOSE_ISTIOD: &str = "\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: istiod-gateway
+  namespace: istio-system
+spec:
+  selector:
+    istio: eastwestgateway
+  servers:
+    - port:
+        name: tls-istiod
+        number: 15012
+        protocol: tls
+      tls:
+        mode: PASSTHROUGH
+      hosts:
+        - \"*\"
+    - port:
+        name: tls-istiodwebhook
+        number: 15017
+        protocol: tls
+      tls:
+        mode: PASSTHROUGH
+      hosts:
+        - \"*\"
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: istiod-vs
+  namespace: istio-system
+spec:
+  hosts:
+  - \"*\"
+  gateways:
+  - istiod-gateway
+  tls:
+  - match:
+    - port: 15012
+      sniHosts:
+      - \"*\"
+    route:
+    - destination:
+        host: istiod.istio-system.svc.cluster.local
+        port:
+          number: 15012
+  - match:
+    - port: 15017
+      sniHosts:
+      - \"*\"
+    route:
+    - destination:
+        host: istiod.istio-system.svc.cluster.local
+        port:
+          number: 443
+";
+
+/// istiod's Service as a cluster has it (a Pod at 10.0.0.41 behind 15012 and 443 →
+/// 15017), for the routes of `expose-istiod.yaml`.
+const ISTIOD_KUBE: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: istio-system
+  labels: {topology.istio.io/network: network1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: istiod, namespace: istio-system}
+spec:
+  selector: {app: istiod}
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: grpc-xds, port: 15012, targetPort: 15012, protocol: TCP}
+  - {name: https-webhook, port: 443, targetPort: 15017, protocol: TCP}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: istiod-1
+  namespace: istio-system
+  labels: {app: istiod, topology.istio.io/network: network1}
+spec:
+  serviceAccountName: istiod
+  nodeName: node1
+  containers:
+  - name: discovery
+    image: pilot
+    ports: [{containerPort: 15012}, {containerPort: 15017}]
+status:
+  phase: Running
+  podIP: 10.0.0.41
+  podIPs: [{ip: 10.0.0.41}]
+  conditions:
+  - {type: Ready, status: \"True\"}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: istiod-1
+  namespace: istio-system
+  labels: {kubernetes.io/service-name: istiod}
+addressType: IPv4
+endpoints:
+- addresses: [10.0.0.41]
+  conditions: {ready: true}
+  targetRef: {kind: Pod, name: istiod-1, namespace: istio-system}
+ports:
+- {name: grpc-xds, port: 15012, protocol: TCP}
+- {name: https-webhook, port: 15017, protocol: TCP}
+";
+
+/// An ISTIO_MUTUAL server on 15444 whose `tcp` route splits 80/20 between two
+/// sidecar-less workloads of `echo` (subsets a and b).
+const MUTUAL_ECHO: &str = "\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: mutual-gateway, namespace: istio-system}
+spec:
+  selector: {istio: eastwestgateway}
+  servers:
+  - port: {number: 15444, name: tls-mutual, protocol: TLS}
+    tls: {mode: ISTIO_MUTUAL}
+    hosts: [\"*\"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: default}
+spec:
+  hosts: [\"*\"]
+  gateways: [istio-system/mutual-gateway]
+  tcp:
+  - match: [{port: 15444}]
+    route:
+    - {destination: {host: echo.default.svc.cluster.local, subset: a, port: {number: 7070}}, weight: 80}
+    - {destination: {host: echo.default.svc.cluster.local, subset: b, port: {number: 7070}}, weight: 20}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: echo, namespace: default}
+spec:
+  hosts: [echo.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  ports: [{number: 7070, name: tcp-echo, protocol: TCP}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: echo}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: default}
+spec:
+  host: echo.default.svc.cluster.local
+  subsets:
+  - {name: a, labels: {version: a}}
+  - {name: b, labels: {version: b}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: echo-a, namespace: default}
+spec:
+  address: 10.0.0.51
+  network: network1
+  labels: {app: echo, version: a}
+  ports: {tcp-echo: 7070}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: echo-b, namespace: default}
+spec:
+  address: 10.0.0.52
+  network: network1
+  labels: {app: echo, version: b}
+  ports: {tcp-echo: 7070}
+";
+
+/// AuthorizationPolicies selecting the gateway: ALLOW namespace foo, DENY foo/banned.
+const GATEWAY_POLICIES: &str = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-foo, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: eastwestgateway}}
+  action: ALLOW
+  rules:
+  - from: [{source: {namespaces: [foo]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-banned, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: eastwestgateway}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/foo/sa/banned]}}]
+";
+
+/// Who answered an mTLS connection to an ISTIO_MUTUAL server (the named workload), or
+/// `refused`.
+async fn mutual_who(gw: SocketAddr, certs: &std::path::Path, sni: &str) -> String {
+    common::mtls_who(gw, certs, sni)
+        .await
+        .unwrap_or_else(|_| "refused".into())
+}
+
+/// `expose-istiod.yaml` (PASSTHROUGH with VirtualService `tls` routes) and an
+/// ISTIO_MUTUAL server with a weighted `tcp` route, then AuthorizationPolicies selecting
+/// the gateway (ALLOW by namespace, DENY by principal): on istiod's listeners, istiod's
+/// own RBAC filters included, strait and Envoy route, split and refuse alike.
+#[test]
+fn passthrough_and_istio_mutual_from_the_real_istiod_alike() {
+    if !peers_present() {
+        return;
+    }
+    let lab = Lab::new("mutual");
+    lab.run(|| async {
+        let ca = TestCa::new();
+        let xds = Workload::start_at(
+            &ca,
+            &spiffe("istiod-xds"),
+            "10.0.0.41:15012".parse().unwrap(),
+        )
+        .await;
+        let webhook = Workload::start_at(
+            &ca,
+            &spiffe("istiod-webhook"),
+            "10.0.0.41:15017".parse().unwrap(),
+        )
+        .await;
+        let _a = common::named_server_at("echo-a", "10.0.0.51:7070".parse().unwrap()).await;
+        let _b = common::named_server_at("echo-b", "10.0.0.52:7070".parse().unwrap()).await;
+
+        let istiod = Istiod::start(IstiodOptions {
+            kubernetes: true,
+            debounce: Some("20ms".into()),
+            ..Default::default()
+        })
+        .await;
+        istiod.apply_kube("istiod.yaml", ISTIOD_KUBE);
+        istiod.apply("expose-istiod.yaml", EXPOSE_ISTIOD);
+        istiod.apply("mutual.yaml", MUTUAL_ECHO);
+        let agent = PilotAgent::start(&istiod).await;
+        let strait_spoke = lab.spoke("strait");
+        let envoy_spoke = lab.spoke("envoy");
+        let strait = strait_gateway(
+            &strait_spoke,
+            STRAIT_POD,
+            &format!("  certificates: {{dir: {}}}\n", agent.certs.display()),
+        );
+        let envoy = envoy_gateway(&envoy_spoke, ENVOY_POD, &agent)
+            .await
+            .expect("envoy (checked by peers_present)");
+        let logs = || {
+            format!(
+                "--- strait\n{}\n--- envoy\n{}\n--- istiod\n{}",
+                strait.stderr_text(),
+                envoy.log(),
+                istiod.log()
+            )
+        };
+        let at = |spoke: &Spoke, port: u16| SocketAddr::from((spoke.ip, port));
+        let gateways = [("strait", &strait_spoke), ("envoy", &envoy_spoke)];
+
+        // PASSTHROUGH: any name on 15012 reaches istiod's 15012, on 15017 its webhook.
+        for (port, workload) in [(15012, &xds), (15017, &webhook)] {
+            let want = Outcome::Reached(workload.spiffe.clone());
+            let on_port: Vec<(&str, SocketAddr)> = gateways
+                .iter()
+                .map(|(who, s)| (*who, at(s, port)))
+                .collect();
+            for name in ["istiod.istio-system.svc", "anything.example"] {
+                settle(&on_port, &ca, name, &["h2"], &want, WAIT)
+                    .await
+                    .unwrap_or_else(|got| panic!("{name} on {port}: {got:?}\n{}", logs()));
+            }
+        }
+
+        // ISTIO_MUTUAL: a sidecar of namespace foo is split 80/20 between a and b.
+        let pki = common::TempDir::new("clients");
+        let client =
+            |id: &str, name: &str| common::mesh_cert(&istiod.ca_dir(), id, &pki.path().join(name));
+        let sleep = client("spiffe://cluster.local/ns/foo/sa/sleep", "sleep");
+        let banned = client("spiffe://cluster.local/ns/foo/sa/banned", "banned");
+        let stranger = client("spiffe://cluster.local/ns/bar/sa/sleep", "stranger");
+        let echo = "echo.default.svc.cluster.local";
+        for (who, spoke) in gateways {
+            let gw = at(spoke, 15444);
+            let deadline = Instant::now() + WAIT;
+            while mutual_who(gw, &sleep, echo).await == "refused" {
+                assert!(
+                    Instant::now() < deadline,
+                    "{who}: ISTIO_MUTUAL never served\n{}",
+                    logs()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mut to_a = 0;
+            let total = 200;
+            for _ in 0..total {
+                match mutual_who(gw, &sleep, echo).await.as_str() {
+                    "echo-a" => to_a += 1,
+                    "echo-b" => {}
+                    other => panic!("{who}: {other}\n{}", logs()),
+                }
+            }
+            assert!(
+                (140..=180).contains(&to_a),
+                "{who}: {to_a} of {total} to subset a, where the route says 80 %"
+            );
+        }
+
+        // Policies selecting the gateway: ALLOW foo, DENY foo/banned.
+        istiod.apply("policies.yaml", GATEWAY_POLICIES);
+        let matrix = [
+            (&banned, "refused"),
+            (&stranger, "refused"),
+            (&sleep, "echo"),
+        ];
+        for (certs, want) in matrix {
+            for (who, spoke) in gateways {
+                let gw = at(spoke, 15444);
+                let deadline = Instant::now() + WAIT;
+                loop {
+                    let got = mutual_who(gw, certs, echo).await;
+                    if got.starts_with(want) {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{who}: {} got {got}, want {want}\n{}",
+                        certs.display(),
+                        logs()
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        // istiod puts the same RBAC on the PASSTHROUGH chains, where no TLS is
+        // terminated and so no principal is seen: ALLOW by namespace admits nobody
+        // there, on either gateway.
+        for port in [15012u16, 15017] {
+            let on_port: Vec<(&str, SocketAddr)> = gateways
+                .iter()
+                .map(|(who, s)| (*who, at(s, port)))
+                .collect();
+            settle(
+                &on_port,
+                &ca,
+                "istiod.istio-system.svc",
+                &["h2"],
+                &Outcome::Refused,
+                WAIT,
+            )
+            .await
+            .unwrap_or_else(|got| panic!("port {port} under the policies: {got:?}\n{}", logs()));
+        }
+        for id in [
+            format!("{STRAIT_POD}.istio-system"),
+            format!("{ENVOY_POD}.istio-system"),
+        ] {
+            istiod
+                .wait_synced(&id, WAIT)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+        }
+        let dump = config_dump(&strait);
+        assert_eq!(nacks(&dump), vec![], "{:#}", dump["discovery"]);
+    });
+}

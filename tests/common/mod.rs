@@ -196,6 +196,14 @@ impl Drop for Workload {
 
 impl Workload {
     pub async fn start(ca: &TestCa, spiffe: &str) -> Workload {
+        // A reserved port, not an ephemeral one: tests stop a workload and start it again
+        // on the same address.
+        Workload::start_at(ca, spiffe, SocketAddr::from(([127, 0, 0, 1], free_port()))).await
+    }
+
+    /// Like [`Workload::start`], on a chosen address: brings a stopped workload back on
+    /// the port its endpoint names, or serves at an address of a test's own network.
+    pub async fn start_at(ca: &TestCa, spiffe: &str, addr: SocketAddr) -> Workload {
         let (chain, key) = ca.issue(spiffe);
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -210,9 +218,7 @@ impl Workload {
             b"h2".to_vec(),
         ];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        // A reserved port, not an ephemeral one: tests stop a workload and start it again
-        // on the same address.
-        let listener = TcpListener::bind(("127.0.0.1", free_port())).await.unwrap();
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicU64::new(0));
         let count = accepted.clone();
@@ -828,49 +834,6 @@ pub fn http_raw(addr: SocketAddr, request: &[u8], within: Duration) -> Option<St
             None
         }
         Err(_) => Some(String::from_utf8_lossy(&out).into_owned()),
-    }
-}
-
-impl Workload {
-    /// Like [`Workload::start`], on a chosen address: brings a stopped workload back on
-    /// the port its endpoint names.
-    pub async fn start_at(ca: &TestCa, spiffe: &str, addr: SocketAddr) -> Workload {
-        let (chain, key) = ca.issue(spiffe);
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-        config.alpn_protocols = vec![b"istio".to_vec(), b"istio-peer-exchange".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind(addr).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicU64::new(0));
-        let count = accepted.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                count.fetch_add(1, Ordering::Relaxed);
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(stream).await else {
-                        return;
-                    };
-                    let (mut r, mut w) = tokio::io::split(tls);
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-            }
-        });
-        Workload {
-            addr,
-            spiffe: spiffe.to_string(),
-            accepted,
-            task,
-        }
     }
 }
 
