@@ -536,6 +536,14 @@ fn istiods_production_output_is_acknowledged_and_routed() {
             "istio.stats is not listed as acknowledged and not run: {:#}",
             dump["discovery"]
         );
+        let notes = &dump["discovery"]["clusterNotes"][sni(9080, "v1", REVIEWS)];
+        assert!(
+            notes.as_array().is_some_and(|n| n.iter().any(|n| n
+                .as_str()
+                .is_some_and(|n| n.contains("istio.metadata_exchange")))),
+            "the metadata exchange cluster filter is not listed as not run: {:#}",
+            dump["discovery"]
+        );
         assert_eq!(w.v2_remote.accepted() + w.v3_remote.accepted(), 0);
     });
 }

@@ -518,7 +518,7 @@ pub fn cluster(any: &Any) -> Result<(String, Read<XCluster>), String> {
         }
         None => Some(DiscoveryType::Static),
     };
-    let mut notes = Vec::new();
+    let mut notes = filters_not_run(&c);
     let connect_timeout = match duration(&c.connect_timeout) {
         Some(d) if d.is_zero() => {
             return Err(format!(
@@ -641,6 +641,17 @@ pub fn cluster(any: &Any) -> Result<(String, Read<XCluster>), String> {
             problems: Vec::new(),
         },
     ))
+}
+
+/// Upstream network filters (`Cluster.filters`) are acknowledged and not run: istiod
+/// puts istio-proxy's `istio.metadata_exchange` on every cluster, which prefixes the
+/// upstream bytes with the gateway's peer metadata when the upstream negotiates ALPN
+/// `istio-peer-exchange`; strait splices the client's bytes unchanged instead.
+fn filters_not_run(c: &cds::Cluster) -> Vec<String> {
+    c.filters
+        .iter()
+        .map(|f| format!("upstream filter {} is acknowledged and not run", f.name))
+        .collect()
 }
 
 /// Reads one EDS resource; the name is its `cluster_name`.
