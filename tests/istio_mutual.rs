@@ -266,14 +266,18 @@ async fn mesh_clients_pass_and_every_bad_certificate_is_refused_with_its_reason(
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let peers: Vec<String> = gw
-        .access_log()
-        .iter()
-        .filter_map(|l| l["peer_identity"].as_str().map(str::to_string))
-        .collect();
+    // The access log line is written when the connection ends, after the counter.
+    let peers = || -> Vec<String> {
+        gw.access_log()
+            .iter()
+            .filter_map(|l| l["peer_identity"].as_str().map(str::to_string))
+            .collect()
+    };
     assert!(
-        peers.contains(&"spiffe://cluster.local/ns/foo/sa/sleep".to_string()),
-        "{peers:?}"
+        gw.eventually(Duration::from_secs(5), || peers()
+            .contains(&"spiffe://cluster.local/ns/foo/sa/sleep".to_string())),
+        "{:?}",
+        peers()
     );
 }
 

@@ -334,7 +334,7 @@ async fn a_second_process_takes_the_sockets_over_and_no_connection_is_refused() 
     );
     // The new process took the traffic over and serves on its own, and holds the
     // hand-over socket for the next replacement.
-    assert!(!new.access_log().is_empty());
+    assert!(new.eventually(Duration::from_secs(5), || !new.access_log().is_empty()));
     assert!(route_works(new.gateway, REVIEWS, Duration::from_secs(1)).await);
     assert_eq!(http_get(new.status, "/healthz/ready").unwrap().0, 200);
     assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
@@ -369,8 +369,9 @@ async fn a_replacement_that_cannot_start_leaves_the_old_process_serving() {
     let mut bad = Strait::launch_handover(ports, bad_dir, &[bad_path], &socket);
     let code = bad.wait_exit(Duration::from_secs(20));
     assert_ne!(code, Some(0), "stderr:\n{}", bad.stderr_text());
+    // Exited, but its stderr may still be on its way through the pipe.
     assert!(
-        bad.stderr_text().contains("address already in use"),
+        bad.wait_stderr("address already in use", Duration::from_secs(5)),
         "stderr:\n{}",
         bad.stderr_text()
     );
@@ -448,12 +449,15 @@ async fn the_drain_deadline_closes_open_connections_and_logs_each() {
         gw.stderr_text()
     );
     // Each connection closed by the deadline still has its access-log line, with its
-    // bytes counted.
-    let lines: Vec<_> = gw
-        .access_log()
-        .into_iter()
-        .filter(|l| l["sni"] == sni(REVIEWS).as_str())
-        .collect();
+    // bytes counted (read once the pipe has delivered all three).
+    let reviews_lines = || {
+        gw.access_log()
+            .into_iter()
+            .filter(|l| l["sni"] == sni(REVIEWS).as_str())
+            .collect::<Vec<_>>()
+    };
+    gw.eventually(Duration::from_secs(5), || reviews_lines().len() >= 3);
+    let lines = reviews_lines();
     assert_eq!(lines.len(), 3, "access log: {lines:?}");
     for l in &lines {
         assert_eq!(l["bytes_received"], hello.len() as u64, "{l}");

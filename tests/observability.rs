@@ -604,7 +604,7 @@ async fn readiness_is_never_200_before_the_listeners_are_bound() {
     assert!(matches!(code, Some(c) if c != 0), "exit code {code:?}");
     assert!(http_get(gw.status, "/healthz/ready").is_err());
     assert!(
-        gw.stderr_text().contains(&ports.gateway.to_string()),
+        gw.wait_stderr(&ports.gateway.to_string(), Duration::from_secs(5)),
         "stderr names the port: {}",
         gw.stderr_text()
     );

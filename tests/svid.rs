@@ -283,8 +283,9 @@ async fn bad_answers_are_refused_and_logged_and_the_certificate_held_keeps_servi
             "{answer:?} not counted; stderr:\n{}",
             gw.stderr_text()
         );
+        // The counter is raised before the line is logged: wait for the line too.
         assert!(
-            gw.stderr_text().contains(log),
+            gw.wait_stderr(log, Duration::from_secs(10)),
             "{answer:?}: {}",
             gw.stderr_text()
         );
@@ -335,7 +336,7 @@ async fn until_the_first_certificate_istio_mutual_is_not_ready_and_the_ca_coming
         "served without a certificate"
     );
     assert!(
-        gw.stderr_text().contains("no certificate held"),
+        gw.wait_stderr("no certificate held", Duration::from_secs(10)),
         "{}",
         gw.stderr_text()
     );

@@ -1162,6 +1162,25 @@ impl Strait {
         Strait::from_command(cmd, dir, ports)
     }
 
+    /// Polls `f` until it has returned the same value for `quiet`, at most `within`;
+    /// returns that value (or the last one seen). For a count another task is still
+    /// writing, such as access log lines of connections that are ending.
+    pub fn settled<T: PartialEq>(&self, within: Duration, quiet: Duration, f: impl Fn() -> T) -> T {
+        let deadline = Instant::now() + within;
+        let mut last = f();
+        let mut since = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(25));
+            let now = f();
+            if now != last {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() >= quiet || Instant::now() >= deadline {
+                return last;
+            }
+        }
+    }
+
     /// Waits until a stderr line contains `needle`.
     pub fn wait_stderr(&self, needle: &str, within: Duration) -> bool {
         self.eventually(within, || {
@@ -1513,12 +1532,31 @@ impl Strait {
     /// [`Strait::start_in`] for a configuration that binds its ports where they are
     /// reached at `ip` (the namespace's own address, from outside it).
     pub fn start_in_at(ns: &NetNs, ip: std::net::IpAddr, ports: Ports, config: &str) -> Strait {
+        let s = Strait::launch_in_at(ns, ip, ports, config, Path::new(strait_bin()), &[]);
+        ns.run(|| s.wait_ready(Duration::from_secs(20)));
+        s
+    }
+
+    /// [`Strait::start_in_at`] with binary `bin` (a release build, or a script that execs
+    /// one, so the PID stays strait's) and `env` on top of `RUST_LOG=info`, without
+    /// waiting for readiness.
+    pub fn launch_in_at(
+        ns: &NetNs,
+        ip: std::net::IpAddr,
+        ports: Ports,
+        config: &str,
+        bin: &Path,
+        env: &[(&str, &str)],
+    ) -> Strait {
         let dir = TempDir::new("gw");
         let path = dir.write("strait.yaml", config);
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, strait_bin(), "run", "-c"])
+            .args(["netns", "exec", &ns.name])
+            .arg(bin)
+            .args(["run", "-c"])
             .arg(&path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -1527,7 +1565,7 @@ impl Strait {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         pump_lines(child.stdout.take().unwrap(), stdout.clone());
         pump_lines(child.stderr.take().unwrap(), stderr.clone());
-        let s = Strait {
+        Strait {
             child,
             dir,
             status: SocketAddr::new(ip, ports.status),
@@ -1536,9 +1574,7 @@ impl Strait {
             gateway: SocketAddr::new(ip, ports.gateway),
             stdout,
             stderr,
-        };
-        ns.run(|| s.wait_ready(Duration::from_secs(20)));
-        s
+        }
     }
 
     /// Waits until an access log line satisfies `f`; returns it.
