@@ -228,9 +228,18 @@ impl Istiod {
     /// Starts the harness with an empty configuration directory and a plugged CA made
     /// by `strait ca init`, and waits for its READY line. Call it inside the hub.
     pub async fn start(opts: IstiodOptions) -> Istiod {
+        Istiod::start_with(opts, &[]).await
+    }
+
+    /// [`Istiod::start`] with files of Istio YAML (`(name, text)`) already in the watched
+    /// directory, so that istiod reads them before it is ready instead of as a change.
+    pub async fn start_with(opts: IstiodOptions, config: &[(String, String)]) -> Istiod {
         let dir = TempDir::new("istiod");
         for sub in ["config", "kube"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        for (name, yaml) in config {
+            write_atomically(&dir.path().join("config"), name, yaml);
         }
         let ca = dir.path().join("ca");
         super::strait_cli(&[
@@ -350,6 +359,12 @@ impl Istiod {
     /// Starts it again on the same directories, ports and CA.
     pub async fn restart(&mut self) {
         self.launch().await;
+    }
+
+    /// The harness's PID (istiod's: the harness re-executes itself in place), while
+    /// it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// How many times the harness was started.
@@ -493,6 +508,20 @@ pub const PROXY_ISTIO_VERSION: &str = strait::config::ISTIO_VERSION;
 /// strait as network1's east-west gateway in `spoke`, on istiod's plaintext xDS port
 /// (Bootstrap `discovery`), pod `pod`; `extra` spec lines (indented 2) are added.
 pub fn strait_gateway(spoke: &Spoke, pod: &str, extra: &str) -> Strait {
+    let strait = launch_strait_gateway(spoke, pod, extra, Path::new(super::strait_bin()), &[]);
+    spoke.ns.run(|| strait.wait_ready(Duration::from_secs(20)));
+    strait
+}
+
+/// [`strait_gateway`] run from `bin` with `env` added (see [`Strait::launch_in_at`]),
+/// without waiting for readiness.
+pub fn launch_strait_gateway(
+    spoke: &Spoke,
+    pod: &str,
+    extra: &str,
+    bin: &Path,
+    env: &[(&str, &str)],
+) -> Strait {
     let config = format!(
         "apiVersion: strait.dev/v1alpha1\nkind: Bootstrap\nmetadata: {{name: strait}}\nspec:\n  status: 0.0.0.0:15021\n  metrics: 0.0.0.0:15090\n  admin: 0.0.0.0:15000\n  clientHelloTimeout: 2s\n  connectTimeout: 2s\n  drainDuration: 2s\n  network: network1\n  cluster: cluster1\n  labels: {GATEWAY_LABELS}\n  discovery:\n    address: http://{ISTIOD_IP}:{XDS_PORT}\n    initialFetchTimeout: 5s\n    node: {{ip: {}, podName: {pod}, namespace: istio-system, serviceAccount: istio-eastwestgateway}}\n{extra}",
         spoke.ip
@@ -503,7 +532,7 @@ pub fn strait_gateway(spoke: &Spoke, pod: &str, extra: &str) -> Strait {
         metrics: 15090,
         admin: 15000,
     };
-    Strait::start_in_at(&spoke.ns, IpAddr::V4(spoke.ip), ports, &config)
+    Strait::launch_in_at(&spoke.ns, IpAddr::V4(spoke.ip), ports, &config, bin, env)
 }
 
 /// A real Envoy as network1's east-west gateway in `spoke`, bootstrapped as pilot-agent
