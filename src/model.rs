@@ -176,8 +176,10 @@ pub enum CertSource {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeshCa {
     pub server: ControlPlane,
-    /// `validity_duration` asked for (the CA may cap it).
-    pub ttl: Duration,
+    /// `validity_duration` asked for (the CA may refuse more than its maximum); `None`
+    /// asks for none, and the CA's default applies (istiod's
+    /// `DEFAULT_WORKLOAD_CERT_TTL`, 24 h unless set).
+    pub ttl: Option<Duration>,
     /// The SPIFFE ID the certificate must carry, and nothing else.
     pub identity: String,
 }

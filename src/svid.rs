@@ -115,7 +115,8 @@ pub async fn request(ca: &MeshCa) -> Result<Identity, SvidError> {
         .map_err(|e| SvidError::Refused(format!("not ready: {e}")))?;
     let mut req = tonic::Request::new(IstioCertificateRequest {
         csr,
-        validity_duration: ca.ttl.as_secs() as i64,
+        // 0: the CA's own default lifetime.
+        validity_duration: ca.ttl.map_or(0, |t| t.as_secs() as i64),
         metadata: None,
     });
     for (k, v) in headers {
@@ -150,7 +151,19 @@ pub fn check(
     }
     let roots = crate::tls::certs::read_certs(&ca.server.root_cert)
         .map_err(|e| SvidError::Untrusted(e.to_string()))?;
-    // The answer ends with the CA's root; trust comes from the configured root only.
+    // The answer ends with the CA's root (istiod's does); it must be one of the roots
+    // the file gives, or the two sources of the mesh root disagree.
+    if let Some(last) = chain.get(1..).and_then(<[_]>::last)
+        && is_self_issued_ca(last)
+        && !roots.contains(last)
+    {
+        return Err(SvidError::Untrusted(format!(
+            "the root the CA returned (last in its chain, {}) is not a root of {}",
+            subject_of(last),
+            ca.server.root_cert.display()
+        )));
+    }
+    // Trust comes from the configured root only.
     let intermediates: Vec<CertificateDer<'static>> = chain[1..]
         .iter()
         .filter(|c| !roots.contains(c))
@@ -198,6 +211,19 @@ pub fn check(
         spiffe_id: Some(id),
         not_after,
     })
+}
+
+/// A root: a CA certificate whose issuer is its own subject. (An answer that ends with
+/// an intermediate instead carries no root to compare.)
+fn is_self_issued_ca(cert: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .is_ok_and(|(_, x)| x.subject() == x.issuer() && x.is_ca())
+}
+
+fn subject_of(cert: &CertificateDer<'_>) -> String {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .map(|(_, x)| format!("subject {}", x.subject()))
+        .unwrap_or_else(|_| "unparsable".into())
 }
 
 /// When to renew a certificate valid from `issued` to `not_after`: at half its lifetime,

@@ -273,6 +273,7 @@ async fn bad_answers_are_refused_and_logged_and_the_certificate_held_keeps_servi
             "does not chain to the mesh root",
         ),
         (CaAnswer::Refuse, "refused", "the CA refused the request"),
+        (CaAnswer::ForeignRoot, "untrusted_chain", "is not a root of"),
     ] {
         let (_, current) = mtls(s.gateway(), s.mesh()).await.unwrap();
         s.ca.set_answer(answer);

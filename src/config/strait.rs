@@ -401,13 +401,9 @@ pub(crate) fn mesh_ca(
     let mut f = Fields::of(sink, node, *path)?;
     let inherit = settings.discovery.as_ref().map(|d| &d.server);
     let server = control_plane(sink, &mut f, node, path, inherit, settings, env);
-    let mut ttl = Duration::from_secs(24 * 3600);
-    if let Some(d) = f
+    let ttl = f
         .get("ttl")
-        .and_then(|n| fields::duration(sink, n, &path.key("ttl")))
-    {
-        ttl = d;
-    }
+        .and_then(|n| fields::duration(sink, n, &path.key("ttl")));
     f.finish(sink);
     let (namespace, account) = match &settings.discovery {
         Some(d) => (d.node.namespace.clone(), d.node.service_account.clone()),

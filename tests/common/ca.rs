@@ -36,6 +36,9 @@ pub enum CaAnswer {
     Untrusted,
     /// `Unavailable`.
     Refuse,
+    /// A good certificate signed by the mesh root, but the chain ends with another root:
+    /// the CA's root and the gateway's root file disagree (a rotation half done).
+    ForeignRoot,
 }
 
 /// One CreateCertificate call.
@@ -191,9 +194,12 @@ impl FakeCa {
                 "fake CA has no root (is the fake istiod on TLS?)",
             ));
         };
-        let ttl = s
-            .ttl
-            .unwrap_or(Duration::from_secs(body.validity_duration.max(60) as u64));
+        // As istiod: a lifetime asked for, else the default (24 h).
+        let asked = u64::try_from(body.validity_duration)
+            .ok()
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs);
+        let ttl = s.ttl.or(asked).unwrap_or(Duration::from_secs(24 * 3600));
         let identity = match answer {
             CaAnswer::WrongIdentity => "spiffe://cluster.local/ns/default/sa/intruder".to_string(),
             _ => caller,
@@ -242,7 +248,12 @@ impl FakeCa {
             let leaf = csr
                 .signed_by(&mesh.issuer)
                 .map_err(|e| Status::internal(e.to_string()))?;
-            (leaf.pem(), mesh.root_pem())
+            let root = if answer == CaAnswer::ForeignRoot {
+                other_root().0
+            } else {
+                mesh.root_pem()
+            };
+            (leaf.pem(), root)
         };
         // Leaf first, root last, as istiod answers.
         Ok(IstioCertificateResponse {

