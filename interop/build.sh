@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Builds the istiod harness (./istiod) into ../target/istiod-harness, stamped with the
-# Istio module's revision as istiod reports its version (`istioctl proxy-status`). Go's
-# module and build caches (GOMODCACHE, GOCACHE) make a warm build take seconds.
+# Builds the test peers from Istio's own module into DIR (default ../target):
+#   DIR/istiod-harness  istiod's server (./istiod), stamped with the module's revision as
+#                       istiod reports its version (`istioctl proxy-status`);
+#   DIR/istioctl        Istio's istioctl, from the same module (a `tool` of go.mod).
+# Go's module and build caches (GOMODCACHE, GOCACHE) make a warm build take seconds.
 set -euo pipefail
 cd "$(dirname "$0")"
-out=${1:-../target/istiod-harness}
+out=${1:-../target}
+mkdir -p "$out"
 version=$(go list -m -f '{{.Version}}' istio.io/istio)
 rev=${version##*-}
 pkg=istio.io/istio/pkg/version
-go build -buildvcs=false \
-  -ldflags "-X $pkg.buildVersion=1.32-alpha.$rev -X $pkg.buildGitRevision=$rev -X $pkg.buildStatus=Clean -X $pkg.buildTag=$version" \
-  -o "$out" ./istiod
+ldflags="-X $pkg.buildVersion=1.32-alpha.$rev -X $pkg.buildGitRevision=$rev -X $pkg.buildStatus=Clean -X $pkg.buildTag=$version"
+go build -buildvcs=false -ldflags "$ldflags" -o "$out/istiod-harness" ./istiod
+go build -buildvcs=false -ldflags "$ldflags" -o "$out/istioctl" istio.io/istio/istioctl/cmd/istioctl

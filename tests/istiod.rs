@@ -1188,3 +1188,118 @@ fn passthrough_and_istio_mutual_from_the_real_istiod_alike() {
         assert_eq!(nacks(&dump), vec![], "{:#}", dump["discovery"]);
     });
 }
+
+/// The rows of a table `istioctl` printed (columns split on runs of two or more spaces),
+/// keyed by the header.
+fn istioctl_rows(out: &str) -> Vec<std::collections::BTreeMap<String, String>> {
+    let split = |l: &str| -> Vec<String> {
+        l.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut lines = out.lines().filter(|l| !l.trim().is_empty());
+    let Some(header) = lines.next() else {
+        return Vec::new();
+    };
+    let header = split(header);
+    lines
+        .map(|l| header.iter().cloned().zip(split(l)).collect())
+        .collect()
+}
+
+/// `istioctl proxy-status --verbosity 1`, built from the same Istio module, asking the
+/// harness's istiod directly (`--xds-address`, as for an out-of-cluster control plane):
+/// strait is listed (istiod lists only nodes that send `PROXY_CONFIG`), and its row reads
+/// as Envoy's does: SYNCED for CDS, LDS and EDS, the same istiod, cluster and version.
+#[test]
+fn istioctl_proxy_status_shows_strait_as_it_shows_envoy() {
+    if !peers_present() {
+        return;
+    }
+    let Some(istioctl) = common::istiod::istioctl_bin() else {
+        return;
+    };
+    let lab = Lab::new("ps");
+    lab.run(|| async {
+        let ca = TestCa::new();
+        let w = start_workloads(&ca).await;
+        let s = side_by_side(&lab).await;
+        let both = [
+            ("strait", s.strait_spoke.gateway()),
+            ("envoy", s.envoy_spoke.gateway()),
+        ];
+        settle_table(&both, &ca, &routing_table(&w)[..1], || s.logs()).await;
+        for id in [s.strait_id(), s.envoy_id()] {
+            s.istiod
+                .wait_synced(&id, WAIT)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+        }
+        // istioctl wants a kubeconfig even when it talks to istiod directly; this one
+        // names a server nobody listens on. `--revision default` spares it asking that
+        // server which revision is the default. istiod answers its debug requests only
+        // to an authenticated caller: an operator's certificate from the mesh CA, in
+        // istio-system (`--cert-dir`, Istio's file layout), over 15012.
+        let dir = common::TempDir::new("istioctl");
+        let kubeconfig = dir.write(
+            "kubeconfig",
+            "apiVersion: v1\nkind: Config\nclusters: [{name: none, cluster: {server: \"https://127.0.0.1:1\"}}]\ncontexts: [{name: none, context: {cluster: none, user: none}}]\ncurrent-context: none\nusers: [{name: none, user: {}}]\n",
+        );
+        let operator = common::mesh_cert(
+            &s.istiod.ca_dir(),
+            "spiffe://cluster.local/ns/istio-system/sa/default",
+            &dir.path().join("operator"),
+        );
+        let out = std::process::Command::new(&istioctl)
+            .args(["proxy-status", "--verbosity", "1", "--namespace", "istio-system", "--revision", "default"])
+            .arg("--xds-address")
+            .arg(format!(
+                "{}:{}",
+                common::istiod::ISTIOD_IP,
+                common::istiod::SECURE_XDS_PORT
+            ))
+            .args(["--authority", "istiod.istio-system.svc", "--cert-dir"])
+            .arg(&operator)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .output()
+            .expect("run istioctl");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "istioctl proxy-status: {}\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows = istioctl_rows(&stdout);
+        let row = |id: &str| {
+            rows.iter()
+                .find(|r| r.get("NAME").is_some_and(|n| n == id))
+                .cloned()
+                .unwrap_or_else(|| panic!("no row for {id}:\n{stdout}"))
+        };
+        let (strait, envoy) = (row(&s.strait_id()), row(&s.envoy_id()));
+        // "SYNCED (3s)": the state, without how long ago.
+        let state = |v: &String| v.split_whitespace().next().unwrap_or("").to_string();
+        for column in ["CDS", "LDS", "EDS"] {
+            assert_eq!(
+                strait.get(column).map(state).as_deref(),
+                Some("SYNCED"),
+                "{column}:\n{stdout}"
+            );
+        }
+        for (column, value) in &envoy {
+            if column == "NAME" || column == "VERSION" {
+                continue;
+            }
+            assert_eq!(
+                strait.get(column).map(state),
+                Some(state(value)),
+                "{column} differs:\n{stdout}"
+            );
+        }
+        assert_eq!(strait.get("VERSION").map(String::as_str), Some(PROXY_ISTIO_VERSION), "{stdout}");
+    });
+}

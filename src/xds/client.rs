@@ -25,7 +25,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
     aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
 };
-use envoy_types::pb::google::protobuf::{Any, Struct, Value as PbValue, value::Kind};
+use envoy_types::pb::google::protobuf::{Any, ListValue, Struct, Value as PbValue, value::Kind};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -220,8 +220,10 @@ pub fn node(d: &Discovery) -> core::Node {
         .node
         .metadata
         .iter()
+        .filter(|(k, _)| k.as_str() != "PROXY_CONFIG")
         .map(|(k, v)| (k.clone(), s(v)))
         .collect();
+    fields.insert("PROXY_CONFIG".into(), proxy_config(d));
     fields.insert(
         "LABELS".into(),
         PbValue {
@@ -245,6 +247,49 @@ pub fn node(d: &Discovery) -> core::Node {
         )),
         ..core::Node::default()
     }
+}
+
+/// `PROXY_CONFIG`, the proxy's Istio `ProxyConfig` as pilot-agent sends it: istiod
+/// lists only nodes that carry one in `istioctl proxy-status` (`isProxy`), and parses it
+/// strictly, so it is an object, never a string. What strait knows of its own
+/// (`discoveryAddress`, `serviceCluster`), with a `PROXY_CONFIG` from `ISTIO_META_*` or
+/// `discovery.node.metadata` (a JSON object) laid over it.
+fn proxy_config(d: &Discovery) -> PbValue {
+    let mut config = serde_json::json!({
+        "discoveryAddress": d.server.address,
+        "serviceCluster": d.node.cluster,
+    });
+    if let (Some(serde_json::Value::Object(given)), Some(obj)) = (
+        d.node
+            .metadata
+            .get("PROXY_CONFIG")
+            .and_then(|v| serde_json::from_str(v).ok()),
+        config.as_object_mut(),
+    ) {
+        obj.extend(given);
+    }
+    json_value(&config)
+}
+
+/// A JSON value as a protobuf `Value`.
+fn json_value(v: &serde_json::Value) -> PbValue {
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(*b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        J::String(s) => Kind::StringValue(s.clone()),
+        J::Array(items) => Kind::ListValue(ListValue {
+            values: items.iter().map(json_value).collect(),
+        }),
+        J::Object(map) => Kind::StructValue(Struct {
+            fields: map
+                .iter()
+                .map(|(k, v)| (k.clone(), json_value(v)))
+                .collect(),
+        }),
+    };
+    PbValue { kind: Some(kind) }
 }
 
 fn apply_one(

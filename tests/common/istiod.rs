@@ -47,15 +47,29 @@ pub const GATEWAY_LABELS: &str =
 /// after a loud `SKIPPED`, when neither exists, unless under CI (`CI` set), where it
 /// panics: CI builds the harness and never skips.
 pub fn harness_bin() -> Option<PathBuf> {
-    let path = std::env::var_os("STRAIT_TEST_ISTIOD")
+    interop_bin("STRAIT_TEST_ISTIOD", "istiod-harness")
+}
+
+/// istioctl, built from the same Istio module: `$STRAIT_TEST_ISTIOCTL`, else
+/// `target/istioctl`; as [`harness_bin`] when missing.
+pub fn istioctl_bin() -> Option<PathBuf> {
+    interop_bin("STRAIT_TEST_ISTIOCTL", "istioctl")
+}
+
+fn interop_bin(var: &str, name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os(var)
         .filter(|p| !p.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/istiod-harness"));
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("target")
+                .join(name)
+        });
     if path.is_file() {
         return Some(path);
     }
     let why = format!(
-        "the istiod harness is not built ({}): run .ci/run, or `cd interop && go build -o ../target/istiod-harness ./istiod`",
+        "{} is not built: run .ci/run, or `bash interop/build.sh` (Go)",
         path.display()
     );
     assert!(std::env::var_os("CI").is_none(), "{why}");
@@ -556,6 +570,11 @@ pub async fn envoy_gateway(spoke: &Spoke, pod: &str, agent: &PilotAgent) -> Opti
             "INSTANCE_IPS": spoke.ip.to_string(),
             "NAME": pod,
             "WORKLOAD_NAME": "istio-eastwestgateway",
+            // pilot-agent sends the proxy's ProxyConfig; strait sends the same two fields.
+            "PROXY_CONFIG": {
+                "discoveryAddress": format!("{ISTIOD_IP}:{XDS_PORT}"),
+                "serviceCluster": "istio-eastwestgateway.istio-system"
+            },
             "LABELS": {
                 "istio": "eastwestgateway",
                 "app": "istio-eastwestgateway",
