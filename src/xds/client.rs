@@ -247,13 +247,24 @@ pub fn node(d: &Discovery) -> core::Node {
     }
 }
 
+/// Applies one resource; `name` is the one delta sends beside it (SotW has none), put
+/// in front of an error that cannot name the resource itself (a ClusterLoadAssignment
+/// without `cluster_name`).
 fn apply_one(
     state: &mut State,
     type_url: &str,
-    name_hint: &str,
+    name: Option<&str>,
     any: Option<&Any>,
 ) -> Result<String, String> {
-    let any = any.ok_or_else(|| format!("{name_hint}: resource without a body"))?;
+    let any =
+        any.ok_or_else(|| format!("{}: resource without a body", name.unwrap_or("resource")))?;
+    apply_body(state, type_url, any).map_err(|e| match name {
+        Some(n) if !n.is_empty() && !e.contains(n) => format!("resource {n}: {e}"),
+        _ => e,
+    })
+}
+
+fn apply_body(state: &mut State, type_url: &str, any: &Any) -> Result<String, String> {
     match type_url {
         translate::LISTENER => {
             let (name, read) = translate::listener(any)?;
@@ -641,7 +652,7 @@ async fn delta(
         outstanding.remove(t);
         let mut problems = Vec::new();
         for r in &msg.resources {
-            match apply_one(state, t, &r.name, r.resource.as_ref()) {
+            match apply_one(state, t, Some(&r.name), r.resource.as_ref()) {
                 Ok(name) => {
                     state
                         .versions
@@ -788,7 +799,7 @@ async fn sotw(
         let mut problems = Vec::new();
         let mut present = BTreeSet::new();
         for any in &msg.resources {
-            match apply_one(state, t, "resource", Some(any)) {
+            match apply_one(state, t, None, Some(any)) {
                 Ok(name) => {
                     present.insert(name);
                 }

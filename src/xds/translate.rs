@@ -166,30 +166,26 @@ fn duration(field: &str, d: &Option<PbDuration>) -> Result<Option<Duration>, Str
     Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32)))
 }
 
-/// A duration annotated `(validate.rules).duration = {gt {}}`.
+/// A duration annotated `(validate.rules).duration = {gt {}}`. A negative one fails
+/// Envoy's check of every duration first, and is reported as such.
 fn positive_duration(field: &str, d: &Option<PbDuration>) -> Result<Option<Duration>, String> {
-    if let Some(pb) = d
-        && (pb.seconds < 0 || pb.nanos < 0 || (pb.seconds == 0 && pb.nanos == 0))
-    {
-        return Err(format!(
-            "{field}: must be greater than 0s, not {} (Envoy: duration gt 0)",
-            show_duration(pb)
-        ));
+    match duration(field, d)? {
+        Some(v) if v.is_zero() => Err(format!(
+            "{field}: must be greater than 0s (Envoy: duration gt 0)"
+        )),
+        v => Ok(v),
     }
-    duration(field, d)
 }
 
 /// A duration annotated `(validate.rules).duration = {gte {nanos: 1000000}}`.
 fn duration_at_least_1ms(field: &str, d: &Option<PbDuration>) -> Result<Option<Duration>, String> {
-    if let Some(pb) = d
-        && (pb.seconds < 0 || pb.nanos < 0 || (pb.seconds == 0 && pb.nanos < 1_000_000))
-    {
-        return Err(format!(
+    match (duration(field, d)?, d) {
+        (Some(v), Some(pb)) if v < Duration::from_millis(1) => Err(format!(
             "{field}: must be at least 1ms, not {} (Envoy: duration gte 1ms)",
             show_duration(pb)
-        ));
+        )),
+        (v, _) => Ok(v),
     }
-    duration(field, d)
 }
 
 /// A string annotated `(validate.rules).string = {min_len: 1}`.
