@@ -363,7 +363,11 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
         if let Some(ts) = &fc.transport_socket {
             match mutual_tls(ts) {
                 Ok(san) => rbac.extend(san),
-                Err(why) => {
+                Err(rbac::RbacError::Invalid(e)) => {
+                    problems.push(format!("listener {name} {label}: {e}"));
+                    continue;
+                }
+                Err(rbac::RbacError::Unevaluable(why)) => {
                     out.skipped_chains.push(format!("{label}: {why}"));
                     continue;
                 }
@@ -613,21 +617,31 @@ const SDS_ROOT: &str = "ROOTCA";
 /// certificate required. SAN matchers (`server.tls.subjectAltNames`) come back as an
 /// ALLOW filter on the peer's URI SAN. Anything else (SIMPLE or MUTUAL with a
 /// `credentialName`, inline certificates) is an `Err` saying why it is not served.
-fn mutual_tls(ts: &core::TransportSocket) -> Result<Option<RbacFilter>, String> {
+fn mutual_tls(ts: &core::TransportSocket) -> Result<Option<RbacFilter>, rbac::RbacError> {
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+    use rbac::RbacError::{Invalid, Unevaluable};
     use tls::common_tls_context::ValidationContextType as V;
     let any = match &ts.config_type {
         Some(core::transport_socket::ConfigType::TypedConfig(a)) => a,
-        None => return Err(format!("transport socket {} without typed_config", ts.name)),
+        None => {
+            return Err(Unevaluable(format!(
+                "transport socket {} without typed_config",
+                ts.name
+            )));
+        }
     };
-    let ctx: tls::DownstreamTlsContext = decode(any, TLS_SOCKET_TYPE)
-        .map_err(|e| format!("terminates TLS with transport socket {}: {e}", ts.name))?;
+    let ctx: tls::DownstreamTlsContext = decode(any, TLS_SOCKET_TYPE).map_err(|e| {
+        Unevaluable(format!(
+            "terminates TLS with transport socket {}: {e}",
+            ts.name
+        ))
+    })?;
     if !ctx
         .require_client_certificate
         .as_ref()
         .is_some_and(|b| b.value)
     {
-        return Err("terminates TLS without requiring a client certificate (SIMPLE): only ISTIO_MUTUAL is served".into());
+        return Err(Unevaluable("terminates TLS without requiring a client certificate (SIMPLE): only ISTIO_MUTUAL is served".into()));
     }
     let common = ctx.common_tls_context.unwrap_or_default();
     let certs: Vec<&str> = common
@@ -636,14 +650,14 @@ fn mutual_tls(ts: &core::TransportSocket) -> Result<Option<RbacFilter>, String> 
         .map(|c| c.name.as_str())
         .collect();
     if !common.tls_certificates.is_empty() || certs != [SDS_CERTIFICATE] {
-        return Err(format!(
+        return Err(Unevaluable(format!(
             "terminates TLS with certificate {}: only ISTIO_MUTUAL (SDS {SDS_CERTIFICATE:?}, the gateway's own SVID) is served",
             if certs.is_empty() {
                 "given inline".to_string()
             } else {
                 format!("{certs:?} from SDS")
             }
-        ));
+        )));
     }
     let (defaults, root) = match &common.validation_context_type {
         Some(V::CombinedValidationContext(c)) => (
@@ -656,29 +670,46 @@ fn mutual_tls(ts: &core::TransportSocket) -> Result<Option<RbacFilter>, String> 
         _ => (None, None),
     };
     if root.as_deref() != Some(SDS_ROOT) {
-        return Err(format!(
+        return Err(Unevaluable(format!(
             "verifies clients against {}: only ISTIO_MUTUAL (SDS {SDS_ROOT:?}, the mesh root) is served",
             root.map_or("no SDS root".to_string(), |r| format!("SDS {r:?}"))
-        ));
+        )));
     }
     let defaults = defaults.unwrap_or_default();
     let mut sans = Vec::new();
+    // A matcher Envoy rejects (string.proto) is a NACK; a valid one strait cannot
+    // evaluate leaves the chain out.
+    let invalid = |field: String| move |e: String| Invalid(format!("{field}: {e}"));
     #[allow(deprecated)]
-    for m in &defaults.match_subject_alt_names {
-        sans.push(rbac::string_match(m).map_err(|e| format!("subject alt name matcher: {e}"))?);
+    for (i, m) in defaults.match_subject_alt_names.iter().enumerate() {
+        sans.push(rbac::string_match(m).map_err(invalid(format!("match_subject_alt_names[{i}]")))?);
     }
-    for m in &defaults.match_typed_subject_alt_names {
+    // common.proto: a SubjectAltNameMatcher's `san_type` is defined and not
+    // SAN_TYPE_UNSPECIFIED, its `matcher` required.
+    for (i, m) in defaults.match_typed_subject_alt_names.iter().enumerate() {
         use tls::subject_alt_name_matcher::SanType;
-        if SanType::try_from(m.san_type) != Ok(SanType::Uri) {
-            return Err(format!(
-                "matches client SANs of type {}: only URI SANs (SPIFFE IDs) are known to this gateway",
-                SanType::try_from(m.san_type).map_or("unknown", |t| t.as_str_name())
-            ));
+        let field = format!("match_typed_subject_alt_names[{i}]");
+        match SanType::try_from(m.san_type) {
+            Ok(SanType::Uri) => {}
+            Ok(SanType::Unspecified) | Err(_) => {
+                return Err(Invalid(format!(
+                    "{field}.san_type: {} is not a defined SAN type other than SAN_TYPE_UNSPECIFIED (Envoy: enum defined_only, not_in 0)",
+                    m.san_type
+                )));
+            }
+            Ok(other) => {
+                return Err(Unevaluable(format!(
+                    "matches client SANs of type {}: only URI SANs (SPIFFE IDs) are known to this gateway",
+                    other.as_str_name()
+                )));
+            }
         }
         let Some(value) = &m.matcher else {
-            return Err("a subject alt name matcher without a value".into());
+            return Err(Invalid(format!(
+                "{field}.matcher: is required (Envoy: message required)"
+            )));
         };
-        sans.push(rbac::string_match(value).map_err(|e| format!("subject alt name matcher: {e}"))?);
+        sans.push(rbac::string_match(value).map_err(invalid(format!("{field}.matcher")))?);
     }
     if sans.is_empty() {
         return Ok(None);

@@ -8,6 +8,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, ListenerFilter,
 };
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 
 fn any<M: Message>(type_url: &str, m: &M) -> Any {
     Any {
@@ -510,4 +511,89 @@ fn filters_need_names() {
         e.contains("listener_filters[1].name: must not be empty"),
         "{e}"
     );
+}
+
+fn mutual_socket(sans: Vec<tls::SubjectAltNameMatcher>) -> core::TransportSocket {
+    use tls::common_tls_context::{CombinedCertificateValidationContext, ValidationContextType};
+    let sds = |name: &str| tls::SdsSecretConfig {
+        name: name.into(),
+        ..Default::default()
+    };
+    let ctx = tls::DownstreamTlsContext {
+        common_tls_context: Some(tls::CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(SDS_CERTIFICATE)],
+            validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+                CombinedCertificateValidationContext {
+                    default_validation_context: Some(tls::CertificateValidationContext {
+                        match_typed_subject_alt_names: sans,
+                        ..Default::default()
+                    }),
+                    validation_context_sds_secret_config: Some(sds(SDS_ROOT)),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        require_client_certificate: Some(envoy_types::pb::google::protobuf::BoolValue {
+            value: true,
+        }),
+        ..Default::default()
+    };
+    core::TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(core::transport_socket::ConfigType::TypedConfig(any(
+            TLS_SOCKET_TYPE,
+            &ctx,
+        ))),
+    }
+}
+
+#[test]
+fn subject_alt_name_matchers_follow_envoys_rules() {
+    use envoy_types::pb::envoy::r#type::matcher::v3::{
+        StringMatcher, string_matcher::MatchPattern,
+    };
+    use rbac::RbacError::{Invalid, Unevaluable};
+    use tls::subject_alt_name_matcher::SanType;
+    let san = |san_type: i32, pattern: Option<MatchPattern>| tls::SubjectAltNameMatcher {
+        san_type,
+        matcher: pattern.map(|p| StringMatcher {
+            match_pattern: Some(p),
+            ignore_case: false,
+        }),
+        ..Default::default()
+    };
+    let spiffe = || Some(MatchPattern::Prefix("spiffe://cluster.local/".into()));
+    assert!(matches!(
+        mutual_tls(&mutual_socket(vec![san(SanType::Uri as i32, spiffe())])),
+        Ok(Some(_))
+    ));
+    let invalid = |sans, want: &str| match mutual_tls(&mutual_socket(sans)) {
+        Err(Invalid(e)) => assert!(e.contains(want), "{e} lacks {want}"),
+        other => panic!("{other:?}, where {want} was expected"),
+    };
+    invalid(
+        vec![san(SanType::Unspecified as i32, spiffe())],
+        "match_typed_subject_alt_names[0].san_type: 0 is not a defined SAN type",
+    );
+    invalid(
+        vec![san(SanType::Uri as i32, spiffe()), san(42, spiffe())],
+        "match_typed_subject_alt_names[1].san_type: 42",
+    );
+    invalid(
+        vec![san(SanType::Uri as i32, None)],
+        "match_typed_subject_alt_names[0].matcher: is required (Envoy: message required)",
+    );
+    invalid(
+        vec![san(
+            SanType::Uri as i32,
+            Some(MatchPattern::Prefix(String::new())),
+        )],
+        "match_typed_subject_alt_names[0].matcher: prefix: must not be empty (Envoy: string min_bytes 1)",
+    );
+    // Valid for Envoy, but not what a SPIFFE peer is known by here: not served, no NACK.
+    assert!(matches!(
+        mutual_tls(&mutual_socket(vec![san(SanType::Dns as i32, spiffe())])),
+        Err(Unevaluable(_))
+    ));
 }
