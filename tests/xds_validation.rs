@@ -18,16 +18,23 @@ use std::time::{Duration, Instant};
 
 use common::xds::{
     CDS_TYPE, EDS_TYPE, Envoy, EnvoyOptions, FakeIstiod, IstiodOptions, LDS_TYPE, ListenerSpec,
-    RbacAction, XdsRequest, cla, eds_cluster, istiod_rbac, to_any,
+    RbacAction, XdsRequest, cla, eds_cluster, istiod_rbac, mutual_listener, to_any,
 };
 use common::{TestCa, Workload, round_trip};
 use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::CommonLbConfig;
 use envoy_types::pb::envoy::config::core::v3::HealthStatus::Healthy;
+use envoy_types::pb::envoy::config::core::v3::transport_socket;
 use envoy_types::pb::envoy::config::core::v3::{Address, address, socket_address};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{Filter, Listener, filter};
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::subject_alt_name_matcher::SanType;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    DownstreamTlsContext, SubjectAltNameMatcher,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
 use prost::Message;
@@ -167,6 +174,53 @@ fn first_endpoint_address(c: &mut ClusterLoadAssignment, address: &str, port: u3
             },
         )),
     });
+}
+
+/// An ISTIO_MUTUAL listener named [`BAD_LISTENER`] on `spare` whose client certificate
+/// validation has `san` among its typed SAN matchers.
+fn mutual_row(spare: SocketAddr, san: SubjectAltNameMatcher) -> Any {
+    let mut l = mutual_listener(
+        BAD_LISTENER,
+        spare,
+        &["target.default.svc.cluster.local"],
+        &[],
+        &[("outbound|9080||target.default.svc.cluster.local", 1)],
+        &[],
+    );
+    let socket = l.filter_chains[0]
+        .transport_socket
+        .as_mut()
+        .expect("the fixture terminates TLS");
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &mut socket.config_type else {
+        panic!("the fixture's transport socket has a typed_config");
+    };
+    let mut ctx =
+        DownstreamTlsContext::decode(any.value.as_slice()).expect("a DownstreamTlsContext");
+    let Some(ValidationContextType::CombinedValidationContext(combined)) = ctx
+        .common_tls_context
+        .as_mut()
+        .and_then(|c| c.validation_context_type.as_mut())
+    else {
+        panic!("the fixture has a combined validation context");
+    };
+    combined
+        .default_validation_context
+        .get_or_insert_default()
+        .match_typed_subject_alt_names
+        .push(san);
+    *any = to_any(&ctx);
+    to_any(&l)
+}
+
+fn san(san_type: SanType, matcher: MatchPattern) -> SubjectAltNameMatcher {
+    SubjectAltNameMatcher {
+        san_type: san_type as i32,
+        matcher: Some(StringMatcher {
+            match_pattern: Some(matcher),
+            ignore_case: false,
+        }),
+        ..Default::default()
+    }
 }
 
 fn rows() -> Vec<Row> {
@@ -313,6 +367,37 @@ fn rows() -> Vec<Row> {
             },
             envoy: Verdict::Rejects(&["RBACValidationError.StatPrefix"]),
             strait: Verdict::Rejects(&["RBAC stat_prefix: must not be empty"]),
+        },
+        Row {
+            what: "client SAN matcher of type SAN_TYPE_UNSPECIFIED",
+            kind: Kind::Lds,
+            build: |cx| {
+                mutual_row(
+                    cx.spare,
+                    san(
+                        SanType::Unspecified,
+                        MatchPattern::Exact("spiffe://cluster.local/ns/a/sa/b".into()),
+                    ),
+                )
+            },
+            envoy: Verdict::Rejects(&["SubjectAltNameMatcherValidationError.SanType"]),
+            strait: Verdict::Rejects(&[
+                "match_typed_subject_alt_names[0].san_type: 0 is not a defined SAN type",
+            ]),
+        },
+        Row {
+            what: "client SAN matcher with an empty prefix",
+            kind: Kind::Lds,
+            build: |cx| {
+                mutual_row(
+                    cx.spare,
+                    san(SanType::Uri, MatchPattern::Prefix(String::new())),
+                )
+            },
+            envoy: Verdict::Rejects(&["StringMatcherValidationError.Prefix"]),
+            strait: Verdict::Rejects(&[
+                "match_typed_subject_alt_names[0].matcher: prefix: must not be empty",
+            ]),
         },
         // ---- CDS: a cluster named BAD_CLUSTER, beside a new cluster.
         Row {
