@@ -418,6 +418,13 @@ fn rows() -> Vec<Row> {
             strait: Verdict::Rejects(&["connect_timeout: -1s is negative"]),
         },
         Row {
+            what: "cluster connect_timeout with nanos out of range",
+            kind: Kind::Cds,
+            build: |_| bad_cluster(|c| c.connect_timeout = seconds(1, 1_000_000_000)),
+            envoy: Verdict::Rejects(&["Duration out-of-range"]),
+            strait: Verdict::Rejects(&["connect_timeout: 1s+1000000000ns is out of range"]),
+        },
+        Row {
             what: "cluster healthy_panic_threshold above 100%",
             kind: Kind::Cds,
             build: |_| {

@@ -135,7 +135,7 @@ pub(super) fn decode<M: Message + Default>(any: &Any, want: &str) -> Result<M, S
 // rejected. strait rejects the same resources, each reason naming the field and the rule
 // it breaks (the annotation, as `(Envoy: …)`), so a NACK from strait reads like Envoy's.
 
-/// The longest `google.protobuf.Duration` Envoy takes (its `DurationUtil`: 10,000 years).
+/// The longest `google.protobuf.Duration` there is (duration.proto: about 10,000 years).
 const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
 
 fn show_duration(d: &PbDuration) -> String {
@@ -146,9 +146,10 @@ fn show_duration(d: &PbDuration) -> String {
     }
 }
 
-/// Any `google.protobuf.Duration`, as Envoy takes it with or without an annotation
-/// (`MessageUtil::validateDurationFields` runs on every resource): a negative one or one
-/// out of range is rejected, never read as unset.
+/// Any `google.protobuf.Duration`, as Envoy takes it with or without an annotation: it
+/// checks every duration of a resource before its annotations ("Invalid duration:
+/// Expected positive duration", "Duration out-of-range"), so a negative one or one out of
+/// duration.proto's range is rejected, never read as unset.
 fn duration(field: &str, d: &Option<PbDuration>) -> Result<Option<Duration>, String> {
     let Some(d) = d else { return Ok(None) };
     if d.seconds < 0 || d.nanos < 0 {
