@@ -292,13 +292,24 @@ fn json_value(v: &serde_json::Value) -> PbValue {
     PbValue { kind: Some(kind) }
 }
 
+/// Applies one resource; `name` is the one delta sends beside it (SotW has none), put
+/// in front of an error that cannot name the resource itself (a ClusterLoadAssignment
+/// without `cluster_name`).
 fn apply_one(
     state: &mut State,
     type_url: &str,
-    name_hint: &str,
+    name: Option<&str>,
     any: Option<&Any>,
 ) -> Result<String, String> {
-    let any = any.ok_or_else(|| format!("{name_hint}: resource without a body"))?;
+    let any =
+        any.ok_or_else(|| format!("{}: resource without a body", name.unwrap_or("resource")))?;
+    apply_body(state, type_url, any).map_err(|e| match name {
+        Some(n) if !n.is_empty() && !e.contains(n) => format!("resource {n}: {e}"),
+        _ => e,
+    })
+}
+
+fn apply_body(state: &mut State, type_url: &str, any: &Any) -> Result<String, String> {
     match type_url {
         translate::LISTENER => {
             let (name, read) = translate::listener(any)?;
@@ -686,7 +697,7 @@ async fn delta(
         outstanding.remove(t);
         let mut problems = Vec::new();
         for r in &msg.resources {
-            match apply_one(state, t, &r.name, r.resource.as_ref()) {
+            match apply_one(state, t, Some(&r.name), r.resource.as_ref()) {
                 Ok(name) => {
                     state
                         .versions
@@ -833,7 +844,7 @@ async fn sotw(
         let mut problems = Vec::new();
         let mut present = BTreeSet::new();
         for any in &msg.resources {
-            match apply_one(state, t, "resource", Some(any)) {
+            match apply_one(state, t, None, Some(any)) {
                 Ok(name) => {
                     present.insert(name);
                 }

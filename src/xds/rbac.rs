@@ -48,17 +48,19 @@ const MAX_DEPTH: usize = 32;
 /// Reads one network RBAC filter's typed config.
 pub fn filter(any: &Any) -> Result<RbacFilter, RbacError> {
     let f: network::Rbac = decode(any, RBAC_TYPE).map_err(Invalid)?;
+    // rbac.proto (network): `stat_prefix` min_len 1.
+    if f.stat_prefix.is_empty() {
+        return Err(Invalid(
+            "RBAC stat_prefix: must not be empty (Envoy: string min_len 1)".into(),
+        ));
+    }
     if f.matcher.is_some() {
         return Err(Unevaluable(
             "an RBAC matcher (the xDS matcher API) is not supported".into(),
         ));
     }
     // `shadow_rules` (istiod's dry-run policies) only count in Envoy's stats: not enforced.
-    let name = if f.stat_prefix.is_empty() {
-        RBAC.to_string()
-    } else {
-        f.stat_prefix.clone()
-    };
+    let name = f.stat_prefix.clone();
     let Some(rules) = f.rules else {
         return Ok(RbacFilter {
             name,
@@ -85,6 +87,17 @@ pub fn filter(any: &Any) -> Result<RbacFilter, RbacError> {
             return Err(Unevaluable(format!(
                 "RBAC policy {pname}: CEL conditions are not supported"
             )));
+        }
+        // config/rbac/v3/rbac.proto: a Policy's `permissions` and `principals` min_items 1.
+        for (field, empty) in [
+            ("permissions", p.permissions.is_empty()),
+            ("principals", p.principals.is_empty()),
+        ] {
+            if empty {
+                return Err(Invalid(format!(
+                    "RBAC policy {pname}: {field}: must not be empty (Envoy: repeated min_items 1)"
+                )));
+            }
         }
         let in_policy = |e: RbacError| match e {
             Invalid(e) => Invalid(format!("RBAC policy {pname}: {e}")),
@@ -119,6 +132,11 @@ fn permission(p: &rbac::Permission, depth: usize) -> Result<RbacPermission, Rbac
         return Err(Invalid("permissions nested too deep".into()));
     }
     let set = |s: &rbac::permission::Set| -> Result<Vec<RbacPermission>, RbacError> {
+        if s.rules.is_empty() {
+            return Err(Invalid(
+                "a permission set's rules: must not be empty (Envoy: repeated min_items 1)".into(),
+            ));
+        }
         s.rules.iter().map(|r| permission(r, depth + 1)).collect()
     };
     #[allow(deprecated)]
@@ -166,6 +184,11 @@ fn principal(p: &rbac::Principal, depth: usize) -> Result<RbacPrincipal, RbacErr
         return Err(Invalid("principals nested too deep".into()));
     }
     let set = |s: &rbac::principal::Set| -> Result<Vec<RbacPrincipal>, RbacError> {
+        if s.ids.is_empty() {
+            return Err(Invalid(
+                "a principal set's ids: must not be empty (Envoy: repeated min_items 1)".into(),
+            ));
+        }
         s.ids.iter().map(|i| principal(i, depth + 1)).collect()
     };
     #[allow(deprecated)]
@@ -231,7 +254,21 @@ fn cidr(c: &CidrRange) -> Result<Cidr, String> {
     })
 }
 
+/// A `StringMatcher` as string.proto and regex.proto constrain it: the `match_pattern`
+/// oneof required; `prefix`, `suffix`, `contains` and a `safe_regex`'s `regex` min_bytes 1.
 pub(super) fn string_match(m: &StringMatcher) -> Result<StringMatch, String> {
+    let empty = match &m.match_pattern {
+        Some(MatchPattern::Prefix(s)) if s.is_empty() => Some("prefix"),
+        Some(MatchPattern::Suffix(s)) if s.is_empty() => Some("suffix"),
+        Some(MatchPattern::Contains(s)) if s.is_empty() => Some("contains"),
+        Some(MatchPattern::SafeRegex(r)) if r.regex.is_empty() => Some("safe_regex.regex"),
+        _ => None,
+    };
+    if let Some(field) = empty {
+        return Err(format!(
+            "{field}: must not be empty (Envoy: string min_bytes 1)"
+        ));
+    }
     let kind = match &m.match_pattern {
         Some(MatchPattern::Exact(s)) => StringMatchKind::Exact(s.clone()),
         Some(MatchPattern::Prefix(s)) => StringMatchKind::Prefix(s.clone()),
@@ -398,7 +435,11 @@ mod tests {
         );
         let log = filter(&filter_of(rbac::rbac::Action::Log, policy)).unwrap();
         assert!(check_rbac(&[log], &banned).is_ok());
-        let empty = filter(&any_of(&network::Rbac::default())).unwrap();
+        let empty = filter(&any_of(&network::Rbac {
+            stat_prefix: "tcp.".into(),
+            ..Default::default()
+        }))
+        .unwrap();
         assert_eq!(empty.policies, None);
         assert!(check_rbac(&[empty], &banned).is_ok());
     }
@@ -481,5 +522,89 @@ mod tests {
             }))),
         }));
         assert!(matches!(bad_regex, Err(RbacError::Invalid(_))));
+    }
+
+    /// Envoy's rules (protoc-gen-validate annotations of the RBAC protos): each broken one
+    /// is `Invalid`, a NACK, never a default or a rule left out.
+    #[test]
+    fn envoys_validation_rules_are_invalid_configs() {
+        let any_permission = rbac::Permission {
+            rule: Some(Rule::Any(true)),
+        };
+        let any_principal = rbac::Principal {
+            identifier: Some(Identifier::Any(true)),
+        };
+        let policy =
+            |permissions: Vec<rbac::Permission>, principals: Vec<rbac::Principal>| rbac::Policy {
+                permissions,
+                principals,
+                ..Default::default()
+            };
+        let invalid = |any: Any, want: &str| match filter(&any) {
+            Err(Invalid(e)) => assert!(e.contains(want), "{e} lacks {want}"),
+            other => panic!("{other:?}, where {want} was expected"),
+        };
+        invalid(
+            any_of(&network::Rbac::default()),
+            "RBAC stat_prefix: must not be empty (Envoy: string min_len 1)",
+        );
+        invalid(
+            filter_of(
+                rbac::rbac::Action::Allow,
+                policy(vec![], vec![any_principal.clone()]),
+            ),
+            "permissions: must not be empty (Envoy: repeated min_items 1)",
+        );
+        invalid(
+            filter_of(
+                rbac::rbac::Action::Allow,
+                policy(vec![any_permission.clone()], vec![]),
+            ),
+            "principals: must not be empty (Envoy: repeated min_items 1)",
+        );
+        invalid(
+            filter_of(
+                rbac::rbac::Action::Allow,
+                policy(
+                    vec![rbac::Permission {
+                        rule: Some(Rule::OrRules(rbac::permission::Set { rules: vec![] })),
+                    }],
+                    vec![any_principal.clone()],
+                ),
+            ),
+            "rules: must not be empty",
+        );
+        invalid(
+            filter_of(
+                rbac::rbac::Action::Allow,
+                policy(
+                    vec![any_permission.clone()],
+                    vec![rbac::Principal {
+                        identifier: Some(Identifier::AndIds(rbac::principal::Set { ids: vec![] })),
+                    }],
+                ),
+            ),
+            "ids: must not be empty",
+        );
+        for (p, field) in [
+            (MatchPattern::Prefix(String::new()), "prefix"),
+            (MatchPattern::Suffix(String::new()), "suffix"),
+            (MatchPattern::Contains(String::new()), "contains"),
+            (
+                MatchPattern::SafeRegex(RegexMatcher {
+                    regex: String::new(),
+                    ..Default::default()
+                }),
+                "safe_regex.regex",
+            ),
+        ] {
+            let e = string_match(&pattern(p)).unwrap_err();
+            assert_eq!(
+                e,
+                format!("{field}: must not be empty (Envoy: string min_bytes 1)")
+            );
+        }
+        // An empty exact match is valid (no annotation): it matches the empty name only.
+        assert!(string_match(&pattern(MatchPattern::Exact(String::new()))).is_ok());
     }
 }

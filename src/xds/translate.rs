@@ -5,6 +5,9 @@
 //! Each resource is read on its own ([`listener`], [`cluster`], [`endpoints`]) into a
 //! compact form with no protobuf kept; a resource that cannot be served safely is an
 //! `Err` with the reason (a NACK), one that is served in part carries its problems.
+//! Every field read is first checked as Envoy validates it (the protoc-gen-validate
+//! annotations of its protos, and the few checks its code adds): what Envoy rejects is
+//! rejected here too, the reason naming the resource, the field and the rule.
 //! [`assemble`] then joins the held resources into listeners and services.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -17,7 +20,8 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as eds;
 use envoy_types::pb::envoy::config::listener::v3 as lds;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, value::Kind};
+use envoy_types::pb::envoy::r#type::v3::Percent;
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value, value::Kind};
 use prost::Message;
 
 use super::rbac;
@@ -62,7 +66,7 @@ pub struct XListener {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TlsChain {
     pub server_names: Vec<String>,
-    /// `(cluster, weight)`, weight 0 left out.
+    /// `(cluster, weight)`; every weight is at least 1.
     pub clusters: Vec<(String, u32)>,
     pub idle_timeout: Option<Duration>,
     pub max_duration: Option<Duration>,
@@ -124,27 +128,169 @@ pub(super) fn decode<M: Message + Default>(any: &Any, want: &str) -> Result<M, S
     M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode: {e}"))
 }
 
-fn duration(d: &Option<PbDuration>) -> Option<Duration> {
-    let d = d.as_ref()?;
-    if d.seconds < 0 || d.nanos < 0 {
-        return None;
+// ---- Envoy's validation of the fields read here
+//
+// Envoy validates every resource against the protoc-gen-validate annotations of its
+// protos before using it, and adds a few checks of its own; a resource that fails is
+// rejected. strait rejects the same resources, each reason naming the field and the rule
+// it breaks (the annotation, as `(Envoy: …)`), so a NACK from strait reads like Envoy's.
+
+/// The longest `google.protobuf.Duration` there is (duration.proto: about 10,000 years).
+const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+
+fn show_duration(d: &PbDuration) -> String {
+    if d.nanos == 0 {
+        format!("{}s", d.seconds)
+    } else {
+        format!("{}s{:+}ns", d.seconds, d.nanos)
     }
-    Some(Duration::new(d.seconds as u64, d.nanos as u32))
 }
 
-fn socket_addr(a: &Option<core::Address>) -> Result<(String, u16), String> {
+/// Any `google.protobuf.Duration`, as Envoy takes it with or without an annotation: it
+/// checks every duration of a resource before its annotations ("Invalid duration:
+/// Expected positive duration", "Duration out-of-range"), so a negative one or one out of
+/// duration.proto's range is rejected, never read as unset.
+fn duration(field: &str, d: &Option<PbDuration>) -> Result<Option<Duration>, String> {
+    let Some(d) = d else { return Ok(None) };
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(format!(
+            "{field}: {} is negative (Envoy: Expected positive duration)",
+            show_duration(d)
+        ));
+    }
+    if d.nanos > 999_999_999 || d.seconds > MAX_DURATION_SECONDS {
+        return Err(format!(
+            "{field}: {} is out of range (Envoy: Duration out-of-range)",
+            show_duration(d)
+        ));
+    }
+    Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32)))
+}
+
+/// A duration annotated `(validate.rules).duration = {gt {}}`. A negative one fails
+/// Envoy's check of every duration first, and is reported as such.
+fn positive_duration(field: &str, d: &Option<PbDuration>) -> Result<Option<Duration>, String> {
+    match duration(field, d)? {
+        Some(v) if v.is_zero() => Err(format!(
+            "{field}: must be greater than 0s (Envoy: duration gt 0)"
+        )),
+        v => Ok(v),
+    }
+}
+
+/// A duration annotated `(validate.rules).duration = {gte {nanos: 1000000}}`.
+fn duration_at_least_1ms(field: &str, d: &Option<PbDuration>) -> Result<Option<Duration>, String> {
+    match (duration(field, d)?, d) {
+        (Some(v), Some(pb)) if v < Duration::from_millis(1) => Err(format!(
+            "{field}: must be at least 1ms, not {} (Envoy: duration gte 1ms)",
+            show_duration(pb)
+        )),
+        (v, _) => Ok(v),
+    }
+}
+
+/// A string annotated `(validate.rules).string = {min_len: 1}`.
+fn non_empty(field: &str, s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err(format!(
+            "{field}: must not be empty (Envoy: string min_len 1)"
+        ));
+    }
+    Ok(())
+}
+
+/// A `google.protobuf.UInt32Value` annotated `(validate.rules).uint32 = {gte: 1}`: a
+/// weight, at least 1 when set.
+fn weight(field: &str, w: &Option<UInt32Value>) -> Result<Option<u32>, String> {
+    match w {
+        Some(w) if w.value == 0 => Err(format!(
+            "{field}: must be at least 1, not 0 (Envoy: uint32 gte 1)"
+        )),
+        w => Ok(w.as_ref().map(|w| w.value)),
+    }
+}
+
+/// An integer annotated `(validate.rules).uint32 = {lte: max}`.
+fn at_most(field: &str, value: u32, max: u32) -> Result<u32, String> {
+    if value > max {
+        return Err(format!(
+            "{field}: {value} is above {max} (Envoy: uint32 lte {max})"
+        ));
+    }
+    Ok(value)
+}
+
+/// An `envoy.type.v3.Percent` (percent.proto: `double value` gte 0, lte 100).
+fn percent(field: &str, p: &Option<Percent>) -> Result<Option<f64>, String> {
+    let Some(p) = p else { return Ok(None) };
+    // NaN fails both bounds, as in the generated validator.
+    if !(0.0..=100.0).contains(&p.value) {
+        return Err(format!(
+            "{field}: {} is not within [0, 100] (Envoy: Percent double gte 0 lte 100)",
+            p.value
+        ));
+    }
+    Ok(Some(p.value))
+}
+
+/// An enum annotated `(validate.rules).enum = {defined_only: true}`.
+fn defined<E: TryFrom<i32>>(field: &str, value: i32) -> Result<E, String> {
+    E::try_from(value)
+        .map_err(|_| format!("{field}: {value} is not a defined value (Envoy: enum defined_only)"))
+}
+
+/// What a valid `core.v3.Address` is to strait: a TCP socket, or something else it
+/// does not dial or bind (with why).
+enum Addr {
+    Tcp(String, u16),
+    Other(String),
+}
+
+/// A `core.v3.Address` as address.proto constrains it: the `address` oneof is required;
+/// a `SocketAddress` has a defined `protocol`, a non-empty `address` (min_len 1) and a
+/// `port_specifier` (oneof required) whose `port_value` is at most 65535; a `Pipe` has a
+/// non-empty `path`; an `EnvoyInternalAddress` names its listener (oneof required).
+fn address(field: &str, a: &core::Address) -> Result<Addr, String> {
     use core::address::Address as A;
-    use core::socket_address::PortSpecifier;
-    match a.as_ref().and_then(|a| a.address.as_ref()) {
-        Some(A::SocketAddress(s)) => match s.port_specifier {
-            Some(PortSpecifier::PortValue(p)) if p <= u16::MAX as u32 => {
-                Ok((s.address.clone(), p as u16))
+    use core::socket_address::{PortSpecifier, Protocol};
+    match &a.address {
+        Some(A::SocketAddress(s)) => {
+            let protocol: Protocol =
+                defined(&format!("{field}.socket_address.protocol"), s.protocol)?;
+            non_empty(&format!("{field}.socket_address.address"), &s.address)?;
+            match &s.port_specifier {
+                Some(PortSpecifier::PortValue(p)) => {
+                    let port = at_most(&format!("{field}.socket_address.port_value"), *p, 65535)?;
+                    if protocol == Protocol::Udp {
+                        return Ok(Addr::Other(format!("{} is a UDP address", s.address)));
+                    }
+                    Ok(Addr::Tcp(s.address.clone(), port as u16))
+                }
+                Some(PortSpecifier::NamedPort(n)) => Ok(Addr::Other(format!(
+                    "{} has a named port ({n}), which only a custom resolver knows",
+                    s.address
+                ))),
+                None => Err(format!(
+                    "{field}.socket_address: port_value or named_port is required (Envoy: oneof port_specifier required)"
+                )),
             }
-            _ => Err(format!("address {} has no port number", s.address)),
+        }
+        Some(A::Pipe(p)) => {
+            non_empty(&format!("{field}.pipe.path"), &p.path)?;
+            Ok(Addr::Other(format!(
+                "a pipe ({}) is not a TCP address",
+                p.path
+            )))
+        }
+        Some(A::EnvoyInternalAddress(i)) => match &i.address_name_specifier {
+            Some(_) => Ok(Addr::Other("an Envoy internal address".to_string())),
+            None => Err(format!(
+                "{field}.envoy_internal_address: server_listener_name is required (Envoy: oneof address_name_specifier required)"
+            )),
         },
-        Some(A::Pipe(p)) => Err(format!("a pipe ({}) is not a TCP address", p.path)),
-        Some(A::EnvoyInternalAddress(_)) => Err("an Envoy internal address".to_string()),
-        None => Err("no address".to_string()),
+        None => Err(format!(
+            "{field}: socket_address, pipe or envoy_internal_address is required (Envoy: oneof address required)"
+        )),
     }
 }
 
@@ -164,10 +310,25 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
             },
         ))
     };
-    let (ip, port) = match socket_addr(&l.address) {
-        Ok(a) => a,
-        Err(why) => return not_served(format!("{why}: not a socket strait binds")),
+    // Envoy requires an address of every listener but an API or internal one (its listener
+    // manager: "address is necessary").
+    let Some(addr) = &l.address else {
+        if l.api_listener.is_some() || l.listener_specifier.is_some() {
+            return not_served("an API or internal listener: not a socket strait binds".into());
+        }
+        return Err(format!(
+            "listener {name}: address: is required of a listener that is neither an api_listener nor an internal_listener (Envoy: address is necessary)"
+        ));
     };
+    let (ip, port) = match address("address", addr) {
+        Ok(Addr::Tcp(ip, port)) => (ip, port),
+        Ok(Addr::Other(why)) => return not_served(format!("{why}: not a socket strait binds")),
+        Err(e) => return Err(format!("listener {name}: {e}")),
+    };
+    for (i, f) in l.listener_filters.iter().enumerate() {
+        non_empty(&format!("listener_filters[{i}].name"), &f.name)
+            .map_err(|e| format!("listener {name}: {e}"))?;
+    }
     let Ok(ip) = ip.parse::<IpAddr>() else {
         return Err(format!(
             "listener {name}: address {ip:?} is not an IP address"
@@ -203,13 +364,26 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
         if let Some(ts) = &fc.transport_socket {
             match mutual_tls(ts) {
                 Ok(san) => rbac.extend(san),
-                Err(why) => {
+                Err(rbac::RbacError::Invalid(e)) => {
+                    problems.push(format!("listener {name} {label}: {e}"));
+                    continue;
+                }
+                Err(rbac::RbacError::Unevaluable(why)) => {
                     out.skipped_chains.push(format!("{label}: {why}"));
                     continue;
                 }
             }
         }
         let m = fc.filter_chain_match.clone().unwrap_or_default();
+        if let Some(e) = fc
+            .filters
+            .iter()
+            .enumerate()
+            .find_map(|(j, f)| non_empty(&format!("filters[{j}].name"), &f.name).err())
+        {
+            problems.push(format!("listener {name} {label}: {e}"));
+            continue;
+        }
         let Some(last) = fc.filters.last() else {
             out.skipped_chains.push(format!("{label}: no filters"));
             continue;
@@ -274,29 +448,21 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
                 continue;
             }
         };
-        let weighted: Vec<(String, u32)> = match &proxy.cluster_specifier {
-            Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(c)) => vec![(c.clone(), 1)],
-            Some(tcp::tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => w
-                .clusters
-                .iter()
-                .filter(|c| c.weight > 0)
-                .map(|c| (c.name.clone(), c.weight))
-                .collect(),
-            None => {
-                problems.push(format!(
-                    "listener {name} {label}: tcp_proxy names no cluster"
-                ));
+        let ProxyRead {
+            clusters: weighted,
+            idle_timeout,
+            max_duration,
+        } = match tcp_proxy(&proxy) {
+            Ok(read) => read,
+            Err(e) => {
+                problems.push(format!("listener {name} {label}: tcp_proxy {e}"));
                 continue;
             }
         };
         let Some((cluster, _)) = weighted.iter().max_by_key(|(_, w)| *w).cloned() else {
-            problems.push(format!(
-                "listener {name} {label}: weighted_clusters with no weight"
-            ));
+            // `weighted_clusters` has at least one cluster, checked above.
             continue;
         };
-        let idle_timeout = duration(&proxy.idle_timeout);
-        let max_duration = duration(&proxy.max_downstream_connection_duration);
         // An ISTIO_MUTUAL server's names are its hosts (none for `*`); its one route is
         // the chain's cluster or weighted clusters.
         if terminates {
@@ -385,6 +551,61 @@ pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
     ))
 }
 
+/// Where a `tcp_proxy` sends connections (`(cluster, weight)`, one cluster weighing 1)
+/// and its timeouts, checked as tcp_proxy.proto constrains them: `stat_prefix` min_len 1;
+/// the `cluster_specifier` oneof required; `weighted_clusters.clusters` min_items 1, each
+/// `name` min_len 1 and `weight` gte 1; `max_downstream_connection_duration` gte 1ms.
+fn tcp_proxy(proxy: &tcp::TcpProxy) -> Result<ProxyRead, String> {
+    non_empty("stat_prefix", &proxy.stat_prefix)?;
+    let weighted = match &proxy.cluster_specifier {
+        Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(c)) => vec![(c.clone(), 1)],
+        Some(tcp::tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+            if w.clusters.is_empty() {
+                return Err(
+                    "weighted_clusters.clusters: must not be empty (Envoy: repeated min_items 1)"
+                        .into(),
+                );
+            }
+            let mut out = Vec::with_capacity(w.clusters.len());
+            for (i, c) in w.clusters.iter().enumerate() {
+                let field = format!("weighted_clusters.clusters[{i}]");
+                non_empty(&format!("{field}.name"), &c.name)?;
+                if c.weight == 0 {
+                    return Err(format!(
+                        "{field}.weight: must be at least 1, not 0 (Envoy: uint32 gte 1)"
+                    ));
+                }
+                out.push((c.name.clone(), c.weight));
+            }
+            out
+        }
+        None => {
+            return Err(
+                "cluster_specifier: cluster or weighted_clusters is required (Envoy: oneof cluster_specifier required)"
+                    .into(),
+            );
+        }
+    };
+    let idle_timeout = duration("idle_timeout", &proxy.idle_timeout)?;
+    let max_duration = duration_at_least_1ms(
+        "max_downstream_connection_duration",
+        &proxy.max_downstream_connection_duration,
+    )?;
+    Ok(ProxyRead {
+        clusters: weighted,
+        idle_timeout,
+        max_duration,
+    })
+}
+
+/// What strait takes from a `tcp_proxy`.
+struct ProxyRead {
+    /// `(cluster, weight)`, one cluster weighing 1.
+    clusters: Vec<(String, u32)>,
+    idle_timeout: Option<Duration>,
+    max_duration: Option<Duration>,
+}
+
 const TLS_SOCKET_TYPE: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 /// The SDS names of the workload certificate and the mesh root, which pilot-agent serves
@@ -397,21 +618,31 @@ const SDS_ROOT: &str = "ROOTCA";
 /// certificate required. SAN matchers (`server.tls.subjectAltNames`) come back as an
 /// ALLOW filter on the peer's URI SAN. Anything else (SIMPLE or MUTUAL with a
 /// `credentialName`, inline certificates) is an `Err` saying why it is not served.
-fn mutual_tls(ts: &core::TransportSocket) -> Result<Option<RbacFilter>, String> {
+fn mutual_tls(ts: &core::TransportSocket) -> Result<Option<RbacFilter>, rbac::RbacError> {
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+    use rbac::RbacError::{Invalid, Unevaluable};
     use tls::common_tls_context::ValidationContextType as V;
     let any = match &ts.config_type {
         Some(core::transport_socket::ConfigType::TypedConfig(a)) => a,
-        None => return Err(format!("transport socket {} without typed_config", ts.name)),
+        None => {
+            return Err(Unevaluable(format!(
+                "transport socket {} without typed_config",
+                ts.name
+            )));
+        }
     };
-    let ctx: tls::DownstreamTlsContext = decode(any, TLS_SOCKET_TYPE)
-        .map_err(|e| format!("terminates TLS with transport socket {}: {e}", ts.name))?;
+    let ctx: tls::DownstreamTlsContext = decode(any, TLS_SOCKET_TYPE).map_err(|e| {
+        Unevaluable(format!(
+            "terminates TLS with transport socket {}: {e}",
+            ts.name
+        ))
+    })?;
     if !ctx
         .require_client_certificate
         .as_ref()
         .is_some_and(|b| b.value)
     {
-        return Err("terminates TLS without requiring a client certificate (SIMPLE): only ISTIO_MUTUAL is served".into());
+        return Err(Unevaluable("terminates TLS without requiring a client certificate (SIMPLE): only ISTIO_MUTUAL is served".into()));
     }
     let common = ctx.common_tls_context.unwrap_or_default();
     let certs: Vec<&str> = common
@@ -420,14 +651,14 @@ fn mutual_tls(ts: &core::TransportSocket) -> Result<Option<RbacFilter>, String> 
         .map(|c| c.name.as_str())
         .collect();
     if !common.tls_certificates.is_empty() || certs != [SDS_CERTIFICATE] {
-        return Err(format!(
+        return Err(Unevaluable(format!(
             "terminates TLS with certificate {}: only ISTIO_MUTUAL (SDS {SDS_CERTIFICATE:?}, the gateway's own SVID) is served",
             if certs.is_empty() {
                 "given inline".to_string()
             } else {
                 format!("{certs:?} from SDS")
             }
-        ));
+        )));
     }
     let (defaults, root) = match &common.validation_context_type {
         Some(V::CombinedValidationContext(c)) => (
@@ -440,29 +671,46 @@ fn mutual_tls(ts: &core::TransportSocket) -> Result<Option<RbacFilter>, String> 
         _ => (None, None),
     };
     if root.as_deref() != Some(SDS_ROOT) {
-        return Err(format!(
+        return Err(Unevaluable(format!(
             "verifies clients against {}: only ISTIO_MUTUAL (SDS {SDS_ROOT:?}, the mesh root) is served",
             root.map_or("no SDS root".to_string(), |r| format!("SDS {r:?}"))
-        ));
+        )));
     }
     let defaults = defaults.unwrap_or_default();
     let mut sans = Vec::new();
+    // A matcher Envoy rejects (string.proto) is a NACK; a valid one strait cannot
+    // evaluate leaves the chain out.
+    let invalid = |field: String| move |e: String| Invalid(format!("{field}: {e}"));
     #[allow(deprecated)]
-    for m in &defaults.match_subject_alt_names {
-        sans.push(rbac::string_match(m).map_err(|e| format!("subject alt name matcher: {e}"))?);
+    for (i, m) in defaults.match_subject_alt_names.iter().enumerate() {
+        sans.push(rbac::string_match(m).map_err(invalid(format!("match_subject_alt_names[{i}]")))?);
     }
-    for m in &defaults.match_typed_subject_alt_names {
+    // common.proto: a SubjectAltNameMatcher's `san_type` is defined and not
+    // SAN_TYPE_UNSPECIFIED, its `matcher` required.
+    for (i, m) in defaults.match_typed_subject_alt_names.iter().enumerate() {
         use tls::subject_alt_name_matcher::SanType;
-        if SanType::try_from(m.san_type) != Ok(SanType::Uri) {
-            return Err(format!(
-                "matches client SANs of type {}: only URI SANs (SPIFFE IDs) are known to this gateway",
-                SanType::try_from(m.san_type).map_or("unknown", |t| t.as_str_name())
-            ));
+        let field = format!("match_typed_subject_alt_names[{i}]");
+        match SanType::try_from(m.san_type) {
+            Ok(SanType::Uri) => {}
+            Ok(SanType::Unspecified) | Err(_) => {
+                return Err(Invalid(format!(
+                    "{field}.san_type: {} is not a defined SAN type other than SAN_TYPE_UNSPECIFIED (Envoy: enum defined_only, not_in 0)",
+                    m.san_type
+                )));
+            }
+            Ok(other) => {
+                return Err(Unevaluable(format!(
+                    "matches client SANs of type {}: only URI SANs (SPIFFE IDs) are known to this gateway",
+                    other.as_str_name()
+                )));
+            }
         }
         let Some(value) = &m.matcher else {
-            return Err("a subject alt name matcher without a value".into());
+            return Err(Invalid(format!(
+                "{field}.matcher: is required (Envoy: message required)"
+            )));
         };
-        sans.push(rbac::string_match(value).map_err(|e| format!("subject alt name matcher: {e}"))?);
+        sans.push(rbac::string_match(value).map_err(invalid(format!("{field}.matcher")))?);
     }
     if sans.is_empty() {
         return Ok(None);
@@ -505,29 +753,32 @@ pub fn cluster(any: &Any) -> Result<(String, Read<XCluster>), String> {
     let c: cds::Cluster = decode(any, CLUSTER)?;
     let name = c.name.clone();
     if name.is_empty() {
-        return Err("a cluster without a name".into());
+        return Err("a cluster: name: must not be empty (Envoy: string min_len 1)".into());
     }
+    let value = read_cluster(&c).map_err(|e| format!("cluster {name}: {e}"))?;
+    Ok((
+        name,
+        Read {
+            value,
+            problems: Vec::new(),
+        },
+    ))
+}
+
+/// A cluster's fields, checked as cluster.proto, circuit_breaker.proto and
+/// outlier_detection.proto constrain them; the error names the field.
+fn read_cluster(c: &cds::Cluster) -> Result<XCluster, String> {
     use cds::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy as Lb};
     let kind = match &c.cluster_discovery_type {
-        Some(ClusterDiscoveryType::Type(t)) => DiscoveryType::try_from(*t).ok(),
+        Some(ClusterDiscoveryType::Type(t)) => defined::<DiscoveryType>("type", *t)?,
         Some(ClusterDiscoveryType::ClusterType(ct)) => {
-            return Err(format!(
-                "cluster {name}: custom cluster type {} is not supported",
-                ct.name
-            ));
+            return Err(format!("custom cluster type {} is not supported", ct.name));
         }
-        None => Some(DiscoveryType::Static),
+        None => DiscoveryType::Static,
     };
-    let mut notes = filters_not_run(&c);
-    let connect_timeout = match duration(&c.connect_timeout) {
-        Some(d) if d.is_zero() => {
-            return Err(format!(
-                "cluster {name}: connect_timeout must be greater than 0s"
-            ));
-        }
-        Some(d) => d,
-        None => Duration::from_secs(5), // Envoy's default
-    };
+    let mut notes = filters_not_run(c);
+    let connect_timeout =
+        positive_duration("connect_timeout", &c.connect_timeout)?.unwrap_or(Duration::from_secs(5)); // Envoy's default
     let lb = match Lb::try_from(c.lb_policy) {
         Ok(Lb::LeastRequest) => LbPolicy::LeastRequest,
         Ok(Lb::RoundRobin) => LbPolicy::RoundRobin,
@@ -542,38 +793,57 @@ pub fn cluster(any: &Any) -> Result<(String, Read<XCluster>), String> {
             LbPolicy::LeastRequest
         }
     };
-    let max_connections = c
-        .circuit_breakers
-        .as_ref()
-        .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
-        .and_then(|t| t.max_connections.as_ref())
-        .map(|v| v.value)
-        .filter(|v| *v != u32::MAX);
-    let panic = c
-        .common_lb_config
-        .as_ref()
-        .and_then(|l| l.healthy_panic_threshold.as_ref())
-        .map(|p| p.value.clamp(0.0, 100.0) as u32);
-    let outlier = c.outlier_detection.as_ref().map(|o| {
-        let d = OutlierDetection::default();
-        OutlierDetection {
-            consecutive_errors: o
-                .consecutive_5xx
-                .as_ref()
-                .map(|v| v.value)
-                .or_else(|| o.consecutive_gateway_failure.as_ref().map(|v| v.value))
-                .unwrap_or(d.consecutive_errors),
-            interval: duration(&o.interval).unwrap_or(d.interval),
-            base_ejection_time: duration(&o.base_ejection_time).unwrap_or(d.base_ejection_time),
-            max_ejection_percent: o
-                .max_ejection_percent
-                .as_ref()
-                .map(|v| v.value)
-                .unwrap_or(d.max_ejection_percent),
-            // Envoy's healthy panic threshold defaults to 50 %.
-            min_health_percent: panic.unwrap_or(50),
+    let mut max_connections = None;
+    if let Some(cb) = &c.circuit_breakers {
+        for (i, t) in cb.thresholds.iter().enumerate() {
+            defined::<core::RoutingPriority>(
+                &format!("circuit_breakers.thresholds[{i}].priority"),
+                t.priority,
+            )?;
         }
-    });
+        // The first thresholds of the DEFAULT priority count, as in Envoy.
+        max_connections = cb
+            .thresholds
+            .iter()
+            .find(|t| t.priority == core::RoutingPriority::Default as i32)
+            .and_then(|t| t.max_connections.as_ref())
+            .map(|v| v.value)
+            .filter(|v| *v != u32::MAX);
+    }
+    let panic = match &c.common_lb_config {
+        Some(l) => percent(
+            "common_lb_config.healthy_panic_threshold",
+            &l.healthy_panic_threshold,
+        )?,
+        None => None,
+    };
+    let outlier = match &c.outlier_detection {
+        Some(o) => {
+            let d = OutlierDetection::default();
+            let field = |f: &str| format!("outlier_detection.{f}");
+            Some(OutlierDetection {
+                consecutive_errors: o
+                    .consecutive_5xx
+                    .as_ref()
+                    .map(|v| v.value)
+                    .or_else(|| o.consecutive_gateway_failure.as_ref().map(|v| v.value))
+                    .unwrap_or(d.consecutive_errors),
+                interval: positive_duration(&field("interval"), &o.interval)?.unwrap_or(d.interval),
+                base_ejection_time: positive_duration(
+                    &field("base_ejection_time"),
+                    &o.base_ejection_time,
+                )?
+                .unwrap_or(d.base_ejection_time),
+                max_ejection_percent: match &o.max_ejection_percent {
+                    Some(v) => at_most(&field("max_ejection_percent"), v.value, 100)?,
+                    None => d.max_ejection_percent,
+                },
+                // Envoy truncates the threshold to a whole percent; it defaults to 50 %.
+                min_health_percent: panic.map_or(50, |p| p as u32),
+            })
+        }
+        None => None,
+    };
     use cds::cluster::common_lb_config::LocalityConfigSpecifier;
     let locality_weighted = c.common_lb_config.as_ref().is_some_and(|l| {
         matches!(
@@ -588,59 +858,51 @@ pub fn cluster(any: &Any) -> Result<(String, Read<XCluster>), String> {
         outlier,
         ..TrafficPolicy::default()
     };
+    // An inline load_assignment is validated as an EDS one, whatever the type.
+    let inline = match &c.load_assignment {
+        Some(cla) => {
+            let dns = matches!(kind, DiscoveryType::StrictDns | DiscoveryType::LogicalDns);
+            Some(read_endpoints(cla, dns).map_err(|e| format!("load_assignment.{e}"))?)
+        }
+        None => None,
+    };
     let (eds_name, inline, resolution) = match kind {
-        Some(DiscoveryType::Eds) => {
+        DiscoveryType::Eds => {
             let service = c
                 .eds_cluster_config
                 .as_ref()
                 .map(|e| e.service_name.clone())
                 .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| name.clone());
+                .unwrap_or_else(|| c.name.clone());
             (Some(service), Vec::new(), Resolution::Static)
         }
-        Some(
-            t @ (DiscoveryType::StrictDns | DiscoveryType::LogicalDns | DiscoveryType::Static),
-        ) => {
-            let dns = t != DiscoveryType::Static;
-            let cla = c.load_assignment.clone().unwrap_or_default();
-            let read = read_endpoints(&cla, dns);
+        DiscoveryType::StrictDns | DiscoveryType::LogicalDns | DiscoveryType::Static => {
+            let read = inline.unwrap_or_default();
             if read.left_out > 0 {
                 notes.push(format!(
                     "{} inline endpoints not dialled (unhealthy or not an address)",
                     read.left_out
                 ));
             }
-            let resolution = if dns {
-                Resolution::Dns
-            } else {
+            let resolution = if kind == DiscoveryType::Static {
                 Resolution::Static
+            } else {
+                Resolution::Dns
             };
             (None, read.endpoints, resolution)
         }
-        Some(DiscoveryType::OriginalDst) | None => {
-            return Err(format!(
-                "cluster {name}: discovery type {} cannot be served by a gateway",
-                c.cluster_discovery_type
-                    .as_ref()
-                    .map(|t| format!("{t:?}"))
-                    .unwrap_or_default()
-            ));
+        DiscoveryType::OriginalDst => {
+            return Err("discovery type ORIGINAL_DST cannot be served by a gateway".into());
         }
     };
-    Ok((
-        name,
-        Read {
-            value: XCluster {
-                eds_name,
-                inline,
-                resolution,
-                policy,
-                locality_weighted,
-                notes,
-            },
-            problems: Vec::new(),
-        },
-    ))
+    Ok(XCluster {
+        eds_name,
+        inline,
+        resolution,
+        policy,
+        locality_weighted,
+        notes,
+    })
 }
 
 /// Upstream network filters (`Cluster.filters`) are acknowledged and not run: istiod
@@ -658,20 +920,37 @@ fn filters_not_run(c: &cds::Cluster) -> Vec<String> {
 pub fn endpoints(any: &Any) -> Result<(String, Read<XEndpoints>), String> {
     let cla: eds::ClusterLoadAssignment = decode(any, ENDPOINTS)?;
     if cla.cluster_name.is_empty() {
-        return Err("a ClusterLoadAssignment without cluster_name".into());
+        return Err(
+            "a ClusterLoadAssignment: cluster_name: must not be empty (Envoy: string min_len 1)"
+                .into(),
+        );
     }
+    let value = read_endpoints(&cla, false)
+        .map_err(|e| format!("ClusterLoadAssignment {}: {e}", cla.cluster_name))?;
     Ok((
         cla.cluster_name.clone(),
         Read {
-            value: read_endpoints(&cla, false),
+            value,
             problems: Vec::new(),
         },
     ))
 }
 
-fn read_endpoints(cla: &eds::ClusterLoadAssignment, dns: bool) -> XEndpoints {
+/// The endpoints of a ClusterLoadAssignment, checked as endpoint.proto and
+/// endpoint_components.proto constrain them: `cluster_name` min_len 1; a locality's
+/// `load_balancing_weight` gte 1 and `priority` lte 128; an endpoint's
+/// `load_balancing_weight` gte 1 and its address (see [`address`]), an IP address unless
+/// the cluster resolves names (Envoy: "malformed IP address"). The error names the field.
+fn read_endpoints(cla: &eds::ClusterLoadAssignment, dns: bool) -> Result<XEndpoints, String> {
+    non_empty("cluster_name", &cla.cluster_name)?;
     let mut out = XEndpoints::default();
-    for group in &cla.endpoints {
+    for (g, group) in cla.endpoints.iter().enumerate() {
+        let at = format!("endpoints[{g}]");
+        let locality_weight = weight(
+            &format!("{at}.load_balancing_weight"),
+            &group.load_balancing_weight,
+        )?;
+        at_most(&format!("{at}.priority"), group.priority, 128)?;
         let locality = group
             .locality
             .as_ref()
@@ -681,31 +960,41 @@ fn read_endpoints(cla: &eds::ClusterLoadAssignment, dns: bool) -> XEndpoints {
                 subzone: l.sub_zone.clone(),
             })
             .unwrap_or_default();
-        for lb in &group.lb_endpoints {
+        for (e, lb) in group.lb_endpoints.iter().enumerate() {
+            let at = format!("{at}.lb_endpoints[{e}]");
+            let endpoint_weight = weight(
+                &format!("{at}.load_balancing_weight"),
+                &lb.load_balancing_weight,
+            )?;
+            let target = match &lb.host_identifier {
+                Some(eds::lb_endpoint::HostIdentifier::Endpoint(ep)) => match &ep.address {
+                    Some(a) => match address(&format!("{at}.endpoint.address"), a)? {
+                        Addr::Tcp(host, port) => Some((host, port)),
+                        Addr::Other(_) => None,
+                    },
+                    None => None,
+                },
+                _ => None,
+            };
+            let Some((host, port)) = target else {
+                out.left_out += 1;
+                continue;
+            };
+            let address = match host.parse::<IpAddr>() {
+                Ok(ip) => EndpointAddress::Ip(ip),
+                Err(_) if dns => EndpointAddress::Hostname(host.to_ascii_lowercase()),
+                Err(_) => {
+                    return Err(format!(
+                        "{at}.endpoint.address.socket_address.address: {host:?} is not an IP address (Envoy: malformed IP address)"
+                    ));
+                }
+            };
             // UNKNOWN (0) and HEALTHY (1) take traffic; UNHEALTHY, DRAINING, TIMEOUT and
             // DEGRADED are left to the connections they already carry.
             if lb.health_status > 1 {
                 out.left_out += 1;
                 continue;
             }
-            let Some(eds::lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
-                out.left_out += 1;
-                continue;
-            };
-            let Ok((host, port)) = socket_addr(&ep.address) else {
-                out.left_out += 1;
-                continue;
-            };
-            let address = match host.parse::<IpAddr>() {
-                Ok(ip) => EndpointAddress::Ip(ip),
-                Err(_) if dns && !host.is_empty() => {
-                    EndpointAddress::Hostname(host.to_ascii_lowercase())
-                }
-                Err(_) => {
-                    out.left_out += 1;
-                    continue;
-                }
-            };
             let tls_mode = lb
                 .metadata
                 .as_ref()
@@ -726,19 +1015,15 @@ fn read_endpoints(cla: &eds::ClusterLoadAssignment, dns: bool) -> XEndpoints {
                 labels,
                 locality: locality.clone(),
                 network: String::new(),
-                weight: lb
-                    .load_balancing_weight
-                    .as_ref()
-                    .map(|w| w.value)
-                    .unwrap_or(1)
-                    .max(1),
+                weight: endpoint_weight.unwrap_or(1),
                 service_account: None,
                 priority: Some(group.priority),
-                locality_weight: Some(group.load_balancing_weight.as_ref().map_or(0, |w| w.value)),
+                // Unset: the locality takes no load where locality weights apply.
+                locality_weight: Some(locality_weight.unwrap_or(0)),
             });
         }
     }
-    out
+    Ok(out)
 }
 
 /// Resources held, by name.
@@ -1105,3 +1390,6 @@ fn service(key: &ServiceKey, routes: &[Route], held: &Held) -> ServicePort {
         default_route,
     }
 }
+
+#[cfg(test)]
+mod tests;
