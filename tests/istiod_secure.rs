@@ -480,3 +480,202 @@ fn a_token_gone_bad_after_ready_keeps_the_last_configuration_serving() {
             .unwrap_or_else(|e| panic!("no recovery with a good token: {e}\n{}", logs(&istiod)));
     });
 }
+
+/// A sidecar (Envoy) in front of a sidecar-less app, as network2 has it: mTLS required,
+/// the client's SPIFFE ID matched exactly, then plain TCP to the app.
+fn envoy_sidecar(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    app: SocketAddr,
+    certs: &Path,
+    client_id: &str,
+) -> serde_json::Value {
+    let file = |f: &str| serde_json::json!({"filename": certs.join(f).display().to_string()});
+    let addr = |a: SocketAddr| serde_json::json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}});
+    serde_json::json!({
+        "admin": {"address": addr(admin)},
+        "static_resources": {
+            "listeners": [{
+                "name": "inbound",
+                "address": addr(listen),
+                "filter_chains": [{
+                    "filters": [{"name": "tcp", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": "inbound", "cluster": "app"}}],
+                    "transport_socket": {"name": "tls", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                        "require_client_certificate": true,
+                        "common_tls_context": {
+                            "alpn_protocols": ["istio-peer-exchange", "istio"],
+                            "tls_certificates": [{"certificate_chain": file("cert-chain.pem"), "private_key": file("key.pem")}],
+                            "validation_context": {
+                                "trusted_ca": file("root-cert.pem"),
+                                "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": client_id}}]
+                            }
+                        }
+                    }}
+                }]
+            }],
+            "clusters": [{
+                "name": "app", "type": "STATIC", "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr(app)}}]}]}
+            }]
+        }
+    })
+}
+
+/// A Bridge whose SVID comes from the real istiod's CA (`certificates.ca` on 15012 with
+/// the bridge's token) crosses to network2, where an Envoy sidecar that requires a client
+/// certificate from the mesh root and the bridge's exact SPIFFE ID fronts the app; the
+/// bridge in turn verifies the sidecar's identity.
+#[test]
+fn a_bridge_crosses_networks_on_a_certificate_from_istiods_ca() {
+    if harness_bin().is_none() || !common::istiod::peers_present() {
+        return;
+    }
+    let lab = Lab::new("bridge");
+    lab.run(|| async {
+        let dir = TempDir::new("bridge");
+        let issuer = TokenIssuer::start(dir.path()).await;
+        let istiod = istiod_with_tokens(&issuer, &[]).await;
+        let bridge_id = "spiffe://cluster.local/ns/default/sa/bridge";
+        let app_id = "spiffe://cluster.local/ns/default/sa/reviews";
+        let _app = common::named_server_at("reviews-app", "10.0.0.61:7070".parse().unwrap()).await;
+        let sidecar_certs =
+            common::mesh_cert(&istiod.ca_dir(), app_id, &dir.path().join("sidecar"));
+        let sidecar = SocketAddr::from(([10, 0, 0, 60], 15443));
+        let admin = SocketAddr::from(([10, 0, 0, 60], 15000));
+        let envoy = common::xds::Envoy::launch(
+            &envoy_sidecar(
+                sidecar,
+                admin,
+                "10.0.0.61:7070".parse().unwrap(),
+                &sidecar_certs,
+                bridge_id,
+            ),
+            admin,
+            common::xds::EnvoyOptions {
+                delta: true,
+                listener: sidecar,
+            },
+            None,
+        )
+        .await
+        .expect("envoy (checked by peers_present)");
+
+        let token = write(
+            &dir,
+            "istio-token",
+            &issuer.token("default", "bridge", AUDIENCE, 3600),
+        );
+        let root = istiod.ca_dir().join("root-cert.pem");
+        let spoke = lab.spoke("bridge");
+        let config = format!(
+            "apiVersion: strait.dev/v1alpha1
+kind: Bootstrap
+metadata: {{name: bridge}}
+spec:
+  status: 0.0.0.0:15021
+  metrics: 0.0.0.0:15090
+  admin: 0.0.0.0:15000
+  cluster: cluster1
+  network: network1
+  meshNetworks:
+    networks:
+      network2:
+        gateways: [{{address: {gw_ip}, port: {gw_port}}}]
+  certificates:
+    ca:
+      address: {ISTIOD_IP}:{SECURE_XDS_PORT}
+      serverName: {ISTIOD_NAME}
+      rootCert: {root}
+      token: {token}
+      clusterId: cluster1
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [reviews.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  ports: [{{number: 9080, name: tcp}}]
+  resolution: STATIC
+  endpoints:
+  - address: 10.255.0.7
+    network: network2
+    labels: {{security.istio.io/tlsMode: istio}}
+---
+apiVersion: strait.dev/v1alpha1
+kind: Bridge
+metadata: {{name: reviews}}
+spec:
+  listen: 0.0.0.0:9080
+  host: reviews.default.svc.cluster.local
+  port: 9080
+  identity: {app_id}
+",
+            gw_ip = sidecar.ip(),
+            gw_port = sidecar.port(),
+            root = root.display(),
+            token = token.display(),
+        );
+        let ports = Ports {
+            gateway: 9080,
+            status: 15021,
+            metrics: 15090,
+            admin: 15000,
+        };
+        let strait = Strait::launch_in_at(
+            &spoke.ns,
+            IpAddr::V4(spoke.ip),
+            ports,
+            &config,
+            Path::new(common::strait_bin()),
+            &[("POD_NAMESPACE", "default"), ("SERVICE_ACCOUNT", "bridge")],
+        );
+        let logs = || {
+            format!(
+                "--- strait\n{}\n--- envoy\n{}\n--- istiod\n{}",
+                strait.stderr_text(),
+                envoy.log(),
+                istiod.log()
+            )
+        };
+        assert!(
+            spoke.ns.run(|| strait.eventually(WAIT, || common::http_get(
+                strait.status,
+                "/healthz/ready"
+            )
+            .is_ok_and(|(code, _)| code == 200))),
+            "the bridge never became ready\n{}",
+            logs()
+        );
+        // A plaintext app in network1 calls the bridge; the sidecar's app answers.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut app = tokio::net::TcpStream::connect(SocketAddr::from((spoke.ip, 9080)))
+            .await
+            .unwrap();
+        app.write_all(b"hello\n").await.unwrap();
+        let mut answer = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), app.read(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("no answer through the bridge\n{}", logs()))
+            .unwrap();
+        assert_eq!(&answer[..n], b"reviews-app\n", "{}", logs());
+        // The bridge logs a connection when it ends.
+        drop(app);
+        // Envoy accepted the bridge's certificate (its SAN matcher names the bridge),
+        // and the bridge logged the sidecar's verified identity.
+        let handshakes = envoy
+            .wait_stat("listener.10.0.0.60_15443.ssl.handshake", WAIT, |v| v >= 1)
+            .await;
+        assert!(handshakes.is_some_and(|v| v >= 1), "{}", logs());
+        assert!(
+            strait
+                .wait_log(WAIT, |l| l["peer_identity"] == app_id)
+                .is_some(),
+            "the bridge did not log the sidecar's identity: {:?}",
+            strait.access_log()
+        );
+    });
+}
