@@ -46,7 +46,9 @@ mod ports {
     /// Next candidate offset, and the lock files held (never closed before exit).
     static STATE: Mutex<(usize, Vec<File>)> = Mutex::new((0, Vec::new()));
 
-    /// Ports outside the ephemeral range, above 10000 (below it sit well-known services).
+    /// Ports outside the ephemeral range, above 10000 (below it sit well-known services),
+    /// and outside Istio's 15000–15099 and 15443, which `strait demo` and the Istio peers
+    /// of other tests bind as they are, without asking here.
     fn candidates() -> Vec<u16> {
         let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
             .unwrap_or_else(|_| "32768 60999".into());
@@ -56,6 +58,7 @@ mod ports {
         let (lo, hi) = (it.next().unwrap_or(32768), it.next().unwrap_or(60999));
         (10_000u32..=65_535)
             .filter(|p| *p < lo || *p > hi)
+            .filter(|p| !(15_000..=15_099).contains(p) && *p != 15_443)
             .map(|p| p as u16)
             .collect()
     }
