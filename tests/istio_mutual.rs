@@ -289,8 +289,18 @@ async fn openssl_mtls(
     alpn: &str,
     line: &str,
 ) -> (String, String) {
+    openssl_mtls_with(gw, certs, &format!("-alpn {alpn}"), line).await
+}
+
+/// [`openssl_mtls`] with other `s_client` options.
+async fn openssl_mtls_with(
+    gw: std::net::SocketAddr,
+    certs: &Path,
+    options: &str,
+    line: &str,
+) -> (String, String) {
     let script = format!(
-        "(echo {line}; sleep 1) | timeout 10 openssl s_client -no_ign_eof -connect {gw} -servername outbound_.9080_._.{ECHO} -alpn {alpn} -cert {c}/cert-chain.pem -cert_chain {c}/cert-chain.pem -key {c}/key.pem -CAfile {c}/root-cert.pem -verify_return_error",
+        "(echo {line}; sleep 1) | timeout 10 openssl s_client -no_ign_eof -connect {gw} -servername outbound_.9080_._.{ECHO} {options} -cert {c}/cert-chain.pem -cert_chain {c}/cert-chain.pem -key {c}/key.pem -CAfile {c}/root-cert.pem -verify_return_error",
         c = certs.display()
     );
     let out = tokio::task::spawn_blocking(move || {
@@ -690,4 +700,77 @@ async fn a_weighted_tcp_route_splits_connections_by_weight_and_weight_zero_gets_
     };
     assert_eq!(picks("a.default.svc.cluster.local"), to(b'a') as f64);
     assert_eq!(picks("b.default.svc.cluster.local"), to(b'b') as f64);
+}
+
+/// The group `openssl s_client` reports the key exchange used (`Server Temp Key:`),
+/// or `None` when no handshake completed.
+fn temp_key(out: &str) -> Option<String> {
+    out.lines()
+        .find_map(|l| l.strip_prefix("Server Temp Key: "))
+        .map(|k| k.split(',').map(str::trim).collect::<Vec<_>>().join(" "))
+}
+
+/// Key exchange as Envoy's terminating server offers it, shown beside a real Envoy with
+/// the same certificate and its default TLS parameters: a client whose first key share
+/// is P-384 (rustls' own clients now send that first) gets the group Envoy asks it for
+/// instead, with a HelloRetryRequest, and a client offering P-384 alone is refused by
+/// both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_exchange_groups_are_the_ones_envoy_offers() {
+    let s = setup();
+    let (echo, _task) = plaintext_echo().await;
+    let ports = Ports::new();
+    let gw = Strait::start(ports, &config(&ports, &s.gw_certs, echo.port(), ""));
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let Some(envoy) = xds::Envoy::launch(
+        &xds::mtls_envoy_bootstrap(listen, admin, echo, &s.gw_certs, None),
+        admin,
+        xds::EnvoyOptions {
+            delta: true,
+            listener: listen,
+        },
+        None,
+    )
+    .await
+    else {
+        return;
+    };
+    let client = s.sleep("groups");
+    for groups in ["P-384:X25519", "P-384:P-256", "X25519", "P-256", "P-384"] {
+        let mut seen = Vec::new();
+        for (who, addr) in [("strait", gw.gateway), ("envoy", listen)] {
+            let (out, err) = openssl_mtls_with(
+                addr,
+                &client,
+                &format!("-alpn istio -groups {groups}"),
+                "ping",
+            )
+            .await;
+            let group = temp_key(&out);
+            if who == "strait" {
+                // Through strait the line also comes back: the handshake is the real one.
+                assert_eq!(
+                    group.is_some(),
+                    out.contains("\nping"),
+                    "{groups}: a handshake must carry the line\n{out}\n{err}"
+                );
+            }
+            seen.push((who, group));
+        }
+        assert_eq!(
+            seen[0].1,
+            seen[1].1,
+            "groups {groups}: strait and Envoy differ: {seen:?}\n{}",
+            envoy.log()
+        );
+        if groups == "P-384" {
+            assert_eq!(seen[0].1, None, "P-384 alone was accepted: {seen:?}");
+        } else {
+            assert!(
+                seen[0].1.as_deref().is_some_and(|g| !g.contains("384")),
+                "groups {groups}: {seen:?}"
+            );
+        }
+    }
 }

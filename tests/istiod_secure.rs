@@ -481,49 +481,6 @@ fn a_token_gone_bad_after_ready_keeps_the_last_configuration_serving() {
     });
 }
 
-/// A sidecar (Envoy) in front of a sidecar-less app, as network2 has it: mTLS required,
-/// the client's SPIFFE ID matched exactly, then plain TCP to the app.
-fn envoy_sidecar(
-    listen: SocketAddr,
-    admin: SocketAddr,
-    app: SocketAddr,
-    certs: &Path,
-    client_id: &str,
-) -> serde_json::Value {
-    let file = |f: &str| serde_json::json!({"filename": certs.join(f).display().to_string()});
-    let addr = |a: SocketAddr| serde_json::json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}});
-    serde_json::json!({
-        "admin": {"address": addr(admin)},
-        "static_resources": {
-            "listeners": [{
-                "name": "inbound",
-                "address": addr(listen),
-                "filter_chains": [{
-                    "filters": [{"name": "tcp", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                        "stat_prefix": "inbound", "cluster": "app"}}],
-                    "transport_socket": {"name": "tls", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                        "require_client_certificate": true,
-                        "common_tls_context": {
-                            "alpn_protocols": ["istio-peer-exchange", "istio"],
-                            "tls_certificates": [{"certificate_chain": file("cert-chain.pem"), "private_key": file("key.pem")}],
-                            "validation_context": {
-                                "trusted_ca": file("root-cert.pem"),
-                                "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": client_id}}]
-                            }
-                        }
-                    }}
-                }]
-            }],
-            "clusters": [{
-                "name": "app", "type": "STATIC", "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr(app)}}]}]}
-            }]
-        }
-    })
-}
-
 /// A Bridge whose SVID comes from the real istiod's CA (`certificates.ca` on 15012 with
 /// the bridge's token) crosses to network2, where an Envoy sidecar that requires a client
 /// certificate from the mesh root and the bridge's exact SPIFFE ID fronts the app; the
@@ -546,12 +503,14 @@ fn a_bridge_crosses_networks_on_a_certificate_from_istiods_ca() {
         let sidecar = SocketAddr::from(([10, 0, 0, 60], 15443));
         let admin = SocketAddr::from(([10, 0, 0, 60], 15000));
         let envoy = common::xds::Envoy::launch(
-            &envoy_sidecar(
+            // A sidecar in front of the app, as network2 has it: mTLS with the bridge's
+            // exact SPIFFE ID required, then plain TCP to the app.
+            &common::xds::mtls_envoy_bootstrap(
                 sidecar,
                 admin,
                 "10.0.0.61:7070".parse().unwrap(),
                 &sidecar_certs,
-                bridge_id,
+                Some(bridge_id),
             ),
             admin,
             common::xds::EnvoyOptions {

@@ -224,7 +224,7 @@ pub fn server_config_with(
     alpn: &[&[u8]],
     client_auth: ClientAuth,
 ) -> Result<Arc<rustls::ServerConfig>, CertError> {
-    let provider = provider();
+    let provider = server_provider();
     let mut verifier = SpiffeClientVerifier::new(id, trust, &provider)?;
     verifier.mandatory = client_auth == ClientAuth::Required;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -261,6 +261,18 @@ pub fn client_config(
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The key exchanges a terminating server offers: X25519, then P-256, as Envoy's
+/// server does by default. A client whose first key share is for another group it also
+/// supports (P-384, which costs several times X25519) is asked again, with a
+/// HelloRetryRequest, for X25519; a client offering P-384 alone is refused, by Envoy too.
+fn server_provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::kx_group::{SECP256R1, X25519};
+    Arc::new(CryptoProvider {
+        kx_groups: vec![X25519, SECP256R1],
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 /// Trust anchors per trust domain: the mesh's (shared by its aliases) and each

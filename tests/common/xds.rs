@@ -2659,3 +2659,51 @@ pub async fn http11_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String
     }
     Ok((status, String::from_utf8_lossy(&decoded).into_owned()))
 }
+
+/// A static Envoy that terminates mTLS as a sidecar or an ISTIO_MUTUAL gateway does: the
+/// certificate in `certs` (Istio's file layout), a client certificate from its root
+/// required (with exactly the SPIFFE ID `client_id`, when given), ALPN `istio`, Envoy's
+/// default TLS parameters otherwise, then plain TCP to `app`.
+pub fn mtls_envoy_bootstrap(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    app: SocketAddr,
+    certs: &Path,
+    client_id: Option<&str>,
+) -> serde_json::Value {
+    let file = |f: &str| serde_json::json!({"filename": certs.join(f).display().to_string()});
+    let addr = |a: SocketAddr| serde_json::json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}});
+    let mut validation = serde_json::json!({"trusted_ca": file("root-cert.pem")});
+    if let Some(id) = client_id {
+        validation["match_typed_subject_alt_names"] =
+            serde_json::json!([{"san_type": "URI", "matcher": {"exact": id}}]);
+    }
+    serde_json::json!({
+        "admin": {"address": addr(admin)},
+        "static_resources": {
+            "listeners": [{
+                "name": "inbound",
+                "address": addr(listen),
+                "filter_chains": [{
+                    "filters": [{"name": "tcp", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": "inbound", "cluster": "app"}}],
+                    "transport_socket": {"name": "tls", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                        "require_client_certificate": true,
+                        "common_tls_context": {
+                            "alpn_protocols": ["istio-peer-exchange", "istio"],
+                            "tls_certificates": [{"certificate_chain": file("cert-chain.pem"), "private_key": file("key.pem")}],
+                            "validation_context": validation
+
+                        }
+                    }}
+                }]
+            }],
+            "clusters": [{
+                "name": "app", "type": "STATIC", "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr(app)}}]}]}
+            }]
+        }
+    })
+}
