@@ -228,15 +228,7 @@ fn a_pods_path_token_tls_and_the_gateway_certificate_from_istiods_ca() {
                 istiod.log()
             )
         };
-        assert!(
-            spoke.ns.run(|| strait.eventually(WAIT, || common::http_get(
-                strait.status,
-                "/healthz/ready"
-            )
-            .is_ok_and(|(code, _)| code == 200))),
-            "never ready\n{}",
-            logs()
-        );
+        strait.wait_ready(WAIT);
         let entry = istiod
             .wait_synced(&format!("{POD}.istio-system"), WAIT)
             .await
@@ -600,15 +592,7 @@ spec:
                 istiod.log()
             )
         };
-        assert!(
-            spoke.ns.run(|| strait.eventually(WAIT, || common::http_get(
-                strait.status,
-                "/healthz/ready"
-            )
-            .is_ok_and(|(code, _)| code == 200))),
-            "the bridge never became ready\n{}",
-            logs()
-        );
+        strait.wait_ready(WAIT);
         // A plaintext app in network1 calls the bridge; the sidecar's app answers.
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut app = tokio::net::TcpStream::connect(SocketAddr::from((spoke.ip, 9080)))
