@@ -506,8 +506,25 @@ impl L4Route {
     /// A destination, at random by weight (Envoy's `weighted_clusters`, per connection).
     pub fn pick(&self) -> Option<&Destination> {
         let weights = self.destinations.iter().map(|d| d.weight as u64);
-        crate::upstream::weighted_index(weights).and_then(|i| self.destinations.get(i))
+        weighted_index(weights).and_then(|i| self.destinations.get(i))
     }
+}
+
+/// An index at random, in proportion to its weight; `None` when every weight is 0. Shared
+/// by a route's weighted destinations and the upstream balancers.
+pub(crate) fn weighted_index(weights: impl Iterator<Item = u64> + Clone) -> Option<usize> {
+    let total: u64 = weights.clone().sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = fastrand::u64(0..total);
+    for (i, w) in weights.enumerate() {
+        if r < w {
+            return Some(i);
+        }
+        r -= w;
+    }
+    None
 }
 
 /// A Gateway server host pattern, after dropping any `namespace/` prefix.

@@ -3,7 +3,7 @@
 
 use super::locality::Plan;
 use super::{Cluster, Cursor, Purpose, outlier};
-use crate::model::LbPolicy;
+use crate::model::{LbPolicy, weighted_index};
 
 /// Outcome of a pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,22 +308,6 @@ fn weight(cluster: &Cluster, i: usize) -> u64 {
 fn weighted_random(cluster: &Cluster, pool: &[usize]) -> usize {
     weighted_index(pool.iter().map(|&i| weight(cluster, i)))
         .map_or(pool[pool.len() - 1], |k| pool[k])
-}
-
-/// An index at random, in proportion to its weight; `None` when every weight is 0.
-pub(crate) fn weighted_index(weights: impl Iterator<Item = u64> + Clone) -> Option<usize> {
-    let total: u64 = weights.clone().sum();
-    if total == 0 {
-        return None;
-    }
-    let mut r = fastrand::u64(0..total);
-    for (i, w) in weights.enumerate() {
-        if r < w {
-            return Some(i);
-        }
-        r -= w;
-    }
-    None
 }
 
 /// Power of two choices on active connections, weighted: the lower `active / weight` wins.

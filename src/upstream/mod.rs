@@ -24,7 +24,6 @@ use crate::model::{
 };
 
 pub use balancer::Pick;
-pub(crate) use balancer::weighted_index;
 pub use dns::DEFAULT_DNS_TTL;
 
 /// Milliseconds since the process started: a cheap monotonic clock for atomics.
