@@ -15,10 +15,10 @@ use super::{LiveGuard, OpenGuard, Shared};
 use crate::authz::{RbacConn, check_rbac};
 use crate::model::{ServerTlsMode, Settings};
 use crate::route::{self, RouteMiss};
-use crate::telemetry::{Accepted, ConnectionResult, IstioLabels, ResponseFlag};
+use crate::telemetry::{Accepted, ConnectionResult, FirstByte, IstioLabels, ResponseFlag};
 use crate::upstream::{
     self, ActiveGuard, AttemptFailure, Cluster, ClusterSlot, ConnectError, ConnectObserver,
-    Connected, FirstByte, Purpose,
+    Connected, Purpose,
 };
 
 /// Upstream connect attempts per connection, each to a distinct endpoint.

@@ -13,7 +13,6 @@ use prometheus::{
 };
 
 use crate::model::ServicePort;
-use crate::upstream::FirstByte;
 
 /// Istio's label set for the `istio_tcp_*` metrics, in the order Istio's stats filter
 /// emits them (`istio/proxy` `istio_stats.cc`, ztunnel's `CommonTrafficLabels`).
@@ -76,6 +75,32 @@ pub struct Metrics {
     /// Serialises rebuilding the per-endpoint series with gathering them, so a scrape
     /// never sees a counter half-rebuilt.
     endpoint_refresh: Mutex<()>,
+}
+
+/// How the wait for an endpoint's first byte, after the replayed ClientHello, ended, as
+/// `upstream::connect` reports it: kept beside the histogram it labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstByte {
+    /// The endpoint answered.
+    Answered,
+    /// It closed or reset without answering: a failed attempt, retried elsewhere.
+    Closed,
+    /// The connect timeout passed in silence: slow, not broken, so the connection goes
+    /// on to the copy all the same.
+    Timeout,
+}
+
+impl FirstByte {
+    pub const ALL: [FirstByte; 3] = [FirstByte::Answered, FirstByte::Closed, FirstByte::Timeout];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            FirstByte::Answered => "answered",
+            FirstByte::Closed => "closed",
+            FirstByte::Timeout => "timeout",
+        }
+    }
 }
 
 /// `strait_upstream_first_byte_seconds`, one handle per outcome, resolved once so a

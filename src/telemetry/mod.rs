@@ -7,7 +7,7 @@ mod result;
 
 pub use access_log::AccessLog;
 pub use metrics::{
-    EndpointSample, GatewayIdentity, IstioLabels, Metrics, RouteCounters, RouteMetrics,
+    EndpointSample, FirstByte, GatewayIdentity, IstioLabels, Metrics, RouteCounters, RouteMetrics,
 };
 pub use result::{Accepted, ConnectionResult, ResponseFlag};
 

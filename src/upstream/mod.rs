@@ -22,6 +22,7 @@ use crate::model::{
     Changed, DefaultRoute, Endpoint, EndpointAddress, Locality, ServiceKey, ServicePort, Settings,
     TrafficPolicy,
 };
+use crate::telemetry::{FirstByte, RouteMetrics};
 
 pub use balancer::Pick;
 pub use dns::DEFAULT_DNS_TTL;
@@ -207,7 +208,7 @@ pub struct Cluster {
     plan: OnceLock<(Locality, locality::Plan)>,
     active: AtomicU32,
     /// The route's metric series for passthrough connections, looked up on first use.
-    pub passthrough_metrics: OnceLock<Arc<crate::telemetry::RouteMetrics>>,
+    pub passthrough_metrics: OnceLock<Arc<RouteMetrics>>,
 }
 
 /// Which endpoints may be picked.
@@ -540,31 +541,6 @@ pub struct Connected {
     pub member: usize,
     pub addr: SocketAddr,
     pub guard: ActiveGuard,
-}
-
-/// How the wait for an endpoint's first byte, after the replayed ClientHello, ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FirstByte {
-    /// The endpoint answered.
-    Answered,
-    /// It closed or reset without answering: a failed attempt, retried elsewhere.
-    Closed,
-    /// The connect timeout passed in silence: slow, not broken, so the connection goes
-    /// on to the copy all the same.
-    Timeout,
-}
-
-impl FirstByte {
-    pub const ALL: [FirstByte; 3] = [FirstByte::Answered, FirstByte::Closed, FirstByte::Timeout];
-
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            FirstByte::Answered => "answered",
-            FirstByte::Closed => "closed",
-            FirstByte::Timeout => "timeout",
-        }
-    }
 }
 
 /// Hooks for the caller to observe each attempt (metrics), kept out of this module.
