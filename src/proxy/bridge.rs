@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::copy::{ByteCounters, CopyOutcome, copy_streams, copy_tcp};
-use super::passthrough::{MAX_CONNECT_ATTEMPTS, MetricsObserver, copy_limits, record_copy};
+use super::upstream_leg::{MAX_CONNECT_ATTEMPTS, MetricsObserver, copy_limits, record_copy};
 use super::{Runtime, Shared};
 use crate::model::{BridgeSpec, Endpoint, NetworkGateway, ServiceKey, Settings, UpstreamTls};
 use crate::route::sni::build_subset_key;

@@ -7,6 +7,7 @@ mod listener;
 mod mutual;
 mod passthrough;
 mod rewind;
+mod upstream_leg;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

@@ -11,8 +11,8 @@ use tokio::net::TcpStream;
 
 use super::copy::{ByteCounters, copy_streams};
 use super::hello::{Alert, refuse_with_alert};
-use super::passthrough::{copy_limits, open_upstream, record_copy};
 use super::rewind::Rewind;
+use super::upstream_leg::{copy_limits, open_upstream, record_copy};
 use super::{Runtime, Shared};
 use crate::authz::{Peer, RbacConn, authorize, check_rbac};
 use crate::model::{RbacFilter, ServicePort, UpstreamTls};

@@ -9,20 +9,15 @@ use std::task::{Context, Poll, ready};
 
 use tokio::net::TcpStream;
 
-use super::copy::{ByteCounters, CopyEnd, CopyLimits, CopyOutcome, CopyTcp, copy_tcp};
+use super::copy::{ByteCounters, CopyTcp, copy_tcp};
 use super::hello::{Alert, HelloError, Offer, read_client_hello, refuse_with_alert};
+use super::upstream_leg::{Opened, copy_limits, open_upstream, record_copy};
 use super::{LiveGuard, OpenGuard, Shared};
 use crate::authz::{RbacConn, check_rbac};
-use crate::model::{ServerTlsMode, Settings};
+use crate::model::ServerTlsMode;
 use crate::route::{self, RouteMiss};
-use crate::telemetry::{Accepted, ConnectionResult, FirstByte, IstioLabels, ResponseFlag};
-use crate::upstream::{
-    self, ActiveGuard, AttemptFailure, Cluster, ClusterSlot, ConnectError, ConnectObserver,
-    Connected, Purpose,
-};
-
-/// Upstream connect attempts per connection, each to a distinct endpoint.
-pub(crate) const MAX_CONNECT_ATTEMPTS: usize = 3;
+use crate::telemetry::{Accepted, ConnectionResult, IstioLabels, ResponseFlag};
+use crate::upstream::{ActiveGuard, ClusterSlot, Connected, Purpose};
 
 /// What keeps a connection counted: live for the drain, open for `maxConnections`.
 /// Moves with the connection into its copy task.
@@ -257,106 +252,6 @@ impl<F: Future<Output = ()>> Future for Splice<F> {
     }
 }
 
-/// Limits for the copy: the cluster's policy over the Bootstrap defaults.
-pub(super) fn copy_limits(cluster: &Cluster, settings: &Settings) -> CopyLimits {
-    CopyLimits {
-        idle_timeout: cluster.idle_timeout(settings.idle_timeout),
-        max_duration: cluster.max_connection_duration(),
-    }
-}
-
-/// Adds the copy's bytes and end to the connection's result.
-pub(super) fn record_copy(result: &mut ConnectionResult, outcome: &CopyOutcome) {
-    result.received += outcome.to_upstream;
-    result.sent += outcome.to_downstream;
-    match outcome.end {
-        CopyEnd::Closed | CopyEnd::Error | CopyEnd::Drained => {}
-        CopyEnd::IdleTimeout => result.refuse(ResponseFlag::IdleTimeout, "idle_timeout"),
-        CopyEnd::DurationTimeout => {
-            result.refuse(ResponseFlag::DurationTimeout, "max_connection_duration")
-        }
-    }
-}
-
-/// An upstream connection, holding its place in the cluster's connection budget.
-pub(super) struct Opened {
-    pub connected: Connected,
-    _slot: ClusterSlot,
-}
-
-impl std::ops::Deref for Opened {
-    type Target = Connected;
-    fn deref(&self) -> &Connected {
-        &self.connected
-    }
-}
-
-/// Admits the connection to the cluster and connects to one of its endpoints, writing
-/// `replay` (the ClientHello) first when given. On failure, records the refusal and
-/// returns the TLS alert the client should get.
-pub(super) async fn open_upstream(
-    shared: &Shared,
-    settings: &Settings,
-    cluster: &Arc<Cluster>,
-    purpose: Purpose,
-    replay: Option<&[u8]>,
-    result: &mut ConnectionResult,
-) -> Result<Opened, Alert> {
-    let Some(slot) = cluster.admit() else {
-        result.refuse(ResponseFlag::UpstreamOverflow, "cluster_max_connections");
-        tracing::info!(peer = %result.downstream, service = %cluster.service.host, "refused UO: connectionPool.tcp.maxConnections reached");
-        return Err(Alert::InternalError);
-    };
-    let connect_timeout = cluster.connect_timeout(settings.connect_timeout);
-    let observer = MetricsObserver(shared);
-    // With a replay, connected means the endpoint answered the replayed ClientHello, so
-    // one that accepts and then resets is a failed attempt and the next one is tried.
-    let connected = upstream::connect(
-        cluster,
-        purpose,
-        settings,
-        connect_timeout,
-        MAX_CONNECT_ATTEMPTS,
-        &observer,
-        replay,
-    )
-    .await;
-    match connected {
-        Ok(c) => {
-            result.upstream = Some(c.addr);
-            Ok(Opened {
-                connected: c,
-                _slot: slot,
-            })
-        }
-        Err(e) => {
-            let (flag, reason, alert) = match &e {
-                ConnectError::NoHealthyEndpoint => (
-                    ResponseFlag::NoHealthyUpstream,
-                    "no_healthy_endpoint",
-                    Alert::HandshakeFailure,
-                ),
-                ConnectError::AllFailed { .. } => (
-                    ResponseFlag::UpstreamConnectFailure,
-                    "connect_failed",
-                    Alert::InternalError,
-                ),
-            };
-            result.refuse(flag, reason);
-            result.detail = Some(e.to_string());
-            tracing::info!(
-                peer = %result.downstream,
-                sni = result.sni.as_deref().unwrap_or("-"),
-                service = %cluster.service.host,
-                subset = cluster.subset.as_deref().unwrap_or("-"),
-                error = %e,
-                "refused: {}", flag.as_str()
-            );
-            Err(alert)
-        }
-    }
-}
-
 async fn refuse_no_route(stream: &mut TcpStream, result: &mut ConnectionResult, miss: &RouteMiss) {
     result.refuse(ResponseFlag::NoRoute, miss.reason());
     result.detail = Some(miss.to_string());
@@ -367,39 +262,4 @@ async fn refuse_no_route(stream: &mut TcpStream, result: &mut ConnectionResult, 
         "refused NR: {miss}"
     );
     refuse_with_alert(stream, Some(Alert::UnrecognizedName)).await;
-}
-
-/// Feeds connect attempts into the metrics.
-pub(crate) struct MetricsObserver<'a>(pub(crate) &'a Shared);
-
-impl ConnectObserver for MetricsObserver<'_> {
-    fn attempt(&self) {
-        self.0.telemetry.metrics.upstream_connect_attempts.inc();
-    }
-
-    fn failure(&self, kind: AttemptFailure, _took: std::time::Duration) {
-        self.0
-            .telemetry
-            .metrics
-            .upstream_connect_failures
-            .with_label_values(&[kind.reason()])
-            .inc();
-    }
-
-    fn success(&self, took: std::time::Duration) {
-        self.0
-            .telemetry
-            .metrics
-            .upstream_connect_seconds
-            .observe(took.as_secs_f64());
-    }
-
-    fn first_byte(&self, outcome: FirstByte, waited: std::time::Duration) {
-        self.0
-            .telemetry
-            .metrics
-            .upstream_first_byte_seconds
-            .get(outcome)
-            .observe(waited.as_secs_f64());
-    }
 }
