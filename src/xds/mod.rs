@@ -8,6 +8,7 @@
 //! and installs the result like any reload, so the data path does not know where its
 //! configuration came from. [`Status`] is what readiness, metrics and `config_dump` show.
 
+mod any;
 mod client;
 pub mod connect;
 pub mod rbac;

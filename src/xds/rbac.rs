@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::extensions::filters::network::rbac::v3 as network;
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::Any;
 
-use super::translate::decode;
+use super::any::decode;
 use crate::model::{
     Cidr, RbacAction, RbacFilter, RbacPermission, RbacPolicy, RbacPrincipal, StringMatch,
     StringMatchKind,

@@ -22,8 +22,8 @@ use envoy_types::pb::envoy::config::listener::v3 as lds;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
 use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value, value::Kind};
-use prost::Message;
 
+use super::any::decode;
 use super::rbac;
 use crate::model::{
     DefaultRoute, Destination, Endpoint, EndpointAddress, HostMatch, HostSet, L4Route, LbPolicy,
@@ -119,13 +119,6 @@ pub struct XEndpoints {
 pub struct Read<T> {
     pub value: T,
     pub problems: Vec<String>,
-}
-
-pub(super) fn decode<M: Message + Default>(any: &Any, want: &str) -> Result<M, String> {
-    if any.type_url != want {
-        return Err(format!("type {} where {want} was expected", any.type_url));
-    }
-    M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode: {e}"))
 }
 
 // ---- Envoy's validation of the fields read here

@@ -9,6 +9,7 @@ use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, ListenerFilter,
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+use prost::Message;
 
 fn any<M: Message>(type_url: &str, m: &M) -> Any {
     Any {
