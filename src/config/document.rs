@@ -9,6 +9,7 @@ use super::istio::{
 use super::strait::{self, BootstrapDoc, BridgeDoc};
 use super::yaml::{Node, Value};
 
+// The kind readers import `Meta` back from this envelope: simpler than a module for one struct.
 /// Name, namespace and position (of `kind`) of one document.
 #[derive(Debug, Clone)]
 pub(crate) struct Meta {
