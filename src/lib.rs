@@ -1,23 +1,25 @@
 //! strait: an east-west gateway for multi-network service meshes.
 //!
-//! A connection's life, in the order of the modules: `config` turns Istio YAML into a
-//! `model::Snapshot`; `proxy` accepts it, `tls` inspects its ClientHello, `route` finds
-//! the service, subset and endpoints, `upstream` picks and dials one, `proxy::copy`
-//! splices the bytes, and `telemetry` records what happened. `admin` serves status,
-//! metrics and the admin API; `ca` issues mesh certificates.
+//! A connection's life: `config` (Istio YAML) or `xds` (istiod) builds a
+//! `model::Snapshot`; `proxy` accepts the connection, `tls` inspects its ClientHello,
+//! `route` finds the service, subset and endpoints, `policy` admits or denies it,
+//! `upstream` picks and dials an endpoint, `proxy::copy` splices the bytes, and
+//! `telemetry` records what happened.
+//!
+//! The modules stand on floors, and each imports only from the floors below its own:
+//! `model` is the ground; `tls`, `route` and `telemetry` stand on it; then `config`,
+//! `policy` and `upstream`; then `xds`; then `proxy`; then `admin` (status, metrics, the
+//! admin API and `strait route`'s explanation) and `identity` (the mesh CA and the
+//! gateway's own SVID); and `cli` (`strait run`, `strait demo`) on top, under `main`.
 
 pub mod admin;
-pub mod app;
-pub mod authz;
-pub mod ca;
+pub mod cli;
 pub mod config;
-pub mod demo;
-pub mod explain;
-pub mod handover;
+pub mod identity;
 pub mod model;
+pub mod policy;
 pub mod proxy;
 pub mod route;
-pub mod svid;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use strait::app::{self, Source};
+use strait::cli::app::{self, Source};
 use strait::config;
 use strait::tls::spiffe::SpiffeId;
 
@@ -157,7 +157,7 @@ fn dispatch(command: Command) -> Result<ExitCode, String> {
             alpn,
             ..
         } => {
-            let (routes, text) = strait::explain::ask_running(admin, &sni, &alpn)
+            let (routes, text) = strait::admin::explain::ask_running(admin, &sni, &alpn)
                 .map_err(|e| format!("cannot ask the gateway on {admin}: {e}"))?;
             print!("{text}");
             Ok(if routes {
@@ -175,7 +175,7 @@ fn dispatch(command: Command) -> Result<ExitCode, String> {
                 .filter(|s| !s.is_empty())
                 .map(str::to_string)
                 .collect();
-            let report = strait::explain::explain(&loaded.snapshot, &sni, &alpn);
+            let report = strait::admin::explain::explain(&loaded.snapshot, &sni, &alpn);
             print!("{}", report.text);
             Ok(if report.routes {
                 ExitCode::SUCCESS
@@ -192,7 +192,8 @@ fn dispatch(command: Command) -> Result<ExitCode, String> {
                 },
         } => {
             let valid_for = duration(&valid_for, "--valid-for")?;
-            strait::ca::init_ca(&trust_domain, &out, valid_for).map_err(|e| e.to_string())?;
+            strait::identity::ca::init_ca(&trust_domain, &out, valid_for)
+                .map_err(|e| e.to_string())?;
             println!(
                 "mesh CA for trust domain {trust_domain} written to {}",
                 out.display()
@@ -210,7 +211,8 @@ fn dispatch(command: Command) -> Result<ExitCode, String> {
         } => {
             let valid_for = duration(&valid_for, "--valid-for")?;
             let id = SpiffeId::parse(&id).map_err(|e| format!("--id {id:?}: {e}"))?;
-            strait::ca::issue_svid(&ca, &id, &out, valid_for).map_err(|e| e.to_string())?;
+            strait::identity::ca::issue_svid(&ca, &id, &out, valid_for)
+                .map_err(|e| e.to_string())?;
             println!("SVID for {id} written to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -220,13 +222,13 @@ fn dispatch(command: Command) -> Result<ExitCode, String> {
             metrics_port,
             admin_port,
         } => {
-            let ports = strait::demo::DemoPorts {
+            let ports = strait::cli::demo::DemoPorts {
                 gateway: port,
                 status: status_port,
                 metrics: metrics_port,
                 admin: admin_port,
             };
-            strait::demo::run(ports).map_err(|e| e.to_string())?;
+            strait::cli::demo::run(ports).map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
     }

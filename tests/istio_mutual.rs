@@ -197,7 +197,7 @@ async fn mesh_clients_pass_and_every_bad_certificate_is_refused_with_its_reason(
 
     let expired_dir = s.dir.path().join("expired");
     let now = SystemTime::now();
-    strait::ca::issue_svid_with_validity(
+    strait::identity::ca::issue_svid_with_validity(
         &s.mesh_ca,
         &strait::tls::SpiffeId::parse("spiffe://cluster.local/ns/foo/sa/sleep").unwrap(),
         &expired_dir,

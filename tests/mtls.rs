@@ -1,5 +1,5 @@
 //! The mesh CA and SPIFFE mTLS over real loopback sockets: certificates made by
-//! `strait::ca`, checked by openssl, and rustls configurations from `strait::tls`
+//! `strait::identity::ca`, checked by openssl, and rustls configurations from `strait::tls`
 //! accepting and refusing peers the way an ISTIO_MUTUAL gateway and a bridge must.
 
 use std::collections::BTreeMap;
@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use strait::ca;
+use strait::identity::ca;
 use strait::tls::{
     Identity, Refusal, SpiffeId, TrustConfig, classify_handshake_error, client_config,
     handshake_error_detail, load_identity, load_trust_bundle, peer_spiffe_id, server_config,

@@ -6,6 +6,7 @@
 //! header read time.
 
 mod dump;
+pub mod explain;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -226,8 +227,7 @@ fn route(query: &str, shared: &Shared) -> Response<Full<Bytes>> {
         );
     };
     let runtime = shared.runtime.load();
-    let report =
-        crate::explain::explain_running(&runtime.snapshot, &sni, &alpn, dump::clusters(shared));
+    let report = explain::explain_running(&runtime.snapshot, &sni, &alpn, dump::clusters(shared));
     let status = if report.routes {
         StatusCode::OK
     } else {

@@ -18,7 +18,7 @@
 //! reset; with `tcp_migrate_req=1` the kernel migrates even those. The drain
 //! ([`super::Gateway::shutdown`]) keeps accepting for a short overlap before it stops,
 //! so a replacement started together with the signal has time to bind. A restart that
-//! must not lose even that hands the socket itself over instead (`crate::handover`).
+//! must not lose even that hands the socket itself over instead (`super::handover`).
 
 use std::io;
 use std::net::SocketAddr;

@@ -2,6 +2,7 @@
 
 mod bridge;
 pub mod copy;
+pub mod handover;
 pub mod hello;
 mod listener;
 mod mutual;
@@ -20,11 +21,11 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::handover::Inherited;
 use crate::model::{BridgeSpec, Changed, ServiceKey, Snapshot};
 use crate::telemetry::Telemetry;
 use crate::tls::material::TlsMaterial;
 use crate::upstream::{Cluster, StateRegistry};
+use handover::Inherited;
 
 pub use listener::{BindError, bind_reuseport};
 

@@ -298,7 +298,7 @@ pub(super) fn string_match(m: &StringMatcher) -> Result<StringMatch, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authz::{RbacConn, check_rbac};
+    use crate::policy::authz::{RbacConn, check_rbac};
     use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
     use prost::Name;
     use rbac::{permission::Rule, principal::Identifier};
@@ -402,7 +402,7 @@ mod tests {
         ] {
             assert_eq!(
                 check_rbac(&filters, &c),
-                Err(crate::authz::Denied::NotAllowed("tcp.".into()))
+                Err(crate::policy::authz::Denied::NotAllowed("tcp.".into()))
             );
         }
         // The regex is anchored at both ends, as Envoy's safe_regex.
@@ -429,7 +429,7 @@ mod tests {
         let deny = filter(&filter_of(rbac::rbac::Action::Deny, policy.clone())).unwrap();
         assert_eq!(
             check_rbac(std::slice::from_ref(&deny), &banned),
-            Err(crate::authz::Denied::ByDenyPolicy(
+            Err(crate::policy::authz::Denied::ByDenyPolicy(
                 "ns[istio-system]-policy[p]-rule[0]".into()
             ))
         );

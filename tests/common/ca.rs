@@ -20,8 +20,10 @@ use rcgen::{
 use tonic::codegen::http;
 use tonic::{Request, Response, Status};
 
-// The messages are strait's own (`strait::svid`): one definition of Istio's CA API.
-use strait::svid::{CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse};
+// The messages are strait's own (`strait::identity::svid`): one definition of Istio's CA API.
+use strait::identity::svid::{
+    CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse,
+};
 
 /// How the fake CA answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

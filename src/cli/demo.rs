@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
-use crate::app::{self, RunError, Source};
+use crate::cli::app::{self, RunError, Source};
 use crate::tls::certs::load_identity;
 use crate::tls::spiffe::SpiffeId;
 
@@ -75,7 +75,7 @@ pub fn run(ports: DemoPorts) -> Result<(), DemoError> {
     let setup = |e: &dyn std::fmt::Display| DemoError::Setup(e.to_string());
     let _ = std::fs::remove_dir_all(&dir);
     let ca_dir = dir.join("ca");
-    crate::ca::init_ca("cluster.local", &ca_dir, Duration::from_secs(24 * 3600))
+    crate::identity::ca::init_ca("cluster.local", &ca_dir, Duration::from_secs(24 * 3600))
         .map_err(|e| setup(&e))?;
     let rt = app::runtime(None)?;
     let result = rt.block_on(async {
@@ -84,7 +84,7 @@ pub fn run(ports: DemoPorts) -> Result<(), DemoError> {
             let id = SpiffeId::parse(&format!("spiffe://cluster.local/ns/default/sa/{}", w.sa))
                 .map_err(|e| setup(&e))?;
             let out = dir.join(w.name);
-            crate::ca::issue_svid(&ca_dir, &id, &out, Duration::from_secs(24 * 3600))
+            crate::identity::ca::issue_svid(&ca_dir, &id, &out, Duration::from_secs(24 * 3600))
                 .map_err(|e| setup(&e))?;
             let addr = start_workload(w.name, &out).await.map_err(|e| setup(&e))?;
             workload_ports.push(addr.port());

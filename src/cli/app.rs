@@ -8,8 +8,8 @@ use tokio::sync::mpsc;
 
 use crate::admin::{self, Role};
 use crate::config::{self, ConfigError, Loaded};
-use crate::handover::{self, Inherited};
 use crate::model::{CertSource, Changed, Snapshot};
+use crate::proxy::handover::{self, Inherited};
 use crate::proxy::{BindError, Gateway, Shared};
 use crate::telemetry::{AccessLog, GatewayIdentity, Telemetry};
 use crate::tls::material;
@@ -162,8 +162,8 @@ pub async fn run(
         install_tls(&shared, &snapshot)?;
     }
     if let CertSource::MeshCa(ca) = &settings.cert_source {
-        let failures = crate::svid::failures_metric(shared.telemetry.metrics.registry());
-        tokio::spawn(crate::svid::run(
+        let failures = crate::identity::svid::failures_metric(shared.telemetry.metrics.registry());
+        tokio::spawn(crate::identity::svid::run(
             shared.clone(),
             ca.clone(),
             failures,
