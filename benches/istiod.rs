@@ -46,11 +46,12 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::istiod::{
@@ -59,6 +60,10 @@ use common::istiod::{
 };
 use common::xds::{Envoy, envoy_bin};
 use common::{Strait, TempDir};
+use support::{
+    alive, cpu_secs, env_usize, loadavg, median, on_path, pin_self_to, pinned_wrapper,
+    proc_status_kib, settled_rss, strait_bin,
+};
 
 /// The CPU the proxies run on; this process and istiod take the other one.
 const PROXY_CPU: usize = 0;
@@ -240,25 +245,6 @@ struct Binaries {
     _dir: TempDir,
 }
 
-/// `#!/bin/sh` + `exec taskset -c PROXY_CPU <real> "$@"`: run through `ip netns exec`,
-/// which execs too, the process keeps one PID from `spawn` to the proxy itself.
-fn pinned_wrapper(dir: &TempDir, name: &str, real: &Path) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let quoted = real.display().to_string().replace('\'', r"'\''");
-    let path = dir.write(
-        name,
-        &format!("#!/bin/sh\nexec taskset -c {PROXY_CPU} '{quoted}' \"$@\"\n"),
-    );
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
-    path
-}
-
-fn strait_bin() -> PathBuf {
-    std::env::var_os("STRAIT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(common::strait_bin()))
-}
-
 async fn start(kind: Kind, spoke: &Spoke, agent: &PilotAgent, bins: &Binaries) -> Proxy {
     match kind {
         Kind::Strait => {
@@ -293,56 +279,11 @@ async fn start(kind: Kind, spoke: &Spoke, agent: &PilotAgent, bins: &Binaries) -
 // ---------------------------------------------------------------------------------------
 // /proc
 
-fn proc_status_kib(pid: u32, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// user + system CPU of the whole process, seconds.
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    Some(ticks as f64 / hz as f64)
-}
-
 fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .unwrap_or_default()
         .trim()
         .to_string()
-}
-
-/// Running (not exited, not a zombie).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rfind(')').and_then(|i| s[i + 2..].chars().next()))
-        .is_some_and(|state| state != 'Z' && state != 'X')
-}
-
-/// VmRSS once it stops moving: sampled every 250 ms until two samples in a row are
-/// within 1 % (at most `within`).
-async fn settled_rss(pid: u32, within: Duration) -> Option<f64> {
-    let deadline = Instant::now() + within;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut last = proc_status_kib(pid, "VmRSS:")?;
-    let mut steady = 0;
-    while Instant::now() < deadline && steady < 2 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let now = proc_status_kib(pid, "VmRSS:")?;
-        if (now - last).abs() <= last * 0.01 {
-            steady += 1;
-        } else {
-            steady = 0;
-        }
-        last = now;
-    }
-    Some(last)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -744,51 +685,6 @@ impl Cells {
     }
 }
 
-fn median(v: &[f64]) -> Option<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(v[n / 2]),
-        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join(name))
-            .any(|p| p.is_file())
-    })
-}
-
-fn pin_self_to(cpu: usize) {
-    // SAFETY: `set` is a plain bitmask on our stack, initialised by CPU_ZERO before use;
-    // sched_setaffinity only reads it. Pid 0 is the calling thread, and threads and
-    // processes started after this (the runtime's, istiod) inherit the mask.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!("note: cannot pin the bench to CPU {cpu}");
-        }
-    }
-}
-
 struct Setup {
     services: usize,
     updates: usize,
@@ -1074,12 +970,12 @@ fn main() {
     // `STRAIT_TEST_ENVOY` names.
     let dir = TempDir::new("istiod-bench");
     let real_envoy = envoy_bin().expect("checked by peers_present");
-    let envoy = pinned_wrapper(&dir, "envoy", &real_envoy);
+    let envoy = pinned_wrapper(&dir, "envoy", &real_envoy, PROXY_CPU);
     // SAFETY: no other thread exists yet (no runtime, no helpers started).
     unsafe { std::env::set_var("STRAIT_TEST_ENVOY", &envoy) };
     let real_strait = strait_bin();
     let bins = Binaries {
-        strait: pinned_wrapper(&dir, "strait", &real_strait),
+        strait: pinned_wrapper(&dir, "strait", &real_strait, PROXY_CPU),
         _dir: dir,
     };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -51,11 +51,11 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -66,6 +66,10 @@ use common::xds::{
 use common::{Ports, TempDir};
 use envoy_types::pb::envoy::config::core::v3::HealthStatus;
 use envoy_types::pb::google::protobuf::Any;
+use support::{
+    alive, cpu_secs, env_usize, loadavg, median, on_path, pin_self_to, pinned_wrapper,
+    proc_status_kib, settled_rss, strait_bin,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -243,12 +247,6 @@ impl Proxy {
     }
 }
 
-fn strait_bin() -> PathBuf {
-    std::env::var_os("STRAIT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(common::strait_bin()))
-}
-
 async fn start_strait(istiod: &FakeIstiod, ports: Ports, delta: bool, timeout: Duration) -> Proxy {
     let dir = TempDir::new("xds-bench");
     let config = ports.bootstrap(&format!(
@@ -298,39 +296,8 @@ async fn start_envoy(istiod: &FakeIstiod, opts: EnvoyOptions) -> Proxy {
     }
 }
 
-/// `taskset -c 0 <envoy>` as an executable for `STRAIT_TEST_ENVOY`: `Envoy::start` runs
-/// what that names, and `exec` keeps the PID, so the PID it reports is Envoy's.
-fn pinned_envoy_wrapper(dir: &TempDir, envoy: &Path) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let quoted = envoy.display().to_string().replace('\'', r"'\''");
-    let path = dir.write(
-        "envoy",
-        &format!("#!/bin/sh\nexec taskset -c {PROXY_CPU} '{quoted}' \"$@\"\n"),
-    );
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-        .expect("chmod envoy wrapper");
-    path
-}
-
 // ---------------------------------------------------------------------------------------
 // /proc
-
-fn proc_status_kib(pid: u32, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// user + system CPU of the whole process (exited threads included), seconds.
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    Some(ticks as f64 / hz as f64)
-}
 
 /// Nanoseconds of CPU on the process's live threads, from the scheduler's accounting.
 fn cpu_ns(pid: u32) -> Option<u64> {
@@ -341,34 +308,6 @@ fn cpu_ns(pid: u32) -> Option<u64> {
         total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
     }
     Some(total)
-}
-
-/// Running (not exited, not a zombie).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rfind(')').and_then(|i| s[i + 2..].chars().next()))
-        .is_some_and(|state| state != 'Z' && state != 'X')
-}
-
-/// VmRSS once it stops moving: sampled every 250 ms until two samples in a row are
-/// within 1 % (at most `within`).
-async fn settled_rss(pid: u32, within: Duration) -> Option<f64> {
-    let deadline = Instant::now() + within;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut last = proc_status_kib(pid, "VmRSS:")?;
-    let mut steady = 0;
-    while Instant::now() < deadline && steady < 2 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let now = proc_status_kib(pid, "VmRSS:")?;
-        if (now - last).abs() <= last * 0.01 {
-            steady += 1;
-        } else {
-            steady = 0;
-        }
-        last = now;
-    }
-    Some(last)
 }
 
 /// Waits until the proxy has run for no more than 0.1 ms in any 2 ms sample over 25 ms
@@ -783,16 +722,6 @@ impl Cells {
     }
 }
 
-fn median(v: &[f64]) -> Option<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(v[n / 2]),
-        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
-}
-
 struct Row {
     id: String,
     label: String,
@@ -804,41 +733,6 @@ fn row(id: &str, label: String, unit: &'static str) -> Row {
         id: id.to_string(),
         label,
         unit,
-    }
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join(name))
-            .any(|p| p.is_file())
-    })
-}
-
-fn pin_self_to(cpu: usize) {
-    // SAFETY: `set` is a plain bitmask on our stack, initialised by CPU_ZERO before use;
-    // sched_setaffinity only reads it. Pid 0 is the calling thread, and threads started
-    // after this (the runtime's, tonic's) inherit the mask.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!("note: cannot pin the bench to CPU {cpu}");
-        }
     }
 }
 
@@ -882,7 +776,7 @@ fn main() {
     if wanted.split(',').any(|w| w.trim() == "envoy") {
         match envoy_bin() {
             Some(real) => {
-                let wrapper = pinned_envoy_wrapper(&wrapper_dir, &real);
+                let wrapper = pinned_wrapper(&wrapper_dir, "envoy", &real, PROXY_CPU);
                 // SAFETY: no other thread exists yet (no runtime, no helpers started).
                 unsafe { std::env::set_var("STRAIT_TEST_ENVOY", &wrapper) };
                 envoy_path = Some(real);
