@@ -55,8 +55,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::istiod::{
-    Istiod, IstiodOptions, Lab, PilotAgent, Spoke, envoy_gateway, launch_strait_gateway,
-    peers_present, sync_problems,
+    EXPOSE_SERVICES, Istiod, IstiodOptions, Lab, PilotAgent, Spoke, envoy_gateway,
+    launch_strait_gateway, peers_present, sync_problems,
 };
 use common::xds::{Envoy, envoy_bin};
 use common::{Strait, TempDir};
@@ -74,27 +74,6 @@ const POLL: Duration = Duration::from_millis(10);
 const UPDATE_TIMEOUT: Duration = Duration::from_secs(30);
 const STRAIT_POD: &str = "istio-eastwestgateway-strait";
 const ENVOY_POD: &str = "istio-eastwestgateway-envoy";
-
-/// Istio's `samples/multicluster/expose-services.yaml`, as in `tests/istiod.rs`.
-const EXPOSE_SERVICES: &str = "\
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata:
-  name: cross-network-gateway
-  namespace: istio-system
-spec:
-  selector:
-    istio: eastwestgateway
-  servers:
-    - port:
-        number: 15443
-        name: tls
-        protocol: TLS
-      tls:
-        mode: AUTO_PASSTHROUGH
-      hosts:
-        - \"*.local\"
-";
 
 // ---------------------------------------------------------------------------------------
 // The mesh, as Istio YAML

@@ -15,35 +15,14 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::istiod::{
-    Istiod, IstiodOptions, Lab, PROXY_ISTIO_VERSION, PilotAgent, Spoke, envoy_gateway,
-    peers_present, strait_gateway,
+    EXPOSE_SERVICES, Istiod, IstiodOptions, Lab, PROXY_ISTIO_VERSION, PilotAgent, Spoke,
+    envoy_gateway, peers_present, strait_gateway,
 };
 use common::xds::Envoy;
 use common::{Strait, TestCa, Workload, echo_once, tls_connect};
 use tokio::io::AsyncWriteExt;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Istio's `samples/multicluster/expose-services.yaml`, unchanged.
-const EXPOSE_SERVICES: &str = "\
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata:
-  name: cross-network-gateway
-  namespace: istio-system
-spec:
-  selector:
-    istio: eastwestgateway
-  servers:
-    - port:
-        number: 15443
-        name: tls
-        protocol: TLS
-      tls:
-        mode: AUTO_PASSTHROUGH
-      hosts:
-        - \"*.local\"
-";
 
 fn spiffe(sa: &str) -> String {
     format!("spiffe://cluster.local/ns/default/sa/{sa}")

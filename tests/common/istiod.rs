@@ -38,6 +38,27 @@ pub const MONITORING_PORT: u16 = 15014;
 /// The gateway's ports inside its spoke.
 pub const GATEWAY_PORT: u16 = 15443;
 
+/// Istio's `samples/multicluster/expose-services.yaml`, unchanged.
+pub const EXPOSE_SERVICES: &str = "\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: cross-network-gateway
+  namespace: istio-system
+spec:
+  selector:
+    istio: eastwestgateway
+  servers:
+    - port:
+        number: 15443
+        name: tls
+        protocol: TLS
+      tls:
+        mode: AUTO_PASSTHROUGH
+      hosts:
+        - \"*.local\"
+";
+
 /// The labels of Istio's east-west gateway deployment (network1), which the Gateway of
 /// `expose-services.yaml` selects.
 pub const GATEWAY_LABELS: &str =
