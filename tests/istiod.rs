@@ -505,21 +505,37 @@ fn istiods_production_output_is_acknowledged_and_routed() {
         {
             panic!("{e}\n{}", context());
         }
-        let dump = config_dump(&strait);
-        assert_eq!(nacks(&dump), vec![], "{:#}", dump["discovery"]);
-        let ignored = &dump["discovery"]["ignoredFilters"]["0.0.0.0_15443"];
-        assert!(
-            ignored
+        // strait ACKs a response before it records what it made of it: wait for the
+        // record.
+        let ignored_stats = |d: &serde_json::Value| {
+            d["discovery"]["ignoredFilters"]["0.0.0.0_15443"]
                 .as_array()
-                .is_some_and(|f| f.iter().any(|f| f == "istio.stats")),
+                .is_some_and(|f| f.iter().any(|f| f == "istio.stats"))
+        };
+        let noted_exchange = |d: &serde_json::Value| {
+            d["discovery"]["clusterNotes"][sni(9080, "v1", REVIEWS)]
+                .as_array()
+                .is_some_and(|n| {
+                    n.iter().any(|n| {
+                        n.as_str()
+                            .is_some_and(|n| n.contains("istio.metadata_exchange"))
+                    })
+                })
+        };
+        let deadline = Instant::now() + WAIT;
+        let mut dump = config_dump(&strait);
+        while !(ignored_stats(&dump) && noted_exchange(&dump)) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            dump = config_dump(&strait);
+        }
+        assert_eq!(nacks(&dump), vec![], "{:#}", dump["discovery"]);
+        assert!(
+            ignored_stats(&dump),
             "istio.stats is not listed as acknowledged and not run: {:#}",
             dump["discovery"]
         );
-        let notes = &dump["discovery"]["clusterNotes"][sni(9080, "v1", REVIEWS)];
         assert!(
-            notes.as_array().is_some_and(|n| n.iter().any(|n| n
-                .as_str()
-                .is_some_and(|n| n.contains("istio.metadata_exchange")))),
+            noted_exchange(&dump),
             "the metadata exchange cluster filter is not listed as not run: {:#}",
             dump["discovery"]
         );
