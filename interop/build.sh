@@ -2,7 +2,9 @@
 # Builds the test peers from Istio's own module into DIR (default ../target):
 #   DIR/istiod-harness  istiod's server (./istiod), stamped with the module's revision as
 #                       istiod reports its version (`istioctl proxy-status`);
-#   DIR/istioctl        Istio's istioctl, from the same module (a `tool` of go.mod).
+#   DIR/istioctl        Istio's istioctl, from the same module (a `tool` of go.mod);
+#   DIR/hbone-peer      the two ends of an ambient double-HBONE tunnel (./hbone): a source
+#                       ztunnel on Istio's pkg/hbone dialer, and a destination ztunnel.
 # Go's module and build caches (GOMODCACHE, GOCACHE) make a warm build take seconds.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,3 +16,4 @@ pkg=istio.io/istio/pkg/version
 ldflags="-X $pkg.buildVersion=1.32-alpha.$rev -X $pkg.buildGitRevision=$rev -X $pkg.buildStatus=Clean -X $pkg.buildTag=$version"
 go build -buildvcs=false -ldflags "$ldflags" -o "$out/istiod-harness" ./istiod
 go build -buildvcs=false -ldflags "$ldflags" -o "$out/istioctl" istio.io/istio/istioctl/cmd/istioctl
+go build -buildvcs=false -o "$out/hbone-peer" ./hbone
