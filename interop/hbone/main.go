@@ -323,8 +323,12 @@ func (s *sourcePeer) tunnel(local *net.TCPConn, authority string) {
 		toTunnel.CloseWithError(err)
 		close(done)
 	}()
-	// tunnel -> local; the inner stream's end becomes a FIN.
-	_, _ = io.Copy(local, resp.Body)
+	// tunnel -> local; the inner stream's end becomes a FIN, its reset (or the
+	// outer stream's) a reset of the local connection.
+	if _, err := io.Copy(local, resp.Body); err != nil {
+		_ = local.SetLinger(0)
+		return
+	}
 	_ = local.CloseWrite()
 	<-done
 }

@@ -77,6 +77,12 @@ pub fn istioctl_bin() -> Option<PathBuf> {
     interop_bin("STRAIT_TEST_ISTIOCTL", "istioctl")
 }
 
+/// The double-HBONE peers (`interop/hbone`): `$STRAIT_TEST_HBONE`, else
+/// `target/hbone-peer`; as [`harness_bin`] when missing.
+pub fn hbone_peer_bin() -> Option<PathBuf> {
+    interop_bin("STRAIT_TEST_HBONE", "hbone-peer")
+}
+
 fn interop_bin(var: &str, name: &str) -> Option<PathBuf> {
     let path = std::env::var_os(var)
         .filter(|p| !p.is_empty())

@@ -1785,6 +1785,7 @@ pub fn dead_port() -> (u16, socket2::Socket) {
     (port, s)
 }
 pub mod ca;
+pub mod hbone;
 pub mod istiod;
 pub mod jwt;
 pub mod xds;
