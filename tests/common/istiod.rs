@@ -77,6 +77,12 @@ pub fn istioctl_bin() -> Option<PathBuf> {
     interop_bin("STRAIT_TEST_ISTIOCTL", "istioctl")
 }
 
+/// The ADS dump client (`interop/xdsdump`): `$STRAIT_TEST_XDSDUMP`, else
+/// `target/xdsdump`; as [`harness_bin`] when missing.
+pub fn xdsdump_bin() -> Option<PathBuf> {
+    interop_bin("STRAIT_TEST_XDSDUMP", "xdsdump")
+}
+
 /// The double-HBONE peers (`interop/hbone`): `$STRAIT_TEST_HBONE`, else
 /// `target/hbone-peer`; as [`harness_bin`] when missing.
 pub fn hbone_peer_bin() -> Option<PathBuf> {
@@ -236,6 +242,33 @@ pub struct IstiodOptions {
     pub istio_proxy_extensions: bool,
     /// More environment for istiod (feature flags such as `DEFAULT_WORKLOAD_CERT_TTL`).
     pub env: Vec<(String, String)>,
+    /// More mesh config, top-level YAML appended to the Helm essentials (e.g.
+    /// [`GLOBAL_SERVICE_SCOPE`]).
+    pub mesh: Option<String>,
+}
+
+/// The mesh config of Istio's ambient profile that makes a Service labelled
+/// `istio.io/global: "true"` global (served by ambient east-west gateways).
+pub const GLOBAL_SERVICE_SCOPE: &str = "\
+serviceScopeConfigs:
+- servicesSelector:
+    matchExpressions:
+    - {key: istio.io/global, operator: In, values: [\"true\"]}
+  scope: GLOBAL
+";
+
+/// istiod's environment for ambient multi-network (AMBIENT.md §5): ambient on, the
+/// east-west gateway's 15008 configuration on, and no status writer (it needs a
+/// Kubernetes API the harness does not have).
+pub fn ambient_env() -> Vec<(String, String)> {
+    [
+        ("PILOT_ENABLE_AMBIENT", "true"),
+        ("AMBIENT_ENABLE_MULTI_NETWORK", "true"),
+        ("AMBIENT_ENABLE_STATUS", "false"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 /// The mesh config of a Helm install, in the parts that matter here, with or without
@@ -326,7 +359,9 @@ impl Istiod {
             command.arg("-kube-dir").arg(dir.join("kube"));
         }
         let mesh = dir.join("mesh.yaml");
-        std::fs::write(&mesh, mesh_config(self.opts.istio_proxy_extensions)).unwrap();
+        let mut text = mesh_config(self.opts.istio_proxy_extensions);
+        text.push_str(self.opts.mesh.as_deref().unwrap_or_default());
+        std::fs::write(&mesh, text).unwrap();
         command.arg("-mesh").arg(&mesh);
         if !self.opts.istio_proxy_extensions {
             command.env("PILOT_ENABLE_METADATA_EXCHANGE", "false");
@@ -537,6 +572,91 @@ pub fn sync_problems(entry: &serde_json::Value) -> Vec<String> {
         }
     }
     problems
+}
+
+impl Istiod {
+    /// Everything istiod sends node `node_id` with metadata `meta` over plaintext ADS
+    /// (`xdsdump`: all listeners and clusters, then the EDS and RDS resources they name,
+    /// once the answers have settled). `Err` carries xdsdump's complaint (a refused
+    /// node, a timeout). Call it inside the hub.
+    pub async fn xds_dump(
+        &self,
+        node_id: &str,
+        meta: &serde_json::Value,
+    ) -> Result<XdsDump, String> {
+        let bin = xdsdump_bin().ok_or("xdsdump is not built")?;
+        let args = [
+            "-xds".to_string(),
+            SocketAddr::from((ISTIOD_IP, XDS_PORT)).to_string(),
+            "-node".into(),
+            node_id.into(),
+            "-meta".into(),
+            meta.to_string(),
+            "-settle".into(),
+            "500ms".into(),
+        ];
+        // The blocking pool's threads are spawned from the runtime's, so in the hub too.
+        let out = tokio::task::spawn_blocking(move || Command::new(bin).args(args).output())
+            .await
+            .expect("xdsdump task")
+            .map_err(|e| format!("run xdsdump: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout)
+            .map(XdsDump)
+            .map_err(|e| format!("xdsdump output: {e}"))
+    }
+}
+
+/// Node metadata of a gateway pod of istio-system in network1, as pilot-agent sends it
+/// (ISTIOD.md §6: every value a string), with `labels`.
+pub fn gateway_node_metadata(ip: Ipv4Addr, labels: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "NAMESPACE": "istio-system",
+        "CLUSTER_ID": "cluster1",
+        "NETWORK": "network1",
+        "REQUESTED_NETWORK_VIEW": "network1",
+        "SERVICE_ACCOUNT": "istio-eastwestgateway",
+        "ISTIO_VERSION": PROXY_ISTIO_VERSION,
+        "INSTANCE_IPS": ip.to_string(),
+        "LABELS": labels,
+    })
+}
+
+/// What an xDS server sent one node ([`Istiod::xds_dump`]): `listeners`, `clusters`,
+/// `endpoints` (ClusterLoadAssignments), `routes`, each resource in Envoy's JSON form
+/// (protojson: camelCase fields, `typedConfig` expanded with its `@type`).
+#[derive(Debug, Clone)]
+pub struct XdsDump(pub serde_json::Value);
+
+impl XdsDump {
+    /// The names of one kind's resources, sorted.
+    pub fn names(&self, kind: &str) -> Vec<String> {
+        let key = if kind == "endpoints" {
+            "clusterName"
+        } else {
+            "name"
+        };
+        self.0[kind]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r[key].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// One resource of `kind` by name.
+    pub fn get(&self, kind: &str, name: &str) -> Option<&serde_json::Value> {
+        let key = if kind == "endpoints" {
+            "clusterName"
+        } else {
+            "name"
+        };
+        self.0[kind].as_array()?.iter().find(|r| r[key] == name)
+    }
 }
 
 fn write_atomically(dir: &Path, name: &str, text: &str) {
