@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::hbone::{
     DestStream, HbonePeer, HboneSource, hbone_dest, hbone_peer_bin, reference_gateway_bootstrap,
-    tunnel_round_trip,
+    tunnel_exchange, tunnel_round_trip,
 };
 use common::xds::{Envoy, EnvoyOptions};
 use common::{TempDir, fill_pattern, free_port, mesh_ca, mesh_cert};
@@ -278,4 +278,81 @@ async fn the_source_checks_the_destination_identity_through_the_gateway() {
         refused[0]
     );
     assert!(dest.streams().is_empty(), "{:?}", dest.lines());
+}
+
+/// Istio's own `NewDoubleDialer`, running both levels, and the source peer (Istio's
+/// dialer for the outer level, its own inner level) look alike through Envoy and to the
+/// destination: the same bytes back, the same `:authority` and source identity at the
+/// destination, the same `404` for an unknown authority, one outer connection each.
+/// Only `x-forwarded-network` differs: `NewDoubleDialer` ignores `Config.Headers`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istios_double_dialer_and_the_source_peer_agree() {
+    let certs = certs();
+    let Some(Reference {
+        dest,
+        envoy,
+        gateway,
+    }) = reference(&certs).await
+    else {
+        return;
+    };
+    let mut payload = vec![0u8; 64 << 10];
+    fill_pattern(11, 0, &mut payload);
+    let mut seen = Vec::new();
+    for double_dialer in [true, false] {
+        let (known, unknown) = (loopback(), loopback());
+        let mut s = source(&certs, gateway, &[(known, ECHO), (unknown, UNKNOWN)]);
+        s.double_dialer = double_dialer;
+        let src = s.start(None).await.expect("hbone-peer is built");
+        let want = echoed(&payload);
+        let got = tunnel_exchange(known, &payload, want.len(), WITHIN).await;
+        assert!(
+            got.as_deref() == Some(want.as_slice()),
+            "double_dialer={double_dialer}: {:?} bytes back\n{:?}\n{}",
+            got.as_ref().map(Vec::len),
+            src.lines(),
+            src.log()
+        );
+        assert_eq!(
+            tunnel_exchange(unknown, b"lost", 1, WITHIN).await,
+            Some(Vec::new()),
+            "double_dialer={double_dialer}"
+        );
+        let refused = src
+            .wait_lines(1, WITHIN, |l| l.starts_with("TUNNEL-ERROR"))
+            .await;
+        assert_eq!(refused.len(), 1, "{:?}", src.lines());
+        seen.push((
+            refused[0].split(" err=").next().unwrap().to_string(),
+            src.lines()
+                .into_iter()
+                .filter(|l| l.starts_with("TUNNEL-OK"))
+                .collect::<Vec<_>>(),
+        ));
+    }
+    assert_eq!(seen[0], seen[1], "NewDoubleDialer, then the source peer");
+    assert_eq!(
+        seen[0].0,
+        format!("TUNNEL-ERROR authority={UNKNOWN} status=404")
+    );
+    let mut without_network = stream(ECHO);
+    without_network.network = String::new();
+    assert_eq!(
+        dest.streams(),
+        [without_network, stream(ECHO)],
+        "{:?}",
+        dest.lines()
+    );
+    assert_eq!(
+        envoy
+            .wait_stat("http.connect_terminate.downstream_rq_total", WITHIN, |v| v
+                >= 4)
+            .await,
+        Some(4)
+    );
+    assert_eq!(
+        envoy.stat(&downstream_cx(gateway)).await,
+        Some(2),
+        "one outer connection per source"
+    );
 }

@@ -2,7 +2,7 @@
 // through an east-west gateway, as test peers for strait:
 //
 //	hbone-peer source --gateway IP:PORT --cert-dir DIR [--gateway-id SPIFFE] [--dest-id SPIFFE]
-//	                  [--network NET] --map LISTEN_ADDR=AUTHORITY [--map ...]
+//	                  [--network NET] [--double-dialer] --map LISTEN_ADDR=AUTHORITY [--map ...]
 //	hbone-peer dest   --listen IP:PORT --cert-dir DIR --name NAME
 //
 // The source is a source ztunnel: each connection accepted on a --map
@@ -18,7 +18,12 @@
 // x-forwarded-network), and never closes the inner connection (the outer
 // stream outlives its tunnel). The inner level here is the same x/net/http2
 // client code NewDoubleDialer runs, driven so that a tunnel half-closes, carries
-// the header and ends its outer stream when it ends.
+// the header and ends its outer stream when it ends. With --double-dialer the
+// source uses NewDoubleDialer itself for both levels instead, with those three
+// limits (a local FIN stops the copy towards the tunnel and is not passed on;
+// the tunnel ends when the destination ends it or the local connection fails):
+// the way to show that both inner levels look alike to a gateway and a
+// destination.
 //
 // The destination is a destination ztunnel: TLS 1.3 with a required client
 // certificate, HTTP/2, CONNECT answered with 200; it prints one JSON line per
@@ -198,6 +203,7 @@ func source(args []string) error {
 	gatewayID := fs.String("gateway-id", "", "the gateway's SPIFFE ID (checked when given)")
 	destID := fs.String("dest-id", "", "the destination's SPIFFE ID (checked when given)")
 	network := fs.String("network", "", "x-forwarded-network on the inner CONNECT")
+	double := fs.Bool("double-dialer", false, "both levels by pkg/hbone's NewDoubleDialer (no half-close, no x-forwarded-network)")
 	var maps mapFlag
 	fs.Var(&maps, "map", "LISTEN_ADDR=AUTHORITY (repeatable)")
 	if err := fs.Parse(args); err != nil {
@@ -214,6 +220,15 @@ func source(args []string) error {
 	// dialled address, its HTTP/2 connection pooled across tunnels.
 	outer := hbone.NewDialer(hbone.Config{ProxyAddress: *gateway, TLS: clientTLS(id, *gatewayID)})
 	s := &sourcePeer{outer: outer, inner: clientTLS(id, *destID), network: *network}
+	if *double {
+		// The inner Config's TLS must be set (it makes the inner URL https);
+		// its address only names the inner URL: an IP, so no SNI is sent.
+		s.double = hbone.NewDoubleDialer(
+			hbone.Config{ProxyAddress: *gateway, TLS: clientTLS(id, *gatewayID)},
+			hbone.Config{ProxyAddress: *gateway, TLS: s.inner},
+			s.inner,
+		)
+	}
 
 	type bound struct {
 		ln        net.Listener
@@ -253,6 +268,17 @@ type sourcePeer struct {
 	outer   hbone.Dialer
 	inner   *tls.Config
 	network string
+	// double, when set, carries every tunnel (--double-dialer).
+	double hbone.Dialer
+}
+
+// outerStatus is the HTTP status in one of pkg/hbone's errors, or 0.
+func outerStatus(err error) int {
+	if m := roundTripStatus.FindStringSubmatch(err.Error()); m != nil {
+		status, _ := strconv.Atoi(m[1])
+		return status
+	}
+	return 0
 }
 
 // roundTripStatus reads the status out of pkg/hbone's "round trip failed: 404 Not Found".
@@ -263,14 +289,14 @@ func (s *sourcePeer) tunnel(local *net.TCPConn, authority string) {
 	refuse := func(status int, err error) {
 		say("TUNNEL-ERROR authority=%s status=%d err=%s", authority, status, strings.ReplaceAll(err.Error(), "\n", " "))
 	}
+	if s.double != nil {
+		s.doubleTunnel(local, authority, refuse)
+		return
+	}
 	// Outer: Istio's dialer; a non-200 comes back as an error naming the status.
 	outerConn, err := s.outer.DialContext(context.Background(), "tcp", authority)
 	if err != nil {
-		status := 0
-		if m := roundTripStatus.FindStringSubmatch(err.Error()); m != nil {
-			status, _ = strconv.Atoi(m[1])
-		}
-		refuse(status, fmt.Errorf("outer CONNECT: %v", err))
+		refuse(outerStatus(err), fmt.Errorf("outer CONNECT: %v", err))
 		return
 	}
 	defer outerConn.Close()
@@ -331,6 +357,29 @@ func (s *sourcePeer) tunnel(local *net.TCPConn, authority string) {
 	}
 	_ = local.CloseWrite()
 	<-done
+}
+
+// doubleTunnel carries one tunnel on NewDoubleDialer. Its connection is one
+// end of a net.Pipe: it cannot half-close, so a local FIN only stops the copy
+// towards the tunnel; the tunnel ends when the destination ends it (or the
+// local connection fails).
+func (s *sourcePeer) doubleTunnel(local *net.TCPConn, authority string, refuse func(int, error)) {
+	conn, err := s.double.DialContext(context.Background(), "tcp", authority)
+	if err != nil {
+		// The outer and inner CONNECT fail alike ("round trip failed: 404 ...").
+		refuse(outerStatus(err), fmt.Errorf("double dialer: %v", err))
+		return
+	}
+	defer conn.Close()
+	say("TUNNEL-OK authority=%s", authority)
+	go func() {
+		_, _ = io.Copy(conn, local)
+	}()
+	if _, err := io.Copy(local, conn); err != nil {
+		_ = local.SetLinger(0)
+		return
+	}
+	_ = local.CloseWrite()
 }
 
 func dest(args []string) error {

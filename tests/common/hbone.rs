@@ -144,6 +144,9 @@ pub struct HboneSource {
     pub dest_id: Option<String>,
     /// `x-forwarded-network` on the inner CONNECT.
     pub network: Option<String>,
+    /// Both levels by Istio's `NewDoubleDialer` (`--double-dialer`): no half-close (a
+    /// local FIN is not passed on) and no `x-forwarded-network`.
+    pub double_dialer: bool,
     pub maps: Vec<(SocketAddr, String)>,
 }
 
@@ -155,6 +158,7 @@ impl HboneSource {
             gateway_id: None,
             dest_id: None,
             network: None,
+            double_dialer: false,
             maps: Vec::new(),
         }
     }
@@ -175,6 +179,9 @@ impl HboneSource {
             if let Some(v) = value {
                 args.extend([flag.to_string(), v.clone()]);
             }
+        }
+        if self.double_dialer {
+            args.push("--double-dialer".into());
         }
         for (listen, authority) in &self.maps {
             args.extend(["--map".to_string(), format!("{listen}={authority}")]);
@@ -256,6 +263,30 @@ pub async fn tunnel_round_trip(
     let done = tokio::time::timeout(within, read.read_to_end(&mut out)).await;
     writer.abort();
     done.ok().map(|_| out)
+}
+
+/// Through a source's local listener `via`: sends `payload` without half-closing, and
+/// reads until `len` bytes came back, the tunnel closed, or `within` passed; then closes.
+/// For sources that cannot pass a half-close on (`--double-dialer`).
+pub async fn tunnel_exchange(
+    via: SocketAddr,
+    payload: &[u8],
+    len: usize,
+    within: Duration,
+) -> Option<Vec<u8>> {
+    let mut stream = TcpStream::connect(via).await.ok()?;
+    stream.write_all(payload).await.ok()?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let deadline = tokio::time::Instant::now() + within;
+    while out.len() < len {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
+    Some(out)
 }
 
 /// Envoy's static configuration as Istio's ambient east-west gateway for services
