@@ -158,7 +158,12 @@ async fn double_hbone_through_envoy_is_end_to_end() {
         .wait_lines(3, WITHIN, |l| l == format!("TUNNEL-OK authority={ECHO}"))
         .await;
     assert_eq!(ok.len(), 3, "{:?}", src.lines());
-    assert_eq!(dest.streams(), vec![stream(ECHO); 3], "{:?}", dest.lines());
+    assert_eq!(
+        dest.wait_streams(3, WITHIN).await,
+        vec![stream(ECHO); 3],
+        "{:?}",
+        dest.lines()
+    );
 
     let cx = envoy
         .wait_stat(&downstream_cx(gateway), WITHIN, |v| v >= 1)
@@ -237,10 +242,18 @@ async fn unknown_authority_gets_404_on_its_stream_only() {
         "the 404 left the outer connection serving"
     );
     assert_eq!(
-        envoy.stat("http.connect_terminate.downstream_rq_4xx").await,
+        envoy
+            .wait_stat("http.connect_terminate.downstream_rq_4xx", WITHIN, |v| v
+                >= 1)
+            .await,
         Some(1)
     );
-    assert_eq!(dest.streams(), vec![stream(ECHO); 2], "{:?}", dest.lines());
+    assert_eq!(
+        dest.wait_streams(2, WITHIN).await,
+        vec![stream(ECHO); 2],
+        "{:?}",
+        dest.lines()
+    );
 }
 
 /// The inner TLS ends at the destination, not at the gateway: a source expecting another
@@ -338,7 +351,7 @@ async fn istios_double_dialer_and_the_source_peer_agree() {
     let mut without_network = stream(ECHO);
     without_network.network = String::new();
     assert_eq!(
-        dest.streams(),
+        dest.wait_streams(2, WITHIN).await,
         [without_network, stream(ECHO)],
         "{:?}",
         dest.lines()

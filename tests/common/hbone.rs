@@ -226,6 +226,12 @@ pub struct DestStream {
 }
 
 impl HbonePeer {
+    /// A destination's streams once it has printed at least `n` (or `within` passed).
+    pub async fn wait_streams(&self, n: usize, within: Duration) -> Vec<DestStream> {
+        self.wait_lines(n, within, |l| l.starts_with('{')).await;
+        self.streams()
+    }
+
     /// A destination's streams so far.
     pub fn streams(&self) -> Vec<DestStream> {
         self.lines()
