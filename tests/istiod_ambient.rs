@@ -23,10 +23,11 @@ const ECHO: &str = "echo.echo.svc.cluster.local";
 const LOCAL: &str = "local.echo.svc.cluster.local";
 
 /// Namespaces (istio-system in network1), a global Service `echo` (two ports whose
-/// target ports differ from the service ports) with three ready pods — one captured by
-/// ambient (`ambient.istio.io/redirection: enabled`), one labelled
-/// `networking.istio.io/tunnel: http`, one with neither — and a Service `local` that is
-/// not global, with one captured pod.
+/// target ports differ from the service ports) with three ready pods of network1 — one
+/// captured by ambient (`ambient.istio.io/redirection: enabled`), one labelled
+/// `networking.istio.io/tunnel: http`, one with neither — a captured pod of network2 and
+/// a captured pod that is not ready; and a Service `local` that is not global, with one
+/// captured pod.
 const KUBE: &str = "\
 apiVersion: v1
 kind: Namespace
@@ -103,6 +104,34 @@ status:
 apiVersion: v1
 kind: Pod
 metadata:
+  name: echo-4
+  namespace: echo
+  labels: {app: echo, topology.istio.io/network: network2}
+  annotations: {ambient.istio.io/redirection: enabled}
+spec: {serviceAccountName: echo, nodeName: node1, containers: [{name: echo, image: echo}]}
+status:
+  phase: Running
+  podIP: 10.0.0.24
+  podIPs: [{ip: 10.0.0.24}]
+  conditions: [{type: Ready, status: \"True\"}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: echo-5
+  namespace: echo
+  labels: {app: echo}
+  annotations: {ambient.istio.io/redirection: enabled}
+spec: {serviceAccountName: echo, nodeName: node1, containers: [{name: echo, image: echo}]}
+status:
+  phase: Running
+  podIP: 10.0.0.25
+  podIPs: [{ip: 10.0.0.25}]
+  conditions: [{type: Ready, status: \"False\"}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
   name: local-1
   namespace: echo
   labels: {app: local}
@@ -131,6 +160,12 @@ endpoints:
 - addresses: [10.0.0.23]
   conditions: {ready: true}
   targetRef: {kind: Pod, name: echo-3, namespace: echo}
+- addresses: [10.0.0.24]
+  conditions: {ready: true}
+  targetRef: {kind: Pod, name: echo-4, namespace: echo}
+- addresses: [10.0.0.25]
+  conditions: {ready: false}
+  targetRef: {kind: Pod, name: echo-5, namespace: echo}
 ports:
 - {name: http, port: 8080, protocol: TCP}
 - {name: tcp-raw, port: 9090, protocol: TCP}
@@ -210,6 +245,18 @@ async fn dump_when(
     }
 }
 
+/// The HEALTHY endpoints of a ClusterLoadAssignment.
+fn healthy(cla: &Value) -> Vec<Value> {
+    cla["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["lbEndpoints"].as_array().into_iter().flatten())
+        .filter(|e| e["healthStatus"] == "HEALTHY")
+        .cloned()
+        .collect()
+}
+
 fn inbound_vip(port: u16, host: &str) -> String {
     format!("inbound-vip|{port}|tcp|{host}")
 }
@@ -243,9 +290,7 @@ async fn istiod_gives_the_ambient_east_west_gateway_connect_terminate_and_the_au
         let meta = gateway_node_metadata(WAYPOINT_IP, east_west_labels());
         let eds_80 = inbound_vip(80, ECHO);
         let dump = dump_when(&istiod, &waypoint_id(), &meta, |d| {
-            d.get("endpoints", &eds_80)
-                .and_then(|e| e["endpoints"][0]["lbEndpoints"].as_array().map(Vec::len))
-                == Some(3)
+            d.get("endpoints", &eds_80).is_some_and(|e| healthy(e).len() == 3)
         })
         .await;
 
@@ -382,12 +427,9 @@ async fn istiod_gives_the_ambient_east_west_gateway_connect_terminate_and_the_au
         // Endpoints: HBONE pods as internal addresses with the pod's address and target
         // port in the original_dst metadata; the pod that is neither captured nor
         // labelled comes as a plain socket address (its application port).
-        let lb = dump.get("endpoints", &vip_80).unwrap()["endpoints"][0]["lbEndpoints"]
-            .as_array()
-            .unwrap()
-            .clone();
-        let mut seen: Vec<Value> = lb
-            .iter()
+        let cla = dump.get("endpoints", &vip_80).unwrap();
+        let mut seen: Vec<Value> = healthy(cla)
+            .into_iter()
             .map(|e| {
                 json!([
                     e["endpoint"]["address"],
@@ -417,6 +459,19 @@ async fn istiod_gives_the_ambient_east_west_gateway_connect_terminate_and_the_au
                 json!([{"socketAddress": {"address": "10.0.0.22", "portValue": 8080}}, null]),
                 hbone("10.0.0.23"),
             ]
+        );
+        // The pod of network2 is not sent: the gateway gets its own network's endpoints
+        // only. The pod that is not ready is not sent as healthy.
+        let all = cla["endpoints"][0]["lbEndpoints"].as_array().unwrap();
+        let of = |ip: &str| -> Vec<&Value> {
+            all.iter()
+                .filter(|e| e.to_string().contains(&format!("\"{ip}")))
+                .collect()
+        };
+        assert!(of("10.0.0.24").is_empty(), "{cla}");
+        assert!(
+            of("10.0.0.25").iter().all(|e| e["healthStatus"] != "HEALTHY"),
+            "{cla}"
         );
         let on_9000 = dump.get("endpoints", &vip_9000).unwrap()["endpoints"][0]["lbEndpoints"][0]
             ["metadata"]["filterMetadata"]["envoy.filters.listener.original_dst"]["local"]
