@@ -28,6 +28,7 @@ const UNKNOWN: &str = "nope.echo.svc.cluster.local:80";
 const SOURCE_ID: &str = "spiffe://cluster.local/ns/sleep/sa/sleep";
 const GATEWAY_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway";
 const DEST_ID: &str = "spiffe://cluster.local/ns/echo/sa/echo";
+const FOREIGN_ID: &str = "spiffe://other.example/ns/sleep/sa/sleep";
 const WITHIN: Duration = Duration::from_secs(10);
 
 /// SVIDs of one mesh (`strait ca init`, `strait cert issue`), in Istio's file layout.
@@ -36,6 +37,8 @@ struct Certs {
     source: PathBuf,
     gateway: PathBuf,
     dest: PathBuf,
+    /// A source of another trust domain, signed by the same root.
+    foreign: PathBuf,
 }
 
 fn certs() -> Certs {
@@ -46,6 +49,7 @@ fn certs() -> Certs {
         source: issue(SOURCE_ID, "source"),
         gateway: issue(GATEWAY_ID, "gateway"),
         dest: issue(DEST_ID, "dest"),
+        foreign: issue(FOREIGN_ID, "foreign"),
         _dir: dir,
     }
 }
@@ -368,4 +372,55 @@ async fn istios_double_dialer_and_the_source_peer_agree() {
         Some(2),
         "one outer connection per source"
     );
+}
+
+/// The gateway admits only its trust domain: a source whose certificate chains to the
+/// mesh root but names another trust domain fails the outer handshake (Envoy counts a
+/// SAN verification failure), its tunnel is refused with no HTTP status, and nothing
+/// reaches the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_of_another_trust_domain_is_refused_at_the_handshake() {
+    let certs = certs();
+    let Some(Reference {
+        dest,
+        envoy,
+        gateway,
+    }) = reference(&certs).await
+    else {
+        return;
+    };
+    let local = loopback();
+    let mut foreign = source(&certs, gateway, &[(local, ECHO)]);
+    foreign.cert_dir = certs.foreign.clone();
+    let src = foreign.start(None).await.expect("hbone-peer is built");
+
+    assert_eq!(
+        tunnel_round_trip(local, b"hello", WITHIN).await,
+        Some(Vec::new())
+    );
+    let refused = src
+        .wait_lines(1, WITHIN, |l| l.starts_with("TUNNEL-ERROR"))
+        .await;
+    assert_eq!(refused.len(), 1, "{:?}", src.lines());
+    assert!(
+        refused[0].starts_with(&format!(
+            "TUNNEL-ERROR authority={ECHO} status=0 err=outer CONNECT"
+        )),
+        "{}",
+        refused[0]
+    );
+    let san = format!(
+        "listener.{}_{}.ssl.fail_verify_san",
+        gateway.ip(),
+        gateway.port()
+    );
+    assert_eq!(envoy.wait_stat(&san, WITHIN, |v| v >= 1).await, Some(1));
+    assert_eq!(
+        envoy
+            .stat("http.connect_terminate.downstream_rq_total")
+            .await
+            .unwrap_or(0),
+        0
+    );
+    assert!(dest.streams().is_empty(), "{:?}", dest.lines());
 }
