@@ -471,3 +471,151 @@ async fn a_mesh_virtual_service_splits_bridged_connections_by_weight() {
         ) == b as f64
     }));
 }
+
+/// What a far-end TLS server saw of one handshake: the groups the client listed, in its
+/// order, and the group agreed with how (`None`: the handshake failed).
+type Seen = (
+    Vec<rustls::NamedGroup>,
+    Option<(rustls::NamedGroup, rustls::HandshakeKind)>,
+);
+
+/// Records the groups of each ClientHello while choosing the certificate.
+#[derive(Debug)]
+struct RecordGroups {
+    key: std::sync::Arc<rustls::sign::CertifiedKey>,
+    offered: std::sync::Arc<std::sync::Mutex<Vec<Vec<rustls::NamedGroup>>>>,
+}
+
+impl rustls::server::ResolvesServerCert for RecordGroups {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        let groups = hello.named_groups().unwrap_or_default().to_vec();
+        self.offered.lock().unwrap().push(groups);
+        Some(self.key.clone())
+    }
+}
+
+/// A stand-in for network2's gateway that accepts only the key-exchange `groups` (a rustls
+/// server with the gateway's SVID), records what each client offered and agreed, and
+/// echoes. `seen` holds one entry per connection.
+async fn group_probe(
+    mesh: &Mesh,
+    groups: &[rustls::NamedGroup],
+) -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::{Arc, Mutex};
+    let id = strait::tls::load_identity(&mesh.gateway).unwrap();
+    let provider = provider_with_groups(groups);
+    let signer = provider
+        .key_provider
+        .load_private_key(id.key.clone_key())
+        .unwrap();
+    let offered = Arc::new(Mutex::new(Vec::new()));
+    let resolver = RecordGroups {
+        key: Arc::new(rustls::sign::CertifiedKey::new(id.chain.clone(), signer)),
+        offered: offered.clone(),
+    };
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"istio".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let agreed = match acceptor.accept(tcp).await {
+                Ok(mut tls) => {
+                    let (_, conn) = tls.get_ref();
+                    let agreed = conn
+                        .negotiated_key_exchange_group()
+                        .map(|g| g.name())
+                        .zip(conn.handshake_kind());
+                    let mut buf = [0u8; 64];
+                    if let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await
+                    {
+                        let _ = tls.write_all(&buf[..n]).await;
+                        let _ = tls.shutdown().await;
+                    }
+                    agreed
+                }
+                Err(_) => None,
+            };
+            let first = offered.lock().unwrap().drain(..).next().unwrap_or_default();
+            record.lock().unwrap().push((first, agreed));
+        }
+    });
+    (addr, seen, task)
+}
+
+/// The groups the bridge offers as a client, pinned against real TLS servers that accept
+/// only some: X25519 first (with its key share), then P-256, then, with aws-lc-rs, the
+/// post-quantum hybrid; never P-384. A server accepting X25519 gets it in one round trip
+/// (Envoy sidecars, ztunnel, istiod), one accepting only P-256 or only the hybrid (Istio's
+/// `pqc` compliance policy) asks for it with a HelloRetryRequest and gets it, and one
+/// accepting only P-384 gets no handshake. ISTIO_MUTUAL origination to a sidecar uses the
+/// same client configuration (`strait::tls::client_config`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_offers_x25519_first_then_p256_and_never_p384() {
+    use rustls::HandshakeKind::{Full, FullWithHelloRetryRequest};
+    use rustls::NamedGroup::{X25519, X25519MLKEM768, secp256r1, secp384r1};
+    let pq = strait::tls::provider::POST_QUANTUM;
+    let offered: Vec<rustls::NamedGroup> = [X25519, secp256r1]
+        .into_iter()
+        .chain(pq.then_some(X25519MLKEM768))
+        .collect();
+    let mut cases = vec![
+        (vec![secp384r1, secp256r1, X25519], Some((X25519, Full))),
+        (
+            vec![secp256r1],
+            Some((secp256r1, FullWithHelloRetryRequest)),
+        ),
+        (vec![secp384r1], None),
+    ];
+    if pq {
+        cases.push((
+            vec![X25519MLKEM768],
+            Some((X25519MLKEM768, FullWithHelloRetryRequest)),
+        ));
+    }
+    let mesh = Mesh::new();
+    for (accepts, expected) in cases {
+        let (far, seen, _task) = group_probe(&mesh, &accepts).await;
+        let ports = Ports::new();
+        let listen = at("127.0.0.1", ports.gateway);
+        let bridge = Strait::start(
+            ports,
+            &network1_bridge(&ports, listen, &mesh.bridge, far, GATEWAY_ID, &[], ""),
+        );
+        let back = app_exchange(listen).await;
+        let ok = bridge.eventually(Duration::from_secs(10), || !seen.lock().unwrap().is_empty());
+        assert!(
+            ok,
+            "accepting {accepts:?}: no handshake seen\n{}",
+            bridge.stderr_text()
+        );
+        let (groups, agreed) = seen.lock().unwrap()[0].clone();
+        assert_eq!(groups, offered, "accepting {accepts:?}");
+        assert_eq!(
+            agreed,
+            expected,
+            "accepting {accepts:?}\n{}",
+            bridge.stderr_text()
+        );
+        assert_eq!(
+            !back.is_empty(),
+            expected.is_some(),
+            "accepting {accepts:?}: {back:?}"
+        );
+    }
+}

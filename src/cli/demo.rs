@@ -112,14 +112,13 @@ pub fn run(ports: DemoPorts) -> Result<(), DemoError> {
 /// A demo workload: TLS with its SVID, ALPN `istio`; echoes each line prefixed by its name.
 async fn start_workload(name: &'static str, certs: &Path) -> Result<SocketAddr, String> {
     let id = load_identity(certs).map_err(|e| e.to_string())?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(id.chain.clone(), id.key.clone_key())
-    .map_err(|e| e.to_string())?;
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(crate::tls::provider::server_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(id.chain.clone(), id.key.clone_key())
+            .map_err(|e| e.to_string())?;
     config.alpn_protocols = vec![b"istio".to_vec(), b"istio-peer-exchange".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0")

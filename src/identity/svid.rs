@@ -186,7 +186,7 @@ pub fn check(
             .add(r.clone())
             .map_err(|e| SvidError::Untrusted(format!("mesh root: {e}")))?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::tls::provider::provider();
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
             .build()

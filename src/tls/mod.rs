@@ -3,6 +3,7 @@
 pub mod certs;
 pub mod client_hello;
 pub mod material;
+pub mod provider;
 pub mod spiffe;
 pub mod verify;
 

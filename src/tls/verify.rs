@@ -224,7 +224,7 @@ pub fn server_config_with(
     alpn: &[&[u8]],
     client_auth: ClientAuth,
 ) -> Result<Arc<rustls::ServerConfig>, CertError> {
-    let provider = server_provider();
+    let provider = super::provider::server_provider();
     let mut verifier = SpiffeClientVerifier::new(id, trust, &provider)?;
     verifier.mandatory = client_auth == ClientAuth::Required;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -248,7 +248,7 @@ pub fn client_config(
     expected_peer: Option<&SpiffeId>,
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ClientConfig>, CertError> {
-    let provider = provider();
+    let provider = super::provider::client_provider();
     let verifier = SpiffeServerVerifier::new(id, trust, expected_peer, &provider)?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -257,22 +257,6 @@ pub fn client_config(
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// The key exchanges a terminating server offers: X25519, then P-256, as Envoy's
-/// server does by default. A client whose first key share is for another group it also
-/// supports (P-384, which costs several times X25519) is asked again, with a
-/// HelloRetryRequest, for X25519; a client offering P-384 alone is refused, by Envoy too.
-fn server_provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::ring::kx_group::{SECP256R1, X25519};
-    Arc::new(CryptoProvider {
-        kx_groups: vec![X25519, SECP256R1],
-        ..rustls::crypto::ring::default_provider()
-    })
 }
 
 /// Trust anchors per trust domain: the mesh's (shared by its aliases) and each

@@ -167,7 +167,7 @@ fn tls_config(d: &ControlPlane) -> Result<rustls::ClientConfig, ConnectError> {
     if found == 0 {
         return Err(root_err("holds no certificate".into()));
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::tls::provider::client_provider();
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| root_err(e.to_string()))?

@@ -22,6 +22,108 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The key-exchange group `name` of the crypto provider strait is built with (ring, or
+/// aws-lc-rs with the `aws-lc-rs` feature).
+pub fn kx_group(name: rustls::NamedGroup) -> &'static dyn rustls::crypto::SupportedKxGroup {
+    #[cfg(feature = "aws-lc-rs")]
+    let all = rustls::crypto::aws_lc_rs::ALL_KX_GROUPS;
+    #[cfg(not(feature = "aws-lc-rs"))]
+    let all = rustls::crypto::ring::ALL_KX_GROUPS;
+    all.iter()
+        .copied()
+        .find(|g| g.name() == name)
+        .unwrap_or_else(|| panic!("{name:?} is not a group of {}", strait::tls::provider::NAME))
+}
+
+/// strait's crypto provider with only `groups`, in this order, for a peer that offers or
+/// accepts exactly those.
+pub fn provider_with_groups(groups: &[rustls::NamedGroup]) -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::CryptoProvider {
+        kx_groups: groups.iter().map(|&g| kx_group(g)).collect(),
+        ..(*strait::tls::provider::provider()).clone()
+    })
+}
+
+/// Accepts a server certificate that chains to the mesh roots, whatever names it holds
+/// (an SVID has only its SPIFFE ID): for clients whose key-exchange groups and versions a
+/// test or bench chooses, with the chain still verified.
+#[derive(Debug)]
+pub struct MeshRoots(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for MeshRoots {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// A rustls client with the SVID in `certs` (Istio's file layout), trusting the mesh roots
+/// there, offering exactly `groups` (key share for the first) and `versions`, ALPN `alpn`,
+/// without session resumption: every connection makes a full handshake.
+pub fn mesh_client_config(
+    certs: &Path,
+    groups: &[rustls::NamedGroup],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    alpn: &[&str],
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let id = strait::tls::load_identity(certs).map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for r in &id.roots {
+        roots.add(r.clone()).map_err(|e| e.to_string())?;
+    }
+    let provider = provider_with_groups(groups);
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(MeshRoots(inner)))
+        .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
 /// A loopback port reserved for this test process, for a server that another process (a
 /// `strait` under test) or a later bind will take.
 ///

@@ -1,0 +1,119 @@
+//! The cryptography under every TLS connection strait terminates or originates: which
+//! rustls crypto provider, and which key-exchange groups each side offers, in which order.
+//!
+//! The provider is ring by default and aws-lc-rs with the `aws-lc-rs` cargo feature. Only
+//! aws-lc-rs has the post-quantum hybrid X25519MLKEM768 (what Istio's `COMPLIANCE_POLICY=pqc`
+//! requires of its proxies), and its P-384 is several times cheaper than ring's.
+//!
+//! The groups are chosen here, not left to the provider's defaults, so that an update of
+//! rustls or of a provider cannot change them (rustls' own clients have changed their first
+//! key share between patch releases); `tests/istio_mutual.rs` and `tests/bridge.rs` pin them
+//! against real peers.
+//!
+//! - **As a server** (ISTIO_MUTUAL): X25519MLKEM768 (aws-lc-rs only), X25519, P-256 — Envoy's
+//!   server groups, plus the hybrid. rustls takes the first group of the *client's* list that
+//!   the server accepts, and asks for it with a HelloRetryRequest when the client sent no key
+//!   share for it. So a client whose first key share is P-384 (several times the cost of
+//!   X25519, and not accepted by Envoy's server either) is asked again for its next group, and
+//!   one offering P-384 alone is refused, as Envoy refuses it. Between the cheap groups the
+//!   client's order stands: an HelloRetryRequest costs the client a round trip and a second
+//!   key share, more than the server saves by preferring X25519 to P-256. A client that offers
+//!   the hybrid first gets it: it is the stronger exchange, and what a client under a
+//!   post-quantum policy needs.
+//! - **As a client** (the Bridge, ISTIO_MUTUAL origination to sidecars, istiod): X25519 first,
+//!   with its key share, then P-256, then X25519MLKEM768 (aws-lc-rs only). Envoy sidecars
+//!   (BoringSSL, default curves X25519 and P-256), ztunnel (rustls: X25519, P-256, P-384) and
+//!   istiod (Go) all take X25519 in one round trip; a peer that accepts only the hybrid (Istio's
+//!   `pqc` policy) asks for it with a HelloRetryRequest and gets it. Offering the hybrid first
+//!   would add 1.2 KB and an ML-KEM key generation to every ClientHello for peers that mostly
+//!   ignore it.
+
+use std::sync::Arc;
+
+use rustls::NamedGroup;
+use rustls::crypto::{CryptoProvider, SupportedKxGroup};
+
+#[cfg(feature = "aws-lc-rs")]
+use rustls::crypto::aws_lc_rs as imp;
+#[cfg(not(feature = "aws-lc-rs"))]
+use rustls::crypto::ring as imp;
+
+/// The provider's name, as the benches and logs print it.
+pub const NAME: &str = if cfg!(feature = "aws-lc-rs") {
+    "aws-lc-rs"
+} else {
+    "ring"
+};
+
+/// Whether the provider has the post-quantum hybrid X25519MLKEM768.
+pub const POST_QUANTUM: bool = cfg!(feature = "aws-lc-rs");
+
+/// The provider with its own defaults: for certificate verification and anything that
+/// makes no key exchange.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(imp::default_provider())
+}
+
+/// What an ISTIO_MUTUAL server accepts, in this order (see the module's text).
+pub fn server_groups() -> Vec<&'static dyn SupportedKxGroup> {
+    use imp::kx_group::{SECP256R1, X25519};
+    let mut groups: Vec<&'static dyn SupportedKxGroup> = Vec::new();
+    #[cfg(feature = "aws-lc-rs")]
+    groups.push(imp::kx_group::X25519MLKEM768);
+    groups.extend([X25519, SECP256R1]);
+    groups
+}
+
+/// What strait offers as a client, in this order; the first gets a key share.
+pub fn client_groups() -> Vec<&'static dyn SupportedKxGroup> {
+    use imp::kx_group::{SECP256R1, X25519};
+    let classical: Vec<&'static dyn SupportedKxGroup> = vec![X25519, SECP256R1];
+    #[cfg(feature = "aws-lc-rs")]
+    let classical = [classical, vec![imp::kx_group::X25519MLKEM768]].concat();
+    classical
+}
+
+/// The provider for terminating servers.
+pub fn server_provider() -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        kx_groups: server_groups(),
+        ..imp::default_provider()
+    })
+}
+
+/// The provider for strait's own TLS clients.
+pub fn client_provider() -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        kx_groups: client_groups(),
+        ..imp::default_provider()
+    })
+}
+
+/// The names of `groups`, for logs and tests.
+pub fn names(groups: &[&'static dyn SupportedKxGroup]) -> Vec<NamedGroup> {
+    groups.iter().map(|g| g.name()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_are_the_chosen_ones_in_order() {
+        let pq = POST_QUANTUM.then_some(NamedGroup::X25519MLKEM768);
+        let server: Vec<NamedGroup> = pq
+            .into_iter()
+            .chain([NamedGroup::X25519, NamedGroup::secp256r1])
+            .collect();
+        assert_eq!(names(&server_groups()), server);
+        let client: Vec<NamedGroup> = [NamedGroup::X25519, NamedGroup::secp256r1]
+            .into_iter()
+            .chain(pq)
+            .collect();
+        assert_eq!(names(&client_groups()), client);
+        // Never P-384: several times X25519's cost, and refused by Envoy's server.
+        for p in [server_provider(), client_provider()] {
+            assert!(!names(&p.kx_groups).contains(&NamedGroup::secp384r1));
+        }
+    }
+}
