@@ -19,7 +19,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// First read buffer of a burst; small so short exchanges stay cheap.
@@ -439,8 +439,9 @@ thread_local! {
         std::cell::RefCell::new(vec![0u8; INITIAL_BUFFER as usize].into_boxed_slice());
 }
 
-/// Copies between any two byte streams (TLS on either side). Uses fixed 16 KiB buffers:
-/// a TLS record is at most 16 KiB of plaintext.
+/// Copies between any two byte streams (TLS on either side). Neither direction holds a
+/// buffer of its own while it waits: reads land in this thread's scratch buffer and are
+/// written on at once (see [`StreamPump`]).
 pub async fn copy_streams<D, U>(
     downstream: D,
     upstream: U,
@@ -514,33 +515,171 @@ async fn supervise(
     }
 }
 
-async fn pump_stream<R, W>(
-    from: &mut R,
-    to: &mut W,
-    activity: &Activity,
-    total: &AtomicU64,
-    counter: Option<&IntCounter>,
-) -> io::Result<()>
+/// One direction of [`copy_streams`] until end of stream (passed on as a shutdown of the
+/// writer) or an error.
+fn pump_stream<'a, R, W>(
+    from: &'a mut R,
+    to: &'a mut W,
+    activity: &'a Activity,
+    total: &'a AtomicU64,
+    counter: Option<&'a IntCounter>,
+) -> impl Future<Output = io::Result<()>> + 'a
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = to.shutdown().await;
-                return Err(e);
+    let mut pump = StreamPump::default();
+    std::future::poll_fn(move |cx| {
+        pump.poll(cx, &mut *from, &mut *to, &mut |n| {
+            account(activity, total, counter, n)
+        })
+    })
+}
+
+/// Where [`StreamPump`] reads: four TLS records of plaintext, so that one read from a
+/// socket feeds four records to a TLS writer (written with one vectored call), and up to
+/// four records read from TLS go to a socket in one write.
+const STREAM_SCRATCH: usize = 4 * TLS_RECORD;
+/// The most plaintext one TLS record carries.
+const TLS_RECORD: usize = 16 * 1024;
+
+thread_local! {
+    static STREAM_SCRATCH_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; STREAM_SCRATCH].into_boxed_slice());
+}
+
+/// One direction between two streams that may be TLS. It reads into this thread's
+/// scratch buffer — more reads while they return data at once and room is left — and
+/// writes what it read before reading again; only what the writer does not take at once
+/// is copied into a buffer of its own, freed once written. So an idle direction holds
+/// no buffer, and backpressure is kept: nothing more is read while anything is unwritten
+/// or unflushed.
+#[derive(Default)]
+struct StreamPump {
+    /// Read and not yet taken by the writer.
+    pending: Vec<u8>,
+    written: usize,
+    /// Written and not yet flushed (a TLS writer may hold records back until flushed).
+    unflushed: bool,
+    /// End of stream or a read error: the writer is being shut down.
+    closing: Option<io::Result<()>>,
+    /// The last read found the reader empty (and left it to wake the pump): once what it
+    /// got is written, wait instead of spending a read to see it empty again.
+    drained: bool,
+}
+
+impl StreamPump {
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut R,
+        to: &mut W,
+        sent: &mut impl FnMut(usize),
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            while self.written < self.pending.len() {
+                let n = ready!(Pin::new(&mut *to).poll_write(cx, &self.pending[self.written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.written += n;
+                sent(n);
             }
-        };
-        if n == 0 {
-            let _ = to.shutdown().await;
-            return Ok(());
+            if !self.pending.is_empty() {
+                self.pending = Vec::new();
+                self.written = 0;
+            }
+            if self.unflushed {
+                ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                self.unflushed = false;
+            }
+            if self.closing.is_some() {
+                // The writer learns of the end whatever its shutdown says; the end is
+                // reported as the reader met it.
+                let _ = ready!(Pin::new(&mut *to).poll_shutdown(cx));
+                return Poll::Ready(self.closing.take().unwrap_or(Ok(())));
+            }
+            if std::mem::take(&mut self.drained) {
+                return Poll::Pending;
+            }
+            ready!(self.poll_read_and_write(cx, from, to, sent))?;
         }
-        to.write_all(&buf[..n]).await?;
-        to.flush().await?;
-        account(activity, total, counter, n);
+    }
+
+    /// Reads what is there into the scratch buffer and writes it on; `Pending` only when
+    /// nothing could be read.
+    fn poll_read_and_write<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut R,
+        to: &mut W,
+        sent: &mut impl FnMut(usize),
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        STREAM_SCRATCH_BUF.with(|scratch| {
+            // Borrowed only within this synchronous call, which runs no other pump.
+            let mut scratch = scratch.borrow_mut();
+            let mut read = ReadBuf::new(&mut scratch[..]);
+            if let Err(e) = ready!(Pin::new(&mut *from).poll_read(cx, &mut read)) {
+                self.closing = Some(Err(e));
+                return Poll::Ready(Ok(()));
+            }
+            if read.filled().is_empty() {
+                self.closing = Some(Ok(()));
+                return Poll::Ready(Ok(()));
+            }
+            // More while it comes at once: a TLS reader hands over one record a read, so a
+            // full record's worth (16 KiB) says more may be waiting; anything shorter says
+            // the reader ran dry, and no read is spent to see it empty. An end of stream or
+            // an error met here is acted on once these bytes are written.
+            let mut last = read.filled().len();
+            while last == TLS_RECORD && read.remaining() > 0 {
+                let before = read.filled().len();
+                match Pin::new(&mut *from).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) if read.filled().len() > before => {
+                        last = read.filled().len() - before;
+                    }
+                    Poll::Ready(Ok(())) => {
+                        self.closing = Some(Ok(()));
+                        break;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        self.closing = Some(Err(e));
+                        break;
+                    }
+                    Poll::Pending => {
+                        self.drained = true;
+                        break;
+                    }
+                }
+            }
+            let n = read.filled().len();
+            let mut written = 0;
+            while written < n {
+                match Pin::new(&mut *to).poll_write(cx, &scratch[written..n]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(k)) => {
+                        written += k;
+                        sent(k);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if written < n {
+                self.pending = scratch[written..n].to_vec();
+                self.written = 0;
+            }
+            self.unflushed = true;
+            Poll::Ready(Ok(()))
+        })
     }
 }
 
@@ -554,6 +693,7 @@ fn account(activity: &Activity, total: &AtomicU64, counter: Option<&IntCounter>,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     async fn pair() -> (TcpStream, TcpStream) {
@@ -662,6 +802,74 @@ mod tests {
             .expect("the pump ended")
             .unwrap();
         assert_eq!(outcome.to_upstream, sent as u64);
+        assert_eq!(outcome.end, CopyEnd::Closed);
+    }
+
+    /// The stream copy (TLS on either side in the gateway) through in-memory pipes that
+    /// take only 1,000 bytes at a time: every write is partial, so what the scratch read
+    /// held is kept and written first, in order; both ways at once, each end of stream
+    /// passed on, the reply flowing after the upload's end, counts exact.
+    #[tokio::test]
+    async fn streams_keep_order_through_partial_writes_both_ways() {
+        const LEN: usize = 3 * 1024 * 1024 + 77;
+        let (mut client, down) = tokio::io::duplex(1000);
+        let (up, mut server) = tokio::io::duplex(1000);
+        let counters = ByteCounters {
+            to_upstream: None,
+            to_downstream: None,
+        };
+        let limits = CopyLimits {
+            idle_timeout: Duration::from_secs(30),
+            max_duration: None,
+        };
+        let pump = tokio::spawn(copy_streams(
+            down,
+            up,
+            limits,
+            counters,
+            std::future::pending(),
+        ));
+        let (mut client_r, mut client_w) = tokio::io::split(&mut client);
+        let upload = async {
+            let data: Vec<u8> = (0..LEN).map(pattern).collect();
+            for chunk in data.chunks(100 * 1024) {
+                client_w.write_all(chunk).await.unwrap();
+            }
+            client_w.shutdown().await.unwrap();
+        };
+        let (mut server_r, mut server_w) = tokio::io::split(&mut server);
+        let download = async {
+            let data: Vec<u8> = (0..LEN / 2).map(|i| pattern(i + 5)).collect();
+            server_w.write_all(&data).await.unwrap();
+            server_w.shutdown().await.unwrap();
+        };
+        let mut at_server = Vec::new();
+        let mut at_client = Vec::new();
+        let (_, _, at_server_end, at_client_end) =
+            tokio::time::timeout(Duration::from_secs(30), async {
+                tokio::join!(
+                    upload,
+                    download,
+                    server_r.read_to_end(&mut at_server),
+                    client_r.read_to_end(&mut at_client),
+                )
+            })
+            .await
+            .expect("both directions finished");
+        at_server_end.unwrap();
+        at_client_end.unwrap();
+        assert_eq!(at_server.len(), LEN);
+        assert!(at_server.iter().enumerate().all(|(i, &b)| b == pattern(i)));
+        assert_eq!(at_client.len(), LEN / 2);
+        assert!(
+            at_client
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == pattern(i + 5))
+        );
+        let outcome = pump.await.unwrap();
+        assert_eq!(outcome.to_upstream, LEN as u64);
+        assert_eq!(outcome.to_downstream, (LEN / 2) as u64);
         assert_eq!(outcome.end, CopyEnd::Closed);
     }
 }
