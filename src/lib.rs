@@ -4,11 +4,14 @@
 //! `model::Snapshot`; `proxy` accepts the connection, `tls` inspects its ClientHello,
 //! `route` finds the service, subset and endpoints, `policy` admits or denies it,
 //! `upstream` picks and dials an endpoint, `proxy::copy` splices the bytes, and
-//! `telemetry` records what happened.
+//! `telemetry` records what happened. Authorization has one model, Envoy's network RBAC
+//! (`model::RbacFilter`) on each server: `xds` reads istiod's filters, `config` has
+//! `policy::compile` turn file AuthorizationPolicies into the same filters as istiod does,
+//! and `policy::authz` judges them for every kind of server.
 //!
 //! The modules stand on floors, and each imports only from the floors below its own:
-//! `model` is the ground; `tls`, `route` and `telemetry` stand on it; then `config`,
-//! `policy` and `upstream`; then `xds`; then `proxy`; then `admin` (status, metrics, the
+//! `model` is the ground; `tls`, `route`, `telemetry` and `policy` stand on it; then
+//! `config` and `upstream`; then `xds`; then `proxy`; then `admin` (status, metrics, the
 //! admin API and `strait route`'s explanation) and `identity` (the mesh CA and the
 //! gateway's own SVID); and `cli` (`strait run`, `strait demo`) on top, under `main`.
 

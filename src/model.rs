@@ -32,9 +32,13 @@ pub struct Snapshot {
     /// Services by (lower-case host, service port number).
     pub services: Services,
     pub bridges: Vec<BridgeSpec>,
-    /// Authorization policies that apply to this gateway, in file order.
-    pub authz: Vec<AuthzPolicy>,
-    /// PeerAuthentication mode that applies to this gateway, if any.
+    /// The network RBAC compiled from the AuthorizationPolicies in files that select the
+    /// gateway. Already on every ISTIO_MUTUAL and PASSTHROUGH server from files; with
+    /// istiod, `xds::merge` puts it after istiod's own filters on istiod's servers too.
+    pub rbac: Vec<RbacFilter>,
+    /// PeerAuthentication mode that applies to this gateway, if any: whether its
+    /// ISTIO_MUTUAL servers require a client certificate. (AuthorizationPolicies are
+    /// each server's `rbac`.)
     pub peer_authentication: Option<PeerAuthMode>,
 }
 
@@ -293,9 +297,11 @@ pub struct ServerSpec {
     /// an ISTIO_MUTUAL server, the first `tcp` route matching its port, which then
     /// applies to every connection instead of the SNI subset key.
     pub routes: Vec<L4Route>,
-    /// The network RBAC filters istiod puts in front of `tcp_proxy` for the
-    /// AuthorizationPolicies selecting the gateway, in order: every one must let a
-    /// connection through. Empty for servers from files, whose policies are `Snapshot::authz`.
+    /// The network RBAC filters in front of the server's routing for the
+    /// AuthorizationPolicies selecting the gateway, in order (DENY, then ALLOW): every one
+    /// must let a connection through. From istiod, as it sends them; from files, compiled
+    /// as istiod compiles them (`policy::compile`), on ISTIO_MUTUAL and PASSTHROUGH
+    /// servers. An AUTO_PASSTHROUGH server has none, as istiod gives it none.
     pub rbac: Vec<RbacFilter>,
 }
 
@@ -303,7 +309,8 @@ pub struct ServerSpec {
 /// evaluate it: peer identity, addresses, ports and server name.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RbacFilter {
-    /// The filter's `stat_prefix`, for logs.
+    /// For logs: istiod's `stat_prefix`; for a filter compiled from files, the
+    /// AuthorizationPolicies it holds (`namespace/name`, comma-separated).
     pub name: String,
     pub action: RbacAction,
     /// `None` when the filter has no `rules`: it lets every connection through.
@@ -422,6 +429,26 @@ impl PartialEq for StringMatchKind {
 }
 
 impl StringMatch {
+    /// A `safe_regex`: Envoy matches it against the whole value, hence the anchors. The
+    /// pattern must be a regular expression on its own first: wrapped, an unbalanced one
+    /// such as `a)|(?:b` would parse, and match far more.
+    pub fn regex(pattern: &str) -> Result<StringMatch, regex::Error> {
+        let build = |p: &str| regex::RegexBuilder::new(p).size_limit(1 << 20).build();
+        build(pattern)?;
+        Ok(StringMatch::new(
+            StringMatchKind::Regex(build(&format!("^(?:{pattern})$"))?),
+            false,
+        ))
+    }
+
+    pub fn kind(&self) -> &StringMatchKind {
+        &self.kind
+    }
+
+    pub fn ignore_case(&self) -> bool {
+        self.ignore_case
+    }
+
     /// `ignore_case` applies to the literal patterns, as in Envoy (not to a regex).
     pub fn new(kind: StringMatchKind, ignore_case: bool) -> StringMatch {
         use StringMatchKind::*;
@@ -878,35 +905,4 @@ pub enum PeerAuthMode {
     Strict,
     Permissive,
     Disable,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthzAction {
-    Allow,
-    Deny,
-}
-
-/// An AuthorizationPolicy that applies to this gateway.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AuthzPolicy {
-    pub name: String,
-    pub action: AuthzAction,
-    pub rules: Vec<AuthzRule>,
-}
-
-/// One `rules[]` entry: all of its non-empty parts must match.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AuthzRule {
-    /// `from[]`: any one source must match (empty = any source).
-    pub from: Vec<AuthzSource>,
-    /// Ports from `to[].operation.ports` (empty = any port).
-    pub ports: Vec<u16>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AuthzSource {
-    pub principals: Vec<String>,
-    pub not_principals: Vec<String>,
-    pub namespaces: Vec<String>,
-    pub not_namespaces: Vec<String>,
 }

@@ -3,7 +3,10 @@
 
 use serde_json::{Value, json};
 
-use crate::model::{AccessLogTarget, EndpointAddress, HostMatch, ServicePort, TrafficPolicy};
+use crate::model::{
+    AccessLogTarget, Cidr, EndpointAddress, HostMatch, RbacFilter, RbacPermission, RbacPrincipal,
+    ServicePort, StringMatch, StringMatchKind, TrafficPolicy,
+};
 use crate::proxy::{ServiceClusters, Shared};
 use crate::route::sni::build_subset_key;
 
@@ -57,11 +60,7 @@ pub fn config_dump(shared: &Shared) -> Value {
                 })).collect::<Vec<_>>(),
                 "hosts": srv.hosts.iter().map(HostMatch::to_string).collect::<Vec<_>>(),
                 "alpn": srv.alpn,
-                "rbac": srv.rbac.iter().map(|f| json!({
-                    "name": f.name,
-                    "action": format!("{:?}", f.action).to_uppercase(),
-                    "policies": f.policies.as_ref().map(|p| p.iter().map(|p| p.name.clone()).collect::<Vec<_>>()),
-                })).collect::<Vec<_>>(),
+                "rbac": srv.rbac.iter().map(rbac_filter).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "services": services.iter().map(|svc| json!({
@@ -93,10 +92,82 @@ pub fn config_dump(shared: &Shared) -> Value {
             "name": b.name, "listen": b.listen.to_string(), "host": b.host, "port": b.port,
             "subset": b.subset, "identity": b.identity,
         })).collect::<Vec<_>>(),
-        "authorizationPolicies": snap.authz.iter().map(|p| json!({
-            "name": p.name, "action": format!("{:?}", p.action).to_uppercase(), "rules": p.rules.len(),
-        })).collect::<Vec<_>>(),
     })
+}
+
+/// A network RBAC filter in Envoy's JSON shape (`rules.policies`, keyed by name), whether
+/// istiod sent it or it was compiled from files.
+fn rbac_filter(f: &RbacFilter) -> Value {
+    json!({
+        "name": f.name,
+        "action": format!("{:?}", f.action).to_uppercase(),
+        "policies": f.policies.as_ref().map(|ps| ps.iter().map(|p| (p.name.clone(), json!({
+            "permissions": p.permissions.iter().map(rbac_permission).collect::<Vec<_>>(),
+            "principals": p.principals.iter().map(rbac_principal).collect::<Vec<_>>(),
+        }))).collect::<serde_json::Map<_, _>>()),
+    })
+}
+
+fn rbac_permission(p: &RbacPermission) -> Value {
+    match p {
+        RbacPermission::Any => json!({"any": true}),
+        RbacPermission::And(all) => {
+            json!({"andRules": {"rules": all.iter().map(rbac_permission).collect::<Vec<_>>()}})
+        }
+        RbacPermission::Or(any) => {
+            json!({"orRules": {"rules": any.iter().map(rbac_permission).collect::<Vec<_>>()}})
+        }
+        RbacPermission::Not(x) => json!({"notRule": rbac_permission(x)}),
+        RbacPermission::DestinationPort(port) => json!({"destinationPort": port}),
+        RbacPermission::DestinationPortRange(start, end) => {
+            json!({"destinationPortRange": {"start": start, "end": end}})
+        }
+        RbacPermission::DestinationIp(c) => json!({"destinationIp": cidr(c)}),
+        RbacPermission::ServerName(m) => json!({"requestedServerName": string_match(m)}),
+    }
+}
+
+fn rbac_principal(p: &RbacPrincipal) -> Value {
+    match p {
+        RbacPrincipal::Any => json!({"any": true}),
+        RbacPrincipal::And(all) => {
+            json!({"andIds": {"ids": all.iter().map(rbac_principal).collect::<Vec<_>>()}})
+        }
+        RbacPrincipal::Or(any) => {
+            json!({"orIds": {"ids": any.iter().map(rbac_principal).collect::<Vec<_>>()}})
+        }
+        RbacPrincipal::Not(x) => json!({"notId": rbac_principal(x)}),
+        RbacPrincipal::Authenticated(m) => {
+            json!({"authenticated": {"principalName": m.as_ref().map(string_match)}})
+        }
+        RbacPrincipal::RemoteIp(c) => json!({"remoteIp": cidr(c)}),
+    }
+}
+
+fn cidr(c: &Cidr) -> Value {
+    json!({"addressPrefix": c.addr.to_string(), "prefixLen": c.len})
+}
+
+fn string_match(m: &StringMatch) -> Value {
+    let mut out = match m.kind() {
+        StringMatchKind::Exact(s) => json!({"exact": s}),
+        StringMatchKind::Prefix(s) => json!({"prefix": s}),
+        StringMatchKind::Suffix(s) => json!({"suffix": s}),
+        StringMatchKind::Contains(s) => json!({"contains": s}),
+        StringMatchKind::Regex(r) => {
+            // Held anchored for a full match; shown as written.
+            let written = r
+                .as_str()
+                .strip_prefix("^(?:")
+                .and_then(|s| s.strip_suffix(")$"))
+                .unwrap_or(r.as_str());
+            json!({"safeRegex": {"regex": written}})
+        }
+    };
+    if m.ignore_case() {
+        out["ignoreCase"] = json!(true);
+    }
+    out
 }
 
 fn policy(p: &TrafficPolicy) -> Value {

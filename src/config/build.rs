@@ -9,6 +9,7 @@ use crate::model::{
     BridgeSpec, Endpoint, EndpointAddress, HostMatch, ListenerSpec, Resolution, ServerSpec,
     ServerTlsMode, ServiceKey, ServicePort, Settings, Snapshot, Subset,
 };
+use crate::policy;
 
 use super::diagnostics::{Loc, Sink};
 use super::document::{Meta, Parsed};
@@ -200,7 +201,7 @@ pub(crate) fn build(sink: &mut Sink, parsed: Parsed) -> Snapshot {
         chosen = Some((&pa.meta, specific));
         peer_authentication = Some(mode);
     }
-    let authz = authorization_policies
+    let selected: Vec<_> = authorization_policies
         .iter()
         .filter(|ap| {
             let ok = applies(&ap.meta, &ap.selector);
@@ -211,6 +212,16 @@ pub(crate) fn build(sink: &mut Sink, parsed: Parsed) -> Snapshot {
         })
         .filter_map(|ap| ap.policy.clone())
         .collect();
+    // As istiod: the RBAC goes in front of every ISTIO_MUTUAL and PASSTHROUGH server's
+    // routing; AUTO_PASSTHROUGH chains get none.
+    let mut trust_domains = vec![settings.trust_domain.clone()];
+    trust_domains.extend(settings.trust_domain_aliases.iter().cloned());
+    let rbac = policy::compile::compile(&selected, &trust_domains);
+    for server in listeners.iter_mut().flat_map(|l| l.servers.iter_mut()) {
+        if server.mode != ServerTlsMode::AutoPassthrough {
+            server.rbac = rbac.clone();
+        }
+    }
 
     Snapshot {
         settings,
@@ -221,7 +232,7 @@ pub(crate) fn build(sink: &mut Sink, parsed: Parsed) -> Snapshot {
             .map(|(k, v)| (k, Arc::new(v)))
             .collect(),
         bridges: bridge_specs,
-        authz,
+        rbac,
         peer_authentication,
     }
 }

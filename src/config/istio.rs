@@ -6,9 +6,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::model::{
-    AuthzAction, AuthzPolicy, AuthzRule, AuthzSource, HostMatch, LbPolicy, Locality,
-    LocalityLbSetting, OutlierDetection, PeerAuthMode, Resolution, ServerTlsMode, UpstreamTls,
+    Cidr, HostMatch, LbPolicy, Locality, LocalityLbSetting, OutlierDetection, PeerAuthMode,
+    Resolution, ServerTlsMode, UpstreamTls,
 };
+use crate::policy::compile::{Action, AuthorizationPolicy, Operation, Rule, Source};
 
 use super::diagnostics::{Loc, Sink};
 use super::document::Meta;
@@ -1054,7 +1055,7 @@ pub(crate) struct AuthzDoc {
     pub meta: Meta,
     pub selector: Option<BTreeMap<String, String>>,
     /// `None` when the action is one strait cannot enforce (AUDIT, CUSTOM).
-    pub policy: Option<AuthzPolicy>,
+    pub policy: Option<AuthorizationPolicy>,
 }
 
 fn selector(sink: &mut Sink, spec: &mut Fields<'_, '_>) -> Option<BTreeMap<String, String>> {
@@ -1113,12 +1114,12 @@ pub(crate) fn authorization_policy(
 ) -> Option<AuthzDoc> {
     let root = *spec.path();
     let selector = selector(sink, &mut spec);
-    let mut action = Some(AuthzAction::Allow);
+    let mut action = Some(Action::Allow);
     if let Some(n) = spec.get("action") {
         let ap = root.key("action");
         action = match fields::word(sink, n, &ap, &["ALLOW", "DENY", "AUDIT", "CUSTOM"]) {
-            Some("ALLOW") => Some(AuthzAction::Allow),
-            Some("DENY") => Some(AuthzAction::Deny),
+            Some("ALLOW") => Some(Action::Allow),
+            Some("DENY") => Some(Action::Deny),
             Some(other) => {
                 sink.warn(
                     n.loc,
@@ -1133,20 +1134,19 @@ pub(crate) fn authorization_policy(
     if let Some(list) = spec.get("rules") {
         let rp = root.key("rules");
         for (i, item) in fields::seq(sink, list, &rp).iter().enumerate() {
-            if let Some(rule) = authz_rule(
-                sink,
-                item,
-                &rp.index(i),
-                action.unwrap_or(AuthzAction::Allow),
-            ) {
+            // A rule that is not a mapping is an error: nothing is served from it.
+            if let Some(rule) =
+                authz_rule(sink, item, &rp.index(i), action.unwrap_or(Action::Allow))
+            {
                 rules.push(rule);
             }
         }
     }
     spec.not_used(sink, &["provider", "targetRef", "targetRefs"]);
     spec.finish(sink);
-    let policy = action.map(|action| AuthzPolicy {
-        name: meta.qualified(),
+    let policy = action.map(|action| AuthorizationPolicy {
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone(),
         action,
         rules,
     });
@@ -1158,18 +1158,14 @@ pub(crate) fn authorization_policy(
 }
 
 /// Reads one rule. Conditions strait cannot evaluate on a TCP connection are handled the way
-/// Istio handles HTTP-only conditions on TCP: an ALLOW rule using one never matches (dropped),
-/// a DENY rule drops the condition and so matches more.
-fn authz_rule(
-    sink: &mut Sink,
-    node: &Node,
-    path: &Path<'_>,
-    action: AuthzAction,
-) -> Option<AuthzRule> {
+/// istiod handles HTTP-only conditions on a TCP filter chain: an ALLOW rule using one never
+/// matches (left out), a DENY rule drops the condition and so matches more.
+fn authz_rule(sink: &mut Sink, node: &Node, path: &Path<'_>, action: Action) -> Option<Rule> {
+    let mut rule = Rule::default();
     let mut f = Fields::of(sink, node, *path)?;
     let consequence = match action {
-        AuthzAction::Allow => "this ALLOW rule can never match and is dropped",
-        AuthzAction::Deny => "the condition is dropped, so this DENY rule matches more",
+        Action::Allow => "this ALLOW rule can never match and is dropped",
+        Action::Deny => "the condition is dropped, so this DENY rule matches more",
     };
     let mut unsupported = false;
     let mut warn_unsupported = |sink: &mut Sink, f: &mut Fields<'_, '_>, keys: &[&str]| {
@@ -1187,7 +1183,6 @@ fn authz_rule(
         }
         f.accept(keys);
     };
-    let mut rule = AuthzRule::default();
     if let Some(list) = f.get("from") {
         let fp = path.key("from");
         for (i, item) in fields::seq(sink, list, &fp).iter().enumerate() {
@@ -1195,10 +1190,10 @@ fn authz_rule(
             let Some(mut ff) = Fields::of(sink, item, ip) else {
                 continue;
             };
+            let mut s = Source::default();
             if let Some(src) = ff.get("source") {
                 let sp = ip.key("source");
                 if let Some(mut sf) = Fields::of(sink, src, sp) {
-                    let mut s = AuthzSource::default();
                     let list = |sf: &mut Fields<'_, '_>, key: &str, sink: &mut Sink| {
                         sf.get(key)
                             .map(|n| fields::strings(sink, n, &sp.key(key)))
@@ -1208,36 +1203,40 @@ fn authz_rule(
                     s.not_principals = list(&mut sf, "notPrincipals", sink);
                     s.namespaces = list(&mut sf, "namespaces", sink);
                     s.not_namespaces = list(&mut sf, "notNamespaces", sink);
+                    let blocks = |sf: &mut Fields<'_, '_>, key: &str, sink: &mut Sink| {
+                        sf.get(key)
+                            .map(|n| cidrs(sink, n, &sp.key(key)))
+                            .unwrap_or_default()
+                    };
+                    s.ip_blocks = blocks(&mut sf, "ipBlocks", sink);
+                    s.not_ip_blocks = blocks(&mut sf, "notIpBlocks", sink);
+                    s.remote_ip_blocks = blocks(&mut sf, "remoteIpBlocks", sink);
+                    s.not_remote_ip_blocks = blocks(&mut sf, "notRemoteIpBlocks", sink);
                     warn_unsupported(
                         sink,
                         &mut sf,
                         &[
                             "requestPrincipals",
                             "notRequestPrincipals",
-                            "ipBlocks",
-                            "notIpBlocks",
-                            "remoteIpBlocks",
-                            "notRemoteIpBlocks",
                             "serviceAccounts",
                             "notServiceAccounts",
                         ],
                     );
                     sf.finish(sink);
-                    rule.from.push(s);
                 }
             }
             ff.finish(sink);
+            rule.from.push(s);
         }
     }
     if let Some(list) = f.get("to") {
         let tp = path.key("to");
-        let mut any_port = false;
         for (i, item) in fields::seq(sink, list, &tp).iter().enumerate() {
             let ip = tp.index(i);
             let Some(mut tf) = Fields::of(sink, item, ip) else {
                 continue;
             };
-            let mut ports = Vec::new();
+            let mut operation = Operation::default();
             if let Some(op) = tf.get("operation") {
                 let op_path = ip.key("operation");
                 if let Some(mut of) = Fields::of(sink, op, op_path) {
@@ -1245,7 +1244,7 @@ fn authz_rule(
                         let pp = op_path.key("ports");
                         for (j, p) in fields::seq(sink, n, &pp).iter().enumerate() {
                             if let Some(port) = fields::port_text(sink, p, &pp.index(j)) {
-                                ports.push(port);
+                                operation.ports.push(port);
                             }
                         }
                     }
@@ -1266,19 +1265,43 @@ fn authz_rule(
                 }
             }
             tf.finish(sink);
-            if ports.is_empty() {
-                any_port = true;
-            }
-            rule.ports.extend(ports);
-        }
-        if any_port {
-            rule.ports.clear();
+            rule.to.push(operation);
         }
     }
     warn_unsupported(sink, &mut f, &["when"]);
     f.finish(sink);
-    if unsupported && action == AuthzAction::Allow {
-        return None;
-    }
+    rule.unevaluable = unsupported;
     Some(rule)
+}
+
+/// Addresses or CIDR ranges (`10.0.0.1`, `10.0.0.0/16`, IPv6 alike), as istiod's
+/// validation accepts them.
+fn cidrs(sink: &mut Sink, node: &Node, path: &Path<'_>) -> Vec<Cidr> {
+    let mut out = Vec::new();
+    for (i, item) in fields::seq(sink, node, path).iter().enumerate() {
+        let p = path.index(i);
+        let Some(text) = fields::string(sink, item, &p) else {
+            continue;
+        };
+        let (addr, len) = match text.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (text.as_str(), None),
+        };
+        let parsed = addr.parse::<IpAddr>().ok().and_then(|addr| {
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let len = match len {
+                None => max,
+                Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max)?,
+            };
+            Some(Cidr { addr, len })
+        });
+        match parsed {
+            Some(c) => out.push(c),
+            None => sink.error(
+                item.loc,
+                format!("{p}: {text:?} is not an IP address or CIDR range"),
+            ),
+        }
+    }
+    out
 }

@@ -1083,6 +1083,67 @@ metadata: {name: namespace-wide, namespace: default}
 spec: {action: DENY}
 ";
 
+/// Three servers, one per TLS mode, after the policies: istiod puts the RBAC on the
+/// ISTIO_MUTUAL and PASSTHROUGH servers only.
+const THREE_SERVERS: &str = "---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: istio-system}
+spec:
+  servers:
+  - port: {number: 15443, name: tls, protocol: TLS}
+    tls: {mode: AUTO_PASSTHROUGH}
+    hosts: [\"*.local\"]
+  - port: {number: 15444, name: mutual, protocol: TLS}
+    tls: {mode: ISTIO_MUTUAL}
+    hosts: [\"*.local\"]
+  - port: {number: 15445, name: passthrough, protocol: TLS}
+    tls: {mode: PASSTHROUGH}
+    hosts: [\"*.local\"]
+";
+
+/// The RBAC filters of the server on `port`.
+fn rbac_on(l: &Loaded, port: u16) -> &[RbacFilter] {
+    let server = l
+        .snapshot
+        .listeners
+        .iter()
+        .find(|s| s.addr.port() == port)
+        .and_then(|s| s.servers.first())
+        .unwrap_or_else(|| panic!("no server on {port}"));
+    &server.rbac
+}
+
+/// (action, policy names) of each filter.
+fn rbac_names(filters: &[RbacFilter]) -> Vec<(RbacAction, Vec<&str>)> {
+    filters
+        .iter()
+        .map(|f| {
+            let names = f
+                .policies
+                .iter()
+                .flatten()
+                .map(|p| p.name.as_str())
+                .collect();
+            (f.action, names)
+        })
+        .collect()
+}
+
+/// A principal made only of `authenticated` with a regex, or its negation: the pattern.
+fn regexes(p: &RbacPrincipal) -> Vec<String> {
+    match p {
+        RbacPrincipal::And(xs) | RbacPrincipal::Or(xs) => xs.iter().flat_map(regexes).collect(),
+        RbacPrincipal::Not(x) => regexes(x).into_iter().map(|r| format!("not {r}")).collect(),
+        RbacPrincipal::Authenticated(Some(m)) => vec![match m.kind() {
+            StringMatchKind::Regex(r) => r.as_str().to_string(),
+            StringMatchKind::Exact(e) => e.clone(),
+            other => format!("{other:?}"),
+        }],
+        other => vec![format!("{other:?}")],
+    }
+}
+
 #[test]
 fn policies_apply_from_the_root_namespace_or_by_selector() {
     let bootstrap = "apiVersion: strait.dev/v1alpha1
@@ -1091,30 +1152,48 @@ metadata: {name: b}
 spec: {labels: {istio: eastwestgateway, app: x}}
 ---
 ";
-    let l = load_ok(&format!("{bootstrap}{POLICIES}"));
+    let l = load_ok(&format!("{bootstrap}{POLICIES}{THREE_SERVERS}"));
     let s = &l.snapshot;
     assert_eq!(s.peer_authentication, Some(PeerAuthMode::Permissive));
-    let names: Vec<&str> = s.authz.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, ["istio-system/root-deny", "gateways/selected"]);
-    assert_eq!(s.authz[0].action, AuthzAction::Deny);
-    assert_eq!(s.authz[0].rules[0].from[0].namespaces, ["legacy"]);
-    let selected = &s.authz[1];
-    assert_eq!(selected.action, AuthzAction::Allow);
-    assert_eq!(selected.rules[0].ports, [15443, 15444]);
+    let rbac = rbac_on(&l, 15444);
     assert_eq!(
-        selected.rules[0].from[0].principals,
-        ["cluster.local/ns/a/sa/b"]
+        rbac_names(rbac),
+        [
+            (
+                RbacAction::Deny,
+                vec!["ns[istio-system]-policy[root-deny]-rule[0]"]
+            ),
+            (
+                RbacAction::Allow,
+                vec!["ns[gateways]-policy[selected]-rule[0]"]
+            ),
+        ]
     );
-    assert_eq!(selected.rules[0].from[0].not_namespaces, ["x"]);
+    let deny = &rbac[0].policies.as_ref().unwrap()[0];
+    assert_eq!(regexes(&deny.principals[0]), ["^(?:.*/ns/legacy/.*)$"]);
+    let selected = &rbac[1].policies.as_ref().unwrap()[0];
+    assert_eq!(
+        selected.permissions,
+        [RbacPermission::And(vec![RbacPermission::Or(vec![
+            RbacPermission::DestinationPort(15443),
+            RbacPermission::DestinationPort(15444)
+        ])])]
+    );
+    assert_eq!(
+        regexes(&selected.principals[0]),
+        ["spiffe://cluster.local/ns/a/sa/b", "not ^(?:.*/ns/x/.*)$"]
+    );
+    assert_eq!(rbac_on(&l, 15445), rbac, "PASSTHROUGH has the same RBAC");
+    assert!(rbac_on(&l, 15443).is_empty(), "AUTO_PASSTHROUGH has none");
 
     // Without the labels, only the root-namespace policy applies; another root namespace
     // leaves none.
-    let l = load_ok(POLICIES);
-    assert_eq!(l.snapshot.authz.len(), 1);
+    let l = load_ok(&format!("{POLICIES}{THREE_SERVERS}"));
+    assert_eq!(rbac_on(&l, 15444).len(), 1);
     let l = load_ok(&format!(
-        "apiVersion: strait.dev/v1alpha1\nkind: Bootstrap\nmetadata: {{name: b}}\nspec: {{rootNamespace: mesh-root}}\n---\n{POLICIES}"
+        "apiVersion: strait.dev/v1alpha1\nkind: Bootstrap\nmetadata: {{name: b}}\nspec: {{rootNamespace: mesh-root}}\n---\n{POLICIES}{THREE_SERVERS}"
     ));
-    assert!(l.snapshot.authz.is_empty());
+    assert!(rbac_on(&l, 15444).is_empty());
     assert_eq!(l.snapshot.peer_authentication, None);
 }
 
@@ -1142,43 +1221,101 @@ spec: {mtls: {mode: PERMISSIVE}}
 
 #[test]
 fn authorization_conditions_strait_cannot_evaluate() {
-    let l = load_ok(
+    let l = load_ok(&format!(
         "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {name: http-only, namespace: istio-system}
+metadata: {{name: http-only, namespace: istio-system}}
 spec:
   rules:
-  - to: [{operation: {methods: [GET]}}]
-  - from: [{source: {namespaces: [a]}}]
+  - to: [{{operation: {{methods: [GET]}}}}]
+  - from: [{{source: {{namespaces: [a]}}}}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {name: deny-ip, namespace: istio-system}
+metadata: {{name: deny-sa, namespace: istio-system}}
 spec:
   action: DENY
   rules:
-  - from: [{source: {ipBlocks: [10.0.0.0/8], namespaces: [b]}}]
+  - from: [{{source: {{serviceAccounts: [x/y], namespaces: [b]}}}}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {name: ext, namespace: istio-system}
-spec: {action: CUSTOM, provider: {name: opa}}
-",
-    );
+metadata: {{name: ext, namespace: istio-system}}
+spec: {{action: CUSTOM, provider: {{name: opa}}}}
+{THREE_SERVERS}"
+    ));
     assert_eq!(
-        warnings_of(&l),
+        warnings_of(&l)[..4],
         [
             "t.yaml:6:23: warning: spec.rules[0].to[0].operation.methods is not evaluated by strait on TCP connections; this ALLOW rule can never match and is dropped",
-            "t.yaml:15:22: warning: spec.rules[0].from[0].source.ipBlocks is not evaluated by strait on TCP connections; the condition is dropped, so this DENY rule matches more",
+            "t.yaml:15:22: warning: spec.rules[0].from[0].source.serviceAccounts is not evaluated by strait on TCP connections; the condition is dropped, so this DENY rule matches more",
             "t.yaml:20:16: warning: spec.action CUSTOM is not supported by strait (ALLOW or DENY); policy istio-system/ext ignored",
             "t.yaml:20:24: warning: field spec.provider is not used by strait; ignored",
         ]
     );
-    let authz = &l.snapshot.authz;
-    assert_eq!(authz.len(), 2);
-    assert_eq!(authz[0].rules.len(), 1);
-    assert_eq!(authz[0].rules[0].from[0].namespaces, ["a"]);
-    assert_eq!(authz[1].rules[0].from[0].namespaces, ["b"]);
+    let rbac = rbac_on(&l, 15444);
+    assert_eq!(
+        rbac_names(rbac),
+        [
+            (
+                RbacAction::Deny,
+                vec!["ns[istio-system]-policy[deny-sa]-rule[0]"]
+            ),
+            (
+                RbacAction::Allow,
+                vec!["ns[istio-system]-policy[http-only]-rule[1]"]
+            ),
+        ]
+    );
+    let deny = &rbac[0].policies.as_ref().unwrap()[0];
+    assert_eq!(regexes(&deny.principals[0]), ["^(?:.*/ns/b/.*)$"]);
+    let allow = &rbac[1].policies.as_ref().unwrap()[0];
+    assert_eq!(regexes(&allow.principals[0]), ["^(?:.*/ns/a/.*)$"]);
+}
+
+#[test]
+fn source_ip_blocks_are_read_and_bad_ones_refused() {
+    let l = load_ok(&format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: by-address, namespace: istio-system}}
+spec:
+  rules:
+  - from: [{{source: {{ipBlocks: [10.0.0.0/24], notRemoteIpBlocks: [\"10.0.0.62\", \"fd00::/8\"]}}}}]
+{THREE_SERVERS}"
+    ));
+    let policy = &rbac_on(&l, 15444)[0].policies.as_ref().unwrap()[0];
+    let cidr = |a: &str, len| {
+        RbacPrincipal::RemoteIp(Cidr {
+            addr: a.parse().unwrap(),
+            len,
+        })
+    };
+    assert_eq!(
+        policy.principals,
+        [RbacPrincipal::And(vec![
+            RbacPrincipal::Not(Box::new(RbacPrincipal::Or(vec![
+                cidr("10.0.0.62", 32),
+                cidr("fd00::", 8)
+            ]))),
+            RbacPrincipal::Or(vec![cidr("10.0.0.0", 24)]),
+        ])]
+    );
+    assert_eq!(
+        load_err(
+            "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bad, namespace: istio-system}
+spec:
+  rules:
+  - from: [{source: {ipBlocks: [10.0.0.0/33, not-an-ip]}}]
+"
+        ),
+        [
+            "t.yaml:6:33: error: spec.rules[0].from[0].source.ipBlocks[0]: \"10.0.0.0/33\" is not an IP address or CIDR range",
+            "t.yaml:6:46: error: spec.rules[0].from[0].source.ipBlocks[1]: \"not-an-ip\" is not an IP address or CIDR range",
+        ]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

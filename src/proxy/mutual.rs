@@ -15,7 +15,7 @@ use super::rewind::Rewind;
 use super::upstream_leg::{copy_limits, open_upstream, record_copy};
 use super::{Runtime, Shared};
 use crate::model::{RbacFilter, ServicePort, UpstreamTls};
-use crate::policy::authz::{Peer, RbacConn, authorize, check_rbac};
+use crate::policy::authz::{RbacConn, check_rbac};
 use crate::route::sni::build_subset_key;
 use crate::telemetry::{ConnectionResult, IstioLabels, ResponseFlag};
 use crate::tls::{classify_handshake_error, handshake_error_detail, peer_spiffe_id};
@@ -25,7 +25,7 @@ use crate::upstream::Purpose;
 pub(super) struct MutualRoute<'a> {
     pub service: Arc<ServicePort>,
     pub subset: Option<String>,
-    /// The server's RBAC filters (from istiod), applied after `Snapshot::authz`.
+    /// The server's RBAC filters (from istiod, or compiled from files).
     pub rbac: &'a [RbacFilter],
     /// The ALPN protocols the client offered, in its order.
     pub offered_alpn: &'a [Vec<u8>],
@@ -57,8 +57,7 @@ pub(super) async fn serve(
         refuse_with_alert(&mut stream, Some(Alert::HandshakeFailure)).await;
         return;
     };
-    let listener_port = result.listener.port();
-    // A system call: only where istiod's RBAC may read the destination address.
+    // A system call: only where a policy may read the destination address.
     let local = if rbac.is_empty() {
         result.listener
     } else {
@@ -98,21 +97,13 @@ pub(super) async fn serve(
     };
     result.peer_identity = peer_id.as_ref().map(ToString::to_string);
 
-    let mut trust_domains = vec![settings.trust_domain.clone()];
-    trust_domains.extend(settings.trust_domain_aliases.iter().cloned());
-    let peer = Peer {
-        id: peer_id.as_ref(),
-        trust_domains: &trust_domains,
-        port: listener_port,
-    };
     let conn = RbacConn {
         principal: peer_id.as_ref().map(|id| id.as_str()),
         peer: result.downstream,
         local,
         sni: result.sni.as_deref(),
     };
-    let verdict = authorize(&runtime.snapshot.authz, &peer).and_then(|()| check_rbac(rbac, &conn));
-    if let Err(denied) = verdict {
+    if let Err(denied) = check_rbac(rbac, &conn) {
         result.refuse(ResponseFlag::Unauthorized, denied.reason());
         tracing::info!(
             peer = %result.downstream,

@@ -22,7 +22,7 @@ use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use crate::model::{Changed, Discovery, ListenerSpec, Snapshot, XdsProtocol};
+use crate::model::{Changed, Discovery, ListenerSpec, ServerTlsMode, Snapshot, XdsProtocol};
 
 pub use client::Published;
 
@@ -279,7 +279,8 @@ pub fn start(status: Arc<Status>) -> Arc<Feed> {
     feed
 }
 
-/// The file snapshot with the control plane's listeners and services added. Where both
+/// The file snapshot with the control plane's listeners and services added, the RBAC of
+/// file AuthorizationPolicies after istiod's own on its servers. Where both
 /// declare the same listener address or service port, the file wins and the xDS one is
 /// left out with a warning. Costs in proportion to the files: the control plane's
 /// services are shared, not copied.
@@ -291,7 +292,16 @@ pub fn merge(files: &Snapshot, xds: &Published) -> Snapshot {
             tracing::warn!(address = %l.addr, "an xDS listener's address is already served by a file-declared Gateway; the file's is kept");
             continue;
         }
-        out.listeners.push(ListenerSpec::clone(l));
+        let mut l = ListenerSpec::clone(l);
+        if !files.rbac.is_empty() {
+            // File policies hold on every server that takes policies, whoever declared it.
+            for server in &mut l.servers {
+                if server.mode != ServerTlsMode::AutoPassthrough {
+                    server.rbac.extend(files.rbac.iter().cloned());
+                }
+            }
+        }
+        out.listeners.push(l);
     }
     let mut services = xds.services.clone();
     for (k, s) in &files.services {
@@ -316,6 +326,53 @@ mod tests {
 
     fn keys(hosts: &[&str]) -> Changed {
         Changed::Services(hosts.iter().map(|h| ServiceKey::new(h, 80)).collect())
+    }
+
+    #[test]
+    fn file_policies_hold_after_istiods_own_on_its_servers_but_auto_passthrough() {
+        use crate::model::{RbacAction, RbacFilter, ServerSpec};
+        let filter = |name: &str| RbacFilter {
+            name: name.into(),
+            action: RbacAction::Allow,
+            policies: Some(Vec::new()),
+        };
+        let server = |mode, rbac: Vec<RbacFilter>| ServerSpec {
+            name: format!("{mode:?}"),
+            mode,
+            hosts: Vec::<crate::model::HostMatch>::new().into(),
+            alpn: None,
+            routes: Vec::new(),
+            rbac,
+        };
+        let files = Snapshot {
+            rbac: vec![filter("istio-system/from-files")],
+            ..Snapshot::default()
+        };
+        let xds = Published {
+            listeners: vec![ListenerSpec {
+                addr: "0.0.0.0:15443".parse().unwrap(),
+                servers: vec![
+                    server(ServerTlsMode::IstioMutual, vec![filter("tcp.")]),
+                    server(ServerTlsMode::Passthrough, Vec::new()),
+                    server(ServerTlsMode::AutoPassthrough, Vec::new()),
+                ],
+            }],
+            ..Published::default()
+        };
+        let merged = merge(&files, &xds);
+        let names: Vec<Vec<&str>> = merged.listeners[0]
+            .servers
+            .iter()
+            .map(|s| s.rbac.iter().map(|f| f.name.as_str()).collect())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                vec!["tcp.", "istio-system/from-files"],
+                vec!["istio-system/from-files"],
+                vec![],
+            ]
+        );
     }
 
     #[tokio::test]

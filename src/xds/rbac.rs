@@ -275,17 +275,7 @@ pub(super) fn string_match(m: &StringMatcher) -> Result<StringMatch, String> {
         Some(MatchPattern::Suffix(s)) => StringMatchKind::Suffix(s.clone()),
         Some(MatchPattern::Contains(s)) => StringMatchKind::Contains(s.clone()),
         Some(MatchPattern::SafeRegex(r)) => {
-            // Envoy matches a safe_regex against the whole value, hence the anchors. The
-            // pattern must be a regular expression on its own first: wrapped, an
-            // unbalanced one such as `a)|(?:b` would parse, and match far more.
-            let build = |pattern: &str| {
-                regex::RegexBuilder::new(pattern)
-                    .size_limit(1 << 20)
-                    .build()
-                    .map_err(|e| format!("regex {:?}: {e}", r.regex))
-            };
-            build(&r.regex)?;
-            StringMatchKind::Regex(build(&format!("^(?:{})$", r.regex))?)
+            return StringMatch::regex(&r.regex).map_err(|e| format!("regex {:?}: {e}", r.regex));
         }
         Some(MatchPattern::Custom(c)) => {
             return Err(format!("custom string matcher {} is not supported", c.name));

@@ -1962,6 +1962,24 @@ pub async fn mtls_who(gw: SocketAddr, certs: &Path, sni: &str) -> std::io::Resul
         .map(|(who, _)| who)
 }
 
+/// [`mtls_who`] from the local address `from` (one of the host's own).
+pub async fn mtls_who_from(
+    gw: SocketAddr,
+    certs: &Path,
+    sni: &str,
+    from: std::net::IpAddr,
+) -> std::io::Result<String> {
+    mtls_exchange(
+        gw,
+        certs,
+        sni,
+        &["istio-peer-exchange", "istio"],
+        Some(from),
+    )
+    .await
+    .map(|(who, _)| who)
+}
+
 /// [`mtls_who`] with the client offering `alpn`; also returns the protocol the server
 /// negotiated (`None`: no ALPN).
 pub async fn mtls_who_offering(
@@ -1969,6 +1987,16 @@ pub async fn mtls_who_offering(
     certs: &Path,
     sni: &str,
     alpn: &[&str],
+) -> std::io::Result<(String, Option<String>)> {
+    mtls_exchange(gw, certs, sni, alpn, None).await
+}
+
+async fn mtls_exchange(
+    gw: SocketAddr,
+    certs: &Path,
+    sni: &str,
+    alpn: &[&str],
+    from: Option<std::net::IpAddr>,
 ) -> std::io::Result<(String, Option<String>)> {
     use strait::tls::{TrustConfig, client_config, load_identity};
     let id = load_identity(certs).map_err(std::io::Error::other)?;
@@ -1980,7 +2008,17 @@ pub async fn mtls_who_offering(
     let alpn: Vec<&[u8]> = alpn.iter().map(|a| a.as_bytes()).collect();
     let config = client_config(&id, &trust, None, &alpn).map_err(std::io::Error::other)?;
     let exchange = async {
-        let tcp = TcpStream::connect(gw).await?;
+        let tcp = match from {
+            None => TcpStream::connect(gw).await?,
+            Some(ip) => {
+                let socket = match ip {
+                    std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(gw).await?
+            }
+        };
         let name = ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
         let mut tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
