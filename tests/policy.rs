@@ -1,10 +1,10 @@
 //! One AuthorizationPolicy, two ways in: the same YAML given to a strait gateway in its
 //! files and, through the real istiod (the Go harness in `interop/`), to a strait gateway
 //! fed over xDS. For each policy of a table, every peer of a matrix (identities from the
-//! mesh trust domain and from an alias, two namespaces, two source addresses, two
-//! ISTIO_MUTUAL ports, and a PASSTHROUGH port where no identity is seen) must get the
-//! same decision from both: echoed, or refused with the reason a user reads in the
-//! metrics. Both gateways must also show the same RBAC in `config_dump`: the files compile
+//! mesh trust domain and from an alias, two namespaces and service accounts, two source
+//! addresses, two ISTIO_MUTUAL ports, and a PASSTHROUGH port where no identity is seen)
+//! must get the same decision from both: echoed, or refused with the reason a user reads
+//! in the metrics. Both gateways must also show the same RBAC in `config_dump`: the files compile
 //! to what istiod sends.
 //!
 //! The lab is the one of the istiod tests (`common::istiod`): istiod, the workload and the
@@ -239,6 +239,20 @@ metadata: {name: c7-allow, namespace: istio-system}
 spec: {}
 ",
             want: [[N, N], [N, N], [N, N], [N, N]],
+            passthrough: [N, N],
+        },
+        Case {
+            what: "ALLOW a service account, in either trust domain, except on one port",
+            policies: "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: c8-allow, namespace: istio-system}
+spec:
+  rules:
+  - from: [{source: {serviceAccounts: [foo/sleep]}}]
+    to: [{operation: {notPorts: [\"15444\"]}}]
+",
+            want: [[E, N], [E, N], [N, N], [N, N]],
             passthrough: [N, N],
         },
     ]

@@ -1203,6 +1203,8 @@ fn authz_rule(sink: &mut Sink, node: &Node, path: &Path<'_>, action: Action) -> 
                     s.not_principals = list(&mut sf, "notPrincipals", sink);
                     s.namespaces = list(&mut sf, "namespaces", sink);
                     s.not_namespaces = list(&mut sf, "notNamespaces", sink);
+                    s.service_accounts = list(&mut sf, "serviceAccounts", sink);
+                    s.not_service_accounts = list(&mut sf, "notServiceAccounts", sink);
                     let blocks = |sf: &mut Fields<'_, '_>, key: &str, sink: &mut Sink| {
                         sf.get(key)
                             .map(|n| cidrs(sink, n, &sp.key(key)))
@@ -1215,12 +1217,7 @@ fn authz_rule(sink: &mut Sink, node: &Node, path: &Path<'_>, action: Action) -> 
                     warn_unsupported(
                         sink,
                         &mut sf,
-                        &[
-                            "requestPrincipals",
-                            "notRequestPrincipals",
-                            "serviceAccounts",
-                            "notServiceAccounts",
-                        ],
+                        &["requestPrincipals", "notRequestPrincipals"],
                     );
                     sf.finish(sink);
                 }
@@ -1240,11 +1237,16 @@ fn authz_rule(sink: &mut Sink, node: &Node, path: &Path<'_>, action: Action) -> 
             if let Some(op) = tf.get("operation") {
                 let op_path = ip.key("operation");
                 if let Some(mut of) = Fields::of(sink, op, op_path) {
-                    if let Some(n) = of.get("ports") {
-                        let pp = op_path.key("ports");
-                        for (j, p) in fields::seq(sink, n, &pp).iter().enumerate() {
-                            if let Some(port) = fields::port_text(sink, p, &pp.index(j)) {
-                                operation.ports.push(port);
+                    for (key, into) in [
+                        ("ports", &mut operation.ports),
+                        ("notPorts", &mut operation.not_ports),
+                    ] {
+                        if let Some(n) = of.get(key) {
+                            let pp = op_path.key(key);
+                            for (j, p) in fields::seq(sink, n, &pp).iter().enumerate() {
+                                if let Some(port) = fields::port_text(sink, p, &pp.index(j)) {
+                                    into.push(port);
+                                }
                             }
                         }
                     }
@@ -1252,7 +1254,6 @@ fn authz_rule(sink: &mut Sink, node: &Node, path: &Path<'_>, action: Action) -> 
                         sink,
                         &mut of,
                         &[
-                            "notPorts",
                             "hosts",
                             "notHosts",
                             "methods",

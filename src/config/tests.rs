@@ -1232,11 +1232,11 @@ spec:
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {{name: deny-sa, namespace: istio-system}}
+metadata: {{name: deny-jwt, namespace: istio-system}}
 spec:
   action: DENY
   rules:
-  - from: [{{source: {{serviceAccounts: [x/y], namespaces: [b]}}}}]
+  - from: [{{source: {{requestPrincipals: [x/y], namespaces: [b]}}}}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -1248,7 +1248,7 @@ spec: {{action: CUSTOM, provider: {{name: opa}}}}
         warnings_of(&l)[..4],
         [
             "t.yaml:6:23: warning: spec.rules[0].to[0].operation.methods is not evaluated by strait on TCP connections; this ALLOW rule can never match and is dropped",
-            "t.yaml:15:22: warning: spec.rules[0].from[0].source.serviceAccounts is not evaluated by strait on TCP connections; the condition is dropped, so this DENY rule matches more",
+            "t.yaml:15:22: warning: spec.rules[0].from[0].source.requestPrincipals is not evaluated by strait on TCP connections; the condition is dropped, so this DENY rule matches more",
             "t.yaml:20:16: warning: spec.action CUSTOM is not supported by strait (ALLOW or DENY); policy istio-system/ext ignored",
             "t.yaml:20:24: warning: field spec.provider is not used by strait; ignored",
         ]
@@ -1259,7 +1259,7 @@ spec: {{action: CUSTOM, provider: {{name: opa}}}}
         [
             (
                 RbacAction::Deny,
-                vec!["ns[istio-system]-policy[deny-sa]-rule[0]"]
+                vec!["ns[istio-system]-policy[deny-jwt]-rule[0]"]
             ),
             (
                 RbacAction::Allow,

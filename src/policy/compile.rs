@@ -50,6 +50,9 @@ pub struct Source {
     pub not_principals: Vec<String>,
     pub namespaces: Vec<String>,
     pub not_namespaces: Vec<String>,
+    /// `serviceAccounts`: `<namespace>/<name>`, or `<name>` in the policy's namespace.
+    pub service_accounts: Vec<String>,
+    pub not_service_accounts: Vec<String>,
     /// `ipBlocks` and `remoteIpBlocks` (and their negations): the gateway reads no PROXY
     /// protocol or forwarded headers, so both are the peer's address.
     pub ip_blocks: Vec<Cidr>,
@@ -62,6 +65,7 @@ pub struct Source {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Operation {
     pub ports: Vec<u16>,
+    pub not_ports: Vec<u16>,
 }
 
 /// The policies' RBAC filters: DENY first, then ALLOW, each present only when a policy
@@ -122,21 +126,30 @@ fn policy_rules(p: &AuthorizationPolicy, trust_domains: &[String]) -> Vec<RbacPo
             principals: if r.from.is_empty() {
                 vec![RbacPrincipal::And(vec![RbacPrincipal::Any])]
             } else {
-                r.from.iter().map(|s| principal(s, trust_domains)).collect()
+                r.from
+                    .iter()
+                    .map(|s| principal(s, &p.namespace, trust_domains))
+                    .collect()
             },
         })
         .collect()
 }
 
 fn permission(o: &Operation) -> RbacPermission {
-    let mut and = Vec::new();
-    if !o.ports.is_empty() {
-        and.push(RbacPermission::Or(
-            o.ports
+    let ports = |ports: &[u16]| {
+        RbacPermission::Or(
+            ports
                 .iter()
                 .map(|p| RbacPermission::DestinationPort(*p))
                 .collect(),
-        ));
+        )
+    };
+    let mut and = Vec::new();
+    if !o.ports.is_empty() {
+        and.push(ports(&o.ports));
+    }
+    if !o.not_ports.is_empty() {
+        and.push(RbacPermission::Not(Box::new(ports(&o.not_ports))));
     }
     if and.is_empty() {
         and.push(RbacPermission::Any);
@@ -144,8 +157,8 @@ fn permission(o: &Operation) -> RbacPermission {
     RbacPermission::And(and)
 }
 
-/// One `from` entry, its fields in istiod's order.
-fn principal(s: &Source, trust_domains: &[String]) -> RbacPrincipal {
+/// One `from` entry of a policy in `namespace`, its fields in istiod's order.
+fn principal(s: &Source, namespace: &str, trust_domains: &[String]) -> RbacPrincipal {
     let mut and = Vec::new();
     let mut field = |values: Vec<RbacPrincipal>, not_values: Vec<RbacPrincipal>| {
         if !values.is_empty() {
@@ -162,6 +175,16 @@ fn principal(s: &Source, trust_domains: &[String]) -> RbacPrincipal {
             .collect()
     };
     field(principals(&s.principals), principals(&s.not_principals));
+    let accounts = |values: &[String]| -> Vec<RbacPrincipal> {
+        values
+            .iter()
+            .map(|v| authenticated(service_account_matcher(namespace, v)))
+            .collect()
+    };
+    field(
+        accounts(&s.service_accounts),
+        accounts(&s.not_service_accounts),
+    );
     let namespaces = |values: &[String]| -> Vec<RbacPrincipal> {
         values
             .iter()
@@ -212,6 +235,17 @@ fn spiffe_matcher(value: &str) -> StringMatch {
 fn namespace_matcher(value: &str) -> StringMatch {
     let ns: Vec<String> = value.split('*').map(quote_meta).collect();
     regex(&format!(".*/ns/{}/.*", ns.join(".*")))
+}
+
+/// istiod's `serviceAccountRegex`: `<namespace>/<name>` or `<name>` (in the policy's
+/// namespace), as the `ns` and `sa` parts of a SPIFFE URI.
+fn service_account_matcher(policy_namespace: &str, value: &str) -> StringMatch {
+    let (ns, sa) = value.split_once('/').unwrap_or((policy_namespace, value));
+    regex(&format!(
+        "spiffe://.+/ns/{}/(.+/|)sa/{}(/.+)?",
+        quote_meta(ns),
+        quote_meta(sa)
+    ))
 }
 
 fn regex(pattern: &str) -> StringMatch {
@@ -298,7 +332,10 @@ mod tests {
                 to: if ports.is_empty() {
                     vec![]
                 } else {
-                    vec![Operation { ports }]
+                    vec![Operation {
+                        ports,
+                        not_ports: vec![],
+                    }]
                 },
                 unevaluable: false,
             }],
@@ -432,6 +469,31 @@ mod tests {
         assert!(check(&deny_anonymous, SLEEP, 1).is_ok());
         let allow_foo = [policy("foo", Action::Allow, principals(&["*"]), vec![])];
         assert!(check_from(&allow_foo, None, "10.0.0.9:1", 1).is_err());
+    }
+
+    #[test]
+    fn service_accounts_and_not_ports() {
+        let mut p = policy(
+            "accounts",
+            Action::Allow,
+            Source {
+                service_accounts: vec!["foo/sleep".into(), "gateway".into()],
+                ..Default::default()
+            },
+            vec![],
+        );
+        p.rules[0].to = vec![Operation {
+            ports: vec![],
+            not_ports: vec![15444],
+        }];
+        let p = [p];
+        assert!(check(&p, SLEEP, 15443).is_ok());
+        assert!(check(&p, SLEEP, 15444).is_err(), "a port in notPorts");
+        assert!(check(&p, "spiffe://cluster.local/ns/foo/sa/sleeper", 15443).is_err());
+        assert!(check(&p, "spiffe://cluster.local/ns/foo/x/sa/sleep/y", 15443).is_ok());
+        // A bare name is in the policy's own namespace.
+        assert!(check(&p, "spiffe://cluster.local/ns/istio-system/sa/gateway", 1).is_ok());
+        assert!(check(&p, "spiffe://cluster.local/ns/foo/sa/gateway", 1).is_err());
     }
 
     #[test]
