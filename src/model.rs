@@ -828,6 +828,8 @@ pub enum EndpointAddress {
 /// DestinationRule traffic policy, as much of it as strait acts on.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TrafficPolicy {
+    /// `<namespace>/<name>` of the DestinationRule this came from, for `config_dump`.
+    pub destination_rule: Option<String>,
     pub lb: LbPolicy,
     pub locality_lb: Option<LocalityLbSetting>,
     pub connect_timeout: Option<Duration>,

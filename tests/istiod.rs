@@ -378,11 +378,25 @@ fn gateway_spoke(lab: &Lab, tag: &str) -> Spoke {
 /// istiod with the multi-network mesh written (for upstream Envoy), then strait and
 /// Envoy connected to it.
 async fn side_by_side(lab: &Lab) -> SideBySide {
+    side_by_side_with(lab, &[], false).await
+}
+
+/// [`side_by_side`] with `extra` Istio YAML written too, and strait given the SVID
+/// pilot-agent serves Envoy (as files) when `strait_certs`.
+async fn side_by_side_with(lab: &Lab, extra: &[(&str, &str)], strait_certs: bool) -> SideBySide {
     let istiod = mesh_istiod(false).await;
+    for (name, yaml) in extra {
+        istiod.apply(name, yaml);
+    }
     let strait_spoke = gateway_spoke(lab, "strait");
     let envoy_spoke = gateway_spoke(lab, "envoy");
     let agent = PilotAgent::start(&istiod).await;
-    let strait = strait_gateway(&strait_spoke, STRAIT_POD, "");
+    let certs = if strait_certs {
+        format!("  certificates: {{dir: {}}}\n", agent.certs.display())
+    } else {
+        String::new()
+    };
+    let strait = strait_gateway(&strait_spoke, STRAIT_POD, &certs);
     let envoy = envoy_gateway(&envoy_spoke, ENVOY_POD, &agent)
         .await
         .expect("envoy (checked by peers_present)");
@@ -1296,5 +1310,384 @@ fn istioctl_proxy_status_shows_strait_as_it_shows_envoy() {
             );
         }
         assert_eq!(strait.get("VERSION").map(String::as_str), Some(PROXY_ISTIO_VERSION), "{stdout}");
+    });
+}
+
+/// `istioctl proxy-config <what> --file <dump>`: the rows it prints.
+fn proxy_config_rows(
+    istioctl: &std::path::Path,
+    what: &str,
+    file: &std::path::Path,
+) -> Vec<std::collections::BTreeMap<String, String>> {
+    let out = std::process::Command::new(istioctl)
+        .args(["proxy-config", what, "--file"])
+        .arg(file)
+        .output()
+        .expect("run istioctl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "istioctl proxy-config {what} --file {}: {}\n{stdout}{}",
+        file.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut rows = istioctl_rows(&stdout);
+    rows.sort();
+    rows
+}
+
+/// An admin endpoint's JSON, fetched from the hub.
+async fn admin_json(admin: SocketAddr, path: &str) -> serde_json::Value {
+    let (status, body) = common::xds::http11_get(admin, path).await.expect("admin");
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path} is not JSON ({e}): {body}"))
+}
+
+/// Envoy's dumps without what its bootstrap declares (the xDS and SDS clusters, the
+/// admin-side listeners): what istiod sent is what both gateways are compared on.
+fn dynamic_only(mut dump: serde_json::Value) -> serde_json::Value {
+    if let Some(configs) = dump["configs"].as_array_mut() {
+        configs.retain(|c| {
+            !c["@type"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with("BootstrapConfigDump")
+        });
+        for c in configs {
+            if let Some(o) = c.as_object_mut() {
+                o.remove("static_clusters");
+                o.remove("static_listeners");
+                o.remove("static_secrets");
+            }
+        }
+    }
+    if let Some(statuses) = dump["cluster_statuses"].as_array_mut() {
+        statuses.retain(|c| c["added_via_api"] == true);
+    }
+    dump
+}
+
+/// Which of Envoy's rows a comparison keeps: for a table (`listener`, `cluster`, …),
+/// given strait's and Envoy's config dumps, a test on the row's cluster name, or `None`
+/// for every row.
+type RowFilter = Box<dyn Fn(&str) -> bool>;
+
+/// Until [`WAIT`] passes: `istioctl proxy-config listener|cluster|endpoint|secret
+/// --file` prints the same rows for strait's admin dumps as for Envoy's (Envoy's rows
+/// restricted by `keep`). strait records what it accepted just after it acknowledges,
+/// so a first read may be behind.
+async fn same_proxy_config_rows(
+    istioctl: &std::path::Path,
+    strait_admin: SocketAddr,
+    envoy_admin: SocketAddr,
+    keep: impl Fn(&str, &serde_json::Value, &serde_json::Value) -> Option<RowFilter>,
+) {
+    type Rows = Vec<std::collections::BTreeMap<String, String>>;
+    let dir = common::TempDir::new("proxy-config");
+    let deadline = Instant::now() + WAIT;
+    for what in ["listener", "cluster", "endpoint", "secret"] {
+        loop {
+            let mut dumps = Vec::new();
+            for (who, admin) in [("strait", strait_admin), ("envoy", envoy_admin)] {
+                let mut dump = admin_json(admin, "/config_dump?include_eds").await;
+                let mut clusters = admin_json(admin, "/clusters?format=json").await;
+                if who == "envoy" {
+                    (dump, clusters) = (dynamic_only(dump), dynamic_only(clusters));
+                }
+                dir.write(&format!("{who}-config.json"), &dump.to_string());
+                dir.write(&format!("{who}-clusters.json"), &clusters.to_string());
+                dumps.push(dump);
+            }
+            let rows = |who: &str| {
+                let file = if what == "endpoint" {
+                    "clusters"
+                } else {
+                    "config"
+                };
+                proxy_config_rows(
+                    istioctl,
+                    what,
+                    &dir.path().join(format!("{who}-{file}.json")),
+                )
+            };
+            let of_strait = rows("strait");
+            let mut of_envoy = rows("envoy");
+            if let Some(keep) = keep(what, &dumps[0], &dumps[1]) {
+                of_envoy.retain(|r| row_cluster(r).is_none_or(|c| keep(&c)));
+            }
+            if of_strait == of_envoy && !of_envoy.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let only = |a: &Rows, b: &Rows| -> Rows {
+                    a.iter().filter(|r| !b.contains(r)).cloned().collect()
+                };
+                // The dumps outlive the test's folder, for reading.
+                let kept = std::env::temp_dir()
+                    .join(format!("strait-proxy-config-{}", std::process::id()));
+                let _ = std::fs::create_dir_all(&kept);
+                for f in [
+                    "strait-config",
+                    "strait-clusters",
+                    "envoy-config",
+                    "envoy-clusters",
+                ] {
+                    let f = format!("{f}.json");
+                    let _ = std::fs::copy(dir.path().join(&f), kept.join(&f));
+                }
+                panic!(
+                    "istioctl proxy-config {what}: rows differ (dumps kept in {})\nonly strait: {:#?}\nonly envoy: {:#?}",
+                    kept.display(),
+                    only(&of_strait, &of_envoy),
+                    only(&of_envoy, &of_strait),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The cluster an `istioctl proxy-config` row is about: the `CLUSTER` column of the
+/// endpoint table; in the cluster table the name itself, or for a sidecar-style
+/// cluster `outbound|<PORT>|<SUBSET>|<SERVICE FQDN>` put back together.
+fn row_cluster(row: &std::collections::BTreeMap<String, String>) -> Option<String> {
+    if let Some(c) = row.get("CLUSTER") {
+        return Some(c.clone());
+    }
+    let fqdn = row.get("SERVICE FQDN")?;
+    let port = row.get("PORT").map(String::as_str).unwrap_or("-");
+    if port == "-" {
+        return Some(fqdn.clone());
+    }
+    let subset = row.get("SUBSET").map(String::as_str).unwrap_or("-");
+    let direction = row
+        .get("DIRECTION")
+        .map(String::as_str)
+        .unwrap_or("outbound");
+    Some(format!(
+        "{direction}|{port}|{}|{fqdn}",
+        if subset == "-" { "" } else { subset }
+    ))
+}
+
+/// The clusters the listeners of a config dump send connections to (`tcp_proxy`'s
+/// `cluster` and `weighted_clusters`).
+fn routed_clusters(dump: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in dump["configs"].as_array().into_iter().flatten() {
+        for l in c["dynamic_listeners"].as_array().into_iter().flatten() {
+            let chains = l["active_state"]["listener"]["filter_chains"].as_array();
+            for f in chains
+                .into_iter()
+                .flatten()
+                .flat_map(|fc| fc["filters"].as_array().into_iter().flatten())
+            {
+                let cfg = &f["typed_config"];
+                if let Some(name) = cfg["cluster"].as_str() {
+                    out.push(name.to_string());
+                }
+                for w in cfg["weighted_clusters"]["clusters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(name) = w["name"].as_str() {
+                        out.push(name.to_string());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The EDS clusters of a config dump whose endpoints it does not hold.
+fn eds_clusters_without_endpoints(dump: &serde_json::Value) -> Vec<String> {
+    let configs = dump["configs"].as_array().cloned().unwrap_or_default();
+    let of = |t: &str| {
+        configs
+            .iter()
+            .find(|c| c["@type"].as_str().is_some_and(|s| s.ends_with(t)))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let held: Vec<String> = of("EndpointsConfigDump")["dynamic_endpoint_configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            e["endpoint_config"]["cluster_name"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    of("ClustersConfigDump")["dynamic_active_clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| &c["cluster"])
+        .filter(|c| c["type"] == "EDS")
+        .filter(|c| {
+            let eds = c["eds_cluster_config"]["service_name"]
+                .as_str()
+                .filter(|n| !n.is_empty())
+                .or(c["name"].as_str())
+                .unwrap_or("");
+            !held.iter().any(|h| h == eds)
+        })
+        .filter_map(|c| c["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// `istioctl proxy-config listener|cluster|endpoint|secret --file`, built from the same
+/// Istio module, prints for strait the rows it prints for an Envoy gateway fed by the
+/// same istiod: strait's admin serves what it accepted in Envoy's `ConfigDump` shape
+/// (`/config_dump?include_eds`) and Envoy's `/clusters?format=json`, and its secrets
+/// are the gateway's own SVID and mesh roots, the private key redacted.
+#[test]
+fn istioctl_proxy_config_reads_strait_as_it_reads_envoy() {
+    if !peers_present() {
+        return;
+    }
+    let Some(istioctl) = common::istiod::istioctl_bin() else {
+        return;
+    };
+    let lab = Lab::new("pc");
+    lab.run(|| async {
+        let ca = TestCa::new();
+        let w = start_workloads(&ca).await;
+        let s = side_by_side_with(&lab, &[("mutual.yaml", MUTUAL_ECHO)], true).await;
+        let both = [
+            ("strait", s.strait_spoke.gateway()),
+            ("envoy", s.envoy_spoke.gateway()),
+        ];
+        settle_table(&both, &ca, &routing_table(&w), || s.logs()).await;
+        for id in [s.strait_id(), s.envoy_id()] {
+            s.istiod
+                .wait_synced(&id, WAIT)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+        }
+
+        same_proxy_config_rows(
+            &istioctl,
+            s.strait.admin,
+            s.envoy.admin,
+            |what, strait, _| {
+                if what != "endpoint" {
+                    return None;
+                }
+                // strait asks istiod for the endpoints of the clusters it routes to; the
+                // sidecar-style `outbound|<port>||<host>` clusters istiod also sends a
+                // gateway are shown without endpoints.
+                let unasked = eds_clusters_without_endpoints(strait);
+                assert!(
+                    unasked.iter().all(|c| c.starts_with("outbound|")),
+                    "strait asked no endpoints for {unasked:?}"
+                );
+                Some(Box::new(move |cluster: &str| {
+                    !unasked.iter().any(|u| u == cluster)
+                }))
+            },
+        )
+        .await;
+    });
+}
+
+/// For a configuration from files, strait's admin dumps hold what istiod would send
+/// for the same Istio YAML: `istioctl proxy-config` prints for strait (files, no
+/// control plane) the listener rows it prints for an Envoy gateway that istiod feeds
+/// that YAML, and the cluster and endpoint rows of every cluster those listeners send
+/// connections to; the secrets are the same SVID and roots.
+#[test]
+fn istioctl_proxy_config_reads_a_file_configuration_as_istiods() {
+    if !peers_present() {
+        return;
+    }
+    let Some(istioctl) = common::istiod::istioctl_bin() else {
+        return;
+    };
+    let lab = Lab::new("pcf");
+    lab.run(|| async {
+        let ca = TestCa::new();
+        let w = start_workloads(&ca).await;
+        let mut yaml = vec![
+            EXPOSE_SERVICES.to_string(),
+            REVIEWS_SERVICE.to_string(),
+            reviews_entry("reviews-v1", "v1", "network1", hub(11)),
+            reviews_entry("reviews-v2", "v2", "network1", hub(12)),
+            reviews_entry("reviews-v2-remote", "v2", "network2", hub(13)),
+            reviews_entry("reviews-v3-remote", "v3", "network2", hub(14)),
+            DETAILS_SERVICE.to_string(),
+            // With a service account, as sidecars' entries have: istiod puts only
+            // endpoints it would reach with mTLS in the SNI clusters, where strait's
+            // files leave out only those labelled `security.istio.io/tlsMode: disabled`.
+            MUTUAL_ECHO.replace("  network: network1\n  labels: {app: echo", "  network: network1\n  serviceAccount: echo\n  labels: {app: echo"),
+        ];
+        let istiod = Istiod::start(IstiodOptions {
+            debounce: Some("20ms".into()),
+            istio_proxy_extensions: false,
+            ..Default::default()
+        })
+        .await;
+        for (i, doc) in yaml.iter().enumerate() {
+            istiod.apply(&format!("doc-{i}.yaml"), doc);
+        }
+        let agent = PilotAgent::start(&istiod).await;
+        let envoy_spoke = gateway_spoke(&lab, "envoy");
+        let envoy = envoy_gateway(&envoy_spoke, ENVOY_POD, &agent)
+            .await
+            .expect("envoy (checked by peers_present)");
+        let strait_spoke = gateway_spoke(&lab, "strait");
+        yaml.insert(
+            0,
+            format!(
+                "apiVersion: strait.dev/v1alpha1\nkind: Bootstrap\nmetadata: {{name: strait}}\nspec:\n  status: 0.0.0.0:15021\n  metrics: 0.0.0.0:15090\n  admin: 0.0.0.0:15000\n  network: network1\n  cluster: cluster1\n  certificates: {{dir: {}}}\n",
+                agent.certs.display()
+            ),
+        );
+        let ports = common::Ports {
+            gateway: common::istiod::GATEWAY_PORT,
+            status: 15021,
+            metrics: 15090,
+            admin: 15000,
+        };
+        let strait = Strait::start_in_at(
+            &strait_spoke.ns,
+            std::net::IpAddr::V4(strait_spoke.ip),
+            ports,
+            &yaml.join("---\n"),
+        );
+        let logs = || format!("--- strait\n{}\n--- envoy\n{}", strait.stderr_text(), envoy.log());
+        // A connection through each to details resolves its name, so the DNS cluster's
+        // hosts are addresses on both.
+        let both = [("strait", strait_spoke.gateway()), ("envoy", envoy_spoke.gateway())];
+        let to_details = [(sni(9080, "", DETAILS), ISTIO_ALPN, Outcome::Reached(w.details.spiffe.clone()))];
+        settle_table(&both, &ca, &to_details, logs).await;
+
+        same_proxy_config_rows(&istioctl, strait.admin, envoy.admin, |what, strait, envoy| {
+            if what == "listener" || what == "secret" {
+                return None;
+            }
+            let routed = routed_clusters(envoy);
+            assert_eq!(
+                {
+                    let mut r = routed_clusters(strait);
+                    r.sort();
+                    r.dedup();
+                    r
+                },
+                {
+                    let mut r = routed.clone();
+                    r.sort();
+                    r.dedup();
+                    r
+                },
+                "the listeners send to other clusters"
+            );
+            Some(Box::new(move |cluster: &str| routed.iter().any(|r| r == cluster)))
+        })
+        .await;
     });
 }

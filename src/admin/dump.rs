@@ -10,13 +10,16 @@ use crate::model::{
 use crate::proxy::{ServiceClusters, Shared};
 use crate::route::sni::build_subset_key;
 
-pub fn config_dump(shared: &Shared) -> Value {
+/// strait's own sections, and beside them Envoy's `configs` ([`super::envoy_dump`]),
+/// endpoints included when asked (`include_eds`, as Envoy's admin takes it).
+pub fn config_dump(shared: &Shared, include_eds: bool) -> Value {
     let runtime = shared.runtime.load();
     let snap = &runtime.snapshot;
     let s = &snap.settings;
     let mut services: Vec<&ServicePort> = snap.services.values().map(|s| s.as_ref()).collect();
     services.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
     json!({
+        "configs": super::envoy_dump::configs(shared, include_eds),
         "bootstrap": {
             "cluster": s.cluster,
             "network": s.network,
@@ -220,5 +223,8 @@ pub fn clusters(shared: &Shared) -> Value {
             }));
         }
     }
-    json!({ "clusters": out })
+    json!({
+        "clusters": out,
+        "cluster_statuses": super::envoy_dump::cluster_statuses(shared),
+    })
 }

@@ -6,7 +6,10 @@
 //! header read time.
 
 mod dump;
+mod envoy_dump;
+mod envoy_files;
 pub mod explain;
+pub mod proto_json;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -157,7 +160,10 @@ fn respond(req: &Request<Incoming>, roles: &[Role], shared: &Shared) -> Response
             );
             r
         }
-        "/config_dump" if has(Role::Admin) => json(dump::config_dump(shared)),
+        "/config_dump" if has(Role::Admin) => {
+            let include_eds = query_has(req.uri().query(), "include_eds");
+            json(dump::config_dump(shared, include_eds))
+        }
         "/route" if has(Role::Admin) => route(req.uri().query().unwrap_or(""), shared),
         "/clusters" if has(Role::Admin) => json(dump::clusters(shared)),
         "/ready" if has(Role::Admin) => {
@@ -234,6 +240,14 @@ fn route(query: &str, shared: &Shared) -> Response<Full<Bytes>> {
         StatusCode::NOT_FOUND
     };
     text(status, &report.text)
+}
+
+/// Whether a query string names `key` (`?include_eds`, `?include_eds=true`).
+fn query_has(query: Option<&str>, key: &str) -> bool {
+    query
+        .unwrap_or("")
+        .split('&')
+        .any(|kv| kv.split('=').next() == Some(key))
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

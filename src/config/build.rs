@@ -539,7 +539,9 @@ fn apply_destination_rules(sink: &mut Sink, rules: &[DestinationRuleDoc], servic
         };
         let Some(dr) = dr else { continue };
         let base = dr.policy.for_port(svc.port);
+        let source = Some(dr.meta.qualified());
         svc.policy = base.to_policy();
+        svc.policy.destination_rule = source.clone();
         for s in &dr.subsets {
             let endpoints = svc
                 .endpoints
@@ -554,7 +556,10 @@ fn apply_destination_rules(sink: &mut Sink, rules: &[DestinationRuleDoc], servic
                     name: s.name.clone(),
                     labels: s.labels.clone(),
                     endpoints,
-                    policy: s.policy.for_port(svc.port).over(&base).to_policy(),
+                    policy: crate::model::TrafficPolicy {
+                        destination_rule: source.clone(),
+                        ..s.policy.for_port(svc.port).over(&base).to_policy()
+                    },
                 },
             );
         }

@@ -630,6 +630,7 @@ impl Sections {
         let (lb, locality_lb) = self.lb.clone().unwrap_or_default();
         let pool = self.pool.clone().unwrap_or_default();
         crate::model::TrafficPolicy {
+            destination_rule: None,
             lb,
             locality_lb,
             connect_timeout: pool.connect_timeout,

@@ -23,6 +23,11 @@ pub struct TlsMaterial {
     pub spiffe_id: Option<SpiffeId>,
     /// (role, file, expiry) of each certificate in use.
     pub expiries: Vec<(&'static str, PathBuf, SystemTime)>,
+    /// The SVID's chain (leaf first) and the mesh roots, for `config_dump`'s secrets.
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// When this material was built.
+    pub built: SystemTime,
 }
 
 /// What an ISTIO_MUTUAL server negotiates, in its order of preference: Istio's own
@@ -190,5 +195,8 @@ fn build(
         clients,
         spiffe_id: identity.spiffe_id,
         expiries,
+        chain: identity.chain,
+        roots: identity.roots,
+        built: SystemTime::now(),
     })
 }

@@ -53,6 +53,16 @@ impl DnsCache {
         .await
     }
 
+    /// The addresses of the last successful answer, without resolving (empty before the
+    /// first lookup, or while one is under way).
+    pub(super) fn cached(&self) -> Vec<SocketAddr> {
+        self.answer
+            .try_lock()
+            .ok()
+            .and_then(|a| a.as_ref().map(|a| a.addrs.clone()))
+            .unwrap_or_default()
+    }
+
     async fn resolve_with<F, Fut>(
         &self,
         host: &str,

@@ -115,6 +115,12 @@ impl EndpointState {
     pub fn total_failures(&self) -> u64 {
         self.total_failures.load(Ordering::Relaxed)
     }
+
+    /// What a DNS endpoint's name last resolved to (empty for an IP endpoint, or a name
+    /// no connection has needed yet: names are resolved when a connection needs them).
+    pub fn resolved(&self) -> Vec<std::net::SocketAddr> {
+        self.dns.cached()
+    }
 }
 
 /// Endpoint states by service and endpoint authority; reused across snapshots.

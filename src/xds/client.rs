@@ -17,7 +17,7 @@
 //!   which keeps only the newest and what it changed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3 as core;
@@ -32,7 +32,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::connect::{self, ConnectError};
 use super::translate::{self, Assembly, Held, Listener};
-use super::{Feed, Rejection, Status, jitter, short_type};
+use super::{Accepted, AcceptedResources, Feed, Rejection, Status, jitter, short_type};
 use crate::model::{Changed, Discovery, ListenerSpec, Services, XdsProtocol};
 
 /// Far above tonic's 4 MiB: a mesh of 10,000 services sends tens of MiB of clusters.
@@ -50,6 +50,12 @@ pub struct Published {
     pub warm: bool,
     /// Why not warm yet.
     pub waiting: Option<String>,
+}
+
+impl State {
+    fn accepted(&self) -> std::sync::MutexGuard<'_, AcceptedResources> {
+        self.accepted.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Everything held across streams.
@@ -75,6 +81,8 @@ struct State {
     endpoints_changed: BTreeSet<String>,
     /// What the gateway was last handed.
     published: Option<Arc<Published>>,
+    /// The bytes of every held resource, shared with [`Status`] for `config_dump`.
+    accepted: Arc<Mutex<AcceptedResources>>,
 }
 
 /// How a stream ended.
@@ -103,6 +111,7 @@ pub async fn run(status: Arc<Status>, feed: Arc<Feed>) {
         structure_changed: true,
         endpoints_changed: BTreeSet::new(),
         published: None,
+        accepted: status.accepted.clone(),
     };
     tracing::info!(
         address = %d.server.address,
@@ -300,13 +309,25 @@ fn apply_one(
     type_url: &str,
     name: Option<&str>,
     any: Option<&Any>,
+    version: &str,
 ) -> Result<String, String> {
     let any =
         any.ok_or_else(|| format!("{}: resource without a body", name.unwrap_or("resource")))?;
-    apply_body(state, type_url, any).map_err(|e| match name {
+    let applied = apply_body(state, type_url, any).map_err(|e| match name {
         Some(n) if !n.is_empty() && !e.contains(n) => format!("resource {n}: {e}"),
         _ => e,
-    })
+    })?;
+    if let Some(t) = static_type(type_url) {
+        state.accepted().entry(t).or_default().insert(
+            applied.clone(),
+            Accepted {
+                version: version.to_string(),
+                value: any.value.clone(),
+                at: SystemTime::now(),
+            },
+        );
+    }
+    Ok(applied)
 }
 
 fn apply_body(state: &mut State, type_url: &str, any: &Any) -> Result<String, String> {
@@ -338,6 +359,9 @@ fn apply_body(state: &mut State, type_url: &str, any: &Any) -> Result<String, St
 }
 
 fn remove(state: &mut State, type_url: &str, name: &str) {
+    if let Some(held) = state.accepted().get_mut(type_url) {
+        held.remove(name);
+    }
     match type_url {
         translate::LISTENER => {
             state.structure_changed |= state.held.listeners.remove(name).is_some();
@@ -372,6 +396,9 @@ fn wanted_eds(state: &mut State) -> BTreeSet<String> {
         state.wanted_since.entry(n.clone()).or_insert(now);
     }
     state.held.endpoints.retain(|n, _| wanted.contains(n));
+    if let Some(held) = state.accepted().get_mut(translate::ENDPOINTS) {
+        held.retain(|n, _| wanted.contains(n));
+    }
     if let Some(v) = state.versions.get_mut(translate::ENDPOINTS) {
         v.retain(|n, _| wanted.contains(n));
     }
@@ -697,7 +724,7 @@ async fn delta(
         outstanding.remove(t);
         let mut problems = Vec::new();
         for r in &msg.resources {
-            match apply_one(state, t, Some(&r.name), r.resource.as_ref()) {
+            match apply_one(state, t, Some(&r.name), r.resource.as_ref(), &r.version) {
                 Ok(name) => {
                     state
                         .versions
@@ -844,7 +871,7 @@ async fn sotw(
         let mut problems = Vec::new();
         let mut present = BTreeSet::new();
         for any in &msg.resources {
-            match apply_one(state, t, None, Some(any)) {
+            match apply_one(state, t, None, Some(any), &msg.version_info) {
                 Ok(name) => {
                     present.insert(name);
                 }

@@ -154,10 +154,25 @@ pub struct StatusInner {
     pub cluster_notes: BTreeMap<String, Vec<String>>,
 }
 
+/// One resource as the control plane sent it and strait accepted it: what `config_dump`
+/// shows in Envoy's shape.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub version: String,
+    /// The resource's protobuf encoding (the `Any`'s value).
+    pub value: Vec<u8>,
+    pub at: SystemTime,
+}
+
+/// Accepted resources by type URL, then name.
+pub type AcceptedResources = BTreeMap<&'static str, BTreeMap<String, Accepted>>;
+
 pub struct Status {
     pub discovery: Discovery,
     pub inner: Mutex<StatusInner>,
     pub metrics: XdsMetrics,
+    /// Held apart from `inner`, which readiness and metrics read often.
+    pub accepted: Arc<Mutex<AcceptedResources>>,
 }
 
 impl Status {
@@ -169,7 +184,13 @@ impl Status {
                 ..StatusInner::default()
             }),
             metrics: XdsMetrics::register(registry),
+            accepted: Arc::default(),
         })
+    }
+
+    /// The accepted resources, for `config_dump`.
+    pub fn accepted(&self) -> std::sync::MutexGuard<'_, AcceptedResources> {
+        self.accepted.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
