@@ -48,7 +48,7 @@ enum Command {
         #[arg(short = 'c', long = "config", required = true, num_args = 1..)]
         config: Vec<PathBuf>,
     },
-    /// Explain how an SNI would be routed.
+    /// Explain how an SNI (or an HBONE tunnel's :authority) would be routed.
     Route {
         /// Configuration file or directory (repeat -c for several).
         #[arg(short = 'c', long = "config", required_unless_present = "admin")]
@@ -57,7 +57,8 @@ enum Command {
         /// snapshot it serves, whatever its source (files or xDS).
         #[arg(long, conflicts_with = "config")]
         admin: Option<std::net::SocketAddr>,
-        /// The SNI, e.g. outbound_.9080_._.reviews.default.svc.cluster.local
+        /// The SNI, e.g. outbound_.9080_._.reviews.default.svc.cluster.local, or an HBONE
+        /// tunnel's :authority, e.g. reviews.default.svc.cluster.local:9080
         sni: String,
         /// ALPN protocols the client would offer (comma-separated); default: istio
         #[arg(long, default_value = "istio")]

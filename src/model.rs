@@ -14,6 +14,13 @@ use std::time::Duration;
 /// The endpoint label Istio's injection sets: `istio` (mTLS-capable) or `disabled`.
 pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 
+/// The label Istio reads to tell that a workload accepts HBONE tunnels: a CSV list of
+/// protocols, HBONE-capable when it holds `http` (`pilot/pkg/model/service.go`).
+pub const TUNNEL_LABEL: &str = "networking.istio.io/tunnel";
+
+/// The port every HBONE-capable workload (its ztunnel, or a waypoint) takes tunnels on.
+pub const HBONE_PORT: u16 = 15008;
+
 /// The five ALPN values Istio sidecars offer on mTLS connections (`allIstioMtlsALPNs`).
 pub const ISTIO_ALPNS: [&str; 5] = [
     "istio",
@@ -486,6 +493,11 @@ pub enum ServerTlsMode {
     /// `PASSTHROUGH`: any TLS ClientHello, routed by the server's VirtualService `tls`
     /// routes on its SNI and replayed to the destination, which terminates TLS itself.
     Passthrough,
+    /// Ambient's double HBONE (a Gateway API `istio-east-west` listener, protocol
+    /// `HBONE`): mTLS with the gateway's SVID, then HTTP/2 `CONNECT` streams, each routed
+    /// by its `:authority` (`<service host>:<service port>`) to an HBONE-capable endpoint's
+    /// port 15008, its bytes copied unread.
+    Hbone,
 }
 
 impl ServerTlsMode {
@@ -494,6 +506,7 @@ impl ServerTlsMode {
             ServerTlsMode::AutoPassthrough => "AUTO_PASSTHROUGH",
             ServerTlsMode::IstioMutual => "ISTIO_MUTUAL",
             ServerTlsMode::Passthrough => "PASSTHROUGH",
+            ServerTlsMode::Hbone => "HBONE",
         }
     }
 }
@@ -808,6 +821,15 @@ impl Endpoint {
     /// (Istio's auto mTLS).
     pub fn has_sidecar(&self) -> bool {
         self.labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio")
+    }
+
+    /// Labelled `networking.istio.io/tunnel` with `http` in its list: the endpoint (its
+    /// ztunnel) takes HBONE tunnels on [`HBONE_PORT`]. An endpoint without it must never
+    /// get one: the inner tunnel's TLS would reach the application port.
+    pub fn accepts_hbone(&self) -> bool {
+        self.labels
+            .get(TUNNEL_LABEL)
+            .is_some_and(|v| v.split(',').any(|p| p.trim() == "http"))
     }
 
     pub fn authority(&self) -> String {

@@ -15,6 +15,7 @@ fn each_example_loads_and_lists_the_file_it_read() {
         "istio-mutual.yaml",
         "bridge.yaml",
         "expose-istiod.yaml",
+        "ambient.yaml",
     ] {
         let path = examples().join(name);
         let loaded =
@@ -52,6 +53,66 @@ fn check_output_lines_for_a_broken_file() {
     );
     assert_eq!(diagnostics[1].severity, Severity::Error);
     assert_eq!((diagnostics[1].line, diagnostics[1].col), (8, 29));
+}
+
+/// The Gateway API Gateway of Istio's ambient east-west gateway: what strait does not
+/// serve is named, not silently dropped.
+#[test]
+fn check_names_what_an_east_west_gateway_api_gateway_asks_and_strait_does_not_serve() {
+    let loaded = load_str(
+        "ambient.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ew, namespace: istio-system}
+spec:
+  gatewayClassName: istio-east-west
+  addresses: [{type: IPAddress, value: 192.0.2.1}]
+  listeners:
+  - name: mesh
+    port: 15008
+    protocol: HBONE
+    tls:
+      mode: Terminate
+      certificateRefs: [{name: cert}]
+      options: {gateway.istio.io/tls-terminate-mode: ISTIO_MUTUAL, colour: blue}
+  - name: tls
+    port: 15443
+    protocol: TLS
+    tls: {mode: Passthrough}
+  - name: plain
+    port: 15009
+    protocol: HBONE
+    tls: {mode: Terminate}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: web}
+spec:
+  gatewayClassName: istio
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+",
+    )
+    .unwrap();
+    let lines: Vec<String> = loaded.diagnostics.iter().map(|d| d.to_string()).collect();
+    assert_eq!(
+        lines,
+        [
+            "ambient.yaml:6:3: warning: field spec.addresses is not used by strait; ignored",
+            "ambient.yaml:13:7: warning: field spec.listeners[0].tls.certificateRefs is not used by strait; ignored",
+            "ambient.yaml:14:68: warning: unknown field spec.listeners[0].tls.options.colour; ignored",
+            "ambient.yaml:17:15: warning: spec.listeners[1].protocol TLS is not served by strait on a Gateway API Gateway (only HBONE); listener skipped",
+            "ambient.yaml:22:10: warning: spec.listeners[2].tls has no options {gateway.istio.io/tls-terminate-mode: ISTIO_MUTUAL}; strait terminates HBONE only with Istio's mutual TLS; listener skipped",
+            "ambient.yaml:28:21: warning: gatewayClassName istio is not served by strait (only istio-east-west); Gateway default/web skipped",
+        ]
+    );
+    let listeners = &loaded.snapshot.listeners;
+    assert_eq!(listeners.len(), 1);
+    assert_eq!(listeners[0].addr.to_string(), "0.0.0.0:15008");
+    assert_eq!(listeners[0].servers[0].name, "istio-system/ew/mesh");
+    assert_eq!(
+        listeners[0].servers[0].mode,
+        strait::model::ServerTlsMode::Hbone
+    );
 }
 
 #[test]

@@ -36,6 +36,16 @@ spec:
   - port: {}
     tls: {}
 ---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ew}
+spec:
+  gatewayClassName: istio-east-west
+  listeners:
+  - protocol: HBONE
+    tls:
+      options: {}
+---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: vs}
@@ -279,6 +289,7 @@ fn the_fixture_reaches_every_kind() {
         "Bridge",
         "DestinationRule",
         "Gateway",
+        "Gateway (gateway.networking.k8s.io)",
         "PeerAuthentication",
         "ServiceEntry",
         "VirtualService",

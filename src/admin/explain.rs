@@ -35,48 +35,20 @@ pub fn explain_running(
 fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealth) -> Explanation {
     let mut out = String::new();
     let mut routes = false;
-    let _ = writeln!(out, "SNI        {sni}");
-    // As on the data path (`route::resolve`): the name matches without regard to case.
-    let lower = lower_case(sni);
-    if *lower != *sni {
-        let _ = writeln!(out, "matched as {}", &*lower);
+    let is_hbone =
+        |l: &crate::model::ListenerSpec| l.servers.iter().any(|s| s.mode == ServerTlsMode::Hbone);
+    // `host:port` is an HBONE tunnel's `:authority` where an HBONE listener takes it; an
+    // SNI never carries a port.
+    let authority = route::parse_authority(sni).filter(|_| snapshot.listeners.iter().any(is_hbone));
+    if let Some((host, port)) = &authority {
+        let _ = writeln!(out, ":authority {sni}");
+        let _ = writeln!(
+            out,
+            "parsed     host={host} port={port} (an HBONE tunnel's destination)"
+        );
+    } else {
+        explain_sni(&mut out, snapshot, sni, alpn);
     }
-    match parse_subset_key(&lower) {
-        Ok(k) => {
-            let _ = writeln!(
-                out,
-                "parsed     port={} subset={} host={}",
-                k.port,
-                k.subset.unwrap_or("(none)"),
-                k.host
-            );
-        }
-        Err(e) => {
-            let by_route = snapshot
-                .listeners
-                .iter()
-                .flat_map(|l| l.servers.iter())
-                .any(|s| s.mode == ServerTlsMode::Passthrough || !s.routes.is_empty());
-            if by_route {
-                let _ = writeln!(
-                    out,
-                    "parsed     not a subset key: only VirtualService routes can take it"
-                );
-            } else {
-                let _ = writeln!(out, "parsed     no: {e}");
-            }
-        }
-    }
-    let _ = writeln!(
-        out,
-        "ALPN       [{}] allowed [{}]",
-        alpn.join(", "),
-        if snapshot.settings.passthrough_alpn.is_empty() {
-            "any".to_string()
-        } else {
-            snapshot.settings.passthrough_alpn.join(", ")
-        }
-    );
     if snapshot.listeners.is_empty() {
         let _ = writeln!(
             out,
@@ -85,7 +57,17 @@ fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealt
     }
     for listener in &snapshot.listeners {
         let _ = writeln!(out, "\nlistener   {}", listener.addr);
-        let r = route::resolve(&listener.servers, &snapshot.services, Some(sni));
+        let r = if is_hbone(listener) {
+            route::resolve_authority(&listener.servers, &snapshot.services, sni)
+        } else if authority.is_some() {
+            let _ = writeln!(
+                out,
+                "result     not for this listener: it routes TLS by SNI, not HBONE tunnels"
+            );
+            continue;
+        } else {
+            route::resolve(&listener.servers, &snapshot.services, Some(sni))
+        };
         let m = match r {
             Ok(m) => m,
             Err(miss) => {
@@ -183,6 +165,13 @@ fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealt
         let purpose = crate::upstream::Purpose::of_server(server.mode);
         let mut eligible = 0;
         let _ = writeln!(out, "endpoints  {}", indexes.len());
+        if purpose == crate::upstream::Purpose::Hbone {
+            let _ = writeln!(
+                out,
+                "           (a tunnel dials an endpoint's HBONE port, {})",
+                crate::model::HBONE_PORT
+            );
+        }
         for i in indexes {
             let Some(e) = svc.endpoints.get(i) else {
                 continue;
@@ -245,6 +234,52 @@ fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealt
         }
     }
     Explanation { text: out, routes }
+}
+
+/// The SNI's heading lines: the name, how it parses as a subset key, the ALPN check.
+fn explain_sni(out: &mut String, snapshot: &Snapshot, sni: &str, alpn: &[String]) {
+    let _ = writeln!(out, "SNI        {sni}");
+    // As on the data path (`route::resolve`): the name matches without regard to case.
+    let lower = lower_case(sni);
+    if *lower != *sni {
+        let _ = writeln!(out, "matched as {}", &*lower);
+    }
+    match parse_subset_key(&lower) {
+        Ok(k) => {
+            let _ = writeln!(
+                out,
+                "parsed     port={} subset={} host={}",
+                k.port,
+                k.subset.unwrap_or("(none)"),
+                k.host
+            );
+        }
+        Err(e) => {
+            let by_route = snapshot
+                .listeners
+                .iter()
+                .flat_map(|l| l.servers.iter())
+                .any(|s| s.mode == ServerTlsMode::Passthrough || !s.routes.is_empty());
+            if by_route {
+                let _ = writeln!(
+                    out,
+                    "parsed     not a subset key: only VirtualService routes can take it"
+                );
+            } else {
+                let _ = writeln!(out, "parsed     no: {e}");
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "ALPN       [{}] allowed [{}]",
+        alpn.join(", "),
+        if snapshot.settings.passthrough_alpn.is_empty() {
+            "any".to_string()
+        } else {
+            snapshot.settings.passthrough_alpn.join(", ")
+        }
+    );
 }
 
 /// Endpoint health as a running gateway reports it on its admin port, when one answers.

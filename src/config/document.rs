@@ -46,10 +46,20 @@ const NETWORKING: [&str; 3] = [
 ];
 const SECURITY: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 const STRAIT: &str = "strait.dev/v1alpha1";
+const GATEWAY_API: [&str; 2] = [
+    "gateway.networking.k8s.io/v1",
+    "gateway.networking.k8s.io/v1beta1",
+];
+
+/// How the Gateway API `Gateway` is named where fields are listed (`docs/fields.md`), apart
+/// from Istio's own `Gateway`.
+pub(crate) const GATEWAY_API_KIND: &str = "Gateway (gateway.networking.k8s.io)";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Gateway,
+    /// Gateway API's `Gateway` (class `istio-east-west`: ambient's HBONE listener).
+    GatewayApi,
     ServiceEntry,
     WorkloadEntry,
     DestinationRule,
@@ -67,6 +77,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
     let security = SECURITY.contains(&api_version);
     Some(match kind {
         "Gateway" if networking => Kind::Gateway,
+        "Gateway" if GATEWAY_API.contains(&api_version) => Kind::GatewayApi,
         "ServiceEntry" if networking => Kind::ServiceEntry,
         "WorkloadEntry" if networking => Kind::WorkloadEntry,
         "DestinationRule" if networking => Kind::DestinationRule,
@@ -112,7 +123,11 @@ pub(crate) fn read_document(sink: &mut Sink, node: &Node, out: &mut Parsed) {
         );
         return;
     };
-    fields::record_kind(&kind_name);
+    fields::record_kind(if kind == Kind::GatewayApi {
+        GATEWAY_API_KIND
+    } else {
+        &kind_name
+    });
     if kind == Kind::List {
         if let Some(items) = doc.get("items") {
             for item in fields::seq(sink, items, &Path::root("items")) {
@@ -141,6 +156,11 @@ pub(crate) fn read_document(sink: &mut Sink, node: &Node, out: &mut Parsed) {
     match kind {
         Kind::Gateway => {
             if let Some(d) = istio::gateway(sink, meta, spec) {
+                out.gateways.push(d);
+            }
+        }
+        Kind::GatewayApi => {
+            if let Some(d) = super::gateway_api::gateway(sink, meta, spec) {
                 out.gateways.push(d);
             }
         }

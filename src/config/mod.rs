@@ -11,6 +11,7 @@ mod diagnostics;
 mod document;
 mod duration;
 mod fields;
+mod gateway_api;
 mod istio;
 mod strait;
 mod virtual_service;

@@ -165,7 +165,7 @@ metadata: {name: x}
 spec: {}
 ---
 apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
+kind: HTTPRoute
 metadata: {name: y}
 ",
     );
@@ -173,7 +173,7 @@ metadata: {name: y}
         w,
         [
             "t.yaml:2:7: warning: kind Sidecar (networking.istio.io/v1) is not used by strait; ignored",
-            "t.yaml:7:7: warning: kind Gateway (gateway.networking.k8s.io/v1) is not used by strait; ignored",
+            "t.yaml:7:7: warning: kind HTTPRoute (gateway.networking.k8s.io/v1) is not used by strait; ignored",
         ]
     );
 }

@@ -258,7 +258,7 @@ pub(crate) fn routes_for(
         let rules = match server.mode {
             ServerTlsMode::Passthrough => &vs.tls,
             ServerTlsMode::IstioMutual => &vs.tcp,
-            ServerTlsMode::AutoPassthrough => continue,
+            ServerTlsMode::AutoPassthrough | ServerTlsMode::Hbone => continue,
         };
         for rule in rules {
             let applies = |m: &MatchDoc| {

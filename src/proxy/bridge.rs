@@ -277,9 +277,11 @@ async fn open(
         observer.attempt();
         let started = Instant::now();
         let dialled = match hop {
-            Hop::Direct | Hop::DirectMutual => dial_endpoint(member, timeout, None)
-                .await
-                .map(|(stream, addr, _)| (stream, addr)),
+            Hop::Direct | Hop::DirectMutual => {
+                dial_endpoint(member, member.endpoint.port, timeout, None)
+                    .await
+                    .map(|(stream, addr, _)| (stream, addr))
+            }
             Hop::Gateway(gw) => dial_address(&gw.address, gw.port, timeout).await,
         };
         let network = (!in_network(&member.endpoint, &settings.network))

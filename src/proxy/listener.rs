@@ -29,7 +29,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
-use super::{Shared, bridge, passthrough};
+use super::{Shared, bridge, hbone, passthrough};
+use crate::model::ServerTlsMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -130,9 +131,21 @@ pub async fn accept_loop(
 /// The configuration in force says what the address is: a Bridge or a Gateway listener.
 fn serve(shared: &Arc<Shared>, addr: SocketAddr, stream: TcpStream, peer: SocketAddr) {
     let live = shared.track();
-    let is_bridge = shared.runtime.load().bridge_at(&addr).is_some();
+    let (is_bridge, is_hbone) = {
+        let runtime = shared.runtime.load();
+        (
+            runtime.bridge_at(&addr).is_some(),
+            runtime
+                .servers_for(&addr)
+                .first()
+                .is_some_and(|s| s.mode == ServerTlsMode::Hbone),
+        )
+    };
     let shared = shared.clone();
-    if is_bridge {
+    if is_hbone {
+        // Boxed, as the bridge's: the HBONE connection's task is larger than passthrough's.
+        tokio::spawn(Box::pin(hbone::handle(shared, addr, stream, peer, live)));
+    } else if is_bridge {
         tokio::spawn(async move {
             // Boxed so a gateway connection's task is not sized for the bridge's.
             Box::pin(bridge::handle(shared, addr, stream, peer)).await;

@@ -3,6 +3,7 @@
 mod bridge;
 pub mod copy;
 pub mod handover;
+mod hbone;
 pub mod hello;
 mod listener;
 mod mutual;

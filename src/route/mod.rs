@@ -22,7 +22,7 @@ pub enum RouteMiss {
     #[error("host {host} is not covered by the Gateway server hosts [{hosts}]")]
     HostNotInGateway { host: String, hosts: String },
     #[error(
-        "no ServiceEntry declares host {host} with port {port}{known}; the SNI must carry the service port, not the target port"
+        "no ServiceEntry declares host {host} with port {port}{known}; the SNI (or :authority) must carry the service port, not the target port"
     )]
     UnknownService {
         host: String,
@@ -41,6 +41,10 @@ pub enum RouteMiss {
     AlpnNotAllowed { offered: String, allowed: String },
     #[error("the control plane lists no filter chain for {sni}")]
     NotListed { sni: String },
+    #[error(
+        "the :authority {authority:?} is not <service host>:<service port>; an HBONE tunnel names the service port it goes to"
+    )]
+    BadAuthority { authority: String },
     #[error("no VirtualService tls route on this server takes the name {sni}")]
     NoTlsRoute { sni: String },
     #[error(
@@ -60,6 +64,7 @@ impl RouteMiss {
             RouteMiss::UnknownSubset { .. } => "unknown_subset",
             RouteMiss::AlpnNotAllowed { .. } => "alpn_not_allowed",
             RouteMiss::NotListed { .. } => "not_listed",
+            RouteMiss::BadAuthority { .. } => "bad_authority",
             RouteMiss::NoTlsRoute { .. } => "no_tls_route",
             RouteMiss::NoDestination { .. } => "no_destination",
         }
@@ -103,16 +108,7 @@ pub fn resolve<'s>(
     let server = servers
         .iter()
         .position(|s| s.hosts.matches(host))
-        .ok_or_else(|| RouteMiss::HostNotInGateway {
-            host: host.to_string(),
-            // A server from istiod lists every exported host: a client sending unknown
-            // names must not cost a copy of them all.
-            hosts: servers
-                .iter()
-                .map(|s| s.hosts.describe(8))
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
+        .ok_or_else(|| host_not_in_gateway(servers, host))?;
     let lookup = ServiceKey {
         host: host.to_string(),
         port: key.port,
@@ -258,6 +254,75 @@ fn resolve_key<'s>(
 ) -> Result<RouteMatch<'s>, RouteMiss> {
     // The server has no routes, so this takes the subset-key path.
     resolve(&servers[i..=i], services, Some(sni)).map(|m| RouteMatch { server: i, ..m })
+}
+
+fn host_not_in_gateway(servers: &[ServerSpec], host: &str) -> RouteMiss {
+    RouteMiss::HostNotInGateway {
+        host: host.to_string(),
+        // A server from istiod lists every exported host: a client sending unknown
+        // names must not cost a copy of them all.
+        hosts: servers
+            .iter()
+            .map(|s| s.hosts.describe(8))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// `<host>:<port>` of an HBONE `CONNECT` (RFC 9113 §8.5: the `:authority` names the
+/// destination), the host lower-cased; `None` when it is not that shape.
+pub fn parse_authority(authority: &str) -> Option<(std::borrow::Cow<'_, str>, u16)> {
+    let (host, port) = authority.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    if host.is_empty() || host.starts_with('[') {
+        return None;
+    }
+    let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    };
+    Some((host, port))
+}
+
+/// Resolves an HBONE tunnel's `:authority` (`<service host>:<service port>`) against one
+/// listener's HBONE servers and the service table, as Istio's ambient east-west gateway
+/// maps `<svc-host>:<svc-port>` to the service port's endpoints. No subsets, no routes:
+/// a tunnel goes to the service port it names.
+pub fn resolve_authority<'s>(
+    servers: &'s [ServerSpec],
+    services: &'s Services,
+    authority: &str,
+) -> Result<RouteMatch<'s>, RouteMiss> {
+    let (host, port) = parse_authority(authority).ok_or_else(|| RouteMiss::BadAuthority {
+        authority: authority.chars().take(256).collect(),
+    })?;
+    let server = servers
+        .iter()
+        .position(|s| s.mode == ServerTlsMode::Hbone && s.hosts.matches(&host))
+        .ok_or_else(|| host_not_in_gateway(servers, &host))?;
+    let lookup = ServiceKey {
+        host: host.into_owned(),
+        port,
+    };
+    let Some(service) = services.get(&lookup) else {
+        return Err(RouteMiss::UnknownService {
+            host: lookup.host,
+            port: lookup.port,
+            known: String::new(),
+        });
+    };
+    if service.default_route == DefaultRoute::NotListed {
+        return Err(RouteMiss::NotListed {
+            sni: authority.to_string(),
+        });
+    }
+    Ok(RouteMatch {
+        server,
+        service,
+        subset: None,
+        route: None,
+    })
 }
 
 /// The ports declared for `host`, for explaining an `UnknownService` miss offline

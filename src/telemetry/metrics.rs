@@ -72,9 +72,62 @@ pub struct Metrics {
     pub endpoint_healthy: IntGaugeVec,
     pub endpoint_ejections: IntCounterVec,
     pub accept_errors: IntCounterVec,
+    /// Outer HBONE connections (mTLS and HTTP/2 up) and their `CONNECT` streams (tunnels).
+    pub hbone: HboneMetrics,
     /// Serialises rebuilding the per-endpoint series with gathering them, so a scrape
     /// never sees a counter half-rebuilt.
     endpoint_refresh: Mutex<()>,
+}
+
+/// The `strait_hbone_*` figures of the 15008 listener: outer connections and their
+/// tunnels. Refused tunnels are also in `strait_refusals_total`, by flag and reason.
+pub struct HboneMetrics {
+    pub connections: IntCounter,
+    pub active_connections: IntGauge,
+    pub streams: IntCounter,
+    pub active_streams: IntGauge,
+    pub stream_seconds: Histogram,
+}
+
+impl HboneMetrics {
+    fn new(r: &Registry) -> HboneMetrics {
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric definition");
+            r.register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric definition");
+            r.register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
+        };
+        HboneMetrics {
+            connections: counter(
+                "strait_hbone_connections_total",
+                "Outer HBONE connections whose mTLS handshake and HTTP/2 preface succeeded.",
+            ),
+            active_connections: gauge(
+                "strait_hbone_active_connections",
+                "Outer HBONE connections open now.",
+            ),
+            streams: counter(
+                "strait_hbone_streams_total",
+                "HTTP/2 streams received on outer HBONE connections (each CONNECT is one tunnel), whatever their outcome.",
+            ),
+            active_streams: gauge(
+                "strait_hbone_active_streams",
+                "HBONE streams (tunnels) open now.",
+            ),
+            stream_seconds: histogram(
+                r,
+                "strait_hbone_stream_duration_seconds",
+                "Lifetime of HBONE streams (tunnels).",
+                prometheus::exponential_buckets(0.001, 4.0, 12).unwrap_or_default(),
+            ),
+        }
+    }
 }
 
 /// How the wait for an endpoint's first byte, after the replayed ClientHello, ended, as
@@ -362,6 +415,7 @@ impl Metrics {
             "Errors from accept(2), by kind (e.g. fd_exhausted).",
             &["kind"],
         );
+        let hbone = HboneMetrics::new(r);
         // Both results exist from the start, so a failure shows as 0 → 1 rather than as a
         // series appearing out of nowhere.
         for result in ["success", "failure"] {
@@ -389,6 +443,7 @@ impl Metrics {
             endpoint_healthy,
             endpoint_ejections,
             accept_errors,
+            hbone,
             endpoint_refresh: Mutex::new(()),
         }
     }
@@ -593,6 +648,13 @@ impl IstioLabels {
     /// presented when this process originated the mTLS (a bridge).
     pub fn with_destination_principal(mut self, principal: &str) -> Self {
         self.values[11] = principal_uri(principal);
+        self
+    }
+
+    /// The same labels as a waypoint reports them (`reporter="waypoint"`): what Istio's
+    /// ambient east-west gateway writes for each tunnel.
+    pub fn as_waypoint(mut self) -> Self {
+        self.values[0] = "waypoint".into();
         self
     }
 

@@ -7,7 +7,8 @@ mod result;
 
 pub use access_log::AccessLog;
 pub use metrics::{
-    EndpointSample, FirstByte, GatewayIdentity, IstioLabels, Metrics, RouteCounters, RouteMetrics,
+    EndpointSample, FirstByte, GatewayIdentity, HboneMetrics, IstioLabels, Metrics, RouteCounters,
+    RouteMetrics,
 };
 pub use result::{Accepted, ConnectionResult, ResponseFlag};
 

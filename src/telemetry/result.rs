@@ -84,7 +84,22 @@ pub struct ConnectionResult {
     pub reason: &'static str,
     /// Free text for the access log only (e.g. the connect error).
     pub detail: Option<String>,
+    /// The `:authority` of an HBONE tunnel (`host:port`, as the client sent it).
+    pub authority: Option<String>,
     route: Option<Arc<RouteMetrics>>,
+    unit: Unit,
+}
+
+/// What one result stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    /// A downstream connection, logged whatever its end.
+    Connection,
+    /// An outer HBONE connection: its tunnels have lines of their own, so it is logged
+    /// only when refused.
+    HboneConnection,
+    /// One HBONE `CONNECT` stream.
+    Tunnel,
 }
 
 /// A connection counted as accepted and active, before anything else is known about it:
@@ -161,8 +176,33 @@ impl ConnectionResult {
             flag: ResponseFlag::None,
             reason: "",
             detail: None,
+            authority: None,
             route: None,
+            unit: Unit::Connection,
         }
+    }
+
+    /// The result of one HBONE stream on an outer connection from `downstream`: counted
+    /// as a stream (`strait_hbone_*`), not as a downstream connection.
+    pub fn tunnel(telemetry: Arc<Telemetry>, listener: SocketAddr, downstream: SocketAddr) -> Self {
+        let hbone = &telemetry.metrics.hbone;
+        hbone.streams.inc();
+        hbone.active_streams.inc();
+        let mut r = Self::with_start(
+            telemetry,
+            listener,
+            downstream,
+            SystemTime::now(),
+            Instant::now(),
+        );
+        r.unit = Unit::Tunnel;
+        r
+    }
+
+    /// Marks this as an outer HBONE connection: logged only if refused, since each of its
+    /// tunnels writes its own line.
+    pub fn hbone_outer(&mut self) {
+        self.unit = Unit::HboneConnection;
     }
 
     pub fn telemetry(&self) -> &Arc<Telemetry> {
@@ -221,7 +261,7 @@ impl ConnectionResult {
         let start = ts
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        serde_json::json!({
+        let mut line = serde_json::json!({
             "start_time": start,
             "listener": self.listener.to_string(),
             "downstream": self.downstream.to_string(),
@@ -239,17 +279,25 @@ impl ConnectionResult {
             "response_flag": self.flag.as_str(),
             "reason": if self.reason.is_empty() { None } else { Some(self.reason) },
             "detail": self.detail,
-        })
-        .to_string()
+        });
+        if let (Some(a), Some(map)) = (&self.authority, line.as_object_mut()) {
+            map.insert("authority".into(), serde_json::Value::String(a.clone()));
+        }
+        line.to_string()
     }
 }
 
 impl Drop for ConnectionResult {
     fn drop(&mut self) {
         let m = &self.telemetry.metrics;
-        m.active.dec();
-        m.connection_seconds
-            .observe(self.start.elapsed().as_secs_f64());
+        let lived = self.start.elapsed().as_secs_f64();
+        if self.unit == Unit::Tunnel {
+            m.hbone.active_streams.dec();
+            m.hbone.stream_seconds.observe(lived);
+        } else {
+            m.active.dec();
+            m.connection_seconds.observe(lived);
+        }
         if self.flag.is_refusal() {
             m.refusals
                 .with_label_values(&[self.flag.as_str(), self.reason])
@@ -258,7 +306,8 @@ impl Drop for ConnectionResult {
         if let Some(route) = &self.route {
             m.close_route(route, self.flag.as_str());
         }
-        if self.telemetry.access_log.enabled() {
+        let quiet = self.unit == Unit::HboneConnection && self.flag == ResponseFlag::None;
+        if self.telemetry.access_log.enabled() && !quiet {
             self.telemetry.access_log.write(self.access_log_line());
         }
     }

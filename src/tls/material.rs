@@ -9,7 +9,9 @@ use std::time::SystemTime;
 
 use super::certs::{CertError, Identity, cert_not_after, load_identity, load_trust_bundle};
 use super::spiffe::SpiffeId;
-use super::verify::{ClientAuth, TrustConfig, client_config, server_config_with};
+use super::verify::{
+    ClientAuth, TrustConfig, client_config, hbone_server_config, server_config_with,
+};
 use crate::model::{ISTIO_ALPNS, PeerAuthMode, Snapshot, UpstreamTls};
 
 /// What ISTIO_MUTUAL servers, bridges and mTLS origination use.
@@ -18,6 +20,9 @@ pub struct TlsMaterial {
     server: Arc<rustls::ServerConfig>,
     /// The same without ALPN, for a client whose offer matches none of them.
     server_without_alpn: Arc<rustls::ServerConfig>,
+    /// The HBONE listener's configuration: TLS 1.3, ALPN `h2`, a client certificate
+    /// required whatever PeerAuthentication says (as Istio's ambient gateway).
+    pub hbone: Arc<rustls::ServerConfig>,
     /// Client configurations by expected peer identity (`None`: any peer of a trusted domain).
     clients: BTreeMap<Option<String>, Arc<rustls::ClientConfig>>,
     pub spiffe_id: Option<SpiffeId>,
@@ -66,14 +71,16 @@ impl TlsMaterial {
     }
 }
 
-/// Whether the snapshot needs the gateway's own certificates at all: passthrough alone
+/// Whether the snapshot needs the gateway's own certificates at all (ISTIO_MUTUAL and
+/// HBONE servers terminate TLS with them): passthrough alone
 /// never terminates TLS, so a pure AUTO_PASSTHROUGH gateway runs without them.
 pub fn needed(snapshot: &Snapshot) -> bool {
-    let mutual_server = snapshot
-        .listeners
-        .iter()
-        .flat_map(|l| &l.servers)
-        .any(|s| s.mode == crate::model::ServerTlsMode::IstioMutual);
+    let mutual_server = snapshot.listeners.iter().flat_map(|l| &l.servers).any(|s| {
+        matches!(
+            s.mode,
+            crate::model::ServerTlsMode::IstioMutual | crate::model::ServerTlsMode::Hbone
+        )
+    });
     let originates = snapshot.services.values().any(|s| {
         s.policy.tls == UpstreamTls::IstioMutual
             || s.subsets
@@ -154,6 +161,7 @@ fn build(
         Some(PeerAuthMode::Strict) | None => ClientAuth::Required,
     };
     let server = server_config_with(&identity, &trust, &alpn, client_auth)?;
+    let hbone = hbone_server_config(&identity, &trust)?;
     let mut bare = (*server).clone();
     bare.alpn_protocols.clear();
     let server_without_alpn = Arc::new(bare);
@@ -192,6 +200,7 @@ fn build(
     Ok(TlsMaterial {
         server,
         server_without_alpn,
+        hbone,
         clients,
         spiffe_id: identity.spiffe_id,
         expiries,

@@ -72,6 +72,11 @@ pub enum Refusal {
     UntrustedTrustDomain,
     /// The peer's SPIFFE ID is not the one expected.
     IdentityMismatch,
+    /// The client offered nothing the server accepts (protocol version, cipher suites,
+    /// key exchange groups): e.g. TLS 1.2 to a TLS 1.3-only listener.
+    Incompatible,
+    /// None of the client's ALPN protocols is one the listener serves.
+    NoApplicationProtocol,
     /// Anything else: I/O, protocol errors, alerts from the peer.
     Other,
 }
@@ -86,6 +91,8 @@ impl Refusal {
             Refusal::BadSpiffeId => "bad_spiffe_id",
             Refusal::UntrustedTrustDomain => "untrusted_trust_domain",
             Refusal::IdentityMismatch => "identity_mismatch",
+            Refusal::Incompatible => "incompatible",
+            Refusal::NoApplicationProtocol => "no_application_protocol",
             Refusal::Other => "other",
         }
     }
@@ -95,6 +102,8 @@ impl Refusal {
         use CertificateError as C;
         match err {
             Error::NoCertificatesPresented => Refusal::NoClientCert,
+            Error::PeerIncompatible(_) => Refusal::Incompatible,
+            Error::NoApplicationProtocol => Refusal::NoApplicationProtocol,
             Error::InvalidCertificate(cert_err) => match cert_err {
                 C::Expired
                 | C::ExpiredContext { .. }
@@ -224,11 +233,37 @@ pub fn server_config_with(
     alpn: &[&[u8]],
     client_auth: ClientAuth,
 ) -> Result<Arc<rustls::ServerConfig>, CertError> {
+    server_config_versions(id, trust, alpn, client_auth, rustls::DEFAULT_VERSIONS)
+}
+
+/// The server configuration of an ambient (HBONE) listener, as a source ztunnel expects
+/// it and as Istio's `connect_terminate` listener is set: TLS 1.3 only, ALPN `h2` only,
+/// a client certificate always required and checked as for ISTIO_MUTUAL.
+pub fn hbone_server_config(
+    id: &Identity,
+    trust: &TrustConfig,
+) -> Result<Arc<rustls::ServerConfig>, CertError> {
+    server_config_versions(
+        id,
+        trust,
+        &[b"h2"],
+        ClientAuth::Required,
+        &[&rustls::version::TLS13],
+    )
+}
+
+fn server_config_versions(
+    id: &Identity,
+    trust: &TrustConfig,
+    alpn: &[&[u8]],
+    client_auth: ClientAuth,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<Arc<rustls::ServerConfig>, CertError> {
     let provider = super::provider::server_provider();
     let mut verifier = SpiffeClientVerifier::new(id, trust, &provider)?;
     verifier.mandatory = client_auth == ClientAuth::Required;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(versions)?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(id.chain.clone(), id.key.clone_key())?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();

@@ -237,6 +237,9 @@ pub enum Purpose {
     /// take traffic only when none is. The caller leaves out endpoints it cannot reach
     /// (a network without a gateway) through `exclude`.
     Bridge,
+    /// A double-HBONE tunnel (ambient): only endpoints labelled as accepting HBONE, in the
+    /// gateway's own network, dialled on their HBONE port (15008) instead of the target port.
+    Hbone,
 }
 
 /// Whether `endpoint` lives in `own_network`. An endpoint without a network is taken to
@@ -272,6 +275,15 @@ impl Purpose {
             crate::model::ServerTlsMode::AutoPassthrough => Purpose::Passthrough,
             crate::model::ServerTlsMode::Passthrough => Purpose::Tls,
             crate::model::ServerTlsMode::IstioMutual => Purpose::Terminated,
+            crate::model::ServerTlsMode::Hbone => Purpose::Hbone,
+        }
+    }
+
+    /// The port to dial on `endpoint`: its HBONE port for a tunnel, else its own port.
+    pub fn dial_port(self, endpoint: &Endpoint) -> u16 {
+        match self {
+            Purpose::Hbone => crate::model::HBONE_PORT,
+            _ => endpoint.port,
         }
     }
 
@@ -280,6 +292,10 @@ impl Purpose {
         match self {
             Purpose::Passthrough => passthrough_exclusion(endpoint, gateway_network),
             Purpose::Tls => network_exclusion(endpoint, gateway_network),
+            Purpose::Hbone if !endpoint.accepts_hbone() => {
+                Some("not labelled networking.istio.io/tunnel: http: cannot take an HBONE tunnel")
+            }
+            Purpose::Hbone => network_exclusion(endpoint, gateway_network),
             Purpose::Terminated | Purpose::Bridge => None,
         }
     }
@@ -597,7 +613,8 @@ pub async fn connect<'a>(
         let guard = member.activate();
         observer.attempt();
         let started = Instant::now();
-        let outcome = match dial_endpoint(member, timeout, opening).await {
+        let port = purpose.dial_port(&member.endpoint);
+        let outcome = match dial_endpoint(member, port, timeout, opening).await {
             Ok((stream, addr, sent)) => {
                 let took = started.elapsed();
                 match opening {
@@ -703,20 +720,21 @@ fn reset(e: std::io::Error) -> (AttemptFailure, String) {
 }
 
 /// Opens a TCP connection to the member's endpoint (resolving a hostname endpoint
-/// through its DNS cache), bounded by `timeout`.
+/// through its DNS cache) on `port`, bounded by `timeout`.
 pub async fn dial_endpoint(
     member: &Member,
+    port: u16,
     timeout: Duration,
     opening: Option<&[u8]>,
 ) -> Result<(TcpStream, SocketAddr, usize), (AttemptFailure, String)> {
     let endpoint = &member.endpoint;
     let attempt = async {
         let addrs = match &endpoint.address {
-            EndpointAddress::Ip(ip) => vec![SocketAddr::new(*ip, endpoint.port)],
+            EndpointAddress::Ip(ip) => vec![SocketAddr::new(*ip, port)],
             EndpointAddress::Hostname(host) => member
                 .state
                 .dns
-                .resolve(host, endpoint.port)
+                .resolve(host, port)
                 .await
                 .map_err(|e| (AttemptFailure::Resolve, e))?,
         };

@@ -1,0 +1,1192 @@
+//! Ambient's double HBONE on 15008, from files: a Gateway API `istio-east-west` Gateway,
+//! the real strait binary, real mTLS and HTTP/2 from a Rust h2 client standing in for a
+//! source ztunnel, and plain TCP servers on `<endpoint ip>:15008` standing in for the
+//! destination ztunnels (the bytes strait copies are opaque to it, so a tunnel end that
+//! answers with its name shows which endpoint each tunnel reached). The same strait
+//! serves 15443 in the same test. Envoy, configured as Istio's ambient east-west gateway
+//! (AMBIENT.md §6), answers the same inputs with the same statuses.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use common::xds;
+use common::*;
+use rustls::pki_types::ServerName;
+use strait::tls::{SpiffeId, TrustConfig, client_config, load_identity};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+const GW_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/eastwest";
+const SLEEP_ID: &str = "spiffe://cluster.local/ns/foo/sa/sleep";
+const HBONE_PORT: u16 = 15008;
+const WAIT: Duration = Duration::from_secs(10);
+
+fn strait(args: &[&str]) {
+    let out = Command::new(strait_bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "strait {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A mesh CA (`strait ca init`), the gateway's SVID and a source workload's, as
+/// `strait cert issue` writes them.
+struct Certs {
+    dir: TempDir,
+    ca: PathBuf,
+    gateway: PathBuf,
+}
+
+impl Certs {
+    fn new() -> Certs {
+        let dir = TempDir::new("hbone-certs");
+        let ca = dir.path().join("ca");
+        strait(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            "cluster.local",
+            "--out",
+            ca.to_str().unwrap(),
+        ]);
+        let certs = Certs {
+            gateway: dir.path().join("gw"),
+            dir,
+            ca,
+        };
+        certs.issue(GW_ID, "gw");
+        certs
+    }
+
+    fn issue(&self, id: &str, name: &str) -> PathBuf {
+        let out = self.dir.path().join(name);
+        strait(&[
+            "cert",
+            "issue",
+            "--ca",
+            self.ca.to_str().unwrap(),
+            "--id",
+            id,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        out
+    }
+}
+
+/// A loopback address of its own for each endpoint, so each can listen on 15008.
+fn endpoint_ip() -> Ipv4Addr {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let pid = std::process::id();
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let ip = Ipv4Addr::new(
+            127,
+            (200 + pid % 50) as u8,
+            ((pid / 50) % 250) as u8,
+            (n % 250 + 1) as u8,
+        );
+        if std::net::TcpListener::bind((ip, HBONE_PORT)).is_ok() {
+            return ip;
+        }
+    }
+}
+
+/// What a stand-in destination ztunnel does with a tunnel's bytes.
+#[derive(Clone, Copy, PartialEq)]
+enum Behaviour {
+    /// Writes `[name] `, then echoes; closes its side after the client's close.
+    Echo,
+    /// Accepts and never reads.
+    Stall,
+}
+
+/// A TCP server on `<ip>:15008`.
+struct Dest {
+    ip: Ipv4Addr,
+    accepted: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Dest {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Dest {
+    async fn start(name: &str, behaviour: Behaviour) -> Dest {
+        let ip = endpoint_ip();
+        let listener = TcpListener::bind((ip, HBONE_PORT)).await.unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        let name = name.to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                let name = name.clone();
+                tokio::spawn(async move {
+                    if behaviour == Behaviour::Stall {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        drop(s);
+                        return;
+                    }
+                    if s.write_all(format!("[{name}] ").as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Dest { ip, accepted, task }
+    }
+
+    fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+/// A ServiceEntry endpoint at `ip`, HBONE-capable when `tunnel` is given.
+fn endpoint(ip: Ipv4Addr, tunnel: Option<&str>, network: &str) -> String {
+    let label = tunnel
+        .map(|t| format!(", networking.istio.io/tunnel: \"{t}\""))
+        .unwrap_or_default();
+    format!("  - {{address: {ip}, network: {network}, labels: {{app: x{label}}}}}\n")
+}
+
+/// A WorkloadEntry of `app: reviews` at `ip`, HBONE-capable when `tunnel` is given.
+fn workload_entry(name: &str, ip: Ipv4Addr, tunnel: Option<&str>, network: &str) -> String {
+    let label = tunnel
+        .map(|t| format!(", networking.istio.io/tunnel: \"{t}\""))
+        .unwrap_or_default();
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: reviews-{name}, namespace: default}}
+spec:
+  address: {ip}
+  network: {network}
+  labels: {{app: reviews{label}}}
+"
+    )
+}
+
+fn service(host: &str, endpoints: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: default}}
+spec:
+  hosts: [{host}]
+  ports: [{{number: 9080, name: tcp, targetPort: 9080}}]
+  resolution: STATIC
+  endpoints:
+{endpoints}",
+        name = host.split('.').next().unwrap()
+    )
+}
+
+/// The Gateway Istio's ambient east-west gateway is made from.
+fn east_west_gateway(port: u16) -> String {
+    format!(
+        "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: istio-eastwestgateway
+  namespace: istio-system
+  labels: {{topology.istio.io/network: net1}}
+spec:
+  gatewayClassName: istio-east-west
+  listeners:
+  - name: mesh
+    port: {port}
+    protocol: HBONE
+    tls:
+      mode: Terminate
+      options:
+        gateway.istio.io/tls-terminate-mode: ISTIO_MUTUAL
+"
+    )
+}
+
+/// Bootstrap (network net1, the gateway's SVID), the HBONE Gateway on `hbone`, and `rest`.
+fn config(ports: &Ports, hbone: u16, certs: &Certs, rest: &str) -> String {
+    format!(
+        "{}{}{rest}",
+        ports.bootstrap(&format!(
+            "  network: net1\n  certificates: {{dir: {}}}\n",
+            certs.gateway.display()
+        )),
+        east_west_gateway(hbone)
+    )
+}
+
+/// strait on `config(…, rest)`, with its HBONE listener on a port of its own (reached on
+/// loopback), and that address.
+fn start_gateway(certs: &Certs, rest: &str) -> (Strait, SocketAddr) {
+    let ports = Ports::new();
+    let port = free_port();
+    let gw = Strait::start(ports, &config(&ports, port, certs, rest));
+    (gw, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// An outer HBONE connection, as a source ztunnel opens it: TLS 1.3, ALPN h2, no SNI,
+/// the workload's SVID, the gateway's SPIFFE ID checked.
+struct Hbone {
+    send: h2::client::SendRequest<Bytes>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Hbone {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn hbone_connect(gw: SocketAddr, client: &Path, mesh: &Path) -> Result<Hbone, String> {
+    let mut id = load_identity(client).unwrap();
+    id.roots = load_identity(mesh).unwrap().roots;
+    let trust = TrustConfig {
+        trust_domain: "cluster.local".into(),
+        aliases: vec![],
+        federated: Default::default(),
+    };
+    let expected = SpiffeId::parse(GW_ID).unwrap();
+    let config = client_config(&id, &trust, Some(&expected), &[b"h2"]).unwrap();
+    let mut config = (*config).clone();
+    config.enable_sni = false;
+    config.resumption = rustls::client::Resumption::disabled();
+    let tcp = TcpStream::connect(gw).await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("gateway").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|e| format!("HTTP/2: {e}"))?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(Hbone { send, task })
+}
+
+impl Hbone {
+    /// Sends `method` for `authority`; the status and the stream.
+    async fn request(
+        &self,
+        method: http::Method,
+        authority: &str,
+    ) -> Result<(u16, Tunnel), String> {
+        let uri = if method == http::Method::CONNECT {
+            authority.to_string()
+        } else {
+            format!("https://{authority}/")
+        };
+        let req = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(())
+            .unwrap();
+        let mut send = self.send.clone().ready().await.map_err(|e| e.to_string())?;
+        let (resp, stream) = send.send_request(req, false).map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(WAIT, resp)
+            .await
+            .map_err(|_| "no response".to_string())?
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        Ok((
+            status,
+            Tunnel {
+                recv: resp.into_body(),
+                send: stream,
+                pending: Bytes::new(),
+            },
+        ))
+    }
+
+    async fn connect(&self, authority: &str) -> Result<(u16, Tunnel), String> {
+        self.request(http::Method::CONNECT, authority).await
+    }
+}
+
+/// One stream as bytes.
+struct Tunnel {
+    recv: h2::RecvStream,
+    send: h2::SendStream<Bytes>,
+    pending: Bytes,
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        while this.pending.is_empty() {
+            match ready!(this.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Ok(d)) => this.pending = d,
+                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        let _ = this.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let mut cap = this.send.capacity();
+        if cap == 0 {
+            this.send.reserve_capacity(buf.len());
+            while cap == 0 {
+                cap = match ready!(this.send.poll_capacity(cx)) {
+                    Some(Ok(n)) => n,
+                    Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
+                    None => return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+                };
+            }
+        }
+        let n = cap.min(buf.len());
+        this.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(std::io::Error::other)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let _ = self.send.send_data(Bytes::new(), true);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Tunnel {
+    /// Sends `line` and reads up to its echo: the tunnel end's `[name] ` greeting (on the
+    /// first exchange) and the line. Returns what came back.
+    async fn exchange(&mut self, line: &str, greeting: bool) -> String {
+        self.write_all(line.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let want_brackets = if greeting { 1 } else { 0 };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let text = String::from_utf8_lossy(&got).to_string();
+            if text.matches(']').count() >= want_brackets && text.ends_with(line) {
+                return text;
+            }
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, self.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no echo of {line:?}; got {text:?}"))
+                .unwrap();
+            assert!(
+                n > 0,
+                "tunnel closed before the echo of {line:?}; got {text:?}"
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    async fn body(mut self) -> String {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(WAIT, self.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).to_string()
+    }
+}
+
+/// The name in a `[name] …` greeting.
+fn greeted_by(text: &str) -> &str {
+    text.trim_start_matches('[').split(']').next().unwrap_or("")
+}
+
+/// Many tunnels on one outer connection: each a balancing pick of its own over the
+/// HBONE-capable endpoints of the gateway's network (one a ServiceEntry endpoint, one a
+/// WorkloadEntry whose label lists `http` among others), never the endpoint without the
+/// label nor the one in another network, although both listen on 15008. Unknown names
+/// get 404 on their own stream while the others keep flowing. The same process serves
+/// 15443 meanwhile. Metrics and the access log show each tunnel with the client's identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_are_balanced_per_stream_and_refused_per_stream() {
+    let certs = Certs::new();
+    let sleep = certs.issue(SLEEP_ID, "sleep");
+    let (a, b) = (
+        Dest::start("a", Behaviour::Echo).await,
+        Dest::start("b", Behaviour::Echo).await,
+    );
+    let plain = Dest::start("no-hbone", Behaviour::Echo).await;
+    let remote = Dest::start("net2", Behaviour::Echo).await;
+    let ca = TestCa::new();
+    let ratings = Workload::start(&ca, "spiffe://cluster.local/ns/default/sa/ratings").await;
+    let ports = Ports::new();
+    let hbone_port = free_port();
+    // Endpoints from WorkloadEntries selected by the ServiceEntry, as Istio reads them.
+    let rest = format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [{REVIEWS}]
+  ports: [{{number: 9080, name: tcp, targetPort: 9080}}]
+  resolution: STATIC
+  workloadSelector: {{labels: {{app: reviews}}}}
+{}{}{}{}{}---
+{}",
+        workload_entry("a", a.ip, Some("http"), "net1"),
+        // Istio reads the label as a list.
+        workload_entry("b", b.ip, Some("tcp,http"), "net1"),
+        workload_entry("plain", plain.ip, None, "net1"),
+        workload_entry("remote", remote.ip, Some("http"), "net2"),
+        service(
+            RATINGS,
+            &format!(
+                "  - {{address: 127.0.0.1, ports: {{tcp: {}}}}}\n",
+                ratings.addr.port()
+            )
+        ),
+        ports.gateway_doc(&["*.local"]),
+    );
+    let gw = Strait::start(ports, &config(&ports, hbone_port, &certs, &rest));
+    let hbone_addr = SocketAddr::from(([127, 0, 0, 1], hbone_port));
+
+    let client = Arc::new(
+        hbone_connect(hbone_addr, &sleep, &certs.gateway)
+            .await
+            .unwrap(),
+    );
+    // A tunnel held open across the refusals below.
+    let (status, mut held) = client.connect(&format!("{REVIEWS}:9080")).await.unwrap();
+    assert_eq!(status, 200);
+    let first = held.exchange("held 1\n", true).await;
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let (status, mut t) = client.connect(&format!("{REVIEWS}:9080")).await.unwrap();
+            assert_eq!(status, 200, "tunnel {i}");
+            let text = t.exchange(&format!("hello {i}\n"), true).await;
+            t.shutdown().await.unwrap();
+            greeted_by(&text).to_string()
+        }));
+    }
+    // Refusals on the same connection, while those tunnels run.
+    for authority in [
+        "nope.default.svc.cluster.local:9080",
+        &format!("{REVIEWS}:9999"),
+        // Not host:port.
+        REVIEWS,
+    ] {
+        let (status, stream) = client.connect(authority).await.unwrap();
+        assert_eq!(status, 404, "{authority}: {}", stream.body().await);
+    }
+    let mut picks = std::collections::BTreeMap::new();
+    for t in tasks {
+        *picks.entry(t.await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        picks.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["a", "b"],
+        "{picks:?}"
+    );
+    // The held tunnel still flows, to the endpoint it picked.
+    let again = held.exchange("held 2\n", false).await;
+    assert!(again.ends_with("held 2\n"), "{again:?}");
+    assert!(first.starts_with("[a] ") || first.starts_with("[b] "));
+    assert_eq!(
+        plain.accepted(),
+        0,
+        "the endpoint without HBONE was dialled"
+    );
+    assert_eq!(
+        remote.accepted(),
+        0,
+        "the other network's endpoint was dialled"
+    );
+    assert_eq!(a.accepted() + b.accepted(), 13);
+    held.shutdown().await.unwrap();
+    drop(held);
+
+    // 15443 on the same process.
+    let (mut tls, seen) = tls_connect(
+        gw.gateway,
+        &ca,
+        &format!("outbound_.9080_._.{RATINGS}"),
+        &["istio"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(seen, ratings.spiffe);
+    assert_eq!(
+        echo_once(&mut tls, b"passthrough\n").await,
+        b"passthrough\n"
+    );
+    drop(tls);
+
+    let waypoint = [
+        ("reporter", "waypoint"),
+        ("source_principal", SLEEP_ID),
+        ("destination_service", REVIEWS),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert!(
+        gw.eventually(WAIT, || {
+            gw.metric("istio_tcp_connections_closed_total", &waypoint) == 13.0
+        }),
+        "{}",
+        gw.metrics_text()
+    );
+    assert_eq!(
+        gw.metric("istio_tcp_connections_opened_total", &waypoint),
+        13.0
+    );
+    // Received: the client's bytes; sent: the greeting and the echo.
+    let received: usize =
+        "held 1\nheld 2\n".len() + (0..12).map(|i| format!("hello {i}\n").len()).sum::<usize>();
+    assert_eq!(
+        gw.metric("istio_tcp_received_bytes_total", &waypoint),
+        received as f64
+    );
+    assert_eq!(
+        gw.metric("istio_tcp_sent_bytes_total", &waypoint),
+        (received + 13 * "[a] ".len()) as f64
+    );
+    assert_eq!(gw.metric("strait_hbone_connections_total", &[]), 1.0);
+    assert_eq!(gw.metric("strait_hbone_streams_total", &[]), 16.0);
+    assert_eq!(gw.metric("strait_hbone_active_streams", &[]), 0.0);
+    assert_eq!(
+        gw.metric(
+            "strait_refusals_total",
+            &[("response_flag", "NR"), ("reason", "unknown_service")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        gw.metric(
+            "strait_refusals_total",
+            &[("response_flag", "NR"), ("reason", "bad_authority")]
+        ),
+        1.0
+    );
+    // The passthrough connection is reported as before, by its own reporter.
+    assert!(gw.eventually(WAIT, || gw.metric(
+        "istio_tcp_connections_closed_total",
+        &[("reporter", "source"), ("destination_service", RATINGS)]
+    ) == 1.0));
+
+    // One access-log line per tunnel, with the outer identity and the :authority.
+    assert!(
+        gw.eventually(WAIT, || {
+            gw.access_log()
+                .iter()
+                .filter(|l| l["authority"].is_string())
+                .count()
+                == 16
+        }),
+        "{:#?}",
+        gw.access_log()
+    );
+    let log = gw.access_log();
+    let tunnels: Vec<_> = log.iter().filter(|l| l["authority"].is_string()).collect();
+    for l in &tunnels {
+        assert_eq!(l["peer_identity"], SLEEP_ID, "{l}");
+    }
+    let ok: Vec<_> = tunnels
+        .iter()
+        .filter(|l| l["response_flag"] == "-")
+        .collect();
+    assert_eq!(ok.len(), 13);
+    for l in &ok {
+        assert_eq!(l["authority"], format!("{REVIEWS}:9080"));
+        assert_eq!(l["service"], REVIEWS);
+        let up = l["upstream"].as_str().unwrap();
+        assert!(
+            [a.ip, b.ip]
+                .iter()
+                .any(|ip| up == format!("{ip}:{HBONE_PORT}")),
+            "{l}"
+        );
+    }
+    let nope = tunnels
+        .iter()
+        .find(|l| l["authority"] == "nope.default.svc.cluster.local:9080")
+        .unwrap();
+    assert_eq!(nope["response_flag"], "NR");
+    assert_eq!(nope["reason"], "unknown_service");
+    // The outer connection itself is not a line: it was not refused.
+    assert_eq!(
+        log.iter()
+            .filter(|l| l["peer_identity"] == SLEEP_ID && !l["authority"].is_string())
+            .count(),
+        0
+    );
+}
+
+/// A service whose HBONE endpoints refuse connections gets 503 on that stream; a service
+/// with endpoints but none HBONE-capable gets 503 without any being dialled; the other
+/// tunnels of the connection are not disturbed. A request other than CONNECT gets what
+/// Envoy answers (404: no route takes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_services_get_503_on_their_own_stream() {
+    let certs = Certs::new();
+    let sleep = certs.issue(SLEEP_ID, "sleep");
+    let a = Dest::start("a", Behaviour::Echo).await;
+    let plain = Dest::start("plain", Behaviour::Echo).await;
+    let dead = endpoint_ip(); // nothing listens there
+    let rest = service(REVIEWS, &endpoint(a.ip, Some("http"), "net1"))
+        + &service(
+            "dead.default.svc.cluster.local",
+            &endpoint(dead, Some("http"), "net1"),
+        )
+        + &service(
+            "sidecar.default.svc.cluster.local",
+            &endpoint(plain.ip, None, "net1"),
+        );
+    let (gw, hbone) = start_gateway(&certs, &rest);
+    let client = hbone_connect(hbone, &sleep, &certs.gateway).await.unwrap();
+    let (status, mut held) = client.connect(&format!("{REVIEWS}:9080")).await.unwrap();
+    assert_eq!(status, 200);
+    held.exchange("one\n", true).await;
+
+    let (status, body) = client
+        .connect("dead.default.svc.cluster.local:9080")
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{}", body.body().await);
+    let (status, body) = client
+        .connect("sidecar.default.svc.cluster.local:9080")
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{}", body.body().await);
+    assert_eq!(plain.accepted(), 0);
+    let (status, _) = client
+        .request(http::Method::GET, &format!("{REVIEWS}:9080"))
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+
+    held.exchange("two\n", false).await;
+
+    // `strait route` explains an :authority as the data path treats it.
+    let route = |authority: &str| {
+        let out = Command::new(strait_bin())
+            .args(["route", "-c"])
+            .arg(gw.config_path())
+            .arg(authority)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, text) = route(&format!("{REVIEWS}:9080"));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("result     routes (HBONE) to 1 candidate endpoint(s)"),
+        "{text}"
+    );
+    let (code, text) = route("sidecar.default.svc.cluster.local:9080");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("excluded: not labelled networking.istio.io/tunnel: http"),
+        "{text}"
+    );
+    let (code, text) = route(&format!("{REVIEWS}:9999"));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("NR unknown_service"), "{text}");
+    assert!(
+        text.contains("(declared ports of that host: 9080)"),
+        "{text}"
+    );
+
+    assert!(
+        gw.eventually(WAIT, || {
+            gw.metric(
+                "strait_refusals_total",
+                &[("response_flag", "UF"), ("reason", "connect_failed")],
+            ) == 1.0
+                && gw.metric(
+                    "strait_refusals_total",
+                    &[("response_flag", "UH"), ("reason", "no_healthy_endpoint")],
+                ) == 1.0
+                && gw.metric(
+                    "strait_refusals_total",
+                    &[("response_flag", "NR"), ("reason", "not_connect")],
+                ) == 1.0
+        }),
+        "{}",
+        gw.metrics_text()
+    );
+}
+
+/// The outer handshake is ambient's: a client certificate from another CA, none at all,
+/// TLS 1.2, or no `h2` in the ALPN offer is refused, and counted; a client the mesh root
+/// vouches for but an AuthorizationPolicy denies is refused after the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outer_connection_is_ambient_mtls() {
+    let certs = Certs::new();
+    let sleep = certs.issue(SLEEP_ID, "sleep");
+    let banned = certs.issue("spiffe://cluster.local/ns/foo/sa/banned", "banned");
+    let other = Certs::new();
+    let stranger = other.issue(SLEEP_ID, "stranger");
+    let a = Dest::start("a", Behaviour::Echo).await;
+    let rest = service(REVIEWS, &endpoint(a.ip, Some("http"), "net1"))
+        + "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-banned, namespace: istio-system}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/foo/sa/banned]}}]
+";
+    let (gw, hbone) = start_gateway(&certs, &rest);
+
+    // The mesh's own client gets through.
+    let ok = hbone_connect(hbone, &sleep, &certs.gateway).await.unwrap();
+    let (status, mut t) = ok.connect(&format!("{REVIEWS}:9080")).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(greeted_by(&t.exchange("hi\n", true).await), "a");
+
+    // A certificate from another root (same SPIFFE ID): no tunnel.
+    let refused = match hbone_connect(hbone, &stranger, &certs.gateway).await {
+        Err(_) => true,
+        Ok(c) => c.connect(&format!("{REVIEWS}:9080")).await.is_err(),
+    };
+    assert!(refused, "an untrusted client got a tunnel");
+    // Denied by policy: the handshake completes, then the connection is closed.
+    let denied = match hbone_connect(hbone, &banned, &certs.gateway).await {
+        Err(_) => true,
+        Ok(c) => c.connect(&format!("{REVIEWS}:9080")).await.is_err(),
+    };
+    assert!(denied, "a denied client got a tunnel");
+
+    // TLS 1.2, and an offer without h2, are refused in the handshake.
+    let id = load_identity(&sleep).unwrap();
+    for (versions, alpn) in [
+        (&[&rustls::version::TLS12][..], &b"h2"[..]),
+        (&[&rustls::version::TLS13][..], &b"http/1.1"[..]),
+    ] {
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny))
+            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+            .unwrap();
+        let mut config = config;
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let tcp = TcpStream::connect(hbone).await.unwrap();
+        let r = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("gateway").unwrap(), tcp)
+            .await;
+        assert!(r.is_err(), "{versions:?} {alpn:?} was accepted");
+    }
+
+    assert!(
+        gw.eventually(WAIT, || {
+            let refused = |reason| {
+                gw.metric(
+                    "strait_refusals_total",
+                    &[("response_flag", "UAEX"), ("reason", reason)],
+                )
+            };
+            refused("untrusted_chain") == 1.0
+                && refused("denied_by_policy") == 1.0
+                && refused("incompatible") == 1.0
+                && refused("no_application_protocol") == 1.0
+        }),
+        "{}",
+        gw.metrics_text()
+    );
+    // Refused outer connections are logged, with the identity where there was one.
+    assert!(gw.eventually(WAIT, || gw.access_log().iter().any(|l| {
+        l["peer_identity"] == "spiffe://cluster.local/ns/foo/sa/banned"
+            && l["response_flag"] == "UAEX"
+    })));
+    drop(t);
+}
+
+/// Each stream has its own flow control: a destination that never reads holds back its
+/// own tunnel, while another tunnel on the same connection moves megabytes. Half-close
+/// goes through: the client's END_STREAM reaches the endpoint as FIN, and the endpoint's
+/// answer after it still arrives, followed by the end of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_destination_slows_only_its_stream_and_half_close_goes_through() {
+    let certs = Certs::new();
+    let sleep = certs.issue(SLEEP_ID, "sleep");
+    let echo = Dest::start("echo", Behaviour::Echo).await;
+    let stall = Dest::start("stall", Behaviour::Stall).await;
+    let rest = service(REVIEWS, &endpoint(echo.ip, Some("http"), "net1"))
+        + &service(
+            "stall.default.svc.cluster.local",
+            &endpoint(stall.ip, Some("http"), "net1"),
+        );
+    let (gw, hbone) = start_gateway(&certs, &rest);
+    let client = hbone_connect(hbone, &sleep, &certs.gateway).await.unwrap();
+
+    let (status, mut slow) = client
+        .connect("stall.default.svc.cluster.local:9080")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    // Push into the stalled tunnel until it stops taking bytes.
+    let pushed = Arc::new(AtomicU64::new(0));
+    let count = pushed.clone();
+    let pusher = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..(64 * 16) {
+            if slow.write_all(&chunk).await.is_err() {
+                break;
+            }
+            count.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        slow
+    });
+    let settled = settled(&pushed).await;
+    assert!(
+        settled < 64 << 20,
+        "the stalled tunnel took {settled} bytes: no backpressure"
+    );
+
+    // Meanwhile another tunnel moves 8 MiB both ways.
+    let (status, fast) = client.connect(&format!("{REVIEWS}:9080")).await.unwrap();
+    assert_eq!(status, 200);
+    let (mut r, mut w) = tokio::io::split(fast);
+    let total = 8usize << 20;
+    let writer = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut off = 0u64;
+        while (off as usize) < total {
+            fill_pattern(1, off, &mut buf);
+            w.write_all(&buf).await.unwrap();
+            off += buf.len() as u64;
+        }
+        // Half-close: the endpoint sees FIN, still answers, then closes.
+        w.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut got))
+        .await
+        .expect("the fast tunnel was held back by the stalled one")
+        .unwrap();
+    writer.await.unwrap();
+    let greeting = b"[echo] ";
+    assert_eq!(&got[..greeting.len()], greeting);
+    let body = &got[greeting.len()..];
+    assert_eq!(body.len(), total);
+    assert!(
+        body.iter()
+            .enumerate()
+            .all(|(i, b)| *b == pattern_byte(1, i as u64)),
+        "the echo differs from what was sent"
+    );
+    // The stalled tunnel is still held back, not failed.
+    assert!(!pusher.is_finished());
+    pusher.abort();
+    assert_eq!(gw.metric("strait_hbone_active_connections", &[]), 1.0);
+}
+
+/// Waits until `n` stops growing for half a second (bounded); its value then.
+async fn settled(n: &AtomicU64) -> u64 {
+    let mut last = u64::MAX;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = n.load(Ordering::Relaxed);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+/// Accepts any server certificate: for clients whose handshake must fail for another
+/// reason (protocol version, ALPN), so that only that reason can fail it.
+#[derive(Debug)]
+struct AcceptAny;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Envoy configured as Istio's ambient east-west gateway for services without waypoints
+/// (AMBIENT.md §6: `connect_terminate`'s TLS, an HTTP/2 connection manager terminating
+/// `CONNECT`, one virtual host per `<host>:<port>`, a raw TCP upstream to each HBONE
+/// endpoint's 15008), listening on `listen`.
+fn envoy_ambient_gateway(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    certs: &Path,
+    services: &[(&str, &[Ipv4Addr])],
+) -> serde_json::Value {
+    let file = |f: &str| serde_json::json!({"filename": certs.join(f).display().to_string()});
+    let addr = |ip: String, port: u16| serde_json::json!({"socket_address": {"address": ip, "port_value": port}});
+    let virtual_hosts: Vec<_> = services
+        .iter()
+        .map(|(host, _)| {
+            serde_json::json!({
+                "name": host,
+                "domains": [format!("{host}:9080")],
+                "routes": [{
+                    "match": {"connect_matcher": {}},
+                    "route": {
+                        "cluster": host,
+                        "timeout": "0s",
+                        "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]
+                    }
+                }]
+            })
+        })
+        .collect();
+    let clusters: Vec<_> = services
+        .iter()
+        .map(|(host, ips)| {
+            let endpoints: Vec<_> = ips
+                .iter()
+                .map(|ip| serde_json::json!({"endpoint": {"address": addr(ip.to_string(), HBONE_PORT)}}))
+                .collect();
+            serde_json::json!({
+                "name": host,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "lb_policy": "LEAST_REQUEST",
+                "load_assignment": {"cluster_name": host, "endpoints": [{"lb_endpoints": endpoints}]}
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "admin": {"address": addr(admin.ip().to_string(), admin.port())},
+        "static_resources": {
+            "listeners": [{
+                "name": "connect_terminate",
+                "address": addr(listen.ip().to_string(), listen.port()),
+                "filter_chains": [{
+                    "filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "connect_terminate",
+                            "codec_type": "HTTP2",
+                            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+                            "http2_protocol_options": {"allow_connect": true, "max_concurrent_streams": 100},
+                            "stream_idle_timeout": "0s",
+                            "route_config": {"name": "local", "virtual_hosts": virtual_hosts},
+                            "http_filters": [{
+                                "name": "envoy.filters.http.router",
+                                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+                            }]
+                        }
+                    }],
+                    "transport_socket": {"name": "tls", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                        "require_client_certificate": true,
+                        "common_tls_context": {
+                            "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
+                            "alpn_protocols": ["h2"],
+                            "tls_certificates": [{"certificate_chain": file("cert-chain.pem"), "private_key": file("key.pem")}],
+                            "validation_context": {
+                                "trusted_ca": file("root-cert.pem"),
+                                "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"prefix": "spiffe://cluster.local/"}}]
+                            }
+                        }
+                    }}
+                }]
+            }],
+            "clusters": clusters
+        }
+    })
+}
+
+/// The same streams, on one connection each, through strait and through Envoy as Istio's
+/// ambient east-west gateway: the same status for a served name, an unknown name, an
+/// unknown port, a service whose endpoints refuse, and a request other than CONNECT; and
+/// the same tunnel bytes where both answer 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strait_answers_each_stream_as_envoy_does() {
+    let certs = Certs::new();
+    let sleep = certs.issue(SLEEP_ID, "sleep");
+    let a = Dest::start("a", Behaviour::Echo).await;
+    let dead = endpoint_ip();
+    let dead_host = "dead.default.svc.cluster.local";
+    let rest = service(REVIEWS, &endpoint(a.ip, Some("http"), "net1"))
+        + &service(dead_host, &endpoint(dead, Some("http"), "net1"));
+    let (gw, hbone) = start_gateway(&certs, &rest);
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let Some(envoy) = xds::Envoy::launch(
+        &envoy_ambient_gateway(
+            listen,
+            admin,
+            &certs.gateway,
+            &[(REVIEWS, &[a.ip]), (dead_host, &[dead])],
+        ),
+        admin,
+        xds::EnvoyOptions {
+            delta: true,
+            listener: listen,
+        },
+        None,
+    )
+    .await
+    else {
+        return;
+    };
+    let cases: [(http::Method, String); 6] = [
+        (http::Method::CONNECT, format!("{REVIEWS}:9080")),
+        (
+            http::Method::CONNECT,
+            "nope.default.svc.cluster.local:9080".into(),
+        ),
+        (http::Method::CONNECT, format!("{REVIEWS}:9999")),
+        (http::Method::CONNECT, REVIEWS.into()),
+        (http::Method::CONNECT, format!("{dead_host}:9080")),
+        (http::Method::GET, format!("{REVIEWS}:9080")),
+    ];
+    let mut seen = Vec::new();
+    for (who, addr) in [("strait", hbone), ("envoy", listen)] {
+        let client = hbone_connect(addr, &sleep, &certs.gateway)
+            .await
+            .unwrap_or_else(|e| panic!("{who}: {e}\n{}", envoy.log()));
+        let mut statuses = Vec::new();
+        for (method, authority) in &cases {
+            let (status, mut t) = client
+                .request(method.clone(), authority)
+                .await
+                .unwrap_or_else(|e| panic!("{who} {method} {authority}: {e}\n{}", envoy.log()));
+            if status == 200 {
+                let text = t.exchange("through\n", true).await;
+                assert_eq!(text, "[a] through\n", "{who}");
+                t.shutdown().await.unwrap();
+            }
+            statuses.push(status);
+        }
+        seen.push((who, statuses));
+    }
+    assert_eq!(seen[0].1, seen[1].1, "strait and Envoy differ: {seen:?}");
+    assert_eq!(seen[0].1, [200, 404, 404, 404, 503, 404], "{seen:?}");
+    drop(gw);
+}
+
+/// SIGTERM drains 15008 as it drains 15443: readiness fails, the outer connection gets
+/// GOAWAY (new streams on it are refused), the tunnel already open keeps flowing until the
+/// client ends it, and then strait exits 0 without waiting for the drain deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_sends_goaway_and_lets_open_tunnels_finish() {
+    let certs = Certs::new();
+    let sleep = certs.issue(SLEEP_ID, "sleep");
+    let a = Dest::start("a", Behaviour::Echo).await;
+    let ports = Ports::new();
+    let hbone_port = free_port();
+    let rest = service(REVIEWS, &endpoint(a.ip, Some("http"), "net1"));
+    let mut gw = Strait::start(
+        ports,
+        &config(&ports, hbone_port, &certs, &rest)
+            .replace("drainDuration: 5s", "drainDuration: 30s"),
+    );
+    let hbone = SocketAddr::from(([127, 0, 0, 1], hbone_port));
+    let client = hbone_connect(hbone, &sleep, &certs.gateway).await.unwrap();
+    let authority = format!("{REVIEWS}:9080");
+    let (status, mut open) = client.connect(&authority).await.unwrap();
+    assert_eq!(status, 200);
+    open.exchange("before\n", true).await;
+
+    let began = std::time::Instant::now();
+    gw.signal(libc::SIGTERM);
+    // Streams opened before the GOAWAY arrives are ended at once (dropped: reset).
+    let mut refused = false;
+    for _ in 0..100 {
+        match client.connect(&authority).await {
+            Err(_) => {
+                refused = true;
+                break;
+            }
+            Ok((_, t)) => drop(t),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "new streams still accepted after SIGTERM");
+    assert!(gw.eventually(WAIT, || {
+        http_get(gw.status, "/healthz/ready").is_ok_and(|(s, _)| s == 503)
+    }));
+
+    let after = open.exchange("after\n", false).await;
+    assert!(after.ends_with("after\n"), "{after:?}");
+    open.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, open.read_to_end(&mut rest))
+        .await
+        .expect("the tunnel did not end after the client's END_STREAM")
+        .unwrap();
+    drop(open);
+    drop(client);
+    assert_eq!(gw.wait_exit(Duration::from_secs(20)), Some(0));
+    assert!(
+        began.elapsed() < Duration::from_secs(25),
+        "strait waited for the drain deadline: {:?}",
+        began.elapsed()
+    );
+}
