@@ -43,9 +43,10 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /build/target/release/strait /usr/local/bin/strait
 # distroless's "nonroot" user, by number so that runAsNonRoot can verify it.
 USER 65532:65532
-# 15443 AUTO_PASSTHROUGH/ISTIO_MUTUAL data, 15021 /healthz/ready, 15090 /stats/prometheus.
+# 15443 AUTO_PASSTHROUGH/ISTIO_MUTUAL data, 15008 ambient's double HBONE, 15012/15017 istiod
+# behind a PASSTHROUGH Gateway, 15021 /healthz/ready, 15090 /stats/prometheus.
 # The admin API (15000) binds loopback only and is not exposed.
-EXPOSE 15443 15012 15017 15021 15090
+EXPOSE 15443 15008 15012 15017 15021 15090
 # No HEALTHCHECK: distroless has neither a shell nor curl to run one, and strait has no
 # probe subcommand. Health is the orchestrator's job: Kubernetes probes GET :15021/healthz/ready
 # (200 ready, 503 draining), see deploy/strait-eastwest.yaml.

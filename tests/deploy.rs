@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use saphyr::{LoadableYamlNode, YamlOwned};
 
 const DATA_PORT: i64 = 15443;
+/// Ambient's double HBONE (a Gateway API `istio-east-west` Gateway's listener).
+const HBONE_PORT: i64 = 15008;
 /// istiod's xDS/CA and webhook ports, as Istio's `expose-istiod.yaml` serves them through
 /// the east-west gateway (PASSTHROUGH) for remote clusters.
 const ISTIOD_PORT: i64 = 15012;
@@ -392,8 +394,8 @@ fn dockerfile_problems(dockerfile: &str, manifest: &str, cargo_toml: &str) -> Ve
         }
     }
 
-    // EXPOSE: exactly the data ports (15443, and 15012/15017 for istiod behind a
-    // PASSTHROUGH Gateway), status and metrics (admin stays on loopback).
+    // EXPOSE: exactly the data ports (15443, 15008 for ambient, and 15012/15017 for istiod
+    // behind a PASSTHROUGH Gateway), status and metrics (admin stays on loopback).
     let exposed: BTreeSet<i64> = runtime
         .all("EXPOSE")
         .flat_map(|e| e.args.split_whitespace())
@@ -401,6 +403,7 @@ fn dockerfile_problems(dockerfile: &str, manifest: &str, cargo_toml: &str) -> Ve
         .collect();
     let wanted: BTreeSet<i64> = [
         DATA_PORT,
+        HBONE_PORT,
         ISTIOD_PORT,
         WEBHOOK_PORT,
         STATUS_PORT,
@@ -1252,6 +1255,7 @@ fn manifest_problems(manifest: &str, flavour: Flavour) -> Vec<String> {
         .collect();
     for port in [
         DATA_PORT,
+        HBONE_PORT,
         ISTIOD_PORT,
         WEBHOOK_PORT,
         STATUS_PORT,
@@ -1456,6 +1460,7 @@ fn manifest_problems(manifest: &str, flavour: Flavour) -> Vec<String> {
     }
     for (name, port) in [
         ("tls", DATA_PORT),
+        ("tls-hbone", HBONE_PORT),
         ("tls-istiod", ISTIOD_PORT),
         ("tls-webhook", WEBHOOK_PORT),
         ("status-port", STATUS_PORT),
@@ -2325,14 +2330,14 @@ fn broken_dockerfiles_are_caught() {
         ("uid 0", "USER 65532:65532", "USER 0", "root"),
         (
             "metrics port not exposed",
-            "EXPOSE 15443 15012 15017 15021 15090",
-            "EXPOSE 15443 15012 15017 15021",
+            "EXPOSE 15443 15008 15012 15017 15021 15090",
+            "EXPOSE 15443 15008 15012 15017 15021",
             "EXPOSE",
         ),
         (
             "admin port exposed",
-            "EXPOSE 15443 15012 15017 15021 15090",
-            "EXPOSE 15443 15012 15017 15021 15090 15000",
+            "EXPOSE 15443 15008 15012 15017 15021 15090",
+            "EXPOSE 15443 15008 15012 15017 15021 15090 15000",
             "EXPOSE",
         ),
         (
