@@ -40,7 +40,7 @@ pub struct Snapshot {
     pub services: Services,
     pub bridges: Vec<BridgeSpec>,
     /// The network RBAC compiled from the AuthorizationPolicies in files that select the
-    /// gateway. Already on every ISTIO_MUTUAL and PASSTHROUGH server from files; with
+    /// gateway. Already on every ISTIO_MUTUAL, PASSTHROUGH and HBONE server from files; with
     /// istiod, `xds::merge` puts it after istiod's own filters on istiod's servers too.
     pub rbac: Vec<RbacFilter>,
     /// PeerAuthentication mode that applies to this gateway, if any: whether its
@@ -307,7 +307,7 @@ pub struct ServerSpec {
     /// The network RBAC filters in front of the server's routing for the
     /// AuthorizationPolicies selecting the gateway, in order (DENY, then ALLOW): every one
     /// must let a connection through. From istiod, as it sends them; from files, compiled
-    /// as istiod compiles them (`policy::compile`), on ISTIO_MUTUAL and PASSTHROUGH
+    /// as istiod compiles them (`policy::compile`), on ISTIO_MUTUAL, PASSTHROUGH and HBONE
     /// servers. An AUTO_PASSTHROUGH server has none, as istiod gives it none.
     pub rbac: Vec<RbacFilter>,
 }

@@ -213,7 +213,8 @@ pub(crate) fn build(sink: &mut Sink, parsed: Parsed) -> Snapshot {
         .filter_map(|ap| ap.policy.clone())
         .collect();
     // As istiod: the RBAC goes in front of every ISTIO_MUTUAL and PASSTHROUGH server's
-    // routing; AUTO_PASSTHROUGH chains get none.
+    // routing; AUTO_PASSTHROUGH chains get none. An HBONE listener gets it too, judged on
+    // the outer client's identity.
     let mut trust_domains = vec![settings.trust_domain.clone()];
     trust_domains.extend(settings.trust_domain_aliases.iter().cloned());
     let rbac = policy::compile::compile(&selected, &trust_domains);

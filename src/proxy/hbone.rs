@@ -29,7 +29,7 @@ use super::copy::{ByteCounters, CopyEnd, copy_streams};
 use super::upstream_leg::{Opened, copy_limits, open_upstream, record_copy};
 use super::{DrainState, LiveGuard, OpenGuard, Shared};
 use crate::model::ServerTlsMode;
-use crate::policy::authz::{Peer, RbacConn, authorize, check_rbac};
+use crate::policy::authz::{RbacConn, check_rbac};
 use crate::route;
 use crate::telemetry::{Accepted, ConnectionResult, IstioLabels, ResponseFlag};
 use crate::tls::spiffe::SpiffeId;
@@ -128,38 +128,28 @@ pub(super) async fn handle(
     };
     result.peer_identity = Some(identity.to_string());
 
-    // AuthorizationPolicy applies to the outer identity: the source workload's own.
-    let mut trust_domains = vec![settings.trust_domain.clone()];
-    trust_domains.extend(settings.trust_domain_aliases.iter().cloned());
+    // AuthorizationPolicy applies to the outer identity: the source workload's own. The
+    // server's RBAC filters are compiled from files or sent by istiod.
     let servers = runtime.servers_for(&listener);
     let rbac = servers
         .iter()
         .find(|s| s.mode == ServerTlsMode::Hbone)
         .map_or(&[][..], |s| s.rbac.as_slice());
+    // A system call: only where a policy may read the destination address.
     let local = if rbac.is_empty() {
         listener
     } else {
         tls.get_ref().0.local_addr().unwrap_or(listener)
     };
-    let verdict = authorize(
-        &runtime.snapshot.authz,
-        &Peer {
-            id: Some(&identity),
-            trust_domains: &trust_domains,
-            port: listener.port(),
+    let verdict = check_rbac(
+        rbac,
+        &RbacConn {
+            principal: Some(identity.as_str()),
+            peer,
+            local,
+            sni: None,
         },
-    )
-    .and_then(|()| {
-        check_rbac(
-            rbac,
-            &RbacConn {
-                principal: Some(identity.as_str()),
-                peer,
-                local,
-                sni: None,
-            },
-        )
-    });
+    );
     if let Err(denied) = verdict {
         result.refuse(ResponseFlag::Unauthorized, denied.reason());
         tracing::info!(%peer, identity = %identity, "HBONE connection refused: {denied}");
