@@ -255,6 +255,35 @@ spec:
             want: [[E, N], [E, N], [N, N], [N, N]],
             passthrough: [N, N],
         },
+        Case {
+            what: "ALLOW when the peer's namespace is foo and the port is not 15444",
+            policies: "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: c9-allow, namespace: istio-system}
+spec:
+  rules:
+  - when:
+    - {key: source.namespace, values: [foo]}
+    - {key: destination.port, notValues: [\"15444\"]}
+",
+            want: [[E, N], [E, N], [N, N], [E, N]],
+            passthrough: [N, N],
+        },
+        Case {
+            what: "DENY when the server name is under example",
+            policies: "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: c10-deny, namespace: istio-system}
+spec:
+  action: DENY
+  rules:
+  - when: [{key: connection.sni, values: [\"*.example\"]}]
+",
+            want: [[E, E], [E, E], [E, E], [E, E]],
+            passthrough: [D, D],
+        },
     ]
 }
 

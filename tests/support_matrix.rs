@@ -105,6 +105,7 @@ spec:
   rules:
   - from: [{source: {}}]
     to: [{operation: {}}]
+    when: [{}]
 ---
 apiVersion: v1
 kind: List

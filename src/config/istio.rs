@@ -9,7 +9,9 @@ use crate::model::{
     Cidr, HostMatch, LbPolicy, Locality, LocalityLbSetting, OutlierDetection, PeerAuthMode,
     Resolution, ServerTlsMode, UpstreamTls,
 };
-use crate::policy::compile::{Action, AuthorizationPolicy, Operation, Rule, Source};
+use crate::policy::compile::{
+    Action, AuthorizationPolicy, Condition, ConditionKey, Operation, Rule, Source, parse_cidr,
+};
 
 use super::diagnostics::{Loc, Sink};
 use super::document::Meta;
@@ -1270,7 +1272,62 @@ fn authz_rule(sink: &mut Sink, node: &Node, path: &Path<'_>, action: Action) -> 
             rule.to.push(operation);
         }
     }
-    warn_unsupported(sink, &mut f, &["when"]);
+    if let Some(list) = f.get("when") {
+        let wp = path.key("when");
+        for (i, item) in fields::seq(sink, list, &wp).iter().enumerate() {
+            let cp = wp.index(i);
+            let Some(mut cf) = Fields::of(sink, item, cp) else {
+                continue;
+            };
+            let key = cf.get_entry("key");
+            let values = |cf: &mut Fields<'_, '_>, name: &str, sink: &mut Sink| {
+                cf.get(name)
+                    .map(|n| fields::strings_at(sink, n, &cp.key(name)))
+                    .unwrap_or_default()
+            };
+            let (vals, not_vals) = (
+                values(&mut cf, "values", sink),
+                values(&mut cf, "notValues", sink),
+            );
+            cf.finish(sink);
+            let Some((_, key_node)) = key else {
+                sink.error(item.loc, format!("{cp}: a condition needs a key"));
+                continue;
+            };
+            let Some(text) = fields::string(sink, key_node, &cp.key("key")) else {
+                continue;
+            };
+            let Some(key) = ConditionKey::parse(&text) else {
+                unsupported = true;
+                sink.warn(
+                    key_node.loc,
+                    format!(
+                        "{} {text} is not evaluated by strait on TCP connections; {consequence}",
+                        cp.key("key")
+                    ),
+                );
+                continue;
+            };
+            // Values must read as the key says (istiod's validation rejects the rest).
+            for (v, loc) in vals.iter().chain(&not_vals) {
+                let ok = match key {
+                    ConditionKey::SourceIp
+                    | ConditionKey::RemoteIp
+                    | ConditionKey::DestinationIp => parse_cidr(v).is_some(),
+                    ConditionKey::DestinationPort => v.parse::<u16>().is_ok(),
+                    _ => true,
+                };
+                if !ok {
+                    sink.error(*loc, format!("{cp}: {v:?} is not a valid value for {text}"));
+                }
+            }
+            rule.when.push(Condition {
+                key,
+                values: vals.into_iter().map(|(v, _)| v).collect(),
+                not_values: not_vals.into_iter().map(|(v, _)| v).collect(),
+            });
+        }
+    }
     f.finish(sink);
     rule.unevaluable = unsupported;
     Some(rule)
@@ -1285,18 +1342,7 @@ fn cidrs(sink: &mut Sink, node: &Node, path: &Path<'_>) -> Vec<Cidr> {
         let Some(text) = fields::string(sink, item, &p) else {
             continue;
         };
-        let (addr, len) = match text.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (text.as_str(), None),
-        };
-        let parsed = addr.parse::<IpAddr>().ok().and_then(|addr| {
-            let max = if addr.is_ipv4() { 32 } else { 128 };
-            let len = match len {
-                None => max,
-                Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max)?,
-            };
-            Some(Cidr { addr, len })
-        });
+        let parsed = parse_cidr(&text);
         match parsed {
             Some(c) => out.push(c),
             None => sink.error(

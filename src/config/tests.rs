@@ -1274,6 +1274,50 @@ spec: {{action: CUSTOM, provider: {{name: opa}}}}
 }
 
 #[test]
+fn when_conditions_on_tcp_keys_are_read_and_others_warned_about() {
+    let l = load_ok(&format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: conditions, namespace: istio-system}}
+spec:
+  rules:
+  - when: [{{key: \"request.headers[x-user]\", values: [a]}}]
+  - when: [{{key: destination.port, values: [\"15444\"]}}]
+{THREE_SERVERS}"
+    ));
+    assert_eq!(
+        warnings_of(&l)[0],
+        "t.yaml:6:18: warning: spec.rules[0].when[0].key request.headers[x-user] is not evaluated by strait on TCP connections; this ALLOW rule can never match and is dropped"
+    );
+    let policies = rbac_on(&l, 15444)[0].policies.as_ref().unwrap();
+    assert_eq!(policies.len(), 1);
+    assert_eq!(
+        policies[0].name,
+        "ns[istio-system]-policy[conditions]-rule[1]"
+    );
+    assert_eq!(
+        policies[0].permissions,
+        [RbacPermission::And(vec![RbacPermission::Or(vec![
+            RbacPermission::DestinationPort(15444)
+        ])])]
+    );
+    assert_eq!(
+        load_err(
+            "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bad, namespace: istio-system}
+spec:
+  rules:
+  - when: [{key: destination.port, values: [http]}]
+"
+        ),
+        [
+            "t.yaml:6:45: error: spec.rules[0].when[0]: \"http\" is not a valid value for destination.port"
+        ]
+    );
+}
+
+#[test]
 fn source_ip_blocks_are_read_and_bad_ones_refused() {
     let l = load_ok(&format!(
         "apiVersion: security.istio.io/v1

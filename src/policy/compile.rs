@@ -36,6 +36,8 @@ pub struct Rule {
     pub from: Vec<Source>,
     /// `to[].operation`; an entry without `operation` matches any connection.
     pub to: Vec<Operation>,
+    /// `when[]`: conditions every `from` and `to` entry must also meet.
+    pub when: Vec<Condition>,
     /// The rule names a condition that cannot be judged on a TCP connection (HTTP
     /// methods, paths, request principals…). As istiod does for a TCP filter chain, an
     /// ALLOW rule holding one is left out (it never allows); in a DENY rule the reader
@@ -59,6 +61,55 @@ pub struct Source {
     pub not_ip_blocks: Vec<Cidr>,
     pub remote_ip_blocks: Vec<Cidr>,
     pub not_remote_ip_blocks: Vec<Cidr>,
+}
+
+/// One `when` condition on what a TCP connection shows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    pub key: ConditionKey,
+    pub values: Vec<String>,
+    pub not_values: Vec<String>,
+}
+
+/// The `when` keys a TCP connection can be judged on (istiod's attribute names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionKey {
+    /// `source.ip` and `remote.ip`: the peer's address.
+    SourceIp,
+    RemoteIp,
+    SourceNamespace,
+    SourcePrincipal,
+    SourceServiceAccount,
+    DestinationIp,
+    DestinationPort,
+    /// `connection.sni`.
+    ConnectionSni,
+}
+
+impl ConditionKey {
+    pub fn parse(key: &str) -> Option<ConditionKey> {
+        Some(match key {
+            "source.ip" => ConditionKey::SourceIp,
+            "remote.ip" => ConditionKey::RemoteIp,
+            "source.namespace" => ConditionKey::SourceNamespace,
+            "source.principal" => ConditionKey::SourcePrincipal,
+            "source.serviceAccount" => ConditionKey::SourceServiceAccount,
+            "destination.ip" => ConditionKey::DestinationIp,
+            "destination.port" => ConditionKey::DestinationPort,
+            "connection.sni" => ConditionKey::ConnectionSni,
+            _ => return None,
+        })
+    }
+
+    /// Whether the condition is on the connection (a permission) rather than the peer.
+    fn on_destination(self) -> bool {
+        matches!(
+            self,
+            ConditionKey::DestinationIp
+                | ConditionKey::DestinationPort
+                | ConditionKey::ConnectionSni
+        )
+    }
 }
 
 /// `to[].operation`.
@@ -119,23 +170,29 @@ fn policy_rules(p: &AuthorizationPolicy, trust_domains: &[String]) -> Vec<RbacPo
         .map(|(i, r)| RbacPolicy {
             name: name(i),
             permissions: if r.to.is_empty() {
-                vec![RbacPermission::And(vec![RbacPermission::Any])]
+                vec![permission(&Operation::default(), &r.when)]
             } else {
-                r.to.iter().map(permission).collect()
+                r.to.iter().map(|o| permission(o, &r.when)).collect()
             },
             principals: if r.from.is_empty() {
-                vec![RbacPrincipal::And(vec![RbacPrincipal::Any])]
+                vec![principal(
+                    &Source::default(),
+                    &r.when,
+                    &p.namespace,
+                    trust_domains,
+                )]
             } else {
                 r.from
                     .iter()
-                    .map(|s| principal(s, &p.namespace, trust_domains))
+                    .map(|s| principal(s, &r.when, &p.namespace, trust_domains))
                     .collect()
             },
         })
         .collect()
 }
 
-fn permission(o: &Operation) -> RbacPermission {
+/// One `to` entry, then the rule's conditions on the connection, in istiod's order.
+fn permission(o: &Operation, when: &[Condition]) -> RbacPermission {
     let ports = |ports: &[u16]| {
         RbacPermission::Or(
             ports
@@ -151,14 +208,43 @@ fn permission(o: &Operation) -> RbacPermission {
     if !o.not_ports.is_empty() {
         and.push(RbacPermission::Not(Box::new(ports(&o.not_ports))));
     }
+    for c in when.iter().filter(|c| c.key.on_destination()) {
+        let each = |values: &[String]| -> Vec<RbacPermission> {
+            values
+                .iter()
+                .filter_map(|v| match c.key {
+                    ConditionKey::DestinationPort => {
+                        v.parse().ok().map(RbacPermission::DestinationPort)
+                    }
+                    ConditionKey::DestinationIp => parse_cidr(v).map(RbacPermission::DestinationIp),
+                    _ => Some(RbacPermission::ServerName(plain_matcher(v))),
+                })
+                .collect()
+        };
+        let (values, not_values) = (each(&c.values), each(&c.not_values));
+        if !values.is_empty() {
+            and.push(RbacPermission::Or(values));
+        }
+        if !not_values.is_empty() {
+            and.push(RbacPermission::Not(Box::new(RbacPermission::Or(
+                not_values,
+            ))));
+        }
+    }
     if and.is_empty() {
         and.push(RbacPermission::Any);
     }
     RbacPermission::And(and)
 }
 
-/// One `from` entry of a policy in `namespace`, its fields in istiod's order.
-fn principal(s: &Source, namespace: &str, trust_domains: &[String]) -> RbacPrincipal {
+/// One `from` entry of a policy in `namespace`, then the rule's conditions on the peer, in
+/// istiod's order.
+fn principal(
+    s: &Source,
+    when: &[Condition],
+    namespace: &str,
+    trust_domains: &[String],
+) -> RbacPrincipal {
     let mut and = Vec::new();
     let mut field = |values: Vec<RbacPrincipal>, not_values: Vec<RbacPrincipal>| {
         if !values.is_empty() {
@@ -204,6 +290,20 @@ fn principal(s: &Source, namespace: &str, trust_domains: &[String]) -> RbacPrinc
         addresses(&s.not_remote_ip_blocks),
     );
     field(addresses(&s.ip_blocks), addresses(&s.not_ip_blocks));
+    for c in when.iter().filter(|c| !c.key.on_destination()) {
+        let each = |values: &[String]| -> Vec<RbacPrincipal> {
+            match c.key {
+                ConditionKey::SourcePrincipal => principals(values),
+                ConditionKey::SourceNamespace => namespaces(values),
+                ConditionKey::SourceServiceAccount => accounts(values),
+                _ => values
+                    .iter()
+                    .filter_map(|v| parse_cidr(v).map(RbacPrincipal::RemoteIp))
+                    .collect(),
+            }
+        };
+        field(each(&c.values), each(&c.not_values));
+    }
     if and.is_empty() {
         and.push(RbacPrincipal::Any);
     }
@@ -229,6 +329,37 @@ fn spiffe_matcher(value: &str) -> StringMatch {
         None => StringMatchKind::Exact(format!("{URI}{value}")),
     };
     StringMatch::new(kind, false)
+}
+
+/// istiod's `StringMatcher(value)`: as [`spiffe_matcher`] without the prefix.
+fn plain_matcher(value: &str) -> StringMatch {
+    if value == "*" {
+        return regex(".+");
+    }
+    let kind = if let Some(suffix) = value.strip_prefix('*') {
+        StringMatchKind::Suffix(suffix.to_string())
+    } else if let Some(prefix) = value.strip_suffix('*') {
+        StringMatchKind::Prefix(prefix.to_string())
+    } else {
+        StringMatchKind::Exact(value.to_string())
+    };
+    StringMatch::new(kind, false)
+}
+
+/// An address or CIDR range (`10.0.0.1`, `10.0.0.0/16`, IPv6 alike), as istiod's
+/// `AddrStrToCidrRange` reads it.
+pub fn parse_cidr(text: &str) -> Option<Cidr> {
+    let (addr, len) = match text.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (text, None),
+    };
+    let addr: std::net::IpAddr = addr.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max)?,
+    };
+    Some(Cidr { addr, len })
 }
 
 /// istiod's namespace matcher: `.*/ns/<namespace>/.*`, each `*` of the value as `.*`.
@@ -337,6 +468,7 @@ mod tests {
                         not_ports: vec![],
                     }]
                 },
+                when: vec![],
                 unevaluable: false,
             }],
         }
@@ -494,6 +626,42 @@ mod tests {
         // A bare name is in the policy's own namespace.
         assert!(check(&p, "spiffe://cluster.local/ns/istio-system/sa/gateway", 1).is_ok());
         assert!(check(&p, "spiffe://cluster.local/ns/foo/sa/gateway", 1).is_err());
+    }
+
+    #[test]
+    fn when_conditions_on_the_peer_and_the_connection() {
+        let cond = |key: &str, values: &[&str], not_values: &[&str]| Condition {
+            key: ConditionKey::parse(key).unwrap(),
+            values: values.iter().map(|s| s.to_string()).collect(),
+            not_values: not_values.iter().map(|s| s.to_string()).collect(),
+        };
+        let mut p = policy("when", Action::Allow, Source::default(), vec![]);
+        p.rules[0].when = vec![
+            cond("source.ip", &["10.0.0.0/24"], &[]),
+            cond("source.principal", &["cluster.local/ns/foo/sa/sleep"], &[]),
+            cond("destination.port", &[], &["15444"]),
+            cond("destination.ip", &["10.0.1.0/24"], &[]),
+        ];
+        let p = [p];
+        assert!(check(&p, SLEEP, 15443).is_ok());
+        assert!(
+            check(&p, "spiffe://old.local/ns/foo/sa/sleep", 15443).is_ok(),
+            "alias"
+        );
+        assert!(check(&p, SLEEP, 15444).is_err());
+        assert!(check(&p, OTHER, 15443).is_err());
+        assert!(check_from(&p, Some(SLEEP), "10.0.9.9:1", 15443).is_err());
+        let mut sni = policy("sni", Action::Deny, Source::default(), vec![]);
+        sni.rules[0].when = vec![cond("connection.sni", &["*.example"], &[])];
+        let filters = compile(&[sni], &["cluster.local".into()]);
+        let conn = |sni| RbacConn {
+            principal: None,
+            peer: "10.0.0.9:1".parse().unwrap(),
+            local: "10.0.1.2:15445".parse().unwrap(),
+            sni,
+        };
+        assert!(check_rbac(&filters, &conn(Some("echo.example"))).is_err());
+        assert!(check_rbac(&filters, &conn(Some("echo.local"))).is_ok());
     }
 
     #[test]
