@@ -18,8 +18,8 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use common::xds;
 use common::*;
+use common::{hbone, xds};
 use rustls::pki_types::ServerName;
 use strait::tls::{SpiffeId, TrustConfig, client_config, load_identity};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -1189,4 +1189,83 @@ async fn a_drain_sends_goaway_and_lets_open_tunnels_finish() {
         "strait waited for the drain deadline: {:?}",
         began.elapsed()
     );
+}
+
+/// End to end with Istio's own HBONE code on both sides: `hbone-peer source` (a source
+/// ztunnel on Istio's `pkg/hbone` dialer) → strait's 15008 → `hbone-peer dest` (a
+/// destination ztunnel) on the endpoint's 15008. The inner TLS is end to end: the
+/// destination sees the source workload's SPIFFE ID, never strait's, and the source
+/// checked the destination's; strait reports the tunnel with the source's identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istios_source_reaches_istios_destination_through_strait() {
+    let certs = Certs::new();
+    let sleep = certs.issue(SLEEP_ID, "sleep");
+    let reviews_id = "spiffe://cluster.local/ns/default/sa/reviews";
+    let reviews = certs.issue(reviews_id, "reviews");
+    let ip = endpoint_ip();
+    let Some(dest) = hbone::hbone_dest(
+        SocketAddr::from((ip, HBONE_PORT)),
+        &reviews,
+        "reviews-a",
+        None,
+    )
+    .await
+    else {
+        return;
+    };
+    let rest = service(REVIEWS, &endpoint(ip, Some("http"), "net1"));
+    let (gw, hbone_addr) = start_gateway(&certs, &rest);
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let authority = format!("{REVIEWS}:9080");
+    let mut source = hbone::HboneSource::new(hbone_addr, &sleep);
+    source.gateway_id = Some(GW_ID.into());
+    source.dest_id = Some(reviews_id.into());
+    source.network = Some("net0".into());
+    source.maps = vec![(listen, authority.clone())];
+    let Some(src) = source.start(None).await else {
+        return;
+    };
+
+    for i in 0..3 {
+        let line = format!("hello {i}\n");
+        let back = hbone::tunnel_round_trip(listen, line.as_bytes(), WAIT)
+            .await
+            .unwrap_or_else(|| panic!("no answer; source:\n{}", src.log()));
+        assert_eq!(
+            String::from_utf8_lossy(&back),
+            format!("[reviews-a] {line}"),
+            "source:\n{}\ndest:\n{}",
+            src.log(),
+            dest.log()
+        );
+    }
+    let streams = dest.wait_streams(3, WAIT).await;
+    assert_eq!(streams.len(), 3, "{streams:?}");
+    for s in &streams {
+        assert_eq!(s.authority, authority);
+        // The destination's TLS client is the source workload, not the gateway.
+        assert_eq!(s.peer, SLEEP_ID);
+        assert_eq!(s.network, "net0");
+    }
+    let waypoint = [
+        ("reporter", "waypoint"),
+        ("source_principal", SLEEP_ID),
+        ("destination_service", REVIEWS),
+    ];
+    assert!(
+        gw.eventually(WAIT, || gw
+            .metric("istio_tcp_connections_closed_total", &waypoint)
+            == 3.0),
+        "{}",
+        gw.metrics_text()
+    );
+    // The source's dialer pools one outer connection for the three tunnels.
+    assert_eq!(gw.metric("strait_hbone_connections_total", &[]), 1.0);
+    assert!(gw.eventually(WAIT, || {
+        gw.access_log()
+            .iter()
+            .filter(|l| l["authority"] == authority.as_str() && l["peer_identity"] == SLEEP_ID)
+            .count()
+            == 3
+    }));
 }

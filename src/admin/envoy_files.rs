@@ -154,7 +154,13 @@ fn server_chains(
             return chains;
         }
     }
-    if server.mode == ServerTlsMode::Passthrough {
+    // An HBONE listener routes each stream by its `:authority`, not a connection by SNI:
+    // it has no SNI chains to show (Istio's own shape, `connect_terminate` feeding an
+    // internal listener, is not written here).
+    if matches!(
+        server.mode,
+        ServerTlsMode::Passthrough | ServerTlsMode::Hbone
+    ) {
         return chains;
     }
     // AUTO_PASSTHROUGH, or ISTIO_MUTUAL without a route: one chain per subset key of
