@@ -1269,3 +1269,84 @@ async fn istios_source_reaches_istios_destination_through_strait() {
             == 3
     }));
 }
+
+/// A tunnel is a connection to the service's cluster like any other: a dead endpoint is
+/// skipped for another (every tunnel still succeeds, and outlier detection ejects it), and
+/// `connectionPool.tcp.maxConnections` bounds the tunnels open at once (`503`, `UO`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_retry_past_dead_endpoints_and_respect_the_connection_pool() {
+    let certs = Certs::new();
+    let sleep = certs.issue(SLEEP_ID, "sleep");
+    let a = Dest::start("a", Behaviour::Echo).await;
+    let dead = endpoint_ip();
+    let limited = Dest::start("limited", Behaviour::Echo).await;
+    let rest = service(
+        REVIEWS,
+        &(endpoint(a.ip, Some("http"), "net1") + &endpoint(dead, Some("http"), "net1")),
+    ) + &service(
+        "limited.default.svc.cluster.local",
+        &endpoint(limited.ip, Some("http"), "net1"),
+    ) + "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews.default.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: limited, namespace: default}
+spec:
+  host: limited.default.svc.cluster.local
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 1}}
+";
+    let (gw, hbone) = start_gateway(&certs, &rest);
+    let client = hbone_connect(hbone, &sleep, &certs.gateway).await.unwrap();
+    for i in 0..6 {
+        let (status, mut t) = client.connect(&format!("{REVIEWS}:9080")).await.unwrap();
+        assert_eq!(status, 200, "tunnel {i}");
+        assert_eq!(greeted_by(&t.exchange("x\n", true).await), "a");
+        t.shutdown().await.unwrap();
+    }
+    let dead_endpoint = format!("{dead}:9080");
+    assert!(
+        gw.eventually(WAIT, || gw.metric(
+            "strait_endpoint_ejections_total",
+            &[("endpoint", &dead_endpoint)]
+        ) == 1.0),
+        "{}",
+        gw.metrics_text()
+    );
+
+    let limited_authority = "limited.default.svc.cluster.local:9080";
+    let (status, mut first) = client.connect(limited_authority).await.unwrap();
+    assert_eq!(status, 200);
+    first.exchange("one\n", true).await;
+    let (status, body) = client.connect(limited_authority).await.unwrap();
+    assert_eq!(status, 503, "{}", body.body().await);
+    assert_eq!(limited.accepted(), 1);
+    // The first tunnel is untouched, and its slot frees when it ends.
+    first.exchange("two\n", false).await;
+    first.shutdown().await.unwrap();
+    drop(first);
+    assert!(gw.eventually(WAIT, || gw.metric(
+        "strait_refusals_total",
+        &[
+            ("response_flag", "UO"),
+            ("reason", "cluster_max_connections")
+        ]
+    ) == 1.0));
+    let mut admitted = false;
+    for _ in 0..50 {
+        let (status, _t) = client.connect(limited_authority).await.unwrap();
+        if status == 200 {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "the pool slot was not released");
+}
