@@ -973,94 +973,6 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     }
 }
 
-/// Envoy configured as Istio's ambient east-west gateway for services without waypoints
-/// (AMBIENT.md §6: `connect_terminate`'s TLS, an HTTP/2 connection manager terminating
-/// `CONNECT`, one virtual host per `<host>:<port>`, a raw TCP upstream to each HBONE
-/// endpoint's 15008), listening on `listen`.
-fn envoy_ambient_gateway(
-    listen: SocketAddr,
-    admin: SocketAddr,
-    certs: &Path,
-    services: &[(&str, &[Ipv4Addr])],
-) -> serde_json::Value {
-    let file = |f: &str| serde_json::json!({"filename": certs.join(f).display().to_string()});
-    let addr = |ip: String, port: u16| serde_json::json!({"socket_address": {"address": ip, "port_value": port}});
-    let virtual_hosts: Vec<_> = services
-        .iter()
-        .map(|(host, _)| {
-            serde_json::json!({
-                "name": host,
-                "domains": [format!("{host}:9080")],
-                "routes": [{
-                    "match": {"connect_matcher": {}},
-                    "route": {
-                        "cluster": host,
-                        "timeout": "0s",
-                        "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]
-                    }
-                }]
-            })
-        })
-        .collect();
-    let clusters: Vec<_> = services
-        .iter()
-        .map(|(host, ips)| {
-            let endpoints: Vec<_> = ips
-                .iter()
-                .map(|ip| serde_json::json!({"endpoint": {"address": addr(ip.to_string(), HBONE_PORT)}}))
-                .collect();
-            serde_json::json!({
-                "name": host,
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "lb_policy": "LEAST_REQUEST",
-                "load_assignment": {"cluster_name": host, "endpoints": [{"lb_endpoints": endpoints}]}
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "admin": {"address": addr(admin.ip().to_string(), admin.port())},
-        "static_resources": {
-            "listeners": [{
-                "name": "connect_terminate",
-                "address": addr(listen.ip().to_string(), listen.port()),
-                "filter_chains": [{
-                    "filters": [{
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                            "stat_prefix": "connect_terminate",
-                            "codec_type": "HTTP2",
-                            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-                            "http2_protocol_options": {"allow_connect": true, "max_concurrent_streams": 100},
-                            "stream_idle_timeout": "0s",
-                            "route_config": {"name": "local", "virtual_hosts": virtual_hosts},
-                            "http_filters": [{
-                                "name": "envoy.filters.http.router",
-                                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
-                            }]
-                        }
-                    }],
-                    "transport_socket": {"name": "tls", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                        "require_client_certificate": true,
-                        "common_tls_context": {
-                            "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
-                            "alpn_protocols": ["h2"],
-                            "tls_certificates": [{"certificate_chain": file("cert-chain.pem"), "private_key": file("key.pem")}],
-                            "validation_context": {
-                                "trusted_ca": file("root-cert.pem"),
-                                "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"prefix": "spiffe://cluster.local/"}}]
-                            }
-                        }
-                    }}
-                }]
-            }],
-            "clusters": clusters
-        }
-    })
-}
-
 /// The same streams, on one connection each, through strait and through Envoy as Istio's
 /// ambient east-west gateway: the same status for a served name, an unknown name, an
 /// unknown port, a service whose endpoints refuse, and a request other than CONNECT; and
@@ -1078,11 +990,21 @@ async fn strait_answers_each_stream_as_envoy_does() {
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let Some(envoy) = xds::Envoy::launch(
-        &envoy_ambient_gateway(
+        &hbone::reference_gateway_bootstrap(
             listen,
             admin,
             &certs.gateway,
-            &[(REVIEWS, &[a.ip]), (dead_host, &[dead])],
+            "cluster.local",
+            &[
+                (
+                    &format!("{REVIEWS}:9080"),
+                    &[SocketAddr::from((a.ip, HBONE_PORT))],
+                ),
+                (
+                    &format!("{dead_host}:9080"),
+                    &[SocketAddr::from((dead, HBONE_PORT))],
+                ),
+            ],
         ),
         admin,
         xds::EnvoyOptions {
