@@ -563,9 +563,6 @@ struct StreamPump {
     unflushed: bool,
     /// End of stream or a read error: the writer is being shut down.
     closing: Option<io::Result<()>>,
-    /// The last read found the reader empty (and left it to wake the pump): once what it
-    /// got is written, wait instead of spending a read to see it empty again.
-    drained: bool,
 }
 
 impl StreamPump {
@@ -580,6 +577,11 @@ impl StreamPump {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        // A read in this same poll found the reader empty and registered to be woken:
+        // once what it got is written, wait rather than spend a read to see it empty
+        // again. Only within one poll: a wake-up spent on an earlier `Pending` (a full
+        // writer) may have been the reader's, and the next poll must read.
+        let mut drained = false;
         loop {
             while self.written < self.pending.len() {
                 let n = ready!(Pin::new(&mut *to).poll_write(cx, &self.pending[self.written..]))?;
@@ -603,22 +605,23 @@ impl StreamPump {
                 let _ = ready!(Pin::new(&mut *to).poll_shutdown(cx));
                 return Poll::Ready(self.closing.take().unwrap_or(Ok(())));
             }
-            if std::mem::take(&mut self.drained) {
+            if drained {
                 return Poll::Pending;
             }
-            ready!(self.poll_read_and_write(cx, from, to, sent))?;
+            drained = ready!(self.poll_read_and_write(cx, from, to, sent))?;
         }
     }
 
     /// Reads what is there into the scratch buffer and writes it on; `Pending` only when
-    /// nothing could be read.
+    /// nothing could be read; `Ready(Ok(true))` when the reader was left empty (and will
+    /// wake the task).
     fn poll_read_and_write<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         from: &mut R,
         to: &mut W,
         sent: &mut impl FnMut(usize),
-    ) -> Poll<io::Result<()>>
+    ) -> Poll<io::Result<bool>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -629,12 +632,13 @@ impl StreamPump {
             let mut read = ReadBuf::new(&mut scratch[..]);
             if let Err(e) = ready!(Pin::new(&mut *from).poll_read(cx, &mut read)) {
                 self.closing = Some(Err(e));
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(false));
             }
             if read.filled().is_empty() {
                 self.closing = Some(Ok(()));
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(false));
             }
+            let mut drained = false;
             // More while it comes at once: a TLS reader hands over one record a read, so a
             // full record's worth (16 KiB) says more may be waiting; anything shorter says
             // the reader ran dry, and no read is spent to see it empty. An end of stream or
@@ -655,7 +659,7 @@ impl StreamPump {
                         break;
                     }
                     Poll::Pending => {
-                        self.drained = true;
+                        drained = true;
                         break;
                     }
                 }
@@ -678,7 +682,7 @@ impl StreamPump {
                 self.written = 0;
             }
             self.unflushed = true;
-            Poll::Ready(Ok(()))
+            Poll::Ready(Ok(drained))
         })
     }
 }
@@ -811,9 +815,23 @@ mod tests {
     /// passed on, the reply flowing after the upload's end, counts exact.
     #[tokio::test]
     async fn streams_keep_order_through_partial_writes_both_ways() {
+        streams_through_pipes(1000, 1000).await;
+    }
+
+    /// As above with the client's pipe holding one TLS record (16 KiB): reads come back
+    /// full, as from a TLS reader with more records waiting, so the pump reads on until
+    /// the reader is empty while the writer keeps refusing most of it. A wake-up for the
+    /// reader that arrives while the pump waits for the writer must not be lost (it once
+    /// was: the upload stalled).
+    #[tokio::test]
+    async fn full_record_reads_against_a_slow_writer_do_not_stall() {
+        streams_through_pipes(16 * 1024, 1000).await;
+    }
+
+    async fn streams_through_pipes(client_pipe: usize, server_pipe: usize) {
         const LEN: usize = 3 * 1024 * 1024 + 77;
-        let (mut client, down) = tokio::io::duplex(1000);
-        let (up, mut server) = tokio::io::duplex(1000);
+        let (mut client, down) = tokio::io::duplex(client_pipe);
+        let (up, mut server) = tokio::io::duplex(server_pipe);
         let counters = ByteCounters {
             to_upstream: None,
             to_downstream: None,
