@@ -1,6 +1,8 @@
 //! What the benches on real processes share: the strait binary to measure, a pinned
 //! launcher, `/proc` readings, and small helpers for settings and medians. Included by
-//! `xds.rs` and `istiod.rs` as a module (`mod support;`), beside `tests/common`.
+//! `xds.rs`, `istiod.rs` and `crypto.rs` as a module (`mod support;`), beside `tests/common`;
+//! each uses a part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -115,4 +117,41 @@ pub fn pinned_wrapper(dir: &TempDir, name: &str, real: &Path, cpu: usize) -> Pat
     );
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
     path
+}
+
+/// Nanoseconds of CPU all the process's threads have run, from the scheduler's own
+/// accounting (`/proc/PID/task/*/schedstat`, finer than the ticks of `/proc/PID/stat`).
+pub fn cpu_ns(pid: Option<u32>) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", pid?)).ok()?;
+    let mut total = 0;
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// A process's CPU and the clock at the start of a scenario.
+pub struct CpuProbe {
+    pid: Option<u32>,
+    cpu: Option<u64>,
+    start: Instant,
+}
+
+impl CpuProbe {
+    pub fn start(pid: Option<u32>) -> CpuProbe {
+        CpuProbe {
+            pid,
+            cpu: cpu_ns(pid),
+            start: Instant::now(),
+        }
+    }
+
+    /// µs of the process's CPU per unit of work, for a scenario that did `rate` units per
+    /// second since the start: the cost per core, whatever bounded the rate.
+    pub fn per_unit(&self, rate: f64) -> Option<f64> {
+        let spent = cpu_ns(self.pid)?.checked_sub(self.cpu?)?;
+        let units = rate * self.start.elapsed().as_secs_f64();
+        (units > 0.0).then(|| spent as f64 / 1000.0 / units)
+    }
 }
