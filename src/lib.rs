@@ -14,6 +14,8 @@
 //! `config` and `upstream`; then `xds`; then `proxy`; then `admin` (status, metrics, the
 //! admin API and `strait route`'s explanation) and `identity` (the mesh CA and the
 //! gateway's own SVID); and `cli` (`strait run`, `strait demo`) on top, under `main`.
+//! `tests/floors.rs` reads the source and fails on an arrow that runs up, sideways or
+//! both ways.
 
 pub mod admin;
 pub mod cli;

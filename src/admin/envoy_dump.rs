@@ -53,10 +53,21 @@ impl Resources {
 /// The resources in force: accepted from istiod when discovery is on, else built from
 /// the file snapshot.
 pub fn resources(shared: &Shared) -> Resources {
-    let Some(status) = shared.discovery.get() else {
-        return super::envoy_files::resources(&shared.runtime.load().snapshot);
-    };
     let mut out = Resources::default();
+    let Some(status) = shared.discovery.get() else {
+        let at = SystemTime::now();
+        for (url, held) in super::envoy_files::resources(&shared.runtime.load().snapshot) {
+            out.version.insert(url, "files".into());
+            let held = held.into_iter().map(|(name, value)| Resource {
+                name,
+                version: "files".into(),
+                value,
+                at,
+            });
+            out.by_type.insert(url, held.collect());
+        }
+        return out;
+    };
     {
         let inner = status.lock();
         for (short, url) in crate::xds::TYPES {

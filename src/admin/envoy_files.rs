@@ -10,7 +10,6 @@
 //! the gateway's own network, the only ones strait dials.
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3 as core;
@@ -28,7 +27,6 @@ use envoy_types::pb::google::protobuf::{
 };
 use prost::{Message, Name};
 
-use super::envoy_dump::{Resource, Resources};
 use crate::model::{
     Destination, Endpoint, EndpointAddress, LbPolicy, ListenerSpec, ServerSpec, ServerTlsMode,
     ServicePort, Snapshot, TrafficPolicy,
@@ -36,9 +34,11 @@ use crate::model::{
 use crate::route::sni::build_subset_key;
 use crate::xds::translate::{CLUSTER, ENDPOINTS, LISTENER};
 
-/// What istiod would send for `snapshot`, versioned by when it was loaded.
-pub fn resources(snapshot: &Snapshot) -> Resources {
-    let at = SystemTime::now();
+/// Per type URL, each resource's name and encoding.
+pub type Encoded = Vec<(&'static str, Vec<(String, Vec<u8>)>)>;
+
+/// What istiod would send for `snapshot`.
+pub fn resources(snapshot: &Snapshot) -> Encoded {
     let mut clusters: BTreeMap<String, Cluster> = BTreeMap::new();
     let mut endpoints: BTreeMap<String, ClusterLoadAssignment> = BTreeMap::new();
     let listeners: Vec<Listener> = snapshot
@@ -46,38 +46,29 @@ pub fn resources(snapshot: &Snapshot) -> Resources {
         .iter()
         .map(|l| listener(snapshot, l, &mut clusters, &mut endpoints))
         .collect();
-    let resource = |name: &str, value: Vec<u8>| Resource {
-        name: name.to_string(),
-        version: "files".into(),
-        value,
-        at,
-    };
-    let mut out = Resources::default();
-    for t in [LISTENER, CLUSTER, ENDPOINTS] {
-        out.version.insert(t, "files".into());
-    }
-    out.by_type.insert(
-        LISTENER,
-        listeners
-            .iter()
-            .map(|l| resource(&l.name, l.encode_to_vec()))
-            .collect(),
-    );
-    out.by_type.insert(
-        CLUSTER,
-        clusters
-            .iter()
-            .map(|(n, c)| resource(n, c.encode_to_vec()))
-            .collect(),
-    );
-    out.by_type.insert(
-        ENDPOINTS,
-        endpoints
-            .iter()
-            .map(|(n, e)| resource(n, e.encode_to_vec()))
-            .collect(),
-    );
-    out
+    vec![
+        (
+            LISTENER,
+            listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.encode_to_vec()))
+                .collect(),
+        ),
+        (
+            CLUSTER,
+            clusters
+                .iter()
+                .map(|(n, c)| (n.clone(), c.encode_to_vec()))
+                .collect(),
+        ),
+        (
+            ENDPOINTS,
+            endpoints
+                .iter()
+                .map(|(n, e)| (n.clone(), e.encode_to_vec()))
+                .collect(),
+        ),
+    ]
 }
 
 fn any<M: Name>(m: &M) -> Any {
