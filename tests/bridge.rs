@@ -619,3 +619,222 @@ async fn bridge_offers_x25519_first_then_p256_and_never_p384() {
         );
     }
 }
+
+/// Writes a line, half-closes and reads until close: what the app gets back.
+async fn closing_exchange(listen: SocketAddr) -> Vec<u8> {
+    let mut s = TcpStream::connect(listen).await.unwrap();
+    let _ = s.write_all(b"hello\n").await;
+    let _ = s.shutdown().await;
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await;
+    back
+}
+
+/// `strait_tls_handshakes_total` of `s` for `role` and `session` (`new` or `resumed`).
+fn handshakes(s: &Strait, role: &str, session: &str) -> f64 {
+    s.metric(
+        "strait_tls_handshakes_total",
+        &[("role", role), ("session", session)],
+    )
+}
+
+/// A bridge resumes its TLS sessions with the gateway (as Envoy's upstream TLS does):
+/// after the first connection, both sides count resumed handshakes, and the gateway
+/// still authorizes each resumed connection with the bridge's identity (its policy
+/// allows only that principal). A second Bridge of the same process to the same gateway
+/// and server name, expecting another identity, never rides the first one's sessions: it
+/// makes its own full handshake, verifies the gateway's SVID and refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_resumes_gateway_sessions_only_under_the_identity_it_expects() {
+    let mesh = Mesh::new();
+    let workload = Far::start(FarEnd::IstioMutual, &mesh);
+    let gw_ports = Ports::new();
+    let gateway = Strait::start(
+        gw_ports,
+        &network2_gateway(
+            &gw_ports,
+            "127.0.0.2",
+            &mesh.gateway,
+            FarEnd::IstioMutual,
+            workload.addr(),
+        ),
+    );
+    let gw_addr = at("127.0.0.2", gw_ports.gateway);
+    let br_ports = Ports::new();
+    let listen = at("127.0.0.1", br_ports.gateway);
+    let other_listen = at("127.0.0.1", Ports::new().gateway);
+    let other_id = "spiffe://cluster.local/ns/istio-system/sa/another-gateway";
+    let config = format!(
+        "{}---\napiVersion: strait.dev/v1alpha1\nkind: Bridge\nmetadata: {{name: reviews-other}}\nspec:\n  listen: \"{other_listen}\"\n  host: {REVIEWS}\n  port: 9080\n  subset: v1\n  identity: {other_id}\n",
+        network1_bridge(
+            &br_ports,
+            listen,
+            &mesh.bridge,
+            gw_addr,
+            GATEWAY_ID,
+            &[],
+            ""
+        )
+    );
+    let bridge = Strait::start(br_ports, &config);
+
+    for i in 0..3 {
+        assert_eq!(
+            closing_exchange(listen).await,
+            b"hello\n",
+            "connection {i}\n{}\n{}",
+            bridge.stderr_text(),
+            gateway.stderr_text()
+        );
+    }
+    let counted = bridge.eventually(Duration::from_secs(5), || {
+        handshakes(&bridge, "client", "new") == 1.0
+            && handshakes(&bridge, "client", "resumed") == 2.0
+            && handshakes(&gateway, "server", "new") == 1.0
+            && handshakes(&gateway, "server", "resumed") == 2.0
+    });
+    assert!(
+        counted,
+        "bridge new {} resumed {}; gateway new {} resumed {}",
+        handshakes(&bridge, "client", "new"),
+        handshakes(&bridge, "client", "resumed"),
+        handshakes(&gateway, "server", "new"),
+        handshakes(&gateway, "server", "resumed"),
+    );
+    // Every connection, resumed or not, was authorized as the bridge.
+    let allowed = gateway.eventually(Duration::from_secs(5), || {
+        let lines = gateway.access_log();
+        lines.len() == 3
+            && lines.iter().all(|l| {
+                str_of(l, "response_flag") == "-" && str_of(l, "peer_identity") == BRIDGE_ID
+            })
+    });
+    assert!(allowed, "{:?}", gateway.access_log());
+
+    // The other Bridge: same gateway, same SNI, another expected identity.
+    assert_eq!(
+        closing_exchange(other_listen).await,
+        b"",
+        "nothing may pass"
+    );
+    let b = bridge
+        .wait_log(Duration::from_secs(5), |l| {
+            str_of(l, "listener") == other_listen.to_string()
+        })
+        .expect("the other bridge's refusal logged");
+    assert_eq!(str_of(&b, "response_flag"), "UF", "{b}");
+    assert_eq!(str_of(&b, "reason"), "identity_mismatch", "{b}");
+    assert!(str_of(&b, "detail").contains(GATEWAY_ID), "{b}");
+    assert_eq!(handshakes(&bridge, "client", "resumed"), 2.0);
+    assert_eq!(handshakes(&gateway, "server", "resumed"), 2.0);
+}
+
+/// One connection from `from` to the gateway at `gw` with `tls` (a client keeping its
+/// session tickets): whether it resumed, and what the echo behind the gateway sent back.
+async fn resuming_exchange(
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    from: &str,
+    gw: SocketAddr,
+) -> (Option<rustls::HandshakeKind>, SocketAddr, Vec<u8>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(at(from, 0)).unwrap();
+    let tcp = socket.connect(gw).await.unwrap();
+    let local = tcp.local_addr().unwrap();
+    let name = rustls::pki_types::ServerName::try_from(SNI).unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let kind = s.get_ref().1.handshake_kind();
+    let _ = s.write_all(b"hello\n").await;
+    let _ = s.shutdown().await;
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await;
+    (kind, local, back)
+}
+
+/// The gateway's side of resumption, with a client that keeps its tickets: a resumed
+/// connection carries the identity of the session it resumes, and authorization still
+/// runs on it (a DENY by source address refuses a resumed connection from that address,
+/// naming the session's identity); a client with another SVID gets a full handshake of
+/// its own and is refused as itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_authorizes_every_resumed_connection_as_its_sessions_identity() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let mesh = Mesh::new();
+    let workload = Far::start(FarEnd::IstioMutual, &mesh);
+    let gw_ports = Ports::new();
+    let deny = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-five, namespace: istio-system}\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source: {ipBlocks: [\"127.0.0.5/32\"]}\n";
+    let gateway = Strait::start(
+        gw_ports,
+        &format!(
+            "{}{deny}",
+            network2_gateway(
+                &gw_ports,
+                "127.0.0.2",
+                &mesh.gateway,
+                FarEnd::IstioMutual,
+                workload.addr(),
+            )
+        ),
+    );
+    let gw_addr = at("127.0.0.2", gw_ports.gateway);
+    let resuming = |certs: &std::path::Path| {
+        let base = mesh_client_config(
+            certs,
+            &[rustls::NamedGroup::X25519],
+            &[&rustls::version::TLS13],
+            &["istio"],
+        )
+        .unwrap();
+        let mut config = (*base).clone();
+        config.resumption = rustls::client::Resumption::store(std::sync::Arc::new(
+            strait::tls::resume::TicketStore::new(),
+        ));
+        std::sync::Arc::new(config)
+    };
+    let bridge = resuming(&mesh.bridge);
+    let line = |local: SocketAddr| {
+        gateway
+            .wait_log(Duration::from_secs(5), |l| {
+                str_of(l, "downstream") == local.to_string()
+            })
+            .expect("gateway access log line")
+    };
+
+    let (kind, local, back) = resuming_exchange(&bridge, "127.0.0.1", gw_addr).await;
+    assert_eq!((kind, back.as_slice()), (Some(Full), &b"hello\n"[..]));
+    assert_eq!(str_of(&line(local), "peer_identity"), BRIDGE_ID);
+
+    let (kind, local, back) = resuming_exchange(&bridge, "127.0.0.1", gw_addr).await;
+    assert_eq!((kind, back.as_slice()), (Some(Resumed), &b"hello\n"[..]));
+    let l = line(local);
+    assert_eq!(str_of(&l, "response_flag"), "-", "{l}");
+    assert_eq!(str_of(&l, "peer_identity"), BRIDGE_ID, "{l}");
+
+    // Resumed, from the denied address: refused, as the session's identity.
+    let (kind, local, back) = resuming_exchange(&bridge, "127.0.0.5", gw_addr).await;
+    assert_eq!((kind, back.as_slice()), (Some(Resumed), &b""[..]));
+    let l = line(local);
+    assert_eq!(str_of(&l, "response_flag"), "UAEX", "{l}");
+    assert_eq!(str_of(&l, "peer_identity"), BRIDGE_ID, "{l}");
+    assert!(str_of(&l, "detail").contains("deny-five"), "{l}");
+
+    // Another SVID: its own full handshake, refused by the ALLOW policy as itself.
+    let intruder =
+        resuming(&mesh.issue("spiffe://cluster.local/ns/default/sa/intruder", "intruder"));
+    let (kind, local, back) = resuming_exchange(&intruder, "127.0.0.1", gw_addr).await;
+    assert_eq!((kind, back.as_slice()), (Some(Full), &b""[..]));
+    let l = line(local);
+    assert_eq!(str_of(&l, "response_flag"), "UAEX", "{l}");
+    assert_eq!(
+        str_of(&l, "peer_identity"),
+        "spiffe://cluster.local/ns/default/sa/intruder",
+        "{l}"
+    );
+    let counted = gateway.eventually(Duration::from_secs(5), || {
+        handshakes(&gateway, "server", "new") == 2.0
+            && handshakes(&gateway, "server", "resumed") == 2.0
+    });
+    assert!(counted, "{}", gateway.stderr_text());
+}

@@ -388,7 +388,11 @@ async fn handshake(
     })?;
     let connect = tokio_rustls::TlsConnector::from(client.clone()).connect(name, tcp);
     let tls = match tokio::time::timeout(timeout, connect).await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            let kind = tls.get_ref().1.handshake_kind();
+            shared.telemetry.metrics.tls_handshakes.client(kind);
+            tls
+        }
         Ok(Err(e)) => {
             let refusal = classify_handshake_error(&e);
             let detail = handshake_error_detail(&e);

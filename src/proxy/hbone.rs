@@ -97,7 +97,11 @@ pub(super) async fn handle(
     let tls = match tokio::time::timeout(settings.client_hello_timeout, acceptor.accept(stream))
         .await
     {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            let kind = tls.get_ref().1.handshake_kind();
+            shared.telemetry.metrics.tls_handshakes.server(kind);
+            tls
+        }
         Ok(Err(e)) => {
             let refusal = classify_handshake_error(&e);
             result.refuse(ResponseFlag::Unauthorized, refusal.reason());

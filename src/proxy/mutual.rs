@@ -69,7 +69,11 @@ pub(super) async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
     let handshake = acceptor.accept(Rewind::new(hello, stream));
     let tls = match tokio::time::timeout(settings.client_hello_timeout, handshake).await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            let kind = tls.get_ref().1.handshake_kind();
+            shared.telemetry.metrics.tls_handshakes.server(kind);
+            tls
+        }
         Ok(Err(e)) => {
             let refusal = classify_handshake_error(&e);
             result.refuse(ResponseFlag::Unauthorized, refusal.reason());
@@ -183,7 +187,11 @@ pub(super) async fn serve(
             .connect(name, connected.stream)
             .await;
         match up {
-            Ok(up) => copy_streams(tls, up, limits, counters, drain).await,
+            Ok(up) => {
+                let kind = up.get_ref().1.handshake_kind();
+                shared.telemetry.metrics.tls_handshakes.client(kind);
+                copy_streams(tls, up, limits, counters, drain).await
+            }
             Err(e) => {
                 let refusal = classify_handshake_error(&e);
                 result.refuse(ResponseFlag::UpstreamConnectFailure, refusal.reason());

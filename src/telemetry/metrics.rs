@@ -72,11 +72,41 @@ pub struct Metrics {
     pub endpoint_healthy: IntGaugeVec,
     pub endpoint_ejections: IntCounterVec,
     pub accept_errors: IntCounterVec,
+    /// TLS handshakes strait completed on the data path, by role and session.
+    pub tls_handshakes: TlsHandshakes,
     /// Outer HBONE connections (mTLS and HTTP/2 up) and their `CONNECT` streams (tunnels).
     pub hbone: HboneMetrics,
     /// Serialises rebuilding the per-endpoint series with gathering them, so a scrape
     /// never sees a counter half-rebuilt.
     endpoint_refresh: Mutex<()>,
+}
+
+/// `strait_tls_handshakes_total`, one series per role and session, all present from
+/// the start.
+pub struct TlsHandshakes {
+    server_new: IntCounter,
+    server_resumed: IntCounter,
+    client_new: IntCounter,
+    client_resumed: IntCounter,
+}
+
+impl TlsHandshakes {
+    /// Counts a handshake strait completed as the server, of `kind`.
+    pub fn server(&self, kind: Option<rustls::HandshakeKind>) {
+        Self::count(kind, &self.server_new, &self.server_resumed);
+    }
+
+    /// Counts a handshake strait completed as the client, of `kind`.
+    pub fn client(&self, kind: Option<rustls::HandshakeKind>) {
+        Self::count(kind, &self.client_new, &self.client_resumed);
+    }
+
+    fn count(kind: Option<rustls::HandshakeKind>, new: &IntCounter, resumed: &IntCounter) {
+        match kind {
+            Some(rustls::HandshakeKind::Resumed) => resumed.inc(),
+            _ => new.inc(),
+        }
+    }
 }
 
 /// The `strait_hbone_*` figures of the 15008 listener: outer connections and their
@@ -415,6 +445,18 @@ impl Metrics {
             "Errors from accept(2), by kind (e.g. fd_exhausted).",
             &["kind"],
         );
+        let handshakes = counter_vec(
+            r,
+            "strait_tls_handshakes_total",
+            "TLS handshakes completed on the data path, by strait's role (server: ISTIO_MUTUAL and HBONE listeners; client: bridges and re-encryption) and session (new: a full handshake, the peer's chain verified; resumed: a session of an earlier full handshake with the same peer identities, as Envoy's ssl.session_reused).",
+            &["role", "session"],
+        );
+        let tls_handshakes = TlsHandshakes {
+            server_new: handshakes.with_label_values(&["server", "new"]),
+            server_resumed: handshakes.with_label_values(&["server", "resumed"]),
+            client_new: handshakes.with_label_values(&["client", "new"]),
+            client_resumed: handshakes.with_label_values(&["client", "resumed"]),
+        };
         let hbone = HboneMetrics::new(r);
         // Both results exist from the start, so a failure shows as 0 → 1 rather than as a
         // series appearing out of nowhere.
@@ -443,6 +485,7 @@ impl Metrics {
             endpoint_healthy,
             endpoint_ejections,
             accept_errors,
+            tls_handshakes,
             hbone,
             endpoint_refresh: Mutex::new(()),
         }

@@ -4,6 +4,7 @@ pub mod certs;
 pub mod client_hello;
 pub mod material;
 pub mod provider;
+pub mod resume;
 pub mod spiffe;
 pub mod verify;
 

@@ -277,6 +277,10 @@ fn server_config_versions(
 /// The server name is not checked against the certificate: the SNI sent is an Istio
 /// subset key (`outbound_.9080_._.reviews…`), not the server's name, and the SPIFFE ID
 /// is the identity that matters.
+///
+/// Each configuration keeps its own TLS 1.3 tickets ([`super::resume::TicketStore`]):
+/// sessions are resumed only with the identities (this SVID, this expected peer) that
+/// made them.
 pub fn client_config(
     id: &Identity,
     trust: &TrustConfig,
@@ -291,6 +295,8 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.resumption =
+        rustls::client::Resumption::store(Arc::new(super::resume::TicketStore::new()));
     Ok(Arc::new(config))
 }
 
