@@ -4,7 +4,9 @@
 //! destination ztunnels (the bytes strait copies are opaque to it, so a tunnel end that
 //! answers with its name shows which endpoint each tunnel reached). The same strait
 //! serves 15443 in the same test. Envoy, configured as Istio's ambient east-west gateway
-//! (AMBIENT.md §6), answers the same inputs with the same statuses.
+//! (AMBIENT.md §6), answers the same inputs with the same statuses. Floods of streams and
+//! headers, written frame by frame by a raw HTTP/2 client, are refused by both; strait
+//! counts and names each refusal.
 
 mod common;
 
@@ -261,7 +263,12 @@ impl Drop for Hbone {
     }
 }
 
-async fn hbone_connect(gw: SocketAddr, client: &Path, mesh: &Path) -> Result<Hbone, String> {
+/// The outer TLS of an HBONE connection, as a source ztunnel opens it.
+async fn outer_tls(
+    gw: SocketAddr,
+    client: &Path,
+    mesh: &Path,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let mut id = load_identity(client).unwrap();
     id.roots = load_identity(mesh).unwrap().roots;
     let trust = TrustConfig {
@@ -279,6 +286,11 @@ async fn hbone_connect(gw: SocketAddr, client: &Path, mesh: &Path) -> Result<Hbo
         .connect(ServerName::try_from("gateway").unwrap(), tcp)
         .await
         .map_err(|e| format!("TLS: {e}"))?;
+    Ok(tls)
+}
+
+async fn hbone_connect(gw: SocketAddr, client: &Path, mesh: &Path) -> Result<Hbone, String> {
+    let tls = outer_tls(gw, client, mesh).await?;
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
@@ -973,6 +985,47 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     }
 }
 
+/// Envoy as Istio's ambient east-west gateway, serving each `(host, endpoint ip)` on port
+/// 9080 (the endpoint's HBONE port 15008), with the gateway's SVID; its HBONE address.
+/// `None` when Envoy is not installed.
+async fn reference_envoy(
+    certs: &Certs,
+    services: &[(&str, Ipv4Addr)],
+) -> Option<(xds::Envoy, SocketAddr)> {
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let endpoints: Vec<(String, [SocketAddr; 1])> = services
+        .iter()
+        .map(|(host, ip)| {
+            (
+                format!("{host}:9080"),
+                [SocketAddr::from((*ip, HBONE_PORT))],
+            )
+        })
+        .collect();
+    let services: Vec<(&str, &[SocketAddr])> = endpoints
+        .iter()
+        .map(|(a, e)| (a.as_str(), &e[..]))
+        .collect();
+    let envoy = xds::Envoy::launch(
+        &hbone::reference_gateway_bootstrap(
+            listen,
+            admin,
+            &certs.gateway,
+            "cluster.local",
+            &services,
+        ),
+        admin,
+        xds::EnvoyOptions {
+            delta: true,
+            listener: listen,
+        },
+        None,
+    )
+    .await?;
+    Some((envoy, listen))
+}
+
 /// The same streams, on one connection each, through strait and through Envoy as Istio's
 /// ambient east-west gateway: the same status for a served name, an unknown name, an
 /// unknown port, a service whose endpoints refuse, and a request other than CONNECT; and
@@ -987,33 +1040,8 @@ async fn strait_answers_each_stream_as_envoy_does() {
     let rest = service(REVIEWS, &endpoint(a.ip, Some("http"), "net1"))
         + &service(dead_host, &endpoint(dead, Some("http"), "net1"));
     let (gw, hbone) = start_gateway(&certs, &rest);
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let Some(envoy) = xds::Envoy::launch(
-        &hbone::reference_gateway_bootstrap(
-            listen,
-            admin,
-            &certs.gateway,
-            "cluster.local",
-            &[
-                (
-                    &format!("{REVIEWS}:9080"),
-                    &[SocketAddr::from((a.ip, HBONE_PORT))],
-                ),
-                (
-                    &format!("{dead_host}:9080"),
-                    &[SocketAddr::from((dead, HBONE_PORT))],
-                ),
-            ],
-        ),
-        admin,
-        xds::EnvoyOptions {
-            delta: true,
-            listener: listen,
-        },
-        None,
-    )
-    .await
+    let Some((envoy, listen)) =
+        reference_envoy(&certs, &[(REVIEWS, a.ip), (dead_host, dead)]).await
     else {
         return;
     };
@@ -1271,4 +1299,492 @@ spec:
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(admitted, "the pool slot was not released");
+}
+
+/// The floods a source could send on one outer connection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Flood {
+    /// 101 CONNECTs at once: one more than the 100 concurrent streams allowed.
+    OneStreamTooMany,
+    /// 100 CONNECTs held open, then 1,100 more, each refused.
+    RefusedStreams,
+    /// 300 CONNECTs each reset by the client in the same write (rapid reset).
+    RapidReset,
+    /// 300 CONNECTs to a service whose endpoint never answers, each reset by the client a
+    /// moment after it was sent, before any response.
+    PrematureResets,
+    /// One CONNECT carrying a header of this many bytes.
+    OversizedHeaders(usize),
+    /// A HEADERS frame without END_HEADERS, then 20,000 empty CONTINUATION frames.
+    EndlessContinuation,
+}
+
+/// A fresh outer connection to `gw` carrying `flood` (`authority` answers, `hanging`
+/// never does); the client, once the flood is written.
+async fn flood(
+    gw: SocketAddr,
+    sleep: &Path,
+    mesh: &Path,
+    flood: Flood,
+    authority: &str,
+    hanging: &str,
+) -> hbone::RawH2 {
+    use hbone::*;
+    let raw = RawH2::start(outer_tls(gw, sleep, mesh).await.unwrap());
+    let ids = |n: u32| (0..n).map(|i| 1 + 2 * i);
+    match flood {
+        Flood::OneStreamTooMany => {
+            raw.send(
+                ids(101)
+                    .flat_map(|id| connect_frame(id, authority))
+                    .collect(),
+            );
+        }
+        Flood::RefusedStreams => {
+            raw.send(
+                ids(100)
+                    .flat_map(|id| connect_frame(id, authority))
+                    .collect(),
+            );
+            raw.wait(WAIT, |s| {
+                s.iter()
+                    .filter(|e| matches!(e, Seen::Headers { .. }))
+                    .count()
+                    >= 100
+            })
+            .await;
+            raw.send(
+                ids(1200)
+                    .skip(100)
+                    .flat_map(|id| connect_frame(id, authority))
+                    .collect(),
+            );
+        }
+        Flood::RapidReset => {
+            raw.send(
+                ids(300)
+                    .flat_map(|id| [connect_frame(id, authority), reset_frame(id, CANCEL)].concat())
+                    .collect(),
+            );
+        }
+        Flood::PrematureResets => {
+            for id in ids(300) {
+                raw.send(connect_frame(id, hanging));
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                raw.send(reset_frame(id, CANCEL));
+                if raw
+                    .seen()
+                    .iter()
+                    .any(|s| matches!(s, Seen::GoAway { .. } | Seen::Closed))
+                {
+                    break;
+                }
+            }
+        }
+        Flood::OversizedHeaders(size) => {
+            let big = vec![b'x'; size];
+            let block = connect_block(authority, &[("x-big", &big)]);
+            // In 16 KiB pieces, the largest frame every server takes.
+            let mut pieces = block.chunks(16 << 10).peekable();
+            let mut frames = Vec::new();
+            let mut kind = HEADERS;
+            while let Some(piece) = pieces.next() {
+                let flags = if pieces.peek().is_none() {
+                    END_HEADERS
+                } else {
+                    0
+                };
+                frames.extend(h2_frame(kind, flags, 1, piece));
+                kind = CONTINUATION;
+            }
+            raw.send(frames);
+        }
+        Flood::EndlessContinuation => {
+            let mut frames = h2_frame(HEADERS, 0, 1, &connect_block(authority, &[]));
+            for _ in 0..20_000 {
+                frames.extend(h2_frame(CONTINUATION, 0, 1, &[]));
+            }
+            raw.send(frames);
+        }
+    }
+    raw
+}
+
+/// A TCP listener on `<ip>:15008` whose accept queue is full: connections to it hang.
+fn hanging_endpoint() -> (Ipv4Addr, socket2::Socket, std::net::TcpStream) {
+    let ip = endpoint_ip();
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.bind(&SocketAddr::from((ip, HBONE_PORT)).into()).unwrap();
+    s.listen(0).unwrap();
+    let filler = std::net::TcpStream::connect((ip, HBONE_PORT)).unwrap();
+    (ip, s, filler)
+}
+
+/// What a flooded outer connection showed its client.
+#[derive(Debug, Default, PartialEq)]
+struct Outcome {
+    /// Streams answered 200.
+    ok: usize,
+    /// Other statuses, in order.
+    statuses: Vec<u16>,
+    /// Streams reset with REFUSED_STREAM.
+    refused: usize,
+    /// Other stream resets, by code.
+    resets: Vec<u32>,
+    /// The GOAWAY received (error code, debug data).
+    goaway: Option<(u32, String)>,
+    /// Whether the server closed the connection.
+    closed: bool,
+}
+
+fn outcome(raw: &hbone::RawH2) -> Outcome {
+    let mut o = Outcome::default();
+    for s in raw.seen() {
+        match s {
+            hbone::Seen::Headers {
+                status: Some(200), ..
+            } => o.ok += 1,
+            hbone::Seen::Headers { status, .. } => o.statuses.push(status.unwrap_or(0)),
+            hbone::Seen::Reset {
+                code: hbone::REFUSED_STREAM,
+                ..
+            } => o.refused += 1,
+            hbone::Seen::Reset { code, .. } => o.resets.push(code),
+            hbone::Seen::GoAway { code, debug, .. } => o.goaway = Some((code, debug)),
+            hbone::Seen::Closed => o.closed = true,
+            hbone::Seen::Data { .. } => {}
+        }
+    }
+    o
+}
+
+/// The flood `f` on a fresh connection to `gw`; what it showed once the server closed
+/// the connection, or once `settled` held.
+async fn flood_outcome(
+    gw: SocketAddr,
+    sleep: &Path,
+    mesh: &Path,
+    f: Flood,
+    hanging: &str,
+    settled: impl Fn(&Outcome) -> bool,
+) -> Outcome {
+    let raw = flood(gw, sleep, mesh, f, &format!("{REVIEWS}:9080"), hanging).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = outcome(&raw);
+        if o.closed || settled(&o) || tokio::time::Instant::now() >= deadline {
+            return o;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// strait, and Envoy as Istio's ambient east-west gateway, each with `reviews` (an echo
+/// endpoint) and `hang` (an endpoint whose accept queue is full, so that dials to it
+/// hang); a well-behaved tunnel already open on each; and the flooding client's SVID.
+struct FloodLab {
+    gw: Strait,
+    strait: SocketAddr,
+    envoy: Option<(xds::Envoy, SocketAddr)>,
+    certs: Certs,
+    sleep: PathBuf,
+    hanging: String,
+    _dest: Dest,
+    _hang: (socket2::Socket, std::net::TcpStream),
+    good: Vec<(&'static str, Hbone, Tunnel)>,
+    exchanges: usize,
+}
+
+impl Drop for FloodLab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("strait's log:\n{}", self.gw.stderr_text());
+            for l in self.gw.access_log() {
+                eprintln!("ACCESS {l}");
+            }
+        }
+    }
+}
+
+impl FloodLab {
+    async fn start() -> FloodLab {
+        let certs = Certs::new();
+        let sleep = certs.issue(SLEEP_ID, "sleep");
+        let dest = Dest::start("a", Behaviour::Echo).await;
+        let (hang_ip, hang, filler) = hanging_endpoint();
+        let hang_host = "hang.default.svc.cluster.local";
+        let rest = service(REVIEWS, &endpoint(dest.ip, Some("http"), "net1"))
+            + &service(hang_host, &endpoint(hang_ip, Some("http"), "net1"));
+        let (gw, strait) = start_gateway(&certs, &rest);
+        let envoy = reference_envoy(&certs, &[(REVIEWS, dest.ip), (hang_host, hang_ip)]).await;
+        let mut lab = FloodLab {
+            gw,
+            strait,
+            envoy,
+            certs,
+            sleep,
+            hanging: format!("{hang_host}:9080"),
+            _dest: dest,
+            _hang: (hang, filler),
+            good: Vec::new(),
+            exchanges: 0,
+        };
+        for (who, addr) in lab.targets() {
+            let client = hbone_connect(addr, &lab.sleep, &lab.certs.gateway)
+                .await
+                .unwrap();
+            let (status, mut t) = client.connect(&format!("{REVIEWS}:9080")).await.unwrap();
+            assert_eq!(status, 200, "{who}");
+            t.exchange("open\n", true).await;
+            lab.good.push((who, client, t));
+        }
+        lab
+    }
+
+    /// The gateways flooded: strait, and Envoy when it is installed.
+    fn targets(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut t = vec![("strait", self.strait)];
+        t.extend(self.envoy.as_ref().map(|(_, a)| ("envoy", *a)));
+        t
+    }
+
+    /// `f` against each gateway: what each showed its client.
+    async fn flood(
+        &self,
+        f: Flood,
+        settled: impl Fn(&Outcome) -> bool + Copy,
+    ) -> Vec<(&'static str, Outcome)> {
+        let mut out = Vec::new();
+        for (who, addr) in self.targets() {
+            let o = flood_outcome(
+                addr,
+                &self.sleep,
+                &self.certs.gateway,
+                f,
+                &self.hanging,
+                settled,
+            )
+            .await;
+            out.push((who, o));
+        }
+        out
+    }
+
+    /// The tunnels opened before the floods still carry bytes, and a new connection to
+    /// each gateway still opens a tunnel.
+    async fn others_still_served(&mut self) {
+        self.exchanges += 1;
+        let line = format!("still {}\n", self.exchanges);
+        for (who, _, t) in &mut self.good {
+            let got = t.exchange(&line, false).await;
+            assert!(got.ends_with(&line), "{who}: {got:?}");
+        }
+        for (who, addr) in self.targets() {
+            let client = hbone_connect(addr, &self.sleep, &self.certs.gateway)
+                .await
+                .unwrap_or_else(|e| panic!("{who}: {e}"));
+            let (status, mut t) = client.connect(&format!("{REVIEWS}:9080")).await.unwrap();
+            assert_eq!(status, 200, "{who}");
+            assert_eq!(t.exchange("new\n", true).await, "[a] new\n", "{who}");
+        }
+    }
+
+    /// Waits for `strait_hbone_refusals_total{reason}` to reach `n`.
+    fn refusals_reach(&self, reason: &str, n: f64) {
+        let seen = || {
+            self.gw
+                .metric("strait_hbone_refusals_total", &[("reason", reason)])
+        };
+        assert!(
+            self.gw.eventually(WAIT, || seen() >= n),
+            "strait_hbone_refusals_total{{reason={reason:?}}} is {}, not {n}",
+            seen()
+        );
+    }
+}
+
+/// Stream floods on one outer connection, each against strait and against Envoy as
+/// Istio's ambient east-west gateway: one stream past the 100 allowed gets REFUSED_STREAM
+/// from both, the connection serving on; a client that keeps opening streams past the
+/// limit, one that resets streams in bursts (rapid reset), and one that resets each
+/// stream before its answer get their connection closed by both (strait with a GOAWAY
+/// ENHANCE_YOUR_CALM naming the cause, Envoy without one). strait counts each refusal in
+/// `strait_hbone_refusals_total` by reason and logs the cause; tunnels on other
+/// connections flow throughout, and new ones open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_floods_are_refused_counted_and_other_connections_served() {
+    use hbone::ENHANCE_YOUR_CALM;
+    let mut lab = FloodLab::start().await;
+
+    let seen = lab
+        .flood(Flood::OneStreamTooMany, |o| o.ok + o.refused >= 101)
+        .await;
+    for (who, o) in &seen {
+        assert_eq!(
+            o,
+            &Outcome {
+                ok: 100,
+                refused: 1,
+                ..Outcome::default()
+            },
+            "{who}"
+        );
+    }
+    lab.refusals_reach("max_concurrent_streams", 1.0);
+    lab.others_still_served().await;
+
+    // h2 refuses up to 1,024 streams on a connection, then closes it.
+    let seen = lab.flood(Flood::RefusedStreams, |_| false).await;
+    for (who, o) in &seen {
+        assert_eq!(o.ok, 100, "{who}: {o:?}");
+        assert!(o.closed, "{who}: {o:?}");
+    }
+    assert_eq!(seen[0].1.refused, 1024, "{:?}", seen[0]);
+    assert_eq!(
+        seen[0].1.goaway,
+        Some((ENHANCE_YOUR_CALM, "too_many_internal_resets".into()))
+    );
+    lab.refusals_reach("max_concurrent_streams", 1025.0);
+    lab.refusals_reach("too_many_internal_resets", 1.0);
+    lab.others_still_served().await;
+
+    // More than 20 streams reset before they were accepted.
+    let seen = lab.flood(Flood::RapidReset, |_| false).await;
+    for (who, o) in &seen {
+        assert!(o.closed && o.ok == 0, "{who}: {o:?}");
+    }
+    assert_eq!(
+        seen[0].1.goaway,
+        Some((ENHANCE_YOUR_CALM, "too_many_resets".into()))
+    );
+    lab.refusals_reach("too_many_resets", 1.0);
+    lab.others_still_served().await;
+
+    // Half of 500 streams reset before their answer: both close at the 250th.
+    let seen = lab.flood(Flood::PrematureResets, |_| false).await;
+    for (who, o) in &seen {
+        assert!(o.closed && o.ok == 0, "{who}: {o:?}");
+    }
+    assert_eq!(seen[0].1.goaway, Some((ENHANCE_YOUR_CALM, String::new())));
+    lab.refusals_reach("too_many_premature_resets", 1.0);
+    assert!(
+        lab.gw.eventually(WAIT, || {
+            lab.gw.metric(
+                "strait_refusals_total",
+                &[("response_flag", "DC"), ("reason", "reset_before_response")],
+            ) >= 250.0
+        }),
+        "the streams reset before their answer are not counted"
+    );
+    lab.others_still_served().await;
+
+    // Each cause is logged, and the outer connection's access log line names it.
+    for reason in [
+        "too_many_internal_resets",
+        "too_many_resets",
+        "too_many_premature_resets",
+    ] {
+        assert!(
+            lab.gw.wait_stderr(reason, WAIT),
+            "no log line names {reason}:\n{}",
+            lab.gw.stderr_text()
+        );
+        assert!(
+            lab.gw.eventually(WAIT, || lab
+                .gw
+                .access_log()
+                .iter()
+                .any(|l| l["reason"] == reason && l["response_flag"] == "DPE")),
+            "no access log line names {reason}"
+        );
+    }
+    assert!(
+        lab.gw.wait_stderr("max_concurrent_streams", WAIT),
+        "{}",
+        lab.gw.stderr_text()
+    );
+}
+
+/// Header floods, each against strait and against Envoy: a 20 KiB header list gets 431
+/// from strait on its own stream (its limit is 16 KiB; Envoy's 60 KiB admits it), the
+/// connection serving on; a 100 KiB one and endless CONTINUATION frames get the
+/// connection closed by both (strait with GOAWAY ENHANCE_YOUR_CALM naming the cause).
+/// Counted, logged, and other connections served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_floods_are_refused_counted_and_other_connections_served() {
+    use hbone::ENHANCE_YOUR_CALM;
+    let mut lab = FloodLab::start().await;
+
+    let raw = flood(
+        lab.strait,
+        &lab.sleep,
+        &lab.certs.gateway,
+        Flood::OversizedHeaders(20 << 10),
+        &format!("{REVIEWS}:9080"),
+        &lab.hanging,
+    )
+    .await;
+    assert!(
+        raw.wait(WAIT, |s| s
+            .iter()
+            .any(|e| matches!(e, hbone::Seen::Headers { .. })))
+            .await
+    );
+    assert_eq!(raw.status_of(1), Some(431), "{:?}", raw.seen());
+    // The refusal is the stream's alone: the connection opens the next tunnel.
+    raw.send(hbone::connect_frame(3, &format!("{REVIEWS}:9080")));
+    assert!(
+        raw.wait(WAIT, |_| raw.status_of(3).is_some()).await,
+        "{:?}",
+        raw.seen()
+    );
+    assert_eq!(raw.status_of(3), Some(200));
+    lab.refusals_reach("header_list_too_large", 1.0);
+    if let Some((_, envoy)) = &lab.envoy {
+        let raw = flood(
+            *envoy,
+            &lab.sleep,
+            &lab.certs.gateway,
+            Flood::OversizedHeaders(20 << 10),
+            &format!("{REVIEWS}:9080"),
+            &lab.hanging,
+        )
+        .await;
+        assert!(raw.wait(WAIT, |_| raw.status_of(1).is_some()).await);
+        assert_eq!(raw.status_of(1), Some(200), "envoy: {:?}", raw.seen());
+    }
+    lab.others_still_served().await;
+
+    let seen = lab
+        .flood(Flood::OversizedHeaders(100 << 10), |_| false)
+        .await;
+    for (who, o) in &seen {
+        assert!(o.closed && o.ok == 0 && o.goaway.is_some(), "{who}: {o:?}");
+    }
+    assert_eq!(
+        seen[0].1.goaway,
+        Some((ENHANCE_YOUR_CALM, "header_list_way_too_large".into()))
+    );
+    lab.refusals_reach("header_list_way_too_large", 1.0);
+    lab.others_still_served().await;
+
+    let seen = lab.flood(Flood::EndlessContinuation, |_| false).await;
+    for (who, o) in &seen {
+        assert!(o.closed && o.ok == 0, "{who}: {o:?}");
+    }
+    assert_eq!(
+        seen[0].1.goaway,
+        Some((ENHANCE_YOUR_CALM, "too_many_continuations".into()))
+    );
+    lab.refusals_reach("too_many_continuations", 1.0);
+    lab.others_still_served().await;
+
+    for reason in ["header_list_too_large", "too_many_continuations"] {
+        assert!(
+            lab.gw.wait_stderr(reason, WAIT),
+            "no log line names {reason}:\n{}",
+            lab.gw.stderr_text()
+        );
+    }
 }

@@ -10,11 +10,16 @@
 //! the other streams of the connection go on. Flow control is per stream, so a slow
 //! destination holds back only its own stream (and at most its stream window of the
 //! connection's).
+//!
+//! Floods are bounded per outer connection and counted in `strait_hbone_refusals_total`:
+//! the `h2` crate's own limits (see `h2_refusals`), and Envoy's rule against streams the
+//! client resets before they are answered ([`PrematureResets`]).
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -26,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::copy::{ByteCounters, CopyEnd, copy_streams};
+use super::h2_refusals::{Refusals, Watched};
 use super::upstream_leg::{Opened, copy_limits, open_upstream, record_copy};
 use super::{DrainState, LiveGuard, OpenGuard, Shared};
 use crate::model::ServerTlsMode;
@@ -51,14 +57,62 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// … and the connection is closed when its answer takes longer than this.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Envoy's defaults against streams reset before they are answered (CVE-2023-44487's
+/// second half, which a concurrent-stream limit does not stop): a stream the client resets
+/// before its response, within this time of its start, is premature …
+const PREMATURE_RESET_LIFETIME: Duration = Duration::from_secs(1);
+/// … and a connection is closed once half of its ended streams were premature, counting
+/// at least this many (`overload.premature_reset_total_stream_count`).
+const PREMATURE_RESET_STREAMS: u32 = 500;
+
+/// The ended streams of one outer connection, and how many were reset prematurely.
+#[derive(Default)]
+struct PrematureResets {
+    ended: AtomicU32,
+    premature: AtomicU32,
+    /// Told once the rule is broken: the accept loop closes the connection.
+    broken: tokio::sync::Notify,
+}
+
+impl PrematureResets {
+    /// Counts one ended stream; wakes the accept loop when the connection must close.
+    fn ended(&self, premature: bool) {
+        let ended = self.ended.fetch_add(1, Ordering::Relaxed) + 1;
+        let premature = if premature {
+            self.premature.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.premature.load(Ordering::Relaxed)
+        };
+        // Envoy's test: below the count, as soon as the premature ones alone would reach
+        // half of it; from then on, half of all ended.
+        let broken = 2 * premature >= ended.max(PREMATURE_RESET_STREAMS);
+        if broken {
+            self.broken.notify_one();
+        }
+    }
+}
+
 /// What every tunnel of one outer connection shares, and what keeps the connection
 /// counted (for the drain and `maxConnections`) until its last tunnel has finished.
 struct Outer {
     listener: SocketAddr,
     downstream: SocketAddr,
     identity: SpiffeId,
+    resets: PrematureResets,
     _live: LiveGuard,
     _open: OpenGuard,
+}
+
+/// Counts a stream as ended when its task ends, premature when so marked.
+struct StreamEnd<'a> {
+    outer: &'a Outer,
+    premature: bool,
+}
+
+impl Drop for StreamEnd<'_> {
+    fn drop(&mut self) {
+        self.outer.resets.ended(self.premature);
+    }
 }
 
 /// Counts one outer connection as open in `strait_hbone_active_connections`.
@@ -164,6 +218,12 @@ pub(super) async fn handle(
     }
     drop(runtime);
 
+    let refusals = Refusals::new(
+        shared.telemetry.metrics.hbone.refusals.clone(),
+        peer,
+        identity.to_string(),
+    );
+    let tls = Watched::new(tls, refusals.clone());
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -195,11 +255,19 @@ pub(super) async fn handle(
         listener,
         downstream: peer,
         identity,
+        resets: PrematureResets::default(),
         _live: live,
         _open: open,
     });
 
-    serve_streams(&shared, &outer, &mut conn, &mut result).await;
+    serve_streams(&shared, &outer, &mut conn, &mut result, &refusals).await;
+    if let Some(reason) = refusals.goaway() {
+        result.refuse(ResponseFlag::DownstreamProtocolError, reason);
+        result.detail = Some(format!(
+            "GOAWAY {reason} after {} streams refused",
+            refusals.streams_refused()
+        ));
+    }
     // The result is recorded (and its line queued) before the guards let a drain finish.
     drop(result);
     drop(outer);
@@ -212,11 +280,13 @@ async fn serve_streams<T>(
     outer: &Arc<Outer>,
     conn: &mut h2::server::Connection<T, Bytes>,
     result: &mut ConnectionResult,
+    refusals: &Refusals,
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut drain = shared.subscribe_drain();
     let mut draining = false;
+    let mut shut = false;
     if *drain.borrow_and_update() != DrainState::Serving {
         conn.graceful_shutdown();
         draining = true;
@@ -245,6 +315,12 @@ async fn serve_streams<T>(
                     conn.graceful_shutdown();
                     draining = true;
                 }
+            }
+            () = outer.resets.broken.notified(), if !shut => {
+                // GOAWAY ENHANCE_YOUR_CALM, and the connection closes.
+                refusals.closing_for("too_many_premature_resets");
+                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                shut = true;
             }
             () = &mut closing => return,
             () = &mut keepalive => {
@@ -284,6 +360,10 @@ async fn tunnel(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
+    let mut end = StreamEnd {
+        outer: &outer,
+        premature: false,
+    };
     let mut result =
         ConnectionResult::tunnel(shared.telemetry.clone(), outer.listener, outer.downstream);
     result.peer_identity = Some(outer.identity.to_string());
@@ -335,16 +415,27 @@ async fn tunnel(
     )
     .as_waypoint();
     let counters = result.open_route(labels);
-    let Ok(opened) = open_upstream(
-        &shared,
-        settings,
-        &cluster,
-        Purpose::Hbone,
-        None,
-        &mut result,
-    )
-    .await
-    else {
+    // A client that gives up before the answer stops the dial at once.
+    let dialled = tokio::select! {
+        opened = open_upstream(&shared, settings, &cluster, Purpose::Hbone, None, &mut result) => Ok(opened),
+        reset = std::future::poll_fn(|cx| respond.poll_reset(cx)) => Err(reset),
+    };
+    let opened = match dialled {
+        Ok(opened) => opened,
+        Err(reset) => {
+            end.premature = result.elapsed() <= PREMATURE_RESET_LIFETIME;
+            result.refuse(
+                ResponseFlag::DownstreamConnectionTermination,
+                "reset_before_response",
+            );
+            result.detail = Some(match reset {
+                Ok(reason) => format!("the client reset the stream ({reason}) before its answer"),
+                Err(e) => format!("the stream ended before its answer: {e}"),
+            });
+            return;
+        }
+    };
+    let Ok(opened) = opened else {
         let body = if result.flag == ResponseFlag::NoHealthyUpstream {
             "no healthy upstream\n"
         } else {
@@ -362,6 +453,7 @@ async fn tunnel(
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
         Err(e) => {
+            end.premature = result.elapsed() <= PREMATURE_RESET_LIFETIME;
             result.refuse(
                 ResponseFlag::DownstreamConnectionTermination,
                 "stream_closed",

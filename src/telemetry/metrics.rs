@@ -117,6 +117,9 @@ pub struct HboneMetrics {
     pub streams: IntCounter,
     pub active_streams: IntGauge,
     pub stream_seconds: Histogram,
+    /// What the HTTP/2 limits refused, by reason: streams (`RST_STREAM`, `431`) and
+    /// connections (`GOAWAY` with an error code).
+    pub refusals: IntCounterVec,
 }
 
 impl HboneMetrics {
@@ -156,6 +159,19 @@ impl HboneMetrics {
                 "Lifetime of HBONE streams (tunnels).",
                 prometheus::exponential_buckets(0.001, 4.0, 12).unwrap_or_default(),
             ),
+            refusals: {
+                let c = IntCounterVec::new(
+                    prometheus::Opts::new(
+                        "strait_hbone_refusals_total",
+                        "Streams and outer connections refused by the HTTP/2 limits of the HBONE listener (floods of streams, resets, headers), by reason.",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(c.clone()))
+                    .expect("metric registered once");
+                c
+            },
         }
     }
 }

@@ -411,3 +411,353 @@ pub fn reference_gateway_bootstrap(
         }
     })
 }
+
+/// What a [`RawH2`] client received, frame by frame (SETTINGS, PING and WINDOW_UPDATE
+/// are answered or skipped, not recorded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// A response HEADERS frame: its `:status` (`None` when the block does not start with
+    /// one this decoder reads) and whether it ended the stream.
+    Headers {
+        stream: u32,
+        status: Option<u16>,
+        end: bool,
+    },
+    Data {
+        stream: u32,
+        len: usize,
+    },
+    Reset {
+        stream: u32,
+        code: u32,
+    },
+    GoAway {
+        last: u32,
+        code: u32,
+        debug: String,
+    },
+    /// The server closed the TLS connection (or it broke).
+    Closed,
+}
+
+/// RFC 9113 error codes, as a client sees them.
+pub const NO_ERROR: u32 = 0x0;
+pub const PROTOCOL_ERROR: u32 = 0x1;
+pub const REFUSED_STREAM: u32 = 0x7;
+pub const CANCEL: u32 = 0x8;
+pub const COMPRESSION_ERROR: u32 = 0x9;
+pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// An HTTP/2 client that writes frames exactly as told, over any byte stream (the outer
+/// mTLS of an HBONE connection): for the inputs a well-behaved client never sends (more
+/// streams than the server allows, resets in bursts, oversized headers, endless
+/// CONTINUATION). Its SETTINGS ask for an HPACK table of size 0, so that every response
+/// `:status` arrives indexed from the static table or as a literal, which [`Seen`]
+/// decodes without a dynamic table.
+pub struct RawH2 {
+    writes: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for RawH2 {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A frame: 9-byte header and payload.
+pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = Vec::with_capacity(9 + payload.len());
+    f.extend_from_slice(&len.to_be_bytes()[1..]);
+    f.push(kind);
+    f.push(flags);
+    f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK integer with an `n`-bit prefix whose high bits are `first`.
+fn hpack_int(out: &mut Vec<u8>, first: u8, n: u8, mut value: usize) {
+    let max = (1usize << n) - 1;
+    if value < max {
+        out.push(first | value as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.push((value % 128) as u8 | 0x80);
+        value /= 128;
+    }
+    out.push(value as u8);
+}
+
+/// An HPACK string literal, not Huffman-coded.
+fn hpack_str(out: &mut Vec<u8>, s: &[u8]) {
+    hpack_int(out, 0, 7, s.len());
+    out.extend_from_slice(s);
+}
+
+/// The header block of `CONNECT authority`, with `extra` headers (literal names and
+/// values, never indexed): HPACK without a dynamic table.
+pub fn connect_block(authority: &str, extra: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = Vec::new();
+    // Literal without indexing, indexed name: 2 is `:method`, 1 is `:authority`.
+    hpack_int(&mut b, 0x00, 4, 2);
+    hpack_str(&mut b, b"CONNECT");
+    hpack_int(&mut b, 0x00, 4, 1);
+    hpack_str(&mut b, authority.as_bytes());
+    for (name, value) in extra {
+        b.push(0x00);
+        hpack_str(&mut b, name.as_bytes());
+        hpack_str(&mut b, value);
+    }
+    b
+}
+
+pub const DATA: u8 = 0x0;
+pub const HEADERS: u8 = 0x1;
+pub const RST_STREAM: u8 = 0x3;
+pub const CONTINUATION: u8 = 0x9;
+pub const END_STREAM: u8 = 0x1;
+pub const END_HEADERS: u8 = 0x4;
+
+/// HEADERS for a `CONNECT` to `authority` on `stream`, in one frame.
+pub fn connect_frame(stream: u32, authority: &str) -> Vec<u8> {
+    h2_frame(HEADERS, END_HEADERS, stream, &connect_block(authority, &[]))
+}
+
+/// RST_STREAM with `code`.
+pub fn reset_frame(stream: u32, code: u32) -> Vec<u8> {
+    h2_frame(RST_STREAM, 0, stream, &code.to_be_bytes())
+}
+
+/// The `:status` a response header block starts with, for a decoder with an HPACK table
+/// of size 0: an indexed static entry (8–14) or a literal with name index 8 (its value
+/// plain or Huffman-coded digits).
+fn response_status(block: &[u8]) -> Option<u16> {
+    let mut i = 0;
+    let int = |i: &mut usize, n: u8| -> Option<usize> {
+        let max = (1usize << n) - 1;
+        let mut v = (*block.get(*i)? as usize) & max;
+        *i += 1;
+        if v < max {
+            return Some(v);
+        }
+        let mut shift = 0;
+        loop {
+            let b = *block.get(*i)? as usize;
+            *i += 1;
+            v += (b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+    };
+    // Dynamic table size updates (`001xxxxx`) come first.
+    while *block.get(i)? & 0xe0 == 0x20 {
+        int(&mut i, 5)?;
+    }
+    let first = *block.get(i)?;
+    let name = if first & 0x80 != 0 {
+        let index = int(&mut i, 7)?;
+        let statics = [200, 204, 206, 304, 400, 404, 500];
+        return statics.get(index.checked_sub(8)?).copied();
+    } else if first & 0xc0 == 0x40 {
+        int(&mut i, 6)?
+    } else {
+        int(&mut i, 4)?
+    };
+    if name != 8 {
+        return None;
+    }
+    let huffman = *block.get(i)? & 0x80 != 0;
+    let len = int(&mut i, 7)?;
+    let value = block.get(i..i + len)?;
+    let text = if huffman {
+        // Digits are 5-bit (`0`–`2`: 0–2) or 6-bit (`3`–`9`: 0x19–0x1f) codes; the
+        // padding is ones.
+        let bits: Vec<u8> = value
+            .iter()
+            .flat_map(|b| (0..8).rev().map(move |k| (b >> k) & 1))
+            .collect();
+        let mut out = String::new();
+        let mut k = 0;
+        while k + 5 <= bits.len() {
+            let five = bits[k..k + 5].iter().fold(0u8, |a, b| a << 1 | b);
+            if five < 3 {
+                out.push((b'0' + five) as char);
+                k += 5;
+            } else if k + 6 <= bits.len() {
+                let six = five << 1 | bits[k + 5];
+                if !(0x19..=0x1f).contains(&six) {
+                    break;
+                }
+                out.push((b'3' + six - 0x19) as char);
+                k += 6;
+            } else {
+                break;
+            }
+        }
+        out
+    } else {
+        String::from_utf8_lossy(value).to_string()
+    };
+    text.parse().ok()
+}
+
+impl RawH2 {
+    /// Sends the client preface and SETTINGS (HPACK table 0, no push) on `io`, then records
+    /// every frame the server sends, answering its SETTINGS and PINGs.
+    pub fn start<S>(io: S) -> RawH2
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
+        let (mut read, mut write) = tokio::io::split(io);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        // Queued first: the reader may answer the server's SETTINGS at once.
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // SETTINGS_HEADER_TABLE_SIZE 0, SETTINGS_ENABLE_PUSH 0.
+        hello.extend(h2_frame(0x4, 0, 0, &[0, 1, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0]));
+        let _ = tx.send(hello);
+        let writer = tokio::spawn(async move {
+            while let Some(bytes) = rx.recv().await {
+                if write.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let answers = tx.clone();
+        let log = seen.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = vec![0u8; 64 << 10];
+            loop {
+                while buf.len() >= 9 {
+                    let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                    if buf.len() < 9 + len {
+                        break;
+                    }
+                    let kind = buf[3];
+                    let flags = buf[4];
+                    let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                    let payload: Vec<u8> = buf[9..9 + len].to_vec();
+                    buf.drain(..9 + len);
+                    let event = match kind {
+                        0x0 => Some(Seen::Data { stream, len }),
+                        0x1 => {
+                            // PADDED and PRIORITY fields come before the block.
+                            let mut block = &payload[..];
+                            if flags & 0x8 != 0 && !block.is_empty() {
+                                let pad = block[0] as usize;
+                                block = &block[1..block.len().saturating_sub(pad)];
+                            }
+                            if flags & 0x20 != 0 && block.len() >= 5 {
+                                block = &block[5..];
+                            }
+                            Some(Seen::Headers {
+                                stream,
+                                status: response_status(block),
+                                end: flags & END_STREAM != 0,
+                            })
+                        }
+                        0x3 if len == 4 => Some(Seen::Reset {
+                            stream,
+                            code: u32::from_be_bytes([
+                                payload[0], payload[1], payload[2], payload[3],
+                            ]),
+                        }),
+                        0x4 if flags & 0x1 == 0 => {
+                            let _ = answers.send(h2_frame(0x4, 0x1, 0, &[]));
+                            None
+                        }
+                        0x6 if flags & 0x1 == 0 => {
+                            let _ = answers.send(h2_frame(0x6, 0x1, 0, &payload));
+                            None
+                        }
+                        0x7 if len >= 8 => Some(Seen::GoAway {
+                            last: u32::from_be_bytes([
+                                payload[0], payload[1], payload[2], payload[3],
+                            ]) & 0x7fff_ffff,
+                            code: u32::from_be_bytes([
+                                payload[4], payload[5], payload[6], payload[7],
+                            ]),
+                            debug: String::from_utf8_lossy(&payload[8..]).to_string(),
+                        }),
+                        _ => None,
+                    };
+                    if let Some(e) = event {
+                        log.lock().unwrap().push(e);
+                    }
+                }
+                match read.read(&mut chunk).await {
+                    Ok(0) | Err(_) => {
+                        log.lock().unwrap().push(Seen::Closed);
+                        return;
+                    }
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        RawH2 {
+            writes: tx,
+            seen,
+            tasks: vec![writer, reader],
+        }
+    }
+
+    /// Writes `bytes` (frames) as they are, in one write.
+    pub fn send(&self, bytes: Vec<u8>) {
+        let _ = self.writes.send(bytes);
+    }
+
+    /// Everything received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds for what was received (at most `within`); whether it did.
+    pub async fn wait(&self, within: Duration, pred: impl Fn(&[Seen]) -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if pred(&self.seen()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The first GOAWAY received, if any.
+    pub fn go_away(&self) -> Option<Seen> {
+        self.seen()
+            .into_iter()
+            .find(|s| matches!(s, Seen::GoAway { .. }))
+    }
+
+    /// The reset code received for `stream`, if any.
+    pub fn reset_of(&self, stream: u32) -> Option<u32> {
+        self.seen().into_iter().find_map(|s| match s {
+            Seen::Reset { stream: id, code } if id == stream => Some(code),
+            _ => None,
+        })
+    }
+
+    /// The response status received for `stream`, if any.
+    pub fn status_of(&self, stream: u32) -> Option<u16> {
+        self.seen().into_iter().find_map(|s| match s {
+            Seen::Headers {
+                stream: id, status, ..
+            } if id == stream => status,
+            _ => None,
+        })
+    }
+}
