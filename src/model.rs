@@ -170,6 +170,22 @@ pub struct Discovery {
     /// reconnected.
     pub stall_timeout: Duration,
     pub node: NodeIdentity,
+    /// `discovery.waypoint`: also be the ambient east-west gateway. A second ADS stream
+    /// to the same control plane, as this `waypoint~` node (istiod sends the 15008
+    /// configuration only to such a node, and the 15443 one only to a `router`).
+    pub waypoint: Option<NodeIdentity>,
+}
+
+impl Discovery {
+    /// The same control plane and settings, as the waypoint node (`None` without one).
+    pub fn as_waypoint(&self) -> Option<Discovery> {
+        let node = self.waypoint.clone()?;
+        Some(Discovery {
+            node,
+            waypoint: None,
+            ..self.clone()
+        })
+    }
 }
 
 /// Where the gateway's certificates come from.

@@ -446,3 +446,40 @@ fn cert_issue_names_a_bad_spiffe_id_a_missing_ca_and_a_bad_duration() {
     assert!(!dir.path().join("svid").exists());
     assert!(!dir.path().join("ca2").exists());
 }
+
+/// `strait check` judges `discovery.waypoint` (the ambient east-west gateway's node): an
+/// id that istiod would not treat as a waypoint, labels without the east-west
+/// controller's, or no network, each named on its line.
+#[test]
+fn check_judges_the_waypoint_node() {
+    let dir = TempDir::new("cli");
+    let bootstrap = |network: &str, waypoint: &str| {
+        format!(
+            "apiVersion: strait.dev/v1alpha1\nkind: Bootstrap\nmetadata: {{name: b}}\nspec:\n{network}  discovery:\n    address: http://127.0.0.1:15010\n    node: {{ip: 10.0.0.2, podName: gw-0}}\n    waypoint: {waypoint}\n"
+        )
+    };
+    dir.write("ok.yaml", &bootstrap("  network: network1\n", "{}"));
+    let out = strait(&["check", "-c", "ok.yaml"], dir.path());
+    no_panic(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+
+    dir.write(
+        "bad.yaml",
+        &bootstrap(
+            "",
+            "{id: router~10.0.0.2~gw-0.istio-system~istio-system.svc.cluster.local, labels: {gateway.istio.io/managed: other}}",
+        ),
+    );
+    let out = strait(&["check", "-c", "bad.yaml"], dir.path());
+    no_panic(&out);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    for expected in [
+        "error: spec.discovery.waypoint.id: \"router~10.0.0.2~gw-0.istio-system~istio-system.svc.cluster.local\" is not a waypoint node id",
+        "error: spec.discovery.waypoint.labels.gateway.istio.io/managed: must be istio.io-eastwest-controller",
+        "error: spec.discovery.waypoint: the waypoint node id is the router's",
+        "warning: spec.discovery.waypoint: the gateway's network is unknown",
+    ] {
+        assert!(stdout.contains(expected), "{expected}\n{stdout}");
+    }
+}

@@ -10,12 +10,21 @@
 
 mod common;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::hbone::{HboneSource, hbone_dest, tunnel_round_trip};
 use common::istiod::{
-    EXPOSE_SERVICES, GLOBAL_SERVICE_SCOPE, Istiod, IstiodOptions, Lab, XdsDump, ambient_env,
-    gateway_node_metadata, harness_bin, xdsdump_bin,
+    EXPOSE_SERVICES, GATEWAY_SPIFFE, GLOBAL_SERVICE_SCOPE, Istiod, IstiodOptions, Lab, XdsDump,
+    ambient_env, gateway_node_metadata, harness_bin, hbone_peer_bin, launch_strait_gateway,
+    sync_problems, xdsdump_bin,
+};
+use common::{
+    Strait, TempDir, TestCa, Workload, free_port, http_get, mesh_ca, mesh_cert, round_trip,
+    strait_bin,
 };
 use serde_json::{Value, json};
 
@@ -25,7 +34,9 @@ const LOCAL: &str = "local.echo.svc.cluster.local";
 /// Namespaces (istio-system in network1), a global Service `echo` (two ports whose
 /// target ports differ from the service ports) with three ready pods of network1 — one
 /// captured by ambient (`ambient.istio.io/redirection: enabled`), one labelled
-/// `networking.istio.io/tunnel: http`, one with neither — a captured pod of network2 and
+/// `networking.istio.io/tunnel: http`, one with neither (a sidecar's pod, labelled
+/// `security.istio.io/tlsMode: istio`: the only one a router's SNI-DNAT cluster lists) —
+/// a captured pod of network2 and
 /// a captured pod that is not ready; and a Service `local` that is not global, with one
 /// captured pod.
 const KUBE: &str = "\
@@ -80,7 +91,7 @@ kind: Pod
 metadata:
   name: echo-2
   namespace: echo
-  labels: {app: echo}
+  labels: {app: echo, security.istio.io/tlsMode: istio}
 spec: {serviceAccountName: echo, nodeName: node1, containers: [{name: echo, image: echo}]}
 status:
   phase: Running
@@ -567,5 +578,324 @@ async fn router_and_waypoint_nodes_get_one_configuration_each() {
             );
         }
         assert!(mixed.get("listeners", "connect_terminate").is_some());
+    });
+}
+
+const SOURCE_ID: &str = "spiffe://cluster.local/ns/sleep/sa/sleep";
+const ECHO_ID: &str = "spiffe://cluster.local/ns/echo/sa/echo";
+const POD: &str = "istio-eastwestgateway-0";
+
+/// A plain TCP listener on `addr` that counts the connections it accepts (and closes
+/// them): a pod port that must never be dialled.
+async fn counting_listener(addr: SocketAddr) -> Arc<AtomicU64> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    accepted
+}
+
+/// The syncz entries of the gateway pod: one per stream.
+async fn syncz_of(istiod: &Istiod, proxy: &str) -> Vec<Value> {
+    istiod
+        .syncz()
+        .await
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["proxy"] == proxy)
+        .cloned()
+        .collect()
+}
+
+fn config_dump(strait: &Strait) -> Value {
+    let (code, body) = http_get(strait.admin, "/config_dump").expect("config_dump");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).expect("config_dump is JSON")
+}
+
+/// One strait, two identities: with `discovery.waypoint`, it keeps a `router` stream (the
+/// 15443 configuration) and a `waypoint` stream as the ambient east-west gateway's node
+/// (the 15008 configuration), both SYNCED in istiod's syncz. Istio's own source ztunnel
+/// (`hbone-peer source`) tunnels through strait's 15008 to Istio's destination ztunnel
+/// (`hbone-peer dest`) standing in for the captured pods at their Pod IPs: the bytes come
+/// back, the destination sees the source's identity (the inner TLS is end to end) and the
+/// authority the source sent. The pod of the same Service that takes no HBONE is never
+/// dialled; an authority the waypoint stream does not serve gets 404 on its stream, even
+/// one the router stream serves on 15443 (a Service that is not global); and an SNI
+/// connection on 15443 of the same process still routes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_strait_serves_15008_from_the_waypoint_stream_and_15443_from_the_router_stream() {
+    if harness_bin().is_none() || hbone_peer_bin().is_none() {
+        return;
+    }
+    let lab = Lab::new("amb-gw");
+    let spoke = lab.spoke("amb-gw-s");
+    lab.run(|| async {
+        let istiod = start_istiod().await;
+        let dir = TempDir::new("amb-gw");
+        let ca = mesh_ca(dir.path(), "cluster.local");
+        let gateway_certs = mesh_cert(&ca, GATEWAY_SPIFFE, &dir.path().join("gateway"));
+        let source_certs = mesh_cert(&ca, SOURCE_ID, &dir.path().join("source"));
+        let dest_certs = mesh_cert(&ca, ECHO_ID, &dir.path().join("dest"));
+
+        // The captured pods' ztunnels, at the Pod IPs of echo-1 and echo-3; echo-2 takes no
+        // HBONE: its 15008 and its application port count what reaches them.
+        let dest = |ip: [u8; 4], name: &'static str| {
+            let certs = dest_certs.clone();
+            async move {
+                hbone_dest(SocketAddr::from((ip, 15008)), &certs, name, None)
+                    .await
+                    .expect("hbone-peer")
+            }
+        };
+        let echo_1 = dest([10, 0, 0, 21], "echo-1").await;
+        let echo_3 = dest([10, 0, 0, 23], "echo-3").await;
+        let plain_15008 = counting_listener(SocketAddr::from(([10, 0, 0, 22], 15008))).await;
+        // The application ports, for 15443 (AUTO_PASSTHROUGH: the client's TLS end to end).
+        let test_ca = TestCa::new();
+        let mut apps = Vec::new();
+        for last in [21, 22, 23] {
+            apps.push(
+                Workload::start_at(
+                    &test_ca,
+                    ECHO_ID,
+                    SocketAddr::from(([10, 0, 0, last], 8080)),
+                )
+                .await,
+            );
+        }
+
+        let strait = launch_strait_gateway(
+            &spoke,
+            POD,
+            &format!(
+                "    waypoint: {{}}\n  certificates: {{dir: {}}}\n",
+                gateway_certs.display()
+            ),
+            Path::new(strait_bin()),
+            &[],
+        );
+        spoke.ns.run(|| strait.wait_ready(Duration::from_secs(30)));
+
+        // Both identities SYNCED at istiod.
+        let proxy = format!("{POD}.istio-system");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let entries = syncz_of(&istiod, &proxy).await;
+            let synced = entries.len() == 2 && entries.iter().all(|e| sync_problems(e).is_empty());
+            if synced {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not both streams SYNCED: {entries:#?}\n{}",
+                strait.stderr_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // config_dump says which stream is which, each with its own node and resources.
+        let dump = config_dump(&strait);
+        let router = &dump["discovery"];
+        let waypoint = &dump["waypointDiscovery"];
+        assert_eq!(router["stream"], "router");
+        assert_eq!(router["node"]["id"], spoke.node_id(POD));
+        assert_eq!(waypoint["stream"], "waypoint");
+        assert_eq!(
+            waypoint["node"]["id"],
+            format!(
+                "waypoint~{}~{POD}.istio-system~istio-system.svc.cluster.local",
+                spoke.ip
+            )
+        );
+        assert_eq!(
+            waypoint["node"]["labels"]["gateway.istio.io/managed"],
+            "istio.io-eastwest-controller"
+        );
+        assert_eq!(
+            waypoint["node"]["metadata"]["REQUESTED_NETWORK_VIEW"],
+            "network1"
+        );
+        assert!(
+            router["accepted"]["lds"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("0.0.0.0_15443")),
+            "{router:#}"
+        );
+        let waypoint_lds = waypoint["accepted"]["lds"].as_array().unwrap();
+        assert!(
+            waypoint_lds.contains(&json!("connect_terminate")),
+            "{waypoint:#}"
+        );
+        assert!(
+            !waypoint_lds.contains(&json!("0.0.0.0_15443")),
+            "{waypoint:#}"
+        );
+        for (stream, d) in [("router", router), ("waypoint", waypoint)] {
+            for (t, s) in d["types"].as_object().unwrap() {
+                assert_eq!(s["nacks"], 0, "{stream} {t}: {d:#}");
+            }
+        }
+        // The strait_xds_* series carry the stream.
+        for stream in ["router", "waypoint"] {
+            assert_eq!(
+                strait.metric("strait_xds_connected", &[("stream", stream)]),
+                1.0,
+                "{stream}"
+            );
+            assert!(
+                strait.metric(
+                    "strait_xds_responses_total",
+                    &[("stream", stream), ("type", "eds"), ("result", "ack")]
+                ) >= 1.0,
+                "{stream}"
+            );
+        }
+
+        // 15008: Istio's source ztunnel through strait to the captured pods.
+        let gateway_hbone = SocketAddr::from((spoke.ip, 15008));
+        let via_echo = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let via_nope = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let via_local = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut source = HboneSource::new(gateway_hbone, &source_certs);
+        source.gateway_id = Some(GATEWAY_SPIFFE.into());
+        source.dest_id = Some(ECHO_ID.into());
+        source.maps = vec![
+            (via_echo, format!("{ECHO}:80")),
+            (via_nope, "nope.echo.svc.cluster.local:80".into()),
+            (via_local, format!("{LOCAL}:80")),
+        ];
+        let source = source.start(None).await.expect("hbone-peer");
+        for i in 0..6 {
+            let payload = format!("tunnel {i}\n");
+            let back = tunnel_round_trip(via_echo, payload.as_bytes(), Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|| {
+                    panic!(
+                        "tunnel {i} did not come back:\n{}\n{}",
+                        source.lines().join("\n"),
+                        strait.stderr_text()
+                    )
+                });
+            let text = String::from_utf8_lossy(&back);
+            assert!(
+                text == format!("[echo-1] {payload}") || text == format!("[echo-3] {payload}"),
+                "{text:?}; echo-2's 15008 accepted {}",
+                plain_15008.load(Ordering::SeqCst)
+            );
+        }
+        let streams: Vec<_> = echo_1
+            .streams()
+            .into_iter()
+            .chain(echo_3.streams())
+            .collect();
+        assert_eq!(streams.len(), 6, "{streams:?}");
+        for s in &streams {
+            assert_eq!(s.authority, format!("{ECHO}:80"));
+            assert_eq!(
+                s.peer, SOURCE_ID,
+                "the inner TLS runs from the source to the pod"
+            );
+        }
+        // Balanced per stream (LEAST_REQUEST over both HBONE pods, tunnels one at a time).
+        assert!(
+            !echo_1.streams().is_empty() && !echo_3.streams().is_empty(),
+            "{streams:?}"
+        );
+        assert_eq!(
+            plain_15008.load(Ordering::SeqCst),
+            0,
+            "echo-2 takes no HBONE"
+        );
+
+        // Names the waypoint stream does not serve: 404 on their stream.
+        for (via, authority) in [
+            (via_nope, "nope.echo.svc.cluster.local:80".to_string()),
+            (via_local, format!("{LOCAL}:80")),
+        ] {
+            let back = tunnel_round_trip(via, b"x", Duration::from_secs(10)).await;
+            assert!(
+                back.as_ref().is_none_or(|b| b.is_empty()),
+                "{authority}: {back:?}"
+            );
+            let errors = source
+                .wait_lines(1, Duration::from_secs(10), |l| {
+                    l.starts_with("TUNNEL-ERROR") && l.contains(&format!("authority={authority} "))
+                })
+                .await;
+            assert!(
+                errors.iter().any(|l| l.contains("status=404")),
+                "{authority}: {:?}",
+                source.lines()
+            );
+        }
+
+        // 15443 on the same process: the router stream's SNI route still serves, to the
+        // one pod istiod gave the router (the sidecar's); the HBONE pods the waypoint
+        // stream added to the same service port are tunnel destinations only.
+        let sni = format!("outbound_.80_._.{ECHO}");
+        for _ in 0..4 {
+            let seen = round_trip(spoke.gateway(), &test_ca, &sni)
+                .await
+                .unwrap_or_else(|e| panic!("15443 {sni}: {e}\n{}", strait.stderr_text()));
+            assert_eq!(seen, ECHO_ID);
+        }
+        let accepted: Vec<u64> = apps.iter().map(Workload::accepted).collect();
+        assert_eq!(accepted, [0, 4, 0], "echo-1, echo-2, echo-3 on 8080");
+        assert_eq!(plain_15008.load(Ordering::SeqCst), 0);
+    });
+}
+
+/// Readiness waits for both streams: with a waypoint node istiod refuses (an id that is
+/// not `<type>~<ip>~<pod>.<ns>~<domain>`), the router stream's configuration arrives and
+/// is served, and readiness stays 503, naming the waypoint node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_the_waypoint_stream_too() {
+    if harness_bin().is_none() {
+        return;
+    }
+    let lab = Lab::new("amb-rdy");
+    let spoke = lab.spoke("amb-rdy-s");
+    lab.run(|| async {
+        let _istiod = start_istiod().await;
+        let strait = launch_strait_gateway(
+            &spoke,
+            POD,
+            "    waypoint: {id: \"waypoint~refused\"}\n",
+            Path::new(strait_bin()),
+            &[],
+        );
+        // The router stream is complete …
+        let router_ready = strait.eventually(Duration::from_secs(30), || {
+            http_get(strait.admin, "/config_dump")
+                .ok()
+                .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+                .is_some_and(|d| d["discovery"]["ready"] == true)
+        });
+        assert!(router_ready, "{}", strait.stderr_text());
+        // … and readiness still waits, for the waypoint node.
+        let (code, body) = http_get(strait.status, "/healthz/ready").unwrap();
+        assert_eq!(code, 503, "{body}");
+        assert!(
+            body.contains("config not received from XDS server for the waypoint node"),
+            "{body}"
+        );
+        let dump = config_dump(&strait);
+        assert_eq!(dump["waypointDiscovery"]["ready"], false);
+        assert!(
+            strait.metric(
+                "strait_xds_stream_failures_total",
+                &[("stream", "waypoint")]
+            ) >= 1.0
+        );
     });
 }

@@ -22,6 +22,7 @@ spec:
     ca: {}
   discovery:
     node: {}
+    waypoint: {}
 ---
 apiVersion: strait.dev/v1alpha1
 kind: Bridge

@@ -46,6 +46,7 @@ pub fn config_dump(shared: &Shared, include_eds: bool) -> Value {
             "meshNetworks": s.mesh_networks.iter().map(|(n, gws)| (n.clone(), json!(gws.iter().map(|g| format!("{}:{}", g.address, g.port)).collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),
         },
         "discovery": shared.discovery.get().map(|d| d.dump()),
+        "waypointDiscovery": shared.waypoint_discovery.get().map(|d| d.dump()),
         "listeners": snap.listeners.iter().map(|l| json!({
             "address": l.addr.to_string(),
             "servers": l.servers.iter().map(|srv| json!({

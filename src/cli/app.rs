@@ -147,15 +147,31 @@ pub async fn run(
     let shared = Shared::new(snapshot.clone(), telemetry);
     // With discovery on, readiness waits for the control plane's first complete
     // configuration, and every update is merged into the file snapshot.
+    // With `discovery.waypoint`, a second stream as the ambient east-west gateway's node.
     let mut feed = None;
+    let mut waypoint_feed = None;
     if let Some(d) = settings.discovery.clone() {
-        let status = xds::Status::new(d, shared.telemetry.metrics.registry());
-        shared.set_waiting("xds", status.lock().waiting.clone());
+        let metrics = xds::XdsMetrics::register(shared.telemetry.metrics.registry());
+        if let Some(w) = d.as_waypoint() {
+            let status = xds::Status::new(xds::Stream::Waypoint, w, &metrics);
+            shared.set_waiting(
+                xds::Stream::Waypoint.readiness_source(),
+                status.lock().waiting.clone(),
+            );
+            let _ = shared.waypoint_discovery.set(status.clone());
+            waypoint_feed = Some(xds::start(status));
+        }
+        let status = xds::Status::new(xds::Stream::Router, d, &metrics);
+        shared.set_waiting(
+            xds::Stream::Router.readiness_source(),
+            status.lock().waiting.clone(),
+        );
         let _ = shared.discovery.set(status.clone());
         feed = Some(xds::start(status));
     }
     let mut files = snapshot.clone();
-    let mut from_xds: Option<Arc<xds::Published>> = None;
+    // The last configuration of each stream.
+    let mut from_xds = FromXds::default();
     // What the control plane changed that the runtime in force does not have yet.
     let mut xds_pending = Changed::Services(Default::default());
     if material::needed(&snapshot) {
@@ -243,17 +259,24 @@ pub async fn run(
                 // Coalesce a burst of file events into one reload.
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 while reload_rx.try_recv().is_ok() {}
-                if let Some(new) = reload(&source, &mut gateway, why, from_xds.as_deref(), &files) {
+                if let Some(new) = reload(&source, &mut gateway, why, &from_xds, &files) {
                     files = new;
                     xds_pending = Changed::Services(Default::default());
                 }
             }
             Some(update) = next_update(feed.as_deref()) => {
                 xds_pending.merge(update.changed);
-                if apply_xds(&mut gateway, &files, &update.published, &xds_pending) {
+                from_xds.router = Some(update.published);
+                if apply_xds(&mut gateway, &files, &from_xds, &xds_pending) {
                     xds_pending = Changed::Services(Default::default());
                 }
-                from_xds = Some(update.published);
+            }
+            Some(update) = next_update(waypoint_feed.as_deref()) => {
+                xds_pending.merge(update.changed);
+                from_xds.waypoint = Some(update.published);
+                if apply_xds(&mut gateway, &files, &from_xds, &xds_pending) {
+                    xds_pending = Changed::Services(Default::default());
+                }
             }
             Some(request) = handover_rx.recv() => match request {
                 handover::Request::Listeners(reply) => {
@@ -307,16 +330,33 @@ async fn next_update(feed: Option<&xds::Feed>) -> Option<xds::Update> {
     }
 }
 
+/// The last configuration each stream published.
+#[derive(Default)]
+struct FromXds {
+    router: Option<Arc<xds::Published>>,
+    waypoint: Option<Arc<xds::Published>>,
+}
+
+impl FromXds {
+    fn any(&self) -> bool {
+        self.router.is_some() || self.waypoint.is_some()
+    }
+
+    fn merge(&self, files: &Snapshot) -> Snapshot {
+        xds::merge(files, self.router.as_deref(), self.waypoint.as_deref())
+    }
+}
+
 /// Installs the file snapshot merged with the control plane's resources, and readiness
 /// with it; `changed` says which service ports differ from the runtime in force. Returns
 /// whether it was installed.
 fn apply_xds(
     gateway: &mut Gateway,
     files: &Arc<Snapshot>,
-    published: &xds::Published,
+    from_xds: &FromXds,
     changed: &Changed,
 ) -> bool {
-    let merged = Arc::new(xds::merge(files, published));
+    let merged = Arc::new(from_xds.merge(files));
     // istiod may be the first to ask for an ISTIO_MUTUAL server: the gateway's own
     // certificate is needed from now on. Only a change of listeners can ask for one; an
     // endpoint update must not scan every service.
@@ -329,9 +369,10 @@ fn apply_xds(
             "an ISTIO_MUTUAL server from the control plane has no certificate and refuses connections: {e}"
         );
     }
+    let services = merged.services.len();
     let installed = match gateway.reload_changed(merged, changed) {
         Ok(()) => {
-            tracing::debug!(listeners = ?gateway.bound(), services = published.services.len(), "xDS configuration applied");
+            tracing::debug!(listeners = ?gateway.bound(), services, "xDS configuration applied");
             true
         }
         Err(e) => {
@@ -341,14 +382,17 @@ fn apply_xds(
             false
         }
     };
-    gateway.shared.set_waiting(
-        "xds",
-        if published.warm {
-            None
-        } else {
-            published.waiting.clone()
-        },
-    );
+    for (stream, published) in [
+        (xds::Stream::Router, &from_xds.router),
+        (xds::Stream::Waypoint, &from_xds.waypoint),
+    ] {
+        if let Some(p) = published {
+            gateway.shared.set_waiting(
+                stream.readiness_source(),
+                if p.warm { None } else { p.waiting.clone() },
+            );
+        }
+    }
     installed
 }
 
@@ -357,7 +401,7 @@ fn reload(
     source: &Source,
     gateway: &mut Gateway,
     why: &str,
-    from_xds: Option<&xds::Published>,
+    from_xds: &FromXds,
     current: &Snapshot,
 ) -> Option<Arc<Snapshot>> {
     let telemetry = gateway.shared.telemetry.clone();
@@ -373,7 +417,7 @@ fn reload(
             let certs_before = expiries(gateway);
             // What will be installed: the files with the control plane's resources, which
             // may hold the only ISTIO_MUTUAL servers.
-            let with_xds = from_xds.map(|p| xds::merge(&loaded.snapshot, p));
+            let with_xds = from_xds.any().then(|| from_xds.merge(&loaded.snapshot));
             let will_serve = with_xds.as_ref().unwrap_or(&loaded.snapshot);
             if material::needed(will_serve)
                 && let Err(e) = install_tls(&gateway.shared, will_serve)

@@ -283,8 +283,18 @@ pub(crate) fn discovery(
         env,
         &server.cluster_id,
     );
+    let waypoint_node = f.get("waypoint").cloned();
     f.finish(sink);
     let identity = identity?;
+    let waypoint = match &waypoint_node {
+        Some(n) => Some(waypoint_identity(
+            sink,
+            n,
+            &path.key("waypoint"),
+            &identity,
+        )?),
+        None => None,
+    };
     if identity.ip.is_empty() {
         sink.error(
             node_loc,
@@ -301,6 +311,100 @@ pub(crate) fn discovery(
         initial_fetch_timeout,
         stall_timeout,
         node: identity,
+        waypoint,
+    })
+}
+
+/// The label that makes istiod treat a `waypoint` node as the ambient east-west gateway
+/// (what Istio's `istio-east-west` GatewayClass puts on the pods it deploys).
+pub const EAST_WEST_MANAGED: (&str, &str) =
+    ("gateway.istio.io/managed", "istio.io-eastwest-controller");
+
+/// `discovery.waypoint`: the node of the second stream, the ambient east-west gateway's.
+/// The pod is the router node's (IP, pod name, namespace, service account, the metadata
+/// the environment gave, `NETWORK` and `REQUESTED_NETWORK_VIEW`); the id is
+/// `waypoint~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`; the labels are the
+/// east-west controller's and the network's, never the router's (those select the classic
+/// Gateway, whose 15443 configuration a waypoint node cannot serve).
+fn waypoint_identity(
+    sink: &mut Sink,
+    node: &Node,
+    path: &Path<'_>,
+    router: &NodeIdentity,
+) -> Option<NodeIdentity> {
+    let mut f = Fields::of(sink, node, *path)?;
+    let id = f
+        .get("id")
+        .and_then(|n| fields::string(sink, n, &path.key("id")).map(|id| (id, n.loc)));
+    let mut metadata = router.metadata.clone();
+    if let Some(n) = f.get("metadata") {
+        metadata.extend(fields::string_map(sink, n, &path.key("metadata")));
+    }
+    let mut labels = BTreeMap::from([(
+        EAST_WEST_MANAGED.0.to_string(),
+        EAST_WEST_MANAGED.1.to_string(),
+    )]);
+    let network = metadata.get("NETWORK").cloned().unwrap_or_default();
+    if !network.is_empty() {
+        labels.insert("topology.istio.io/network".into(), network.clone());
+    }
+    let mut labels_loc = node.loc;
+    if let Some(n) = f.get("labels") {
+        labels_loc = n.loc;
+        labels.extend(fields::string_map(sink, n, &path.key("labels")));
+    }
+    f.finish(sink);
+    if labels.get(EAST_WEST_MANAGED.0).map(String::as_str) != Some(EAST_WEST_MANAGED.1) {
+        sink.error(
+            labels_loc,
+            format!(
+                "{}.{}: must be {}: istiod sends the ambient east-west configuration only to a node with that label",
+                path.key("labels"),
+                EAST_WEST_MANAGED.0,
+                EAST_WEST_MANAGED.1
+            ),
+        );
+    }
+    if network.is_empty() {
+        sink.warn(
+            node.loc,
+            format!(
+                "{path}: the gateway's network is unknown (spec.network or ISTIO_META_NETWORK); istiod then sends the ambient east-west gateway endpoints of every network, and those of other networks are never dialled"
+            ),
+        );
+    }
+    let (ns, pod) = (&router.namespace, &router.pod_name);
+    let pod = if pod.is_empty() {
+        "strait"
+    } else {
+        pod.as_str()
+    };
+    let id = match id {
+        Some((id, loc)) => {
+            if !id.starts_with("waypoint~") {
+                sink.error(
+                    loc,
+                    format!(
+                        "{}: {id:?} is not a waypoint node id (waypoint~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local); istiod gives the 15008 configuration only to waypoint nodes",
+                        path.key("id")
+                    ),
+                );
+            }
+            id
+        }
+        None => format!("waypoint~{}~{pod}.{ns}~{ns}.svc.cluster.local", router.ip),
+    };
+    if id == router.id {
+        sink.error(
+            node.loc,
+            format!("{path}: the waypoint node id is the router's ({id}); the two streams need two identities"),
+        );
+    }
+    Some(NodeIdentity {
+        id,
+        labels,
+        metadata,
+        ..router.clone()
     })
 }
 

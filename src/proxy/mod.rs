@@ -196,6 +196,8 @@ pub struct Shared {
     pub svid: ArcSwapOption<crate::tls::certs::Identity>,
     /// The control-plane source, when discovery is on.
     pub discovery: std::sync::OnceLock<Arc<crate::xds::Status>>,
+    /// The second stream, as the ambient east-west gateway (`discovery.waypoint`).
+    pub waypoint_discovery: std::sync::OnceLock<Arc<crate::xds::Status>>,
 }
 
 impl Shared {
@@ -216,6 +218,7 @@ impl Shared {
             waiting: std::sync::Mutex::new(BTreeMap::new()),
             svid: ArcSwapOption::empty(),
             discovery: std::sync::OnceLock::new(),
+            waypoint_discovery: std::sync::OnceLock::new(),
         })
     }
 

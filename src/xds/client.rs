@@ -32,7 +32,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::connect::{self, ConnectError};
 use super::translate::{self, Assembly, Held, Listener};
-use super::{Accepted, AcceptedResources, Feed, Rejection, Status, jitter, short_type};
+use super::{Accepted, AcceptedResources, Feed, Rejection, Status, Stream, jitter, short_type};
 use crate::model::{Changed, Discovery, ListenerSpec, Services, XdsProtocol};
 
 /// Far above tonic's 4 MiB: a mesh of 10,000 services sends tens of MiB of clusters.
@@ -60,6 +60,8 @@ impl State {
 
 /// Everything held across streams.
 struct State {
+    /// Which node this client is: what its resources are read as.
+    stream: Stream,
     held: Held,
     /// Accepted version of each resource, per type (delta `initial_resource_versions`).
     versions: HashMap<&'static str, BTreeMap<String, String>>,
@@ -100,6 +102,7 @@ enum End {
 pub async fn run(status: Arc<Status>, feed: Arc<Feed>) {
     let d = status.discovery.clone();
     let mut state = State {
+        stream: status.stream,
         held: Held::default(),
         versions: HashMap::new(),
         sotw: HashMap::new(),
@@ -114,6 +117,7 @@ pub async fn run(status: Arc<Status>, feed: Arc<Feed>) {
         accepted: status.accepted.clone(),
     };
     tracing::info!(
+        stream = status.stream.name(),
         address = %d.server.address,
         tls = !d.server.plaintext,
         protocol = ?d.protocol,
@@ -126,7 +130,7 @@ pub async fn run(status: Arc<Status>, feed: Arc<Feed>) {
     let mut backoff = BACKOFF_FIRST;
     loop {
         let end = session(&d, &status, &mut state, &feed).await;
-        status.metrics.connected.set(0);
+        status.metrics.connected().set(0);
         let (why, reason, immediate) = match end {
             End::Open(why, reason) => (why, reason, false),
             End::Closed {
@@ -138,7 +142,7 @@ pub async fn run(status: Arc<Status>, feed: Arc<Feed>) {
         status
             .metrics
             .connect_failures
-            .with_label_values(&[reason])
+            .with_label_values(&[status.metrics.stream, reason])
             .inc();
         {
             let mut s = status.lock();
@@ -156,9 +160,9 @@ pub async fn run(status: Arc<Status>, feed: Arc<Feed>) {
             d
         };
         if reason == "auth" || reason == "token" || reason == "tls" || reason == "root_cert" {
-            tracing::error!(retry_in = ?delay, "control plane refused the gateway: {why}");
+            tracing::error!(stream = status.stream.name(), retry_in = ?delay, "control plane refused the gateway: {why}");
         } else {
-            tracing::warn!(retry_in = ?delay, "control plane stream ended: {why}; the last configuration keeps serving");
+            tracing::warn!(stream = status.stream.name(), retry_in = ?delay, "control plane stream ended: {why}; the last configuration keeps serving");
         }
         tokio::time::sleep(delay).await;
     }
@@ -331,9 +335,14 @@ fn apply_one(
 }
 
 fn apply_body(state: &mut State, type_url: &str, any: &Any) -> Result<String, String> {
+    let waypoint = state.stream == Stream::Waypoint;
     match type_url {
         translate::LISTENER => {
-            let (name, read) = translate::listener(any)?;
+            let (name, read) = if waypoint {
+                translate::waypoint::listener(any)?
+            } else {
+                translate::listener(any)?
+            };
             state.structure_changed = true;
             state.held.listeners.insert(name.clone(), read.value);
             if read.problems.is_empty() {
@@ -343,13 +352,21 @@ fn apply_body(state: &mut State, type_url: &str, any: &Any) -> Result<String, St
             }
         }
         translate::CLUSTER => {
-            let (name, read) = translate::cluster(any)?;
+            let (name, read) = if waypoint {
+                translate::waypoint::cluster(any)?
+            } else {
+                translate::cluster(any)?
+            };
             state.structure_changed = true;
             state.held.clusters.insert(name.clone(), read.value);
             Ok(name)
         }
         translate::ENDPOINTS => {
-            let (name, read) = translate::endpoints(any)?;
+            let (name, read) = if waypoint {
+                translate::waypoint::endpoints(any)?
+            } else {
+                translate::endpoints(any)?
+            };
             state.endpoints_changed.insert(name.clone());
             state.held.endpoints.insert(name.clone(), read.value);
             Ok(name)
@@ -422,7 +439,9 @@ fn record(
         _ => 0,
     };
     let m = &status.metrics;
-    m.resources.with_label_values(&[t]).set(count as i64);
+    m.resources
+        .with_label_values(&[m.stream, t])
+        .set(count as i64);
     let mut s = status.lock();
     let ts = s.types.entry(t).or_default();
     ts.nonce = nonce.to_string();
@@ -430,7 +449,7 @@ fn record(
     let now = SystemTime::now();
     // Valid resources were applied either way: the configuration's age restarts.
     ts.last_accepted = Some(now);
-    m.last_accepted.with_label_values(&[t]).set(
+    m.last_accepted.with_label_values(&[m.stream, t]).set(
         now.duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0),
@@ -439,7 +458,7 @@ fn record(
         None => {
             ts.acks += 1;
             ts.version = version.to_string();
-            m.responses.with_label_values(&[t, "ack"]).inc();
+            m.responses.with_label_values(&[m.stream, t, "ack"]).inc();
         }
         Some(e) => {
             ts.nacks += 1;
@@ -449,8 +468,9 @@ fn record(
                 error: e.to_string(),
                 at: now,
             });
-            m.responses.with_label_values(&[t, "nack"]).inc();
+            m.responses.with_label_values(&[m.stream, t, "nack"]).inc();
             tracing::warn!(
+                stream = status.stream.name(),
                 r#type = t,
                 version,
                 nonce,
@@ -486,7 +506,8 @@ fn publish(d: &Discovery, status: &Status, state: &mut State, feed: &Feed) {
     state.structure_changed = false;
     state.endpoints_changed.clear();
     let was_warm = state.warm;
-    let waiting = if state.warm { None } else { warming(d, state) };
+    let waiting =
+        if state.warm { None } else { warming(d, state) }.map(|w| status.stream.waiting(&w));
     status.lock().waiting = waiting.clone();
     if !anything
         && state.warm == was_warm
@@ -562,10 +583,25 @@ fn update_status(status: &Status, state: &State) {
     s.not_served.clear();
     s.skipped.clear();
     s.ignored_filters.clear();
+    s.listener_notes.clear();
     for (name, l) in &state.held.listeners {
         match l {
             Listener::NotServed(why) => {
                 s.not_served.insert(name.clone(), why.clone());
+            }
+            Listener::Hbone(h) => {
+                if !h.ignored_filters.is_empty() {
+                    s.ignored_filters
+                        .insert(name.clone(), h.ignored_filters.iter().cloned().collect());
+                }
+                if !h.notes.is_empty() {
+                    s.listener_notes.insert(name.clone(), h.notes.clone());
+                }
+            }
+            Listener::Authorities(m) => {
+                if !m.skipped.is_empty() {
+                    s.listener_notes.insert(name.clone(), m.skipped.clone());
+                }
             }
             Listener::Served(l) => {
                 if !l.skipped_chains.is_empty() {
@@ -693,7 +729,7 @@ async fn delta(
         Err(e) => return closed(e, false),
     };
     status.lock().connected = true;
-    status.metrics.connected.set(1);
+    status.metrics.connected().set(1);
     let mut applied = false;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -839,7 +875,7 @@ async fn sotw(
         Err(e) => return closed(e, false),
     };
     status.lock().connected = true;
-    status.metrics.connected.set(1);
+    status.metrics.connected().set(1);
     let mut applied = false;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {

@@ -14,17 +14,23 @@ pub mod connect;
 pub mod rbac;
 pub mod translate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use crate::model::{Changed, Discovery, ListenerSpec, ServerTlsMode, Snapshot, XdsProtocol};
+use crate::model::{
+    Changed, DefaultRoute, Discovery, Endpoint, EndpointAddress, ListenerSpec, ServerTlsMode,
+    ServicePort, Snapshot, TUNNEL_LABEL, XdsProtocol,
+};
 
 pub use client::Published;
+
+/// What readiness says until a stream's first complete configuration (Envoy's words).
+const WAITING: &str = "config not received from XDS server";
 
 /// Short names of the three resource types, as metric labels and in `config_dump`.
 pub const TYPES: [(&str, &str); 3] = [
@@ -40,9 +46,48 @@ pub fn short_type(type_url: &str) -> &'static str {
         .map_or("other", |(s, _)| s)
 }
 
-/// The xDS metrics (`strait_xds_*`), registered only when discovery is on.
+/// Which of the gateway's two ADS streams: the `router` node (15443, as Istio's classic
+/// east-west gateway) or the `waypoint` node (15008, as Istio's ambient east-west
+/// gateway). The `stream` label of every `strait_xds_*` series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Router,
+    Waypoint,
+}
+
+impl Stream {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stream::Router => "router",
+            Stream::Waypoint => "waypoint",
+        }
+    }
+
+    /// Why readiness waits, saying which stream waits when it is the waypoint's.
+    pub fn waiting(self, why: &str) -> String {
+        match self {
+            Stream::Router => why.to_string(),
+            Stream::Waypoint => {
+                why.replacen(WAITING, &format!("{WAITING} for the waypoint node"), 1)
+            }
+        }
+    }
+
+    /// The readiness source it holds at 503 until its first complete configuration.
+    pub fn readiness_source(self) -> &'static str {
+        match self {
+            Stream::Router => "xds",
+            Stream::Waypoint => "xds-waypoint",
+        }
+    }
+}
+
+/// The xDS metrics (`strait_xds_*`), registered once when discovery is on; every series
+/// carries the `stream` it is about.
+#[derive(Clone)]
 pub struct XdsMetrics {
-    pub connected: IntGauge,
+    pub stream: &'static str,
+    pub connected: IntGaugeVec,
     pub connect_failures: IntCounterVec,
     pub responses: IntCounterVec,
     pub resources: IntGaugeVec,
@@ -59,7 +104,6 @@ impl XdsMetrics {
             }
             c
         }
-        let gauge = |name: &str, help: &str| IntGauge::with_opts(Opts::new(name, help));
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             IntCounterVec::new(Opts::new(name, help), labels)
         };
@@ -68,11 +112,13 @@ impl XdsMetrics {
         };
         // The names and labels below are valid Prometheus names: construction cannot fail.
         XdsMetrics {
+            stream: Stream::Router.name(),
             connected: reg(
                 r,
-                gauge(
+                gauge_vec(
                     "strait_xds_connected",
-                    "1 while the ADS stream to the control plane is up",
+                    "1 while the ADS stream to the control plane is up, by stream",
+                    &["stream"],
                 )
                 .expect("valid metric"),
             ),
@@ -80,8 +126,8 @@ impl XdsMetrics {
                 r,
                 counter_vec(
                     "strait_xds_stream_failures_total",
-                    "ADS streams that could not be opened or ended with an error, by reason",
-                    &["reason"],
+                    "ADS streams that could not be opened or ended with an error, by stream and reason",
+                    &["stream", "reason"],
                 )
                 .expect("valid metric"),
             ),
@@ -89,8 +135,8 @@ impl XdsMetrics {
                 r,
                 counter_vec(
                     "strait_xds_responses_total",
-                    "xDS responses received, by type and whether they were acknowledged (ack) or rejected (nack)",
-                    &["type", "result"],
+                    "xDS responses received, by stream, type and whether they were acknowledged (ack) or rejected (nack)",
+                    &["stream", "type", "result"],
                 )
                 .expect("valid metric"),
             ),
@@ -98,8 +144,8 @@ impl XdsMetrics {
                 r,
                 gauge_vec(
                     "strait_xds_resources",
-                    "xDS resources held, by type",
-                    &["type"],
+                    "xDS resources held, by stream and type",
+                    &["stream", "type"],
                 )
                 .expect("valid metric"),
             ),
@@ -107,12 +153,25 @@ impl XdsMetrics {
                 r,
                 gauge_vec(
                     "strait_xds_last_update_timestamp_seconds",
-                    "When a response of this type was last accepted (Unix time); time since it is the age of the configuration",
-                    &["type"],
+                    "When a response of this type was last accepted on this stream (Unix time); time since it is the age of the configuration",
+                    &["stream", "type"],
                 )
                 .expect("valid metric"),
             ),
         }
+    }
+
+    /// The same series, labelled for `stream`.
+    pub fn for_stream(&self, stream: Stream) -> XdsMetrics {
+        XdsMetrics {
+            stream: stream.name(),
+            ..self.clone()
+        }
+    }
+
+    /// `strait_xds_connected` of this stream.
+    pub fn connected(&self) -> prometheus::IntGauge {
+        self.connected.with_label_values(&[self.stream])
     }
 }
 
@@ -151,6 +210,8 @@ pub struct StatusInner {
     /// Filter chains and filters left out of served listeners.
     pub skipped: BTreeMap<String, Vec<String>>,
     pub ignored_filters: BTreeMap<String, Vec<String>>,
+    /// What a served listener asks that strait serves its own way, or left out of it.
+    pub listener_notes: BTreeMap<String, Vec<String>>,
     pub cluster_notes: BTreeMap<String, Vec<String>>,
 }
 
@@ -168,6 +229,8 @@ pub struct Accepted {
 pub type AcceptedResources = BTreeMap<&'static str, BTreeMap<String, Accepted>>;
 
 pub struct Status {
+    pub stream: Stream,
+    /// The control plane and this stream's node.
     pub discovery: Discovery,
     pub inner: Mutex<StatusInner>,
     pub metrics: XdsMetrics,
@@ -176,14 +239,17 @@ pub struct Status {
 }
 
 impl Status {
-    pub fn new(discovery: Discovery, registry: &Registry) -> Arc<Status> {
+    /// The status of one stream; `metrics` are registered once for both
+    /// ([`XdsMetrics::register`]).
+    pub fn new(stream: Stream, discovery: Discovery, metrics: &XdsMetrics) -> Arc<Status> {
         Arc::new(Status {
+            stream,
             discovery,
             inner: Mutex::new(StatusInner {
-                waiting: Some("config not received from XDS server".into()),
+                waiting: Some(stream.waiting(WAITING)),
                 ..StatusInner::default()
             }),
-            metrics: XdsMetrics::register(registry),
+            metrics: metrics.for_stream(stream),
             accepted: Arc::default(),
         })
     }
@@ -210,6 +276,7 @@ impl Status {
         };
         json!({
             "source": "xds",
+            "stream": self.stream.name(),
             "address": d.server.address,
             "plaintext": d.server.plaintext,
             "serverName": d.server.server_name,
@@ -245,7 +312,9 @@ impl Status {
             "listenersNotServed": s.not_served,
             "skippedFilterChains": s.skipped,
             "ignoredFilters": s.ignored_filters,
+            "listenerNotes": s.listener_notes,
             "clusterNotes": s.cluster_notes,
+            "accepted": self.accepted().iter().map(|(t, held)| (short_type(t).to_string(), json!(held.keys().collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),
         })
     }
 }
@@ -300,15 +369,26 @@ pub fn start(status: Arc<Status>) -> Arc<Feed> {
     feed
 }
 
-/// The file snapshot with the control plane's listeners and services added, the RBAC of
-/// file AuthorizationPolicies after istiod's own on its servers. Where both
-/// declare the same listener address or service port, the file wins and the xDS one is
-/// left out with a warning. Costs in proportion to the files: the control plane's
+/// The file snapshot with the control plane's listeners and services added (the router
+/// stream's, and the waypoint stream's when there is one), the RBAC of file
+/// AuthorizationPolicies after istiod's own on its servers. Where both declare the same
+/// listener address or service port, the file wins and the xDS one is left out with a
+/// warning. Costs in proportion to the files and the waypoint's services: the router's
 /// services are shared, not copied.
-pub fn merge(files: &Snapshot, xds: &Published) -> Snapshot {
+///
+/// A service port both streams name is one service port, as it is from files: the
+/// router's (its endpoints, balancer and policy serve 15443), with each endpoint the
+/// waypoint stream lists as taking HBONE labelled so ([`TUNNEL_LABEL`]); one the router
+/// does not list is added for tunnels only (never a 15443 destination: istiod did not
+/// give it to the router).
+pub fn merge(files: &Snapshot, xds: Option<&Published>, waypoint: Option<&Published>) -> Snapshot {
     let mut out = files.clone();
-    let taken: Vec<std::net::SocketAddr> = out.listeners.iter().map(|l| l.addr).collect();
-    for l in &xds.listeners {
+    let mut taken: Vec<std::net::SocketAddr> = out.listeners.iter().map(|l| l.addr).collect();
+    let listeners = xds
+        .into_iter()
+        .chain(waypoint)
+        .flat_map(|p| p.listeners.iter());
+    for l in listeners {
         if taken.contains(&l.addr) {
             tracing::warn!(address = %l.addr, "an xDS listener's address is already served by a file-declared Gateway; the file's is kept");
             continue;
@@ -322,9 +402,17 @@ pub fn merge(files: &Snapshot, xds: &Published) -> Snapshot {
                 }
             }
         }
+        taken.push(l.addr);
         out.listeners.push(l);
     }
-    let mut services = xds.services.clone();
+    let mut services = xds.map(|p| p.services.clone()).unwrap_or_default();
+    for (k, hbone) in waypoint.iter().flat_map(|p| p.services.iter()) {
+        let joined = match services.get(k) {
+            Some(router) => Arc::new(with_hbone(router, hbone)),
+            None => hbone.clone(),
+        };
+        services.insert(k.clone(), joined);
+    }
     for (k, s) in &files.services {
         if services.contains_key(k) {
             tracing::debug!(host = %k.host, port = k.port, "service declared in files and by xDS; the file's is kept");
@@ -332,6 +420,41 @@ pub fn merge(files: &Snapshot, xds: &Published) -> Snapshot {
         services.insert(k.clone(), s.clone());
     }
     out.services = services;
+    out
+}
+
+/// The router's service port with the waypoint's HBONE endpoints: the same endpoint
+/// (address and port) labelled as taking HBONE, one the router does not have added,
+/// reachable by tunnels only.
+fn with_hbone(router: &ServicePort, hbone: &ServicePort) -> ServicePort {
+    let mut out = router.clone();
+    let index: HashMap<(EndpointAddress, u16), usize> = out
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| ((e.address.clone(), e.port), i))
+        .collect();
+    let mut added = Vec::new();
+    for e in hbone.endpoints.iter().filter(|e| e.accepts_hbone()) {
+        match index.get(&(e.address.clone(), e.port)) {
+            Some(&i) => {
+                out.endpoints[i]
+                    .labels
+                    .insert(TUNNEL_LABEL.to_string(), "http".to_string());
+            }
+            None => {
+                added.push(out.endpoints.len());
+                out.endpoints.push(Endpoint {
+                    // Not the router's: never a passthrough destination on 15443.
+                    tls_disabled: true,
+                    ..e.clone()
+                });
+            }
+        }
+    }
+    if let DefaultRoute::Endpoints(indexes) = &mut out.default_route {
+        indexes.extend(added);
+    }
     out
 }
 
@@ -380,7 +503,7 @@ mod tests {
             }],
             ..Published::default()
         };
-        let merged = merge(&files, &xds);
+        let merged = merge(&files, Some(&xds), None);
         let names: Vec<Vec<&str>> = merged.listeners[0]
             .servers
             .iter()

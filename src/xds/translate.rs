@@ -85,11 +85,17 @@ pub struct Chain {
     pub rbac: Vec<RbacFilter>,
 }
 
-/// Why a listener is acknowledged but not served (an HTTP listener, an internal one…).
+/// A listener as read: served (SNI chains of the router stream; the 15008 listener and
+/// authority map of the waypoint stream), or acknowledged but not served, with why (an
+/// HTTP listener, Envoy plumbing…).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Listener {
     Served(XListener),
     NotServed(String),
+    /// `connect_terminate` (waypoint stream): ambient's double HBONE on 15008.
+    Hbone(waypoint::HboneListener),
+    /// `main_internal` (waypoint stream): the `:authority` → cluster map behind it.
+    Authorities(waypoint::AuthorityMap),
 }
 
 /// A cluster, with its endpoints inline (DNS, STATIC) or named for EDS.
@@ -103,6 +109,9 @@ pub struct XCluster {
     /// `common_lb_config.locality_weighted_lb_config`: the endpoints' locality weights
     /// apply.
     pub locality_weighted: bool,
+    /// The internal listener its endpoints name (`envoy_internal_address`), if any: where
+    /// the waypoint stream's `main_internal` cluster leads.
+    pub internal_listener: Option<String>,
     /// Settings read with a fallback, for the log and `config_dump`.
     pub notes: Vec<String>,
 }
@@ -884,8 +893,15 @@ fn read_cluster(c: &cds::Cluster) -> Result<XCluster, String> {
             };
             (None, read.endpoints, resolution)
         }
+        // istiod's HBONE plumbing with ambient on (`connect_originate` for a router,
+        // `forward_inner_connect` for the ambient east-west gateway): Envoy dials the
+        // address a connection or endpoint carries. Nothing strait serves routes to one;
+        // a route that did would find no endpoint.
         DiscoveryType::OriginalDst => {
-            return Err("discovery type ORIGINAL_DST cannot be served by a gateway".into());
+            notes.push(
+                "ORIGINAL_DST: dials the address each connection carries; no endpoints here (strait dials HBONE endpoints itself)".into(),
+            );
+            (None, Vec::new(), Resolution::Static)
         }
     };
     Ok(XCluster {
@@ -894,8 +910,30 @@ fn read_cluster(c: &cds::Cluster) -> Result<XCluster, String> {
         resolution,
         policy,
         locality_weighted,
+        internal_listener: c.load_assignment.as_ref().and_then(internal_listener),
         notes,
     })
+}
+
+/// The internal listener the first `envoy_internal_address` of `cla` names.
+fn internal_listener(cla: &eds::ClusterLoadAssignment) -> Option<String> {
+    use core::envoy_internal_address::AddressNameSpecifier;
+    cla.endpoints
+        .iter()
+        .flat_map(|g| &g.lb_endpoints)
+        .find_map(|lb| match &lb.host_identifier {
+            Some(eds::lb_endpoint::HostIdentifier::Endpoint(ep)) => {
+                match ep.address.as_ref()?.address.as_ref()? {
+                    core::address::Address::EnvoyInternalAddress(i) => {
+                        match i.address_name_specifier.as_ref()? {
+                            AddressNameSpecifier::ServerListenerName(n) => Some(n.clone()),
+                        }
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
 }
 
 /// Upstream network filters (`Cluster.filters`) are acknowledged and not run: istiod
@@ -1060,11 +1098,12 @@ impl Held {
     /// sends a router the sidecar-style `outbound|…` clusters of every service; nothing
     /// routes to them here, so their endpoints are never asked for.
     pub fn eds_names(&self) -> BTreeSet<String> {
-        self.listeners
+        let sni = self
+            .listeners
             .values()
             .filter_map(|l| match l {
                 Listener::Served(l) => Some(l),
-                Listener::NotServed(_) => None,
+                _ => None,
             })
             .flat_map(|l| {
                 l.chains.iter().map(|c| &c.cluster).chain(
@@ -1073,10 +1112,33 @@ impl Held {
                         .chain(&l.mutual_chains)
                         .flat_map(|t| t.clusters.iter().map(|(c, _)| c)),
                 )
+            });
+        let hbone = self
+            .listeners
+            .values()
+            .filter_map(|l| match l {
+                Listener::Hbone(h) => self.authorities_of(h),
+                _ => None,
             })
+            .flat_map(|m| m.routes.values().map(|r| &r.cluster));
+        sni.chain(hbone)
             .filter_map(|c| self.clusters.get(c))
             .filter_map(|c| c.eds_name.clone())
             .collect()
+    }
+
+    /// The authority map behind an HBONE listener: the internal listener its `CONNECT`
+    /// route's cluster leads to (istiod names cluster and listener `main_internal`).
+    fn authorities_of(&self, h: &waypoint::HboneListener) -> Option<&waypoint::AuthorityMap> {
+        let target = self
+            .clusters
+            .get(&h.cluster)
+            .and_then(|c| c.internal_listener.as_deref())
+            .unwrap_or(&h.cluster);
+        match self.listeners.get(target) {
+            Some(Listener::Authorities(m)) => Some(m),
+            _ => None,
+        }
     }
 }
 
@@ -1207,6 +1269,49 @@ impl Assembly {
             self.listeners.push(ListenerSpec {
                 addr: l.addr,
                 servers: specs,
+            });
+        }
+        // HBONE listeners (the waypoint stream): one HBONE server whose hosts are the
+        // authority map's, each `<host>:<port>` the route of its service port.
+        for (lname, l) in &held.listeners {
+            let Listener::Hbone(h) = l else { continue };
+            let mut hosts = BTreeSet::new();
+            for (key, r) in held
+                .authorities_of(h)
+                .map(|m| &m.routes)
+                .into_iter()
+                .flatten()
+            {
+                let Some(cluster) = held.clusters.get(&r.cluster) else {
+                    self.missing_clusters.insert(r.cluster.clone());
+                    continue;
+                };
+                let mut policy = cluster.policy.clone();
+                policy.idle_timeout = r.idle_timeout;
+                policy.max_connection_duration = r.max_duration;
+                let route = Route {
+                    subset: None,
+                    cluster: r.cluster.clone(),
+                    policy,
+                };
+                if let Err(first) = self.take(&mut taken, key, route, cluster) {
+                    self.conflicts.push(format!(
+                        "listener {lname}: {}:{} routes to {} but {first} already takes it; the first is kept",
+                        key.host, key.port, r.cluster
+                    ));
+                }
+                hosts.insert(key.host.clone());
+            }
+            self.listeners.push(ListenerSpec {
+                addr: h.addr,
+                servers: vec![ServerSpec {
+                    name: format!("xds/{lname}"),
+                    mode: ServerTlsMode::Hbone,
+                    hosts: HostSet::new(hosts.into_iter().map(HostMatch::Exact).collect()),
+                    alpn: None,
+                    routes: Vec::new(),
+                    rbac: h.rbac.clone(),
+                }],
             });
         }
         self.services = self
@@ -1383,6 +1488,8 @@ fn service(key: &ServiceKey, routes: &[Route], held: &Held) -> ServicePort {
         default_route,
     }
 }
+
+pub mod waypoint;
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,628 @@
+//! What istiod sends the ambient east-west gateway (the `waypoint` stream,
+//! docs/ambient-xds.md), read into the same HBONE listener and services the files
+//! produce (a Gateway API `istio-east-west` Gateway):
+//!
+//! - `connect_terminate` (mTLS 1.3, ALPN `h2`, HTTP/2 `CONNECT` into the cluster
+//!   `main_internal`) → [`HboneListener`]: the 15008 listener, its client SAN matchers an
+//!   RBAC filter as on an ISTIO_MUTUAL chain;
+//! - `main_internal` (an internal listener whose `filter_chain_matcher` maps the
+//!   `:authority` `<host>:<service port>` to a chain, each a `tcp_proxy` to
+//!   `inbound-vip|<port>|tcp|<host>`) → [`AuthorityMap`];
+//! - each `inbound-vip|…` cluster's EDS → the service port's HBONE endpoints: the internal
+//!   addresses whose `envoy.filters.listener.original_dst` metadata says `local:
+//!   <pod IP>:<target port>`, labelled as accepting HBONE, so the data path dials
+//!   `<pod IP>:15008`. A plain socket address (a pod that does not take HBONE) and an
+//!   endpoint that is not `HEALTHY` are never candidates.
+//!
+//! The Envoy plumbing between those steps (`forward_inner_connect`, the `main_internal`
+//! and `encap` clusters, `BlackHoleCluster`, Istio-only HTTP filters) is acknowledged and
+//! maps to nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::endpoint::v3 as eds;
+use envoy_types::pb::envoy::config::listener::v3 as lds;
+use envoy_types::pb::envoy::config::route::v3 as rds;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+use envoy_types::pb::google::protobuf::{Any, value::Kind};
+
+use super::super::any::decode;
+use super::super::rbac::RbacError;
+use super::{
+    Addr, ENDPOINTS, LISTENER, Listener, Read, TCP_PROXY, TCP_PROXY_TYPE, TLS_SOCKET_TYPE,
+    XCluster, XEndpoints, address, mutual_tls, non_empty, read_endpoints, tcp_proxy, weight,
+};
+use crate::model::{Endpoint, EndpointAddress, Locality, RbacFilter, ServiceKey, TUNNEL_LABEL};
+
+const HCM: &str = "envoy.filters.network.http_connection_manager";
+const HCM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+/// The endpoint metadata that carries an HBONE endpoint's `<pod IP>:<target port>`.
+const ORIGINAL_DST: &str = "envoy.filters.listener.original_dst";
+/// What strait's 15008 listener serves (`proxy::hbone`), for comparing with what istiod
+/// asks: concurrent streams per connection and keep-alive interval and timeout.
+const STREAMS: u32 = 100;
+const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(20));
+
+/// `connect_terminate`: the outer mTLS and HTTP/2 `CONNECT` on 15008.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HboneListener {
+    pub addr: SocketAddr,
+    /// The cluster the `CONNECT` route sends streams to (istiod: `main_internal`).
+    pub cluster: String,
+    /// The client SAN matchers of the TLS context, as an ALLOW filter.
+    pub rbac: Vec<RbacFilter>,
+    /// HTTP filters strait does not run (Istio's peer metadata, filter state, the router).
+    pub ignored_filters: BTreeSet<String>,
+    /// Settings read where strait serves its own, for `config_dump`.
+    pub notes: Vec<String>,
+}
+
+/// `main_internal`: the exact map from `:authority` to the cluster of its service port.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AuthorityMap {
+    /// `(host, service port)` → the `tcp_proxy` of its chain.
+    pub routes: BTreeMap<ServiceKey, AuthorityRoute>,
+    /// Entries and chains left out, with why.
+    pub skipped: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthorityRoute {
+    pub cluster: String,
+    pub idle_timeout: Option<Duration>,
+    pub max_duration: Option<Duration>,
+}
+
+/// Reads one LDS resource of the waypoint stream.
+pub fn listener(any: &Any) -> Result<(String, Read<Listener>), String> {
+    let l: lds::Listener = decode(any, LISTENER)?;
+    let name = l.name.clone();
+    if name.is_empty() {
+        return Err("a listener without a name".into());
+    }
+    let read = |value| {
+        Ok((
+            name.clone(),
+            Read {
+                value,
+                problems: Vec::new(),
+            },
+        ))
+    };
+    match &l.address {
+        None if l.listener_specifier.is_some() => {
+            if l.filter_chain_matcher.is_some() {
+                return authority_map(&l)
+                    .map(|m| {
+                        (
+                            name.clone(),
+                            Read {
+                                value: Listener::Authorities(m),
+                                problems: Vec::new(),
+                            },
+                        )
+                    })
+                    .map_err(|e| format!("listener {name}: {e}"));
+            }
+            read(Listener::NotServed(
+                "an internal listener without an authority map: Envoy plumbing, nothing to serve"
+                    .into(),
+            ))
+        }
+        None if l.api_listener.is_some() => read(Listener::NotServed(
+            "an API listener: not a socket strait binds".into(),
+        )),
+        None => Err(format!(
+            "listener {name}: address: is required of a listener that is neither an api_listener nor an internal_listener (Envoy: address is necessary)"
+        )),
+        Some(a) => {
+            let (ip, port) = match address("address", a) {
+                Ok(Addr::Tcp(ip, port)) => (ip, port),
+                Ok(Addr::Other(why)) => {
+                    return read(Listener::NotServed(format!(
+                        "{why}: not a socket strait binds"
+                    )));
+                }
+                Err(e) => return Err(format!("listener {name}: {e}")),
+            };
+            let Ok(ip) = ip.parse::<IpAddr>() else {
+                return Err(format!(
+                    "listener {name}: address {ip:?} is not an IP address"
+                ));
+            };
+            match connect_terminate(&l, SocketAddr::new(ip, port)) {
+                Ok(Some(h)) => read(Listener::Hbone(h)),
+                Ok(None) => read(Listener::NotServed(
+                    "no filter chain terminates HTTP/2 CONNECT: not the ambient east-west gateway's 15008".into(),
+                )),
+                Err(Served::Invalid(e)) => Err(format!("listener {name}: {e}")),
+                Err(Served::Not(why)) => read(Listener::NotServed(why)),
+            }
+        }
+    }
+}
+
+/// Why a `connect_terminate` is not taken: invalid (a NACK) or not servable as asked.
+enum Served {
+    Invalid(String),
+    Not(String),
+}
+
+/// The HBONE listener of a listener with a socket address: its one filter chain ending
+/// in an HTTP connection manager whose route terminates `CONNECT` into a cluster.
+/// `Ok(None)` when no chain does.
+fn connect_terminate(l: &lds::Listener, addr: SocketAddr) -> Result<Option<HboneListener>, Served> {
+    let Some((i, fc, last)) = l.filter_chains.iter().enumerate().find_map(|(i, fc)| {
+        let last = fc.filters.last()?;
+        let is_hcm = last.name == HCM
+            || matches!(&last.config_type, Some(lds::filter::ConfigType::TypedConfig(a)) if a.type_url == HCM_TYPE);
+        is_hcm.then_some((i, fc, last))
+    }) else {
+        return Ok(None);
+    };
+    let chain = format!("filter_chains[{i}]");
+    for (j, f) in fc.filters.iter().enumerate() {
+        non_empty(&format!("{chain}.filters[{j}].name"), &f.name).map_err(Served::Invalid)?;
+    }
+    let Some(ts) = &fc.transport_socket else {
+        return Err(Served::Not(format!(
+            "{chain} does not terminate TLS: HBONE is served with mutual TLS only"
+        )));
+    };
+    let rbac = match mutual_tls(ts) {
+        Ok(san) => san.into_iter().collect::<Vec<_>>(),
+        Err(RbacError::Invalid(e)) => return Err(Served::Invalid(format!("{chain}: {e}"))),
+        Err(RbacError::Unevaluable(why)) => return Err(Served::Not(format!("{chain}: {why}"))),
+    };
+    let mut notes = Vec::new();
+    // mutual_tls decoded the same context: it cannot fail here.
+    if let Some(core_ts) = &ts.config_type {
+        let envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(a) =
+            core_ts;
+        if let Ok(ctx) = decode::<tls::DownstreamTlsContext>(a, TLS_SOCKET_TYPE) {
+            let common = ctx.common_tls_context.unwrap_or_default();
+            if !common.alpn_protocols.is_empty() && !common.alpn_protocols.iter().any(|p| p == "h2")
+            {
+                return Err(Served::Not(format!(
+                    "{chain}: ALPN {:?} without h2: HBONE is HTTP/2",
+                    common.alpn_protocols
+                )));
+            }
+            let params = common.tls_params.unwrap_or_default();
+            let v13 = tls::tls_parameters::TlsProtocol::TlSv13 as i32;
+            let auto = tls::tls_parameters::TlsProtocol::TlsAuto as i32;
+            if params.tls_maximum_protocol_version != auto
+                && params.tls_maximum_protocol_version < v13
+            {
+                return Err(Served::Not(format!(
+                    "{chain}: tls_params.tls_maximum_protocol_version below TLS 1.3: strait serves HBONE with TLS 1.3 only"
+                )));
+            }
+            if params.tls_minimum_protocol_version != v13 {
+                notes.push("TLS versions below 1.3 allowed by istiod: strait serves HBONE with TLS 1.3 only".into());
+            }
+        }
+    }
+    let Some(lds::filter::ConfigType::TypedConfig(any)) = &last.config_type else {
+        return Err(Served::Invalid(format!(
+            "{chain}: {} without typed_config",
+            last.name
+        )));
+    };
+    let manager: hcm::HttpConnectionManager =
+        decode(any, HCM_TYPE).map_err(|e| Served::Invalid(format!("{chain}: {HCM} {e}")))?;
+    let mut ignored: BTreeSet<String> = fc.filters[..fc.filters.len() - 1]
+        .iter()
+        .map(|f| f.name.clone())
+        .collect();
+    ignored.extend(manager.http_filters.iter().map(|f| f.name.clone()));
+    if !manager
+        .upgrade_configs
+        .iter()
+        .any(|u| u.upgrade_type.eq_ignore_ascii_case("CONNECT"))
+        && !manager
+            .http2_protocol_options
+            .as_ref()
+            .is_some_and(|o| o.allow_connect)
+    {
+        return Err(Served::Not(format!(
+            "{chain}: the HTTP connection manager does not take CONNECT"
+        )));
+    }
+    if let Some(o) = &manager.http2_protocol_options {
+        if let Some(n) = o.max_concurrent_streams.as_ref().map(|v| v.value)
+            && n != STREAMS
+        {
+            notes.push(format!(
+                "http2_protocol_options.max_concurrent_streams {n}: strait serves {STREAMS}"
+            ));
+        }
+        if let Some(k) = &o.connection_keepalive {
+            let d = |d: &Option<envoy_types::pb::google::protobuf::Duration>| {
+                d.as_ref()
+                    .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+            };
+            if (d(&k.interval), d(&k.timeout)) != (Some(KEEPALIVE.0), Some(KEEPALIVE.1)) {
+                notes.push(format!(
+                    "http2_protocol_options.connection_keepalive {:?}/{:?}: strait pings every {:?} and waits {:?}",
+                    d(&k.interval),
+                    d(&k.timeout),
+                    KEEPALIVE.0,
+                    KEEPALIVE.1
+                ));
+            }
+        }
+    }
+    let routes = match &manager.route_specifier {
+        Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc)) => rc,
+        _ => {
+            return Err(Served::Not(format!(
+                "{chain}: routes not inline (RDS or scoped routes are not read on 15008)"
+            )));
+        }
+    };
+    let cluster = routes
+        .virtual_hosts
+        .iter()
+        .flat_map(|v| &v.routes)
+        .find_map(|r| {
+            let m = r.r#match.as_ref()?;
+            if !matches!(
+                m.path_specifier,
+                Some(rds::route_match::PathSpecifier::ConnectMatcher(_))
+            ) {
+                return None;
+            }
+            match &r.action {
+                Some(rds::route::Action::Route(a)) => match &a.cluster_specifier {
+                    Some(rds::route_action::ClusterSpecifier::Cluster(c)) => Some(c.clone()),
+                    _ => None,
+                },
+                _ => None,
+            }
+        });
+    let Some(cluster) = cluster else {
+        return Err(Served::Not(format!(
+            "{chain}: no route matches CONNECT into one cluster"
+        )));
+    };
+    non_empty(&format!("{chain}: route cluster"), &cluster).map_err(Served::Invalid)?;
+    if l.filter_chains.len() > 1 {
+        notes.push(format!(
+            "{} other filter chain(s) not served: 15008 serves one",
+            l.filter_chains.len() - 1
+        ));
+    }
+    Ok(Some(HboneListener {
+        addr,
+        cluster,
+        rbac,
+        ignored_filters: ignored,
+        notes,
+    }))
+}
+
+/// The authority map of an internal listener: the exact map of its
+/// `filter_chain_matcher`, each entry's action naming a filter chain that ends in a
+/// `tcp_proxy`. The fallback on the destination address (the Service's VIP) is not
+/// read: strait routes on the `:authority` itself.
+fn authority_map(l: &lds::Listener) -> Result<AuthorityMap, String> {
+    use envoy_types::pb::xds::r#type::matcher::v3::matcher::{
+        MatcherType, matcher_tree::TreeType, on_match::OnMatch,
+    };
+    let mut out = AuthorityMap::default();
+    // Chains by name: what the matcher's actions name.
+    let mut chains = BTreeMap::new();
+    for (i, fc) in l.filter_chains.iter().enumerate() {
+        for (j, f) in fc.filters.iter().enumerate() {
+            non_empty(&format!("filter_chains[{i}].filters[{j}].name"), &f.name)?;
+        }
+        chains.insert(fc.name.clone(), (i, fc));
+    }
+    let matcher = l.filter_chain_matcher.as_ref();
+    let tree = match matcher.and_then(|m| m.matcher_type.as_ref()) {
+        Some(MatcherType::MatcherTree(t)) => t,
+        _ => {
+            out.skipped
+                .push("filter_chain_matcher is not a matcher tree: no authority is served".into());
+            return Ok(out);
+        }
+    };
+    let map = match &tree.tree_type {
+        Some(TreeType::ExactMatchMap(m)) => &m.map,
+        _ => {
+            out.skipped
+                .push("filter_chain_matcher is not an exact map: no authority is served".into());
+            return Ok(out);
+        }
+    };
+    if matcher.is_some_and(|m| m.on_no_match.is_some()) {
+        out.skipped.push(
+            "filter_chain_matcher.on_no_match (the Service VIP fallback): not read; the :authority names the service".into(),
+        );
+    }
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort();
+    for key in keys {
+        let on_match = &map[key];
+        let chain_name = match &on_match.on_match {
+            Some(OnMatch::Action(a)) => a.name.clone(),
+            _ => {
+                out.skipped
+                    .push(format!("{key}: not an action naming a filter chain"));
+                continue;
+            }
+        };
+        let Some((i, fc)) = chains.get(&chain_name) else {
+            // Envoy rejects a matcher that names a chain the listener does not have.
+            return Err(format!(
+                "filter_chain_matcher: {key} names filter chain {chain_name:?}, which the listener does not have"
+            ));
+        };
+        let Some((host, port)) = key
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok().filter(|p| *p != 0)?)))
+            .filter(|(h, _)| !h.is_empty())
+        else {
+            out.skipped.push(format!("{key}: not <host>:<port>"));
+            continue;
+        };
+        let Some(last) = fc.filters.last() else {
+            out.skipped
+                .push(format!("{key}: filter chain {chain_name} has no filters"));
+            continue;
+        };
+        let is_tcp_proxy = last.name == TCP_PROXY
+            || matches!(&last.config_type, Some(lds::filter::ConfigType::TypedConfig(a)) if a.type_url == TCP_PROXY_TYPE);
+        if !is_tcp_proxy {
+            out.skipped.push(format!(
+                "{key}: filter chain {chain_name} ends in {}, not tcp_proxy",
+                last.name
+            ));
+            continue;
+        }
+        let Some(lds::filter::ConfigType::TypedConfig(a)) = &last.config_type else {
+            return Err(format!(
+                "filter_chains[{i}]: tcp_proxy without typed_config"
+            ));
+        };
+        let proxy = decode(a, TCP_PROXY_TYPE)
+            .and_then(|p| tcp_proxy(&p))
+            .map_err(|e| format!("filter_chains[{i}] ({chain_name}): tcp_proxy {e}"))?;
+        let Some((cluster, _)) = proxy.clusters.iter().max_by_key(|(_, w)| *w).cloned() else {
+            continue;
+        };
+        if proxy.clusters.len() > 1 {
+            out.skipped.push(format!(
+                "{key}: weighted_clusters served by its heaviest cluster {cluster} only"
+            ));
+        }
+        out.routes.insert(
+            ServiceKey::new(&host.to_ascii_lowercase(), port),
+            AuthorityRoute {
+                cluster,
+                idle_timeout: proxy.idle_timeout,
+                max_duration: proxy.max_duration,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Reads one CDS resource of the waypoint stream: as the router's (an `ORIGINAL_DST`
+/// cluster such as `forward_inner_connect` is acknowledged and has no endpoints).
+pub fn cluster(any: &Any) -> Result<(String, Read<XCluster>), String> {
+    super::cluster(any)
+}
+
+/// Reads one EDS resource of the waypoint stream: validated as the router's, then only
+/// the HEALTHY internal addresses that carry `original_dst.local` become endpoints.
+pub fn endpoints(any: &Any) -> Result<(String, Read<XEndpoints>), String> {
+    let cla: eds::ClusterLoadAssignment = decode(any, ENDPOINTS)?;
+    if cla.cluster_name.is_empty() {
+        return Err(
+            "a ClusterLoadAssignment: cluster_name: must not be empty (Envoy: string min_len 1)"
+                .into(),
+        );
+    }
+    let at = |e: String| format!("ClusterLoadAssignment {}: {e}", cla.cluster_name);
+    // Everything Envoy checks of the resource, as on the router stream.
+    read_endpoints(&cla, false).map_err(at)?;
+    let mut out = XEndpoints::default();
+    for (g, group) in cla.endpoints.iter().enumerate() {
+        let locality = group
+            .locality
+            .as_ref()
+            .map(|l| Locality {
+                region: l.region.clone(),
+                zone: l.zone.clone(),
+                subzone: l.sub_zone.clone(),
+            })
+            .unwrap_or_default();
+        for (e, lb) in group.lb_endpoints.iter().enumerate() {
+            let field = format!("endpoints[{g}].lb_endpoints[{e}]");
+            let internal = match &lb.host_identifier {
+                Some(eds::lb_endpoint::HostIdentifier::Endpoint(ep)) => matches!(
+                    ep.address.as_ref().and_then(|a| a.address.as_ref()),
+                    Some(envoy_types::pb::envoy::config::core::v3::address::Address::EnvoyInternalAddress(_))
+                ),
+                _ => false,
+            };
+            // A socket address is a pod that does not take HBONE (its application
+            // port): never a tunnel's destination. Only HEALTHY endpoints are dialled.
+            let healthy = lb.health_status
+                == envoy_types::pb::envoy::config::core::v3::HealthStatus::Healthy as i32;
+            if !internal || !healthy {
+                out.left_out += 1;
+                continue;
+            }
+            let local = lb
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get(ORIGINAL_DST))
+                .and_then(|s| s.fields.get("local"))
+                .and_then(|v| match &v.kind {
+                    Some(Kind::StringValue(s)) => Some(s.as_str()),
+                    _ => None,
+                });
+            let Some(local) = local else {
+                out.left_out += 1;
+                continue;
+            };
+            let Ok(target) = local.parse::<SocketAddr>() else {
+                return Err(at(format!(
+                    "{field}.metadata.filter_metadata[{ORIGINAL_DST}].local: {local:?} is not <ip>:<port>"
+                )));
+            };
+            let endpoint_weight = weight(
+                &format!("{field}.load_balancing_weight"),
+                &lb.load_balancing_weight,
+            )
+            .map_err(at)?;
+            out.endpoints.push(Endpoint {
+                address: EndpointAddress::Ip(target.ip()),
+                port: target.port(),
+                tls_disabled: false,
+                labels: BTreeMap::from([(TUNNEL_LABEL.to_string(), "http".to_string())]),
+                locality: locality.clone(),
+                network: String::new(),
+                weight: endpoint_weight.unwrap_or(1),
+                service_account: None,
+                priority: Some(group.priority),
+                locality_weight: None,
+            });
+        }
+    }
+    Ok((
+        cla.cluster_name.clone(),
+        Read {
+            value: out,
+            problems: Vec::new(),
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::CLUSTER;
+    use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3 as cds;
+    use envoy_types::pb::envoy::config::core::v3 as core;
+    use envoy_types::pb::google::protobuf::{Struct, Value as PbValue};
+    use prost::Message;
+
+    fn any<M: Message>(url: &str, m: &M) -> Any {
+        Any {
+            type_url: url.into(),
+            value: m.encode_to_vec(),
+        }
+    }
+
+    fn internal(ip_port: &str, health: core::HealthStatus, with_meta: bool) -> eds::LbEndpoint {
+        let meta = with_meta.then(|| core::Metadata {
+            filter_metadata: [(
+                ORIGINAL_DST.to_string(),
+                Struct {
+                    fields: [(
+                        "local".to_string(),
+                        PbValue {
+                            kind: Some(Kind::StringValue(ip_port.into())),
+                        },
+                    )]
+                    .into(),
+                },
+            )]
+            .into(),
+            ..Default::default()
+        });
+        eds::LbEndpoint {
+            host_identifier: Some(eds::lb_endpoint::HostIdentifier::Endpoint(eds::Endpoint {
+                address: Some(core::Address {
+                    address: Some(core::address::Address::EnvoyInternalAddress(
+                        core::EnvoyInternalAddress {
+                            address_name_specifier: Some(
+                                core::envoy_internal_address::AddressNameSpecifier::ServerListenerName(
+                                    "forward_inner_connect".into(),
+                                ),
+                            ),
+                            endpoint_id: ip_port.into(),
+                        },
+                    )),
+                }),
+                ..Default::default()
+            })),
+            health_status: health as i32,
+            metadata: meta,
+            ..Default::default()
+        }
+    }
+
+    fn socket(ip: &str, port: u32) -> eds::LbEndpoint {
+        eds::LbEndpoint {
+            host_identifier: Some(eds::lb_endpoint::HostIdentifier::Endpoint(eds::Endpoint {
+                address: Some(core::Address {
+                    address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                        address: ip.into(),
+                        port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            })),
+            health_status: core::HealthStatus::Healthy as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_healthy_internal_addresses_with_their_pod_address_are_hbone_endpoints() {
+        let cla = eds::ClusterLoadAssignment {
+            cluster_name: "inbound-vip|80|tcp|echo.echo.svc.cluster.local".into(),
+            endpoints: vec![eds::LocalityLbEndpoints {
+                lb_endpoints: vec![
+                    internal("10.0.0.21:8080", core::HealthStatus::Healthy, true),
+                    socket("10.0.0.22", 8080),
+                    internal("10.0.0.23:8080", core::HealthStatus::Healthy, true),
+                    internal("10.0.0.25:8080", core::HealthStatus::Unhealthy, true),
+                    internal("10.0.0.26:8080", core::HealthStatus::Unknown, true),
+                    internal("10.0.0.27:8080", core::HealthStatus::Healthy, false),
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (name, read) = endpoints(&any(ENDPOINTS, &cla)).expect("valid");
+        assert_eq!(name, cla.cluster_name);
+        let got: Vec<String> = read.value.endpoints.iter().map(|e| e.authority()).collect();
+        assert_eq!(got, ["10.0.0.21:8080", "10.0.0.23:8080"]);
+        assert!(read.value.endpoints.iter().all(|e| e.accepts_hbone()));
+        assert_eq!(read.value.left_out, 4);
+
+        let mut bad = cla.clone();
+        bad.endpoints[0].lb_endpoints = vec![internal("pod-a", core::HealthStatus::Healthy, true)];
+        let e = endpoints(&any(ENDPOINTS, &bad)).err().expect("rejected");
+        assert!(
+            e.contains("inbound-vip|80|tcp|echo.echo.svc.cluster.local")
+                && e.contains("original_dst")
+                && e.contains("\"pod-a\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_original_dst_cluster_is_acknowledged_without_endpoints() {
+        let c = cds::Cluster {
+            name: "forward_inner_connect".into(),
+            cluster_discovery_type: Some(cds::cluster::ClusterDiscoveryType::Type(
+                cds::cluster::DiscoveryType::OriginalDst as i32,
+            )),
+            ..Default::default()
+        };
+        let (_, read) = cluster(&any(CLUSTER, &c)).expect("acknowledged");
+        assert!(read.value.eds_name.is_none() && read.value.inline.is_empty());
+        assert!(read.value.notes.iter().any(|n| n.contains("ORIGINAL_DST")));
+    }
+}
