@@ -740,6 +740,24 @@ async fn one_strait_serves_15008_from_the_waypoint_stream_and_15443_from_the_rou
             !waypoint_lds.contains(&json!("0.0.0.0_15443")),
             "{waypoint:#}"
         );
+        // In Envoy's shape (what istioctl proxy-config reads), one proxy serving both.
+        let listeners: Vec<&str> = dump["configs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| {
+                c["@type"]
+                    .as_str()
+                    .unwrap_or("")
+                    .ends_with("ListenersConfigDump")
+            })
+            .flat_map(|c| c["dynamic_listeners"].as_array().unwrap())
+            .map(|l| l["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            listeners.contains(&"0.0.0.0_15443") && listeners.contains(&"connect_terminate"),
+            "{listeners:?}"
+        );
         for (stream, d) in [("router", router), ("waypoint", waypoint)] {
             for (t, s) in d["types"].as_object().unwrap() {
                 assert_eq!(s["nacks"], 0, "{stream} {t}: {d:#}");

@@ -50,8 +50,8 @@ impl Resources {
     }
 }
 
-/// The resources in force: accepted from istiod when discovery is on, else built from
-/// the file snapshot.
+/// The resources in force: accepted from istiod when discovery is on (both streams with
+/// `discovery.waypoint`), else built from the file snapshot.
 pub fn resources(shared: &Shared) -> Resources {
     let mut out = Resources::default();
     let Some(status) = shared.discovery.get() else {
@@ -76,18 +76,25 @@ pub fn resources(shared: &Shared) -> Resources {
             }
         }
     }
-    for (url, held) in status.accepted().iter() {
-        out.by_type.insert(
-            url,
-            held.iter()
-                .map(|(name, a)| Resource {
-                    name: name.clone(),
-                    version: a.version.clone(),
-                    value: a.value.clone(),
-                    at: a.at,
-                })
-                .collect(),
-        );
+    // The waypoint stream's resources beside the router's, as one proxy serving both;
+    // where both streams hold a resource of one name (`BlackHoleCluster`), the router's.
+    let waypoint = shared.waypoint_discovery.get();
+    for status in std::iter::once(status).chain(waypoint) {
+        for (url, held) in status.accepted().iter() {
+            let list = out.by_type.entry(url).or_default();
+            let taken: std::collections::BTreeSet<String> =
+                list.iter().map(|r| r.name.clone()).collect();
+            list.extend(
+                held.iter()
+                    .filter(|(name, _)| !taken.contains(*name))
+                    .map(|(name, a)| Resource {
+                        name: name.clone(),
+                        version: a.version.clone(),
+                        value: a.value.clone(),
+                        at: a.at,
+                    }),
+            );
+        }
     }
     out
 }
