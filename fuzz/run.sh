@@ -21,6 +21,13 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 
+# cargo-fuzz has no --locked: check the committed lock file first, so that a stale one
+# fails here, by name, instead of being rewritten in the checkout by the build.
+if ! cargo metadata --locked --format-version 1 >/dev/null; then
+  echo "fuzz: fuzz/Cargo.lock is out of date with the crate's dependencies: run cargo update -p strait in fuzz/ and commit it" >&2
+  exit 1
+fi
+
 start=$SECONDS
 cargo fuzz build "${build[@]}"
 echo "fuzz: built all targets in $((SECONDS - start)) s"
