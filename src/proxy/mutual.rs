@@ -11,8 +11,9 @@ use tokio::net::TcpStream;
 
 use super::copy::{ByteCounters, copy_streams};
 use super::hello::{Alert, refuse_with_alert};
+use super::passthrough::{Held, Splice};
 use super::rewind::Rewind;
-use super::upstream_leg::{copy_limits, open_upstream, record_copy};
+use super::upstream_leg::{Opened, copy_limits, open_upstream};
 use super::{Runtime, Shared};
 use crate::model::{RbacFilter, ServicePort, UpstreamTls};
 use crate::policy::authz::{RbacConn, check_rbac};
@@ -31,7 +32,13 @@ pub(super) struct MutualRoute<'a> {
     pub offered_alpn: &'a [Vec<u8>],
 }
 
+///
+/// Once authorized and connected, the copy runs as a task of its own holding only what
+/// it needs (the two streams, the result, the guards), as passthrough's does: the
+/// handshake, routing and connecting state, and the tasks that awaited this one, are
+/// freed, so an idle connection costs that task alone.
 pub(super) async fn serve(
+    held: Held,
     shared: &Arc<Shared>,
     runtime: &Runtime,
     route: MutualRoute<'_>,
@@ -161,14 +168,17 @@ pub(super) async fn serve(
         to_downstream: Some(counters.sent.clone()),
     };
     let drain = shared.closing();
-    let opened = upstream;
+    let Opened {
+        connected,
+        _slot: slot,
+    } = upstream;
     // Istio's auto mTLS, as a bridge does it and as istiod's `transport_socket_matches`
     // ask: an endpoint labelled `tlsMode: istio` has a sidecar that expects mTLS.
     let meshed = cluster
         .members
-        .get(opened.connected.member)
+        .get(connected.member)
         .is_some_and(|m| m.endpoint.has_sidecar() && !m.endpoint.tls_disabled);
-    let outcome = if cluster.policy.tls == UpstreamTls::IstioMutual || meshed {
+    if cluster.policy.tls == UpstreamTls::IstioMutual || meshed {
         let Some(client) = material.client(None) else {
             result.refuse(ResponseFlag::UpstreamConnectFailure, "no_client_config");
             return;
@@ -181,8 +191,6 @@ pub(super) async fn serve(
                 return;
             }
         };
-        let connected = opened.connected;
-        let _guard = connected.guard;
         let up = tokio_rustls::TlsConnector::from(client.clone())
             .connect(name, connected.stream)
             .await;
@@ -190,19 +198,27 @@ pub(super) async fn serve(
             Ok(up) => {
                 let kind = up.get_ref().1.handshake_kind();
                 shared.telemetry.metrics.tls_handshakes.client(kind);
-                copy_streams(tls, up, limits, counters, drain).await
+                let copy = copy_streams(tls, up, limits, counters, drain);
+                tokio::spawn(Splice {
+                    copy,
+                    result,
+                    _upstream: (slot, connected.guard),
+                    _held: held,
+                });
             }
             Err(e) => {
                 let refusal = classify_handshake_error(&e);
                 result.refuse(ResponseFlag::UpstreamConnectFailure, refusal.reason());
                 result.detail = Some(handshake_error_detail(&e));
-                return;
             }
         }
     } else {
-        let connected = opened.connected;
-        let _guard = connected.guard;
-        copy_streams(tls, connected.stream, limits, counters, drain).await
-    };
-    record_copy(&mut result, &outcome);
+        let copy = copy_streams(tls, connected.stream, limits, counters, drain);
+        tokio::spawn(Splice {
+            copy,
+            result,
+            _upstream: (slot, connected.guard),
+            _held: held,
+        });
+    }
 }

@@ -9,7 +9,7 @@ use std::task::{Context, Poll, ready};
 
 use tokio::net::TcpStream;
 
-use super::copy::{ByteCounters, CopyTcp, copy_tcp};
+use super::copy::{ByteCounters, CopyOutcome, copy_tcp};
 use super::hello::{Alert, HelloError, Offer, read_client_hello, refuse_with_alert};
 use super::upstream_leg::{Opened, copy_limits, open_upstream, record_copy};
 use super::{LiveGuard, OpenGuard, Shared};
@@ -139,7 +139,7 @@ async fn forward(
         // Boxed: the TLS-terminating path is far larger than passthrough, and an unboxed
         // await would size every passthrough connection's task for it.
         return Box::pin(super::mutual::serve(
-            &shared, &runtime, to, stream, buf, result,
+            held, &shared, &runtime, to, stream, buf, result,
         ))
         .await;
     }
@@ -232,16 +232,18 @@ pin_project_lite::pin_project! {
     /// A routed, connected connection: the copy, then the record of how it ended.
     /// Fields drop in order: the sockets close, the access-log line is queued, and only
     /// then are the guards released (the drain waits for them, then flushes the log).
-    struct Splice<F> {
+    /// Spawned as a task of its own (here and by ISTIO_MUTUAL termination) so that an
+    /// idle connection holds only this.
+    pub(super) struct Splice<C> {
         #[pin]
-        copy: CopyTcp<TcpStream, F>,
-        result: ConnectionResult,
-        _upstream: (ClusterSlot, ActiveGuard),
-        _held: Held,
+        pub(super) copy: C,
+        pub(super) result: ConnectionResult,
+        pub(super) _upstream: (ClusterSlot, ActiveGuard),
+        pub(super) _held: Held,
     }
 }
 
-impl<F: Future<Output = ()>> Future for Splice<F> {
+impl<C: Future<Output = CopyOutcome>> Future for Splice<C> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
