@@ -625,4 +625,247 @@ mod tests {
         assert!(read.value.eds_name.is_none() && read.value.inline.is_empty());
         assert!(read.value.notes.iter().any(|n| n.contains("ORIGINAL_DST")));
     }
+
+    const VIP: &str = "inbound-vip|80|tcp|echo.echo.svc.cluster.local";
+
+    fn typed(url: &str, m: &impl Message) -> Option<lds::filter::ConfigType> {
+        Some(lds::filter::ConfigType::TypedConfig(any(url, m)))
+    }
+
+    /// `connect_terminate` as istiod builds it (docs/ambient-xds.md), with `alpn`.
+    fn connect_terminate(alpn: &[&str]) -> lds::Listener {
+        use envoy_types::pb::envoy::r#type::matcher::v3::{
+            StringMatcher, string_matcher::MatchPattern,
+        };
+        use tls::common_tls_context::{
+            CombinedCertificateValidationContext, ValidationContextType,
+        };
+        let sds = |name: &str| tls::SdsSecretConfig {
+            name: name.into(),
+            ..Default::default()
+        };
+        let ctx = tls::DownstreamTlsContext {
+            common_tls_context: Some(tls::CommonTlsContext {
+                alpn_protocols: alpn.iter().map(|a| a.to_string()).collect(),
+                tls_params: Some(tls::TlsParameters {
+                    tls_minimum_protocol_version: tls::tls_parameters::TlsProtocol::TlSv13 as i32,
+                    tls_maximum_protocol_version: tls::tls_parameters::TlsProtocol::TlSv13 as i32,
+                    ..Default::default()
+                }),
+                tls_certificate_sds_secret_configs: vec![sds("default")],
+                validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+                    CombinedCertificateValidationContext {
+                        default_validation_context: Some(tls::CertificateValidationContext {
+                            match_typed_subject_alt_names: vec![tls::SubjectAltNameMatcher {
+                                san_type: tls::subject_alt_name_matcher::SanType::Uri as i32,
+                                matcher: Some(StringMatcher {
+                                    match_pattern: Some(MatchPattern::Prefix(
+                                        "spiffe://cluster.local/".into(),
+                                    )),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }),
+            require_client_certificate: Some(envoy_types::pb::google::protobuf::BoolValue {
+                value: true,
+            }),
+            ..Default::default()
+        };
+        let route = rds::Route {
+            r#match: Some(rds::RouteMatch {
+                path_specifier: Some(rds::route_match::PathSpecifier::ConnectMatcher(
+                    Default::default(),
+                )),
+                ..Default::default()
+            }),
+            action: Some(rds::route::Action::Route(rds::RouteAction {
+                cluster_specifier: Some(rds::route_action::ClusterSpecifier::Cluster(
+                    "main_internal".into(),
+                )),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let manager = hcm::HttpConnectionManager {
+            stat_prefix: "connect_terminate".into(),
+            upgrade_configs: vec![hcm::http_connection_manager::UpgradeConfig {
+                upgrade_type: "CONNECT".into(),
+                ..Default::default()
+            }],
+            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
+                rds::RouteConfiguration {
+                    virtual_hosts: vec![rds::VirtualHost {
+                        name: "default".into(),
+                        domains: vec!["*".into()],
+                        routes: vec![route],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
+            http_filters: vec![hcm::HttpFilter {
+                name: "connect_authority".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        lds::Listener {
+            name: "connect_terminate".into(),
+            address: Some(core::Address {
+                address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                    address: "0.0.0.0".into(),
+                    port_specifier: Some(core::socket_address::PortSpecifier::PortValue(15008)),
+                    ..Default::default()
+                })),
+            }),
+            filter_chains: vec![lds::FilterChain {
+                transport_socket: Some(core::TransportSocket {
+                    name: "tls".into(),
+                    config_type: Some(core::transport_socket::ConfigType::TypedConfig(any(
+                        TLS_SOCKET_TYPE,
+                        &ctx,
+                    ))),
+                }),
+                filters: vec![lds::Filter {
+                    name: HCM.into(),
+                    config_type: typed(HCM_TYPE, &manager),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// `main_internal`: `echo...:80` → chain `chain` (a tcp_proxy to [`VIP`]).
+    fn main_internal(chain: &str) -> lds::Listener {
+        use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+        use envoy_types::pb::xds::r#type::matcher::v3::{Matcher, matcher};
+        let action = matcher::OnMatch {
+            on_match: Some(matcher::on_match::OnMatch::Action(
+                envoy_types::pb::xds::core::v3::TypedExtensionConfig {
+                    name: chain.into(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        let proxy = tcp::TcpProxy {
+            stat_prefix: VIP.into(),
+            cluster_specifier: Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(VIP.into())),
+            ..Default::default()
+        };
+        lds::Listener {
+            name: "main_internal".into(),
+            listener_specifier: Some(lds::listener::ListenerSpecifier::InternalListener(
+                Default::default(),
+            )),
+            filter_chain_matcher: Some(Matcher {
+                matcher_type: Some(matcher::MatcherType::MatcherTree(matcher::MatcherTree {
+                    tree_type: Some(matcher::matcher_tree::TreeType::ExactMatchMap(
+                        matcher::matcher_tree::MatchMap {
+                            map: [("echo.echo.svc.cluster.local:80".to_string(), action)].into(),
+                        },
+                    )),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+            filter_chains: vec![lds::FilterChain {
+                name: VIP.into(),
+                filters: vec![lds::Filter {
+                    name: TCP_PROXY.into(),
+                    config_type: typed(TCP_PROXY_TYPE, &proxy),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// connect_terminate and main_internal make one HBONE server whose hosts are the
+    /// map's, and the `inbound-vip` cluster's HBONE endpoints the service port's.
+    #[test]
+    fn connect_terminate_and_the_authority_map_make_the_hbone_listener() {
+        use super::super::{Assembly, Held};
+        use crate::model::{HostMatch, ServerTlsMode};
+        let mut held = Held::default();
+        for l in [connect_terminate(&["h2"]), main_internal(VIP)] {
+            let (name, read) = listener(&any(LISTENER, &l)).expect("valid");
+            assert!(read.problems.is_empty(), "{:?}", read.problems);
+            held.listeners.insert(name, read.value);
+        }
+        let Some(Listener::Hbone(h)) = held.listeners.get("connect_terminate") else {
+            panic!("{:?}", held.listeners)
+        };
+        assert_eq!(h.cluster, "main_internal");
+        assert_eq!(h.rbac.len(), 1, "the SAN prefix is an ALLOW filter");
+        assert!(h.ignored_filters.contains("connect_authority"));
+        let eds_cluster = cds::Cluster {
+            name: VIP.into(),
+            cluster_discovery_type: Some(cds::cluster::ClusterDiscoveryType::Type(
+                cds::cluster::DiscoveryType::Eds as i32,
+            )),
+            ..Default::default()
+        };
+        let (name, read) = cluster(&any(CLUSTER, &eds_cluster)).expect("valid");
+        held.clusters.insert(name, read.value);
+        assert_eq!(held.eds_names(), [VIP.to_string()].into());
+        let cla = eds::ClusterLoadAssignment {
+            cluster_name: VIP.into(),
+            endpoints: vec![eds::LocalityLbEndpoints {
+                lb_endpoints: vec![
+                    internal("10.0.0.21:8080", core::HealthStatus::Healthy, true),
+                    socket("10.0.0.22", 8080),
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (name, read) = endpoints(&any(ENDPOINTS, &cla)).expect("valid");
+        held.endpoints.insert(name, read.value);
+
+        let mut assembly = Assembly::default();
+        assembly.rebuild(&held);
+        assert_eq!(assembly.listeners.len(), 1);
+        let l = &assembly.listeners[0];
+        assert_eq!(l.addr.to_string(), "0.0.0.0:15008");
+        assert_eq!(l.servers.len(), 1);
+        assert_eq!(l.servers[0].mode, ServerTlsMode::Hbone);
+        assert_eq!(
+            l.servers[0].hosts.iter().cloned().collect::<Vec<_>>(),
+            [HostMatch::Exact("echo.echo.svc.cluster.local".into())]
+        );
+        let service = &assembly.services[&ServiceKey::new("echo.echo.svc.cluster.local", 80)];
+        let dialled: Vec<String> = service.endpoints.iter().map(|e| e.authority()).collect();
+        assert_eq!(dialled, ["10.0.0.21:8080"]);
+        assert!(assembly.awaiting_endpoints(&held).is_empty());
+    }
+
+    #[test]
+    fn what_the_hbone_listener_cannot_serve_is_named() {
+        // ALPN without h2: acknowledged, not served, with why.
+        let (_, read) = listener(&any(LISTENER, &connect_terminate(&["http/1.1"]))).expect("valid");
+        match read.value {
+            Listener::NotServed(why) => assert!(why.contains("without h2"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // A map entry naming a chain the listener lacks: rejected, as Envoy rejects it.
+        let e = listener(&any(LISTENER, &main_internal("no-such-chain")))
+            .err()
+            .expect("rejected");
+        assert!(
+            e.contains("main_internal")
+                && e.contains("filter_chain_matcher")
+                && e.contains("no-such-chain"),
+            "{e}"
+        );
+    }
 }
