@@ -1,12 +1,14 @@
 //! What the real istiod sends an ambient east-west gateway (ambient multi-network,
 //! AMBIENT.md §5), recorded with an ADS client (`interop/xdsdump`) connected as the
-//! gateway's node: the facts a translation of it into strait's 15008 configuration
-//! relies on (docs/ambient-xds.md describes them).
+//! gateway's node: the facts strait's translation of it into its 15008 configuration
+//! relies on (docs/ambient-xds.md describes them); then strait itself against the same
+//! istiod, one process as both the `router` and the `waypoint` node (`discovery.waypoint`),
+//! with Istio's own HBONE peers (`interop/hbone`) as the source and the captured pods.
 //!
 //! istiod runs with ambient and ambient multi-network on, its Services, Pods and
 //! EndpointSlices in the in-memory Kubernetes client, and Istio's
 //! `expose-services.yaml` (the classic 15443 Gateway) beside them. Skipped, loudly,
-//! where the harness or xdsdump is missing, except under CI.
+//! where the harness, xdsdump or hbone-peer is missing, except under CI.
 
 mod common;
 
@@ -18,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use common::hbone::{HboneSource, hbone_dest, tunnel_round_trip};
 use common::istiod::{
-    EXPOSE_SERVICES, GATEWAY_SPIFFE, GLOBAL_SERVICE_SCOPE, Istiod, IstiodOptions, Lab, XdsDump,
-    ambient_env, gateway_node_metadata, harness_bin, hbone_peer_bin, launch_strait_gateway,
-    sync_problems, xdsdump_bin,
+    EXPOSE_SERVICES, GATEWAY_LABELS, GATEWAY_SPIFFE, GLOBAL_SERVICE_SCOPE, ISTIOD_IP, Istiod,
+    IstiodOptions, Lab, SECURE_XDS_PORT, XdsDump, ambient_env, gateway_node_metadata, harness_bin,
+    hbone_peer_bin, launch_strait_gateway, sync_problems, xdsdump_bin,
 };
+use common::jwt::{AUDIENCE, TokenIssuer};
 use common::{
     Strait, TempDir, TestCa, Workload, free_port, http_get, mesh_ca, mesh_cert, round_trip,
     strait_bin,
@@ -217,12 +220,18 @@ fn present() -> bool {
 }
 
 async fn start_istiod() -> Istiod {
+    start_istiod_with(None).await
+}
+
+/// [`start_istiod`], verifying tokens with `jwt_rule` when given.
+async fn start_istiod_with(jwt_rule: Option<String>) -> Istiod {
     let istiod = Istiod::start_with(
         IstiodOptions {
             kubernetes: true,
             env: ambient_env(),
             mesh: Some(GLOBAL_SERVICE_SCOPE.into()),
             debounce: Some("20ms".into()),
+            jwt_rule,
             ..Default::default()
         },
         &[("expose-services.yaml".into(), EXPOSE_SERVICES.into())],
@@ -915,5 +924,134 @@ async fn readiness_waits_for_the_waypoint_stream_too() {
                 &[("stream", "waypoint")]
             ) >= 1.0
         );
+    });
+}
+
+/// Both streams the way a pod meets istiod: 15012 with TLS verified by the mesh root and
+/// the pod's projected token, which istiod checks against each node's namespace and
+/// service account; the SVID 15008 presents comes from istiod's CA over the router
+/// stream's connection. Istio's source ztunnel, holding a certificate of the same CA,
+/// tunnels through to a captured pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_streams_on_15012_with_the_pods_token_and_istiods_ca() {
+    if harness_bin().is_none() || hbone_peer_bin().is_none() {
+        return;
+    }
+    let lab = Lab::new("amb-sec");
+    let spoke = lab.spoke("amb-sec-s");
+    lab.run(|| async {
+        let dir = TempDir::new("amb-sec");
+        let issuer = TokenIssuer::start(dir.path()).await;
+        let istiod = start_istiod_with(Some(issuer.rule())).await;
+        let token = dir.write(
+            "istio-token",
+            &issuer.token("istio-system", "istio-eastwestgateway", AUDIENCE, 3600),
+        );
+        let root = istiod.ca_dir().join("root-cert.pem");
+        let source_certs = mesh_cert(&istiod.ca_dir(), SOURCE_ID, &dir.path().join("source"));
+        let dest_certs = mesh_cert(&istiod.ca_dir(), ECHO_ID, &dir.path().join("dest"));
+        let echo_1 = hbone_dest(
+            SocketAddr::from(([10, 0, 0, 21], 15008)),
+            &dest_certs,
+            "echo-1",
+            None,
+        )
+        .await
+        .expect("hbone-peer");
+        let _echo_3 = hbone_dest(
+            SocketAddr::from(([10, 0, 0, 23], 15008)),
+            &dest_certs,
+            "echo-3",
+            None,
+        )
+        .await
+        .expect("hbone-peer");
+        let config = format!(
+            "apiVersion: strait.dev/v1alpha1
+kind: Bootstrap
+metadata: {{name: strait}}
+spec:
+  status: 0.0.0.0:15021
+  metrics: 0.0.0.0:15090
+  admin: 0.0.0.0:15000
+  network: network1
+  cluster: cluster1
+  labels: {GATEWAY_LABELS}
+  discovery:
+    address: {ISTIOD_IP}:{SECURE_XDS_PORT}
+    serverName: istiod.istio-system.svc
+    rootCert: {root}
+    token: {token}
+    initialFetchTimeout: 5s
+    node: {{ip: {ip}, podName: {POD}, namespace: istio-system, serviceAccount: istio-eastwestgateway}}
+    waypoint: {{}}
+  certificates:
+    ca: {{}}
+",
+            root = root.display(),
+            token = token.display(),
+            ip = spoke.ip,
+        );
+        let ports = common::Ports {
+            gateway: 15443,
+            status: 15021,
+            metrics: 15090,
+            admin: 15000,
+        };
+        let strait = Strait::launch_in_at(
+            &spoke.ns,
+            std::net::IpAddr::V4(spoke.ip),
+            ports,
+            &config,
+            Path::new(strait_bin()),
+            &[],
+        );
+        spoke.ns.run(|| strait.wait_ready(Duration::from_secs(30)));
+        let proxy = format!("{POD}.istio-system");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let entries = syncz_of(&istiod, &proxy).await;
+            let mut types: Vec<String> = entries
+                .iter()
+                .filter(|e| sync_problems(e).is_empty())
+                .map(|e| e["proxy_type"].as_str().unwrap_or("").to_string())
+                .collect();
+            types.sort();
+            if types == ["router", "waypoint"] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not both streams SYNCED: {entries:#?}\n{}",
+                strait.stderr_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            strait.metric("strait_xds_stream_failures_total", &[("reason", "auth")]),
+            0.0
+        );
+
+        let via = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut source = HboneSource::new(SocketAddr::from((spoke.ip, 15008)), &source_certs);
+        source.gateway_id = Some(GATEWAY_SPIFFE.into());
+        source.dest_id = Some(ECHO_ID.into());
+        source.maps = vec![(via, format!("{ECHO}:80"))];
+        let source = source.start(None).await.expect("hbone-peer");
+        let back = tunnel_round_trip(via, b"hello\n", Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "no tunnel:\n{}\n{}",
+                    source.lines().join("\n"),
+                    strait.stderr_text()
+                )
+            });
+        let text = String::from_utf8_lossy(&back);
+        assert!(
+            text == "[echo-1] hello\n" || text == "[echo-3] hello\n",
+            "{text:?}"
+        );
+        let _ = echo_1;
     });
 }
