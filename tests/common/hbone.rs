@@ -301,8 +301,9 @@ pub async fn tunnel_exchange(
 /// chain to the mesh root with a URI SAN under `spiffe://<trust_domain>/`), HTTP/2 with
 /// `CONNECT`, one virtual host per `(authority, endpoints)` whose only domain is the
 /// `:authority` (`<host>:<port>`), routed to a STATIC LEAST_REQUEST cluster named as
-/// istiod names it (`inbound-vip|<port>|tcp|<host>`) with CONNECT terminated into raw
-/// TCP to the endpoints (their HBONE ports). Any other authority gets 404.
+/// istiod names it (`inbound-vip|<port>|tcp|<host>`, with istiod's unlimited circuit
+/// breakers) with CONNECT terminated into raw TCP to the endpoints (their HBONE ports).
+/// Any other authority gets 404.
 pub fn reference_gateway_bootstrap(
     listen: SocketAddr,
     admin: SocketAddr,
@@ -343,6 +344,14 @@ pub fn reference_gateway_bootstrap(
                 "type": "STATIC",
                 "lb_policy": "LEAST_REQUEST",
                 "connect_timeout": "2s",
+                // istiod's defaults: no circuit-breaking limit unless a DestinationRule sets one.
+                "circuit_breakers": {"thresholds": [{
+                    "max_connections": 4294967295u32,
+                    "max_pending_requests": 4294967295u32,
+                    "max_requests": 4294967295u32,
+                    "max_retries": 4294967295u32,
+                    "track_remaining": true
+                }]},
                 "load_assignment": {
                     "cluster_name": name,
                     "endpoints": [{
