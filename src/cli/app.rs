@@ -335,6 +335,7 @@ async fn next_update(feed: Option<&xds::Feed>) -> Option<xds::Update> {
 struct FromXds {
     router: Option<Arc<xds::Published>>,
     waypoint: Option<Arc<xds::Published>>,
+    joined: xds::Joined,
 }
 
 impl FromXds {
@@ -343,7 +344,12 @@ impl FromXds {
     }
 
     fn merge(&self, files: &Snapshot) -> Snapshot {
-        xds::merge(files, self.router.as_deref(), self.waypoint.as_deref())
+        xds::merge(
+            files,
+            self.router.as_deref(),
+            self.waypoint.as_deref(),
+            &self.joined,
+        )
     }
 }
 

@@ -373,15 +373,21 @@ pub fn start(status: Arc<Status>) -> Arc<Feed> {
 /// stream's, and the waypoint stream's when there is one), the RBAC of file
 /// AuthorizationPolicies after istiod's own on its servers. Where both declare the same
 /// listener address or service port, the file wins and the xDS one is left out with a
-/// warning. Costs in proportion to the files and the waypoint's services: the router's
-/// services are shared, not copied.
+/// warning. Costs in proportion to the files and the number of the waypoint's services:
+/// the router's services are shared, not copied, and a service port both streams name is
+/// joined again only when one of them changed it (`joined` keeps the joins).
 ///
 /// A service port both streams name is one service port, as it is from files: the
 /// router's (its endpoints, balancer and policy serve 15443), with each endpoint the
 /// waypoint stream lists as taking HBONE labelled so ([`TUNNEL_LABEL`]); one the router
 /// does not list is added for tunnels only (never a 15443 destination: istiod did not
 /// give it to the router).
-pub fn merge(files: &Snapshot, xds: Option<&Published>, waypoint: Option<&Published>) -> Snapshot {
+pub fn merge(
+    files: &Snapshot,
+    xds: Option<&Published>,
+    waypoint: Option<&Published>,
+    joined: &Joined,
+) -> Snapshot {
     let mut out = files.clone();
     let mut taken: Vec<std::net::SocketAddr> = out.listeners.iter().map(|l| l.addr).collect();
     let listeners = xds
@@ -406,12 +412,25 @@ pub fn merge(files: &Snapshot, xds: Option<&Published>, waypoint: Option<&Publis
         out.listeners.push(l);
     }
     let mut services = xds.map(|p| p.services.clone()).unwrap_or_default();
-    for (k, hbone) in waypoint.iter().flat_map(|p| p.services.iter()) {
-        let joined = match services.get(k) {
-            Some(router) => Arc::new(with_hbone(router, hbone)),
-            None => hbone.clone(),
-        };
-        services.insert(k.clone(), joined);
+    {
+        let mut cache = joined.0.lock().unwrap_or_else(|e| e.into_inner());
+        let hbone_services = waypoint.map(|p| &p.services);
+        cache.retain(|k, _| hbone_services.is_some_and(|s| s.contains_key(k)));
+        for (k, hbone) in hbone_services.into_iter().flatten() {
+            let port = match services.get(k) {
+                Some(router) => match cache.get(k) {
+                    // Neither stream changed this service port: the same join.
+                    Some((r, h, j)) if Arc::ptr_eq(r, router) && Arc::ptr_eq(h, hbone) => j.clone(),
+                    _ => {
+                        let j = Arc::new(with_hbone(router, hbone));
+                        cache.insert(k.clone(), (router.clone(), hbone.clone(), j.clone()));
+                        j
+                    }
+                },
+                None => hbone.clone(),
+            };
+            services.insert(k.clone(), port);
+        }
     }
     for (k, s) in &files.services {
         if services.contains_key(k) {
@@ -422,6 +441,15 @@ pub fn merge(files: &Snapshot, xds: Option<&Published>, waypoint: Option<&Publis
     out.services = services;
     out
 }
+
+/// The service ports both streams name, joined ([`merge`]) once per pair of versions:
+/// each stream replaces only the service ports it changed, so an update joins only
+/// those again.
+#[derive(Default)]
+pub struct Joined(Mutex<JoinedPorts>);
+
+type JoinedPorts =
+    HashMap<crate::model::ServiceKey, (Arc<ServicePort>, Arc<ServicePort>, Arc<ServicePort>)>;
 
 /// The router's service port with the waypoint's HBONE endpoints: the same endpoint
 /// (address and port) labelled as taking HBONE, one the router does not have added,
@@ -503,7 +531,7 @@ mod tests {
             }],
             ..Published::default()
         };
-        let merged = merge(&files, Some(&xds), None);
+        let merged = merge(&files, Some(&xds), None, &Joined::default());
         let names: Vec<Vec<&str>> = merged.listeners[0]
             .servers
             .iter()
@@ -517,6 +545,80 @@ mod tests {
                 vec![],
             ]
         );
+    }
+
+    #[test]
+    fn a_service_port_both_streams_name_is_joined_once_per_pair_of_versions() {
+        use crate::model::{EndpointAddress, Locality, ServiceKey};
+        let endpoint = |ip: [u8; 4], hbone: bool| Endpoint {
+            address: EndpointAddress::Ip(ip.into()),
+            port: 8080,
+            labels: if hbone {
+                [(TUNNEL_LABEL.to_string(), "http".to_string())].into()
+            } else {
+                BTreeMap::new()
+            },
+            locality: Locality::default(),
+            network: String::new(),
+            weight: 1,
+            service_account: None,
+            tls_disabled: false,
+            priority: None,
+            locality_weight: None,
+        };
+        let port = |endpoints: Vec<Endpoint>| {
+            Arc::new(ServicePort {
+                host: "echo.echo.svc.cluster.local".into(),
+                namespace: "echo".into(),
+                port: 80,
+                port_name: String::new(),
+                default_route: DefaultRoute::Endpoints((0..endpoints.len()).collect()),
+                endpoints,
+                policy: Default::default(),
+                subsets: BTreeMap::new(),
+                resolution: Default::default(),
+            })
+        };
+        let key = ServiceKey::new("echo.echo.svc.cluster.local", 80);
+        let published = |p: Arc<ServicePort>| Published {
+            services: [(key.clone(), p)].into_iter().collect(),
+            ..Published::default()
+        };
+        // The router lists the sidecar pod .22 and the HBONE pod .21; the waypoint .21 and .23.
+        let router = published(port(vec![
+            endpoint([10, 0, 0, 22], false),
+            endpoint([10, 0, 0, 21], false),
+        ]));
+        let waypoint = published(port(vec![
+            endpoint([10, 0, 0, 21], true),
+            endpoint([10, 0, 0, 23], true),
+        ]));
+        let joined = Joined::default();
+        let files = Snapshot::default();
+        let first = merge(&files, Some(&router), Some(&waypoint), &joined);
+        let p = &first.services[&key];
+        let seen: Vec<(String, bool, bool)> = p
+            .endpoints
+            .iter()
+            .map(|e| (e.authority(), e.accepts_hbone(), e.tls_disabled))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("10.0.0.22:8080".to_string(), false, false),
+                ("10.0.0.21:8080".to_string(), true, false),
+                ("10.0.0.23:8080".to_string(), true, true),
+            ]
+        );
+        assert_eq!(p.default_route, DefaultRoute::Endpoints(vec![0, 1, 2]));
+        // Nothing changed: the very same join.
+        let again = merge(&files, Some(&router), Some(&waypoint), &joined);
+        assert!(Arc::ptr_eq(&first.services[&key], &again.services[&key]));
+        // The router's port changed: joined again.
+        let router = published(port(vec![endpoint([10, 0, 0, 22], false)]));
+        let third = merge(&files, Some(&router), Some(&waypoint), &joined);
+        assert!(!Arc::ptr_eq(&first.services[&key], &third.services[&key]));
+        assert_eq!(third.services[&key].endpoints.len(), 3);
     }
 
     #[tokio::test]
