@@ -557,6 +557,11 @@ fn envoy_file(certs: &Path, f: &str) -> serde_json::Value {
 fn envoy_cluster(name: &str, to: SocketAddr, tls: Option<serde_json::Value>) -> serde_json::Value {
     let mut c = serde_json::json!({
         "name": name, "type": "STATIC", "connect_timeout": "5s",
+        // istiod's defaults: no circuit-breaking limit (Envoy's own is 1,024 connections).
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": 4294967295u32, "max_pending_requests": 4294967295u32,
+            "max_requests": 4294967295u32, "max_retries": 4294967295u32, "track_remaining": true
+        }]},
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": envoy_addr(to)}}]}]}
     });
     if let Some(tls) = tls {

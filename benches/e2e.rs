@@ -618,10 +618,11 @@ fn envoy_config(port: u16, backends: &[SocketAddr; 3]) -> String {
             sni = k.sni()
         );
     }
+    // istiod's defaults: no circuit-breaking limit (Envoy's own is 1,024 connections).
     c += "  clusters:\n";
     for k in KINDS {
         c += &format!(
-            "  - name: {k:?}\n    type: STATIC\n    connect_timeout: 5s\n    load_assignment:\n      cluster_name: {k:?}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}\n",
+            "  - name: {k:?}\n    type: STATIC\n    connect_timeout: 5s\n    circuit_breakers: {{thresholds: [{{max_connections: 4294967295, max_pending_requests: 4294967295, max_requests: 4294967295, max_retries: 4294967295, track_remaining: true}}]}}\n    load_assignment:\n      cluster_name: {k:?}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}\n",
             backends[k as usize].port()
         );
     }
