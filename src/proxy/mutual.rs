@@ -11,9 +11,8 @@ use tokio::net::TcpStream;
 
 use super::copy::{ByteCounters, copy_streams};
 use super::hello::{Alert, refuse_with_alert};
-use super::passthrough::{Held, Splice};
 use super::rewind::Rewind;
-use super::upstream_leg::{Opened, copy_limits, open_upstream};
+use super::upstream_leg::{Held, Opened, Splice, copy_limits, open_upstream};
 use super::{Runtime, Shared};
 use crate::model::{RbacFilter, ServicePort, UpstreamTls};
 use crate::policy::authz::{RbacConn, check_rbac};

@@ -1,30 +1,20 @@
 //! One downstream connection on a gateway listener: admit, read the ClientHello, route
 //! by SNI, connect to an endpoint, replay the ClientHello and splice bytes.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 
 use tokio::net::TcpStream;
 
-use super::copy::{ByteCounters, CopyOutcome, copy_tcp};
+use super::copy::{ByteCounters, copy_tcp};
 use super::hello::{Alert, HelloError, Offer, read_client_hello, refuse_with_alert};
-use super::upstream_leg::{Opened, copy_limits, open_upstream, record_copy};
-use super::{LiveGuard, OpenGuard, Shared};
+use super::upstream_leg::{Held, Opened, Splice, copy_limits, open_upstream};
+use super::{LiveGuard, Shared};
 use crate::model::ServerTlsMode;
 use crate::policy::authz::{RbacConn, check_rbac};
 use crate::route::{self, RouteMiss};
 use crate::telemetry::{Accepted, ConnectionResult, IstioLabels, ResponseFlag};
-use crate::upstream::{ActiveGuard, ClusterSlot, Connected, Purpose};
-
-/// What keeps a connection counted: live for the drain, open for `maxConnections`.
-/// Moves with the connection into its copy task.
-pub(super) struct Held {
-    _live: LiveGuard,
-    _open: OpenGuard,
-}
+use crate::upstream::{Connected, Purpose};
 
 pub(super) async fn handle(
     shared: Arc<Shared>,
@@ -226,32 +216,6 @@ async fn forward(
         _upstream: (slot, guard),
         _held: held,
     });
-}
-
-pin_project_lite::pin_project! {
-    /// A routed, connected connection: the copy, then the record of how it ended.
-    /// Fields drop in order: the sockets close, the access-log line is queued, and only
-    /// then are the guards released (the drain waits for them, then flushes the log).
-    /// Spawned as a task of its own (here and by ISTIO_MUTUAL termination) so that an
-    /// idle connection holds only this.
-    pub(super) struct Splice<C> {
-        #[pin]
-        pub(super) copy: C,
-        pub(super) result: ConnectionResult,
-        pub(super) _upstream: (ClusterSlot, ActiveGuard),
-        pub(super) _held: Held,
-    }
-}
-
-impl<C: Future<Output = CopyOutcome>> Future for Splice<C> {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.project();
-        let outcome = ready!(this.copy.poll(cx));
-        record_copy(this.result, &outcome);
-        Poll::Ready(())
-    }
 }
 
 async fn refuse_no_route(stream: &mut TcpStream, result: &mut ConnectionResult, miss: &RouteMiss) {

@@ -1,15 +1,20 @@
 //! The upstream leg shared by every listener's connections: admit to the cluster, connect
-//! to an endpoint with retry, and fold the copy's outcome into the connection's result.
+//! to an endpoint with retry, fold the copy's outcome into the connection's result, and the
+//! spliced connection's task that holds what keeps it counted until it ends.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
-use super::Shared;
 use super::copy::{CopyEnd, CopyLimits, CopyOutcome};
 use super::hello::Alert;
+use super::{LiveGuard, OpenGuard, Shared};
 use crate::model::Settings;
 use crate::telemetry::{ConnectionResult, FirstByte, ResponseFlag};
 use crate::upstream::{
-    self, AttemptFailure, Cluster, ClusterSlot, ConnectError, ConnectObserver, Connected, Purpose,
+    self, ActiveGuard, AttemptFailure, Cluster, ClusterSlot, ConnectError, ConnectObserver,
+    Connected, Purpose,
 };
 
 /// Upstream connect attempts per connection, each to a distinct endpoint.
@@ -147,5 +152,38 @@ impl ConnectObserver for MetricsObserver<'_> {
             .upstream_first_byte_seconds
             .get(outcome)
             .observe(waited.as_secs_f64());
+    }
+}
+
+/// What keeps a connection counted: live for the drain, open for `maxConnections`.
+/// Moves with the connection into its copy task.
+pub(super) struct Held {
+    pub(super) _live: LiveGuard,
+    pub(super) _open: OpenGuard,
+}
+
+pin_project_lite::pin_project! {
+    /// A routed, connected connection: the copy, then the record of how it ended.
+    /// Fields drop in order: the sockets close, the access-log line is queued, and only
+    /// then are the guards released (the drain waits for them, then flushes the log).
+    /// Spawned as a task of its own (here and by ISTIO_MUTUAL termination) so that an
+    /// idle connection holds only this.
+    pub(super) struct Splice<C> {
+        #[pin]
+        pub(super) copy: C,
+        pub(super) result: ConnectionResult,
+        pub(super) _upstream: (ClusterSlot, ActiveGuard),
+        pub(super) _held: Held,
+    }
+}
+
+impl<C: Future<Output = CopyOutcome>> Future for Splice<C> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let outcome = ready!(this.copy.poll(cx));
+        record_copy(this.result, &outcome);
+        Poll::Ready(())
     }
 }
