@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::istiod::{
     EXPOSE_SERVICES, Istiod, IstiodOptions, Lab, PROXY_ISTIO_VERSION, PilotAgent, Spoke,
-    envoy_gateway, peers_present, strait_gateway,
+    envoy_gateway, istioctl_rows, peers_present, proxy_config_rows, strait_gateway,
 };
 use common::xds::Envoy;
 use common::{Strait, TestCa, Workload, echo_once, tls_connect};
@@ -1198,26 +1198,6 @@ fn passthrough_and_istio_mutual_from_the_real_istiod_alike() {
     });
 }
 
-/// The rows of a table `istioctl` printed (columns split on runs of two or more spaces),
-/// keyed by the header.
-fn istioctl_rows(out: &str) -> Vec<std::collections::BTreeMap<String, String>> {
-    let split = |l: &str| -> Vec<String> {
-        l.split("  ")
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(str::to_string)
-            .collect()
-    };
-    let mut lines = out.lines().filter(|l| !l.trim().is_empty());
-    let Some(header) = lines.next() else {
-        return Vec::new();
-    };
-    let header = split(header);
-    lines
-        .map(|l| header.iter().cloned().zip(split(l)).collect())
-        .collect()
-}
-
 /// `istioctl proxy-status --verbosity 1`, built from the same Istio module, asking the
 /// harness's istiod directly (`--xds-address`, as for an out-of-cluster control plane):
 /// strait is listed (istiod lists only nodes that send `PROXY_CONFIG`), and its row reads
@@ -1246,42 +1226,9 @@ fn istioctl_proxy_status_shows_strait_as_it_shows_envoy() {
                 .await
                 .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
         }
-        // istioctl wants a kubeconfig even when it talks to istiod directly; this one
-        // names a server nobody listens on. `--revision default` spares it asking that
-        // server which revision is the default. istiod answers its debug requests only
-        // to an authenticated caller: an operator's certificate from the mesh CA, in
-        // istio-system (`--cert-dir`, Istio's file layout), over 15012.
-        let dir = common::TempDir::new("istioctl");
-        let kubeconfig = dir.write(
-            "kubeconfig",
-            "apiVersion: v1\nkind: Config\nclusters: [{name: none, cluster: {server: \"https://127.0.0.1:1\"}}]\ncontexts: [{name: none, context: {cluster: none, user: none}}]\ncurrent-context: none\nusers: [{name: none, user: {}}]\n",
-        );
-        let operator = common::mesh_cert(
-            &s.istiod.ca_dir(),
-            "spiffe://cluster.local/ns/istio-system/sa/default",
-            &dir.path().join("operator"),
-        );
-        let out = std::process::Command::new(&istioctl)
-            .args(["proxy-status", "--verbosity", "1", "--namespace", "istio-system", "--revision", "default"])
-            .arg("--xds-address")
-            .arg(format!(
-                "{}:{}",
-                common::istiod::ISTIOD_IP,
-                common::istiod::SECURE_XDS_PORT
-            ))
-            .args(["--authority", "istiod.istio-system.svc", "--cert-dir"])
-            .arg(&operator)
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .output()
-            .expect("run istioctl");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "istioctl proxy-status: {}\n{stdout}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = s
+            .istiod
+            .istioctl_proxy_status(&istioctl, &["--verbosity", "1"]);
         let rows = istioctl_rows(&stdout);
         let row = |id: &str| {
             rows.iter()
@@ -1309,32 +1256,12 @@ fn istioctl_proxy_status_shows_strait_as_it_shows_envoy() {
                 "{column} differs:\n{stdout}"
             );
         }
-        assert_eq!(strait.get("VERSION").map(String::as_str), Some(PROXY_ISTIO_VERSION), "{stdout}");
+        assert_eq!(
+            strait.get("VERSION").map(String::as_str),
+            Some(PROXY_ISTIO_VERSION),
+            "{stdout}"
+        );
     });
-}
-
-/// `istioctl proxy-config <what> --file <dump>`: the rows it prints.
-fn proxy_config_rows(
-    istioctl: &std::path::Path,
-    what: &str,
-    file: &std::path::Path,
-) -> Vec<std::collections::BTreeMap<String, String>> {
-    let out = std::process::Command::new(istioctl)
-        .args(["proxy-config", what, "--file"])
-        .arg(file)
-        .output()
-        .expect("run istioctl");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "istioctl proxy-config {what} --file {}: {}\n{stdout}{}",
-        file.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut rows = istioctl_rows(&stdout);
-    rows.sort();
-    rows
 }
 
 /// An admin endpoint's JSON, fetched from the hub.

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use common::hbone::{HboneSource, hbone_dest, tunnel_round_trip};
 use common::istiod::{
-    EXPOSE_SERVICES, GATEWAY_LABELS, GATEWAY_SPIFFE, GLOBAL_SERVICE_SCOPE, ISTIOD_IP, Istiod,
-    IstiodOptions, Lab, SECURE_XDS_PORT, XdsDump, ambient_env, gateway_node_metadata, harness_bin,
-    hbone_peer_bin, launch_strait_gateway, sync_problems, xdsdump_bin,
+    EXPOSE_SERVICES, GATEWAY_LABELS, GATEWAY_SPIFFE, GLOBAL_SERVICE_SCOPE, ISTIOD_IP, IstioctlRow,
+    Istiod, IstiodOptions, Lab, SECURE_XDS_PORT, XdsDump, ambient_env, gateway_node_metadata,
+    harness_bin, hbone_peer_bin, istioctl_rows, launch_strait_gateway, sync_problems, xdsdump_bin,
 };
 use common::jwt::{AUDIENCE, TokenIssuer};
 use common::{
@@ -1056,5 +1056,298 @@ spec:
             "{text:?}"
         );
         let _ = echo_1;
+    });
+}
+
+/// `istioctl proxy-config <what> --file <dump>`: the lines of the table it prints, below
+/// the header, each with its runs of spaces made one (the padding depends on the widest
+/// cell; a column left empty in one table would shift a split on the spaces), sorted.
+fn proxy_config_lines(istioctl: &Path, what: &str, file: &Path) -> Vec<String> {
+    let out = std::process::Command::new(istioctl)
+        .args(["proxy-config", what, "--file"])
+        .arg(file)
+        .output()
+        .expect("run istioctl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "istioctl proxy-config {what} --file {}: {}\n{stdout}{}",
+        file.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines: Vec<String> = stdout
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// The connection ids istiod gives `pod`'s streams (`/debug/adsz`), by node type
+/// (`router`, `waypoint`): what its `/debug/config_dump?proxyID=` takes to dump one
+/// stream of a pod that holds two.
+async fn connection_ids(istiod: &Istiod, pod: &str) -> Vec<(String, String)> {
+    let (code, body) = istiod.debug("/debug/adsz").await.expect("adsz");
+    assert_eq!(code, 200, "{body}");
+    let adsz: Value = serde_json::from_str(&body).expect("adsz is JSON");
+    let mut ids: Vec<(String, String)> = adsz["clients"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            let id = c["connectionId"].as_str()?;
+            id.starts_with(&format!("{pod}.istio-system-")).then(|| {
+                let kind =
+                    if c["labels"]["gateway.istio.io/managed"] == "istio.io-eastwest-controller" {
+                        "waypoint"
+                    } else {
+                        "router"
+                    };
+                (kind.to_string(), id.to_string())
+            })
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// `istioctl proxy-status`, built from the same Istio module and asking the harness's
+/// istiod as an operator does (`--xds-address`, 15012, an operator certificate), lists
+/// the one strait holding both streams as two rows of the same name (`<pod>.<namespace>`:
+/// istiod's syncz names a proxy by pod, not by node type), each SYNCED on every type
+/// istiod sent it. One row reads as an Envoy `router` on the same istiod reads, column
+/// for column; the other holds the waypoint stream's types, as syncz has them. And
+/// `istioctl proxy-config listener|cluster --file` on strait's one dump prints the rows
+/// it prints for istiod's own dumps of the two streams (`/debug/config_dump` of each
+/// connection: what an Envoy holding each would hold), together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istioctl_proxy_status_lists_the_router_and_the_waypoint_stream_synced() {
+    if !common::istiod::peers_present() {
+        return;
+    }
+    let Some(istioctl) = common::istiod::istioctl_bin() else {
+        return;
+    };
+    const ENVOY_POD: &str = "istio-eastwestgateway-envoy";
+    let lab = Lab::new("amb-ps");
+    let spoke = lab.spoke("amb-ps-s");
+    let envoy_spoke = lab.spoke("amb-ps-e");
+    lab.run(|| async {
+        let istiod = start_istiod().await;
+        let dir = TempDir::new("amb-ps");
+        let ca = mesh_ca(dir.path(), "cluster.local");
+        let gateway_certs = mesh_cert(&ca, GATEWAY_SPIFFE, &dir.path().join("gateway"));
+        let strait = launch_strait_gateway(
+            &spoke,
+            POD,
+            &format!(
+                "    waypoint: {{}}\n  certificates: {{dir: {}}}\n",
+                gateway_certs.display()
+            ),
+            Path::new(strait_bin()),
+            &[],
+        );
+        let agent = common::istiod::PilotAgent::start(&istiod).await;
+        let envoy = common::istiod::envoy_gateway(&envoy_spoke, ENVOY_POD, &agent)
+            .await
+            .expect("envoy (checked by peers_present)");
+        spoke.ns.run(|| strait.wait_ready(Duration::from_secs(30)));
+
+        let proxy = format!("{POD}.istio-system");
+        let envoy_proxy = format!("{ENVOY_POD}.istio-system");
+        // What istiod sent each stream (syncz), once both are SYNCED, and Envoy too.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let sent = loop {
+            let entries = syncz_of(&istiod, &proxy).await;
+            let envoy_synced = syncz_of(&istiod, &envoy_proxy)
+                .await
+                .iter()
+                .any(|e| sync_problems(e).is_empty());
+            if entries.len() == 2
+                && entries.iter().all(|e| sync_problems(e).is_empty())
+                && envoy_synced
+            {
+                break entries;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not SYNCED: {entries:#?}\n{}\n{}",
+                strait.stderr_text(),
+                envoy.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        // The short type names istioctl prints for the types a stream was sent.
+        let types_of = |kind: &str| -> Vec<String> {
+            let entry = sent
+                .iter()
+                .find(|e| e["proxy_type"] == kind)
+                .unwrap_or_else(|| panic!("no {kind} stream in {sent:#?}"));
+            let mut types: Vec<String> = entry["resources"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, s)| s["sent"].as_str().is_some_and(|n| !n.is_empty()))
+                .map(|(t, _)| {
+                    let short = t.rsplit('.').next().unwrap_or(t);
+                    match short {
+                        "Cluster" => "CDS",
+                        "Listener" => "LDS",
+                        "ClusterLoadAssignment" => "EDS",
+                        "RouteConfiguration" => "RDS",
+                        other => other,
+                    }
+                    .to_string()
+                })
+                .collect();
+            types.sort();
+            types
+        };
+        let waypoint_types = types_of("waypoint");
+        assert!(
+            ["CDS", "EDS", "LDS"]
+                .iter()
+                .all(|t| waypoint_types.iter().any(|w| w == t)),
+            "{waypoint_types:?}"
+        );
+
+        let stdout = istiod.istioctl_proxy_status(&istioctl, &["--verbosity", "1"]);
+        eprintln!("istioctl proxy-status --verbosity 1:\n{stdout}");
+        let rows = istioctl_rows(&stdout);
+        let ours: Vec<&IstioctlRow> = rows
+            .iter()
+            .filter(|r| r.get("NAME") == Some(&proxy))
+            .collect();
+        assert_eq!(ours.len(), 2, "one row per stream:\n{stdout}");
+        let envoy_row = rows
+            .iter()
+            .find(|r| r.get("NAME") == Some(&envoy_proxy))
+            .unwrap_or_else(|| panic!("no row for {envoy_proxy}:\n{stdout}"));
+        // "SYNCED (3s)": the state, without how long ago.
+        let state = |v: &str| v.split_whitespace().next().unwrap_or("").to_string();
+        let fixed = ["NAME", "CLUSTER", "ISTIOD", "VERSION"];
+        // The type columns a row shows a state for (IGNORED: never asked, never sent).
+        let shown = |row: &IstioctlRow| -> Vec<String> {
+            let mut t: Vec<String> = row
+                .iter()
+                .filter(|(c, v)| !fixed.contains(&c.as_str()) && state(v) != "IGNORED")
+                .map(|(c, _)| c.clone())
+                .collect();
+            t.sort();
+            t
+        };
+        for row in &ours {
+            for (column, value) in row.iter() {
+                if !fixed.contains(&column.as_str()) {
+                    assert!(
+                        ["SYNCED", "IGNORED"].contains(&state(value).as_str()),
+                        "{column}: {value}:\n{stdout}"
+                    );
+                }
+            }
+            assert_eq!(row.get("CLUSTER"), envoy_row.get("CLUSTER"), "{stdout}");
+            assert_eq!(row.get("ISTIOD"), envoy_row.get("ISTIOD"), "{stdout}");
+            assert_eq!(
+                row.get("VERSION").map(String::as_str),
+                Some(common::istiod::PROXY_ISTIO_VERSION),
+                "{stdout}"
+            );
+        }
+        // One row is the router's, as Envoy's reads; the other the waypoint's.
+        let as_envoy = |row: &IstioctlRow| {
+            envoy_row
+                .iter()
+                .filter(|(c, _)| !["NAME", "VERSION"].contains(&c.as_str()))
+                .all(|(c, v)| row.get(c).map(|s| state(s)) == Some(state(v)))
+        };
+        let router = ours.iter().position(|r| as_envoy(r)).unwrap_or_else(|| {
+            panic!("no row of {proxy} reads as the Envoy router's:\n{stdout}")
+        });
+        assert_eq!(shown(ours[router]), types_of("router"), "{stdout}");
+        assert_eq!(shown(ours[1 - router]), waypoint_types, "{stdout}");
+        let brief = istiod.istioctl_proxy_status(&istioctl, &[]);
+        eprintln!("istioctl proxy-status:\n{brief}");
+        let brief_rows = istioctl_rows(&brief);
+        assert_eq!(
+            brief_rows
+                .iter()
+                .filter(|r| r.get("NAME") == Some(&proxy))
+                .count(),
+            2,
+            "{brief}"
+        );
+
+        // istioctl proxy-config: strait's one dump against istiod's dump of each stream.
+        let ids = connection_ids(&istiod, POD).await;
+        let kinds: Vec<&str> = ids.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(kinds, ["router", "waypoint"], "{ids:?}");
+        let files = TempDir::new("amb-ps-dumps");
+        for (kind, id) in &ids {
+            let (code, body) = istiod
+                .debug(&format!("/debug/config_dump?proxyID={id}"))
+                .await
+                .expect("istiod config_dump");
+            assert_eq!(code, 200, "{body}");
+            files.write(&format!("istiod-{kind}.json"), &body);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for what in ["listener", "cluster"] {
+            loop {
+                let (code, body) = http_get(strait.admin, "/config_dump").expect("config_dump");
+                assert_eq!(code, 200, "{body}");
+                let strait_file = files.write("strait.json", &body);
+                let of_strait = proxy_config_lines(&istioctl, what, &strait_file);
+                let mut of_istiod: Vec<String> = ids
+                    .iter()
+                    .flat_map(|(kind, _)| {
+                        proxy_config_lines(
+                            &istioctl,
+                            what,
+                            &files.path().join(format!("istiod-{kind}.json")),
+                        )
+                    })
+                    .collect();
+                of_istiod.sort();
+                of_istiod.dedup();
+                let of_waypoint = proxy_config_lines(
+                    &istioctl,
+                    what,
+                    &files.path().join("istiod-waypoint.json"),
+                );
+                if of_strait == of_istiod && !of_waypoint.is_empty() {
+                    eprintln!(
+                        "istioctl proxy-config {what} (the waypoint stream's):\n{of_waypoint:#?}"
+                    );
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    // The dumps outlive the test's folder, for reading.
+                    let kept = std::env::temp_dir()
+                        .join(format!("strait-amb-proxy-config-{}", std::process::id()));
+                    let _ = std::fs::create_dir_all(&kept);
+                    for f in ["strait", "istiod-router", "istiod-waypoint"] {
+                        let f = format!("{f}.json");
+                        let _ = std::fs::copy(files.path().join(&f), kept.join(&f));
+                    }
+                    eprintln!("dumps kept in {}", kept.display());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "istioctl proxy-config {what}: rows differ\nonly strait: {:#?}\nonly istiod: {:#?}",
+                    of_strait
+                        .iter()
+                        .filter(|r| !of_istiod.contains(r))
+                        .collect::<Vec<_>>(),
+                    of_istiod
+                        .iter()
+                        .filter(|r| !of_strait.contains(r))
+                        .collect::<Vec<_>>(),
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
     });
 }

@@ -544,6 +544,90 @@ impl Istiod {
     }
 }
 
+impl Istiod {
+    /// `istioctl proxy-status` with `args`, as an operator outside the cluster runs it
+    /// against this istiod (`--xds-address` on 15012): its stdout, after asserting it
+    /// exited 0. istioctl wants a kubeconfig even when it talks to istiod directly; the
+    /// one given names a server nobody listens on, and `--revision default` spares it
+    /// asking that server which revision is the default. istiod answers debug requests
+    /// only to an authenticated caller: an operator's certificate from the mesh CA, in
+    /// istio-system (`--cert-dir`, Istio's file layout).
+    pub fn istioctl_proxy_status(&self, istioctl: &Path, args: &[&str]) -> String {
+        let dir = TempDir::new("istioctl");
+        let kubeconfig = dir.write(
+            "kubeconfig",
+            "apiVersion: v1\nkind: Config\nclusters: [{name: none, cluster: {server: \"https://127.0.0.1:1\"}}]\ncontexts: [{name: none, context: {cluster: none, user: none}}]\ncurrent-context: none\nusers: [{name: none, user: {}}]\n",
+        );
+        let operator = mesh_cert(
+            &self.ca_dir(),
+            "spiffe://cluster.local/ns/istio-system/sa/default",
+            &dir.path().join("operator"),
+        );
+        let out = Command::new(istioctl)
+            .arg("proxy-status")
+            .args(args)
+            .args(["--namespace", "istio-system", "--revision", "default"])
+            .arg("--xds-address")
+            .arg(format!("{ISTIOD_IP}:{SECURE_XDS_PORT}"))
+            .args(["--authority", "istiod.istio-system.svc", "--cert-dir"])
+            .arg(&operator)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .output()
+            .expect("run istioctl");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "istioctl proxy-status {args:?}: {}\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+}
+
+/// One row of a table `istioctl` printed, keyed by the header.
+pub type IstioctlRow = std::collections::BTreeMap<String, String>;
+
+/// The rows of a table `istioctl` printed (columns split on runs of two or more spaces).
+pub fn istioctl_rows(out: &str) -> Vec<IstioctlRow> {
+    let split = |l: &str| -> Vec<String> {
+        l.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut lines = out.lines().filter(|l| !l.trim().is_empty());
+    let Some(header) = lines.next() else {
+        return Vec::new();
+    };
+    let header = split(header);
+    lines
+        .map(|l| header.iter().cloned().zip(split(l)).collect())
+        .collect()
+}
+
+/// `istioctl proxy-config <what> --file <dump>`: the rows it prints, sorted.
+pub fn proxy_config_rows(istioctl: &Path, what: &str, file: &Path) -> Vec<IstioctlRow> {
+    let out = Command::new(istioctl)
+        .args(["proxy-config", what, "--file"])
+        .arg(file)
+        .output()
+        .expect("run istioctl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "istioctl proxy-config {what} --file {}: {}\n{stdout}{}",
+        file.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut rows = istioctl_rows(&stdout);
+    rows.sort();
+    rows
+}
+
 /// What keeps a syncz entry from `SYNCED`: per type, an error, a push not acked, or
 /// nothing sent at all (`NOT SENT`) for LDS, CDS and EDS.
 pub fn sync_problems(entry: &serde_json::Value) -> Vec<String> {
@@ -737,7 +821,17 @@ pub async fn envoy_gateway(spoke: &Spoke, pod: &str, agent: &PilotAgent) -> Opti
         sds: Some(agent.sds.addr),
     };
     let admin = SocketAddr::from((spoke.ip, 15000));
-    let bootstrap = ads_bootstrap(&server, node, admin, true);
+    let mut bootstrap = ads_bootstrap(&server, node, admin, true);
+    // pilot-agent's bootstrap declares internal listeners, which istiod with ambient on
+    // sends a router (`connect_originate`).
+    bootstrap["bootstrap_extensions"] = serde_json::json!([{
+        "name": "envoy.bootstrap.internal_listener",
+        "typed_config": {
+            "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+            "type_url": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
+            "value": {"buffer_size_kb": 64}
+        }
+    }]);
     let opts = EnvoyOptions {
         delta: true,
         listener: spoke.gateway(),
