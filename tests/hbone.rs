@@ -946,6 +946,60 @@ async fn settled(n: &AtomicU64) -> u64 {
     last
 }
 
+/// A client that resets its stream ends that tunnel at once, even while its destination
+/// reads nothing and the gateway's writes towards it are blocked: the tunnel is counted
+/// closed and logged, and another tunnel on the same connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_ends_its_tunnel_while_the_destination_stalls() {
+    let certs = Certs::new();
+    let sleep = certs.issue(SLEEP_ID, "sleep");
+    let echo = Dest::start("echo", Behaviour::Echo).await;
+    let stall = Dest::start("stall", Behaviour::Stall).await;
+    const STALL: &str = "stall.default.svc.cluster.local";
+    let rest = service(REVIEWS, &endpoint(echo.ip, Some("http"), "net1"))
+        + &service(STALL, &endpoint(stall.ip, Some("http"), "net1"));
+    let (gw, hbone) = start_gateway(&certs, &rest);
+    let client = hbone_connect(hbone, &sleep, &certs.gateway).await.unwrap();
+    let (status, mut fast) = client.connect(&format!("{REVIEWS}:9080")).await.unwrap();
+    assert_eq!(status, 200);
+    fast.exchange("before\n", true).await;
+
+    let (status, mut slow) = client.connect(&format!("{STALL}:9080")).await.unwrap();
+    assert_eq!(status, 200);
+    // Push until the tunnel stops taking bytes: its window is spent and the gateway's
+    // socket towards the destination is full.
+    let chunk = vec![7u8; 64 * 1024];
+    let mut pushed = 0usize;
+    while pushed < 256 << 20 {
+        match tokio::time::timeout(Duration::from_millis(500), slow.write_all(&chunk)).await {
+            Ok(written) => written.unwrap(),
+            Err(_) => break,
+        }
+        pushed += chunk.len();
+    }
+    assert!(pushed < 256 << 20, "the stalled tunnel took {pushed} bytes");
+    assert_eq!(gw.metric("strait_hbone_active_streams", &[]), 2.0);
+
+    slow.send.send_reset(h2::Reason::CANCEL);
+    let stalled = [("reporter", "waypoint"), ("destination_service", STALL)];
+    assert!(
+        gw.eventually(WAIT, || {
+            gw.metric("istio_tcp_connections_closed_total", &stalled) == 1.0
+                && gw.metric("strait_hbone_active_streams", &[]) == 1.0
+        }),
+        "the reset tunnel is still open: {}",
+        gw.metrics_text()
+    );
+    assert!(gw.eventually(WAIT, || {
+        gw.access_log()
+            .iter()
+            .any(|l| l["authority"] == format!("{STALL}:9080"))
+    }));
+    // The other tunnel is untouched.
+    fast.exchange("after\n", false).await;
+    assert_eq!(stall.accepted(), 1);
+}
+
 /// Accepts any server certificate: for clients whose handshake must fail for another
 /// reason (protocol version, ALPN), so that only that reason can fail it.
 #[derive(Debug)]

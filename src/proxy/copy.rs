@@ -103,15 +103,15 @@ pub struct ByteCounters {
 }
 
 /// Shared between both directions and the idle watchdog.
-struct Activity {
+pub(super) struct Activity {
     origin: Instant,
     last_ms: AtomicU64,
-    to_upstream: AtomicU64,
-    to_downstream: AtomicU64,
+    pub(super) to_upstream: AtomicU64,
+    pub(super) to_downstream: AtomicU64,
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Activity {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
@@ -125,7 +125,7 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    fn outcome(&self, end: CopyEnd) -> CopyOutcome {
+    pub(super) fn outcome(&self, end: CopyEnd) -> CopyOutcome {
         CopyOutcome {
             to_upstream: self.to_upstream.load(Ordering::Relaxed),
             to_downstream: self.to_downstream.load(Ordering::Relaxed),
@@ -481,7 +481,7 @@ where
 /// Runs both directions to their end. A socket error on either (usually a reset) ends
 /// the connection at once: the other direction is dropped unfinished and both sockets
 /// close, as a broken connection cannot deliver what is still in flight either way.
-async fn both_ways(
+pub(super) async fn both_ways(
     up: impl Future<Output = io::Result<()>>,
     down: impl Future<Output = io::Result<()>>,
 ) -> CopyEnd {
@@ -494,7 +494,7 @@ async fn both_ways(
 /// Runs the pumps until they finish, the connection idles out or reaches its maximum
 /// duration, or the drain closes it. One timer serves both limits, re-armed for the
 /// nearer deadline, to keep the per-connection task small.
-async fn supervise(
+pub(super) async fn supervise(
     mut pumps: Pin<&mut impl Future<Output = CopyEnd>>,
     activity: &Activity,
     limits: CopyLimits,
@@ -687,7 +687,12 @@ impl StreamPump {
     }
 }
 
-fn account(activity: &Activity, total: &AtomicU64, counter: Option<&IntCounter>, n: usize) {
+pub(super) fn account(
+    activity: &Activity,
+    total: &AtomicU64,
+    counter: Option<&IntCounter>,
+    n: usize,
+) {
     total.fetch_add(n as u64, Ordering::Relaxed);
     if let Some(c) = counter {
         c.inc_by(n as u64);

@@ -15,22 +15,20 @@
 //! the `h2` crate's own limits (see `h2_refusals`), and Envoy's rule against streams the
 //! client resets before they are answered ([`PrematureResets`]).
 
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use h2::server::SendResponse;
-use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
+use h2::{Ping, PingPong, Reason, RecvStream};
 use http::{Method, Request, Response, StatusCode};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::copy::{ByteCounters, CopyEnd, copy_streams};
+use super::copy::{ByteCounters, CopyEnd};
+use super::h2_copy::copy_h2_tcp;
 use super::h2_refusals::{Refusals, Watched};
 use super::upstream_leg::{Opened, copy_limits, open_upstream, record_copy};
 use super::{DrainState, LiveGuard, OpenGuard, Shared};
@@ -449,8 +447,8 @@ async fn tunnel(
     } = opened;
     let _slot = slot;
     let _guard = connected.guard;
-    let mut up = connected.stream;
-    let send = match respond.send_response(Response::new(()), false) {
+    let up = connected.stream;
+    let mut send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
         Err(e) => {
             end.premature = result.elapsed() <= PREMATURE_RESET_LIFETIME;
@@ -462,23 +460,26 @@ async fn tunnel(
             return;
         }
     };
-    let mut down = H2Stream {
-        recv: request.into_body(),
-        send,
-        pending: Bytes::new(),
-        ended: false,
-    };
+    let mut recv = request.into_body();
     let counters = ByteCounters {
         to_upstream: Some(counters.received),
         to_downstream: Some(counters.sent),
     };
     let limits = copy_limits(&cluster, settings);
-    let outcome = copy_streams(&mut down, &mut up, limits, counters, shared.closing()).await;
+    let outcome = copy_h2_tcp(
+        &mut recv,
+        &mut send,
+        &up,
+        limits,
+        counters,
+        shared.closing(),
+    )
+    .await;
     if outcome.end == CopyEnd::Error {
         // One side broke: the other is reset rather than closed, as RFC 9113 §8.5 asks
         // (a TCP reset becomes RST_STREAM CONNECT_ERROR, and a stream reset a TCP reset).
         let _ = socket2::SockRef::from(&up).set_linger(Some(Duration::ZERO));
-        down.send.send_reset(Reason::CONNECT_ERROR);
+        send.send_reset(Reason::CONNECT_ERROR);
     }
     record_copy(&mut result, &outcome);
 }
@@ -497,92 +498,5 @@ fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode, body: &'static s
     );
     if let Ok(mut send) = respond.send_response(response, false) {
         let _ = send.send_data(Bytes::from_static(body.as_bytes()), true);
-    }
-}
-
-/// One HTTP/2 stream as a byte stream, for the copy: reading takes DATA frames and gives
-/// their window back only as the copy takes the bytes (so a destination that stops reading
-/// stops the client's stream, not the connection), and writing waits for send window.
-struct H2Stream {
-    recv: RecvStream,
-    send: SendStream<Bytes>,
-    /// Received and not yet read.
-    pending: Bytes,
-    /// END_STREAM sent.
-    ended: bool,
-}
-
-fn h2_io_error(e: h2::Error) -> io::Error {
-    if e.is_io() {
-        e.into_io()
-            .unwrap_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))
-    } else {
-        io::Error::new(io::ErrorKind::ConnectionReset, e)
-    }
-}
-
-impl AsyncRead for H2Stream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        while this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
-                Some(Ok(data)) => this.pending = data,
-                Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
-            }
-        }
-        let n = this.pending.len().min(buf.remaining());
-        buf.put_slice(&this.pending[..n]);
-        this.pending.advance(n);
-        // Errors only if the stream is gone, which the next read reports.
-        let _ = this.recv.flow_control().release_capacity(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for H2Stream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let this = &mut *self;
-        let mut capacity = this.send.capacity();
-        if capacity == 0 {
-            this.send.reserve_capacity(buf.len());
-            while capacity == 0 {
-                capacity = match ready!(this.send.poll_capacity(cx)) {
-                    Some(Ok(n)) => n,
-                    Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
-                    None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-                };
-            }
-        }
-        let n = capacity.min(buf.len());
-        this.send
-            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(h2_io_error)?;
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if !this.ended {
-            this.ended = true;
-            // Fails only when the stream is already reset: nothing left to end.
-            let _ = this.send.send_data(Bytes::new(), true);
-        }
-        Poll::Ready(Ok(()))
     }
 }

@@ -2,6 +2,7 @@
 
 mod bridge;
 pub mod copy;
+mod h2_copy;
 mod h2_refusals;
 pub mod handover;
 mod hbone;
