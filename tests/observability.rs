@@ -241,6 +241,10 @@ async fn a_scripted_mix_is_counted_exactly_and_the_exposition_parses() {
     assert!(gw.eventually(Duration::from_secs(5), || {
         metric_value(&gw.metrics_text(), "strait_active_connections", &[]) == 0.0
     }));
+    // After its duration, a connection counts its refusal, then its close: the last of
+    // the twelve may still be doing so.
+    gw.wait_metric("strait_refusals_total", &[], |v| v == 7.0);
+    gw.wait_metric("istio_tcp_connections_closed_total", &[], |v| v == 8.0);
     let m = gw.metrics_text();
     assert_exposition_parses(&m);
 
@@ -523,10 +527,19 @@ async fn a_flood_of_random_snis_leaves_the_series_bounded() {
     let first = sni_flood(gw.gateway, 150).await;
     // A refused client sees the close a moment before the gateway records it.
     let recorded = |n: f64| gw.metric("strait_connection_duration_seconds_count", &[]) == n;
+    // Each is refused (NR) just after its duration is recorded: the series are read
+    // once every refusal is counted too.
+    let refused = |n: f64| {
+        gw.wait_metric("strait_refusals_total", &[("response_flag", "NR")], |v| {
+            v == n
+        })
+    };
     assert!(gw.eventually(Duration::from_secs(5), || recorded(151.0)));
+    refused(151.0);
     let after_first = series(&gw.metrics_text());
     let second = sni_flood(gw.gateway, 150).await;
     assert!(gw.eventually(Duration::from_secs(5), || recorded(302.0)));
+    refused(302.0);
     let text = gw.metrics_text();
     let after_second = series(&text);
 
@@ -793,7 +806,9 @@ async fn access_log_can_go_to_a_file_or_nowhere_and_diagnostics_go_to_stderr() {
         .map(|l| l["response_flag"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(flags, BTreeSet::from(["-".to_string(), "DPE".to_string()]));
-    assert!(gw.access_log().is_empty(), "access log also on stdout");
+    let quiet = Duration::from_millis(300);
+    let on_stdout = gw.settled(Duration::from_secs(3), quiet, || gw.access_log().len());
+    assert_eq!(on_stdout, 0, "access log also on stdout");
     drop(gw);
 
     // Off: the connection is counted but not logged.
@@ -802,8 +817,8 @@ async fn access_log_can_go_to_a_file_or_nowhere_and_diagnostics_go_to_stderr() {
     assert!(gw.eventually(Duration::from_secs(3), || {
         gw.metric("istio_tcp_connections_closed_total", &[]) == 1.0
     }));
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(gw.access_log().is_empty());
+    let on_stdout = gw.settled(Duration::from_secs(3), quiet, || gw.access_log().len());
+    assert_eq!(on_stdout, 0);
     drop(gw);
 
     // Diagnostics: stderr, at the level of --log-level when RUST_LOG is unset.

@@ -701,6 +701,31 @@ impl Strait {
         }
         false
     }
+
+    /// The value of `name{labels}` (summed as [`Strait::metric`] sums it) once `ok` holds
+    /// for it, polled for at most ten seconds: for a sample another task of the gateway
+    /// writes, which may come after the event the test has seen (a connection counts its
+    /// close, its refusal and its duration after the client sees it close). Panics with
+    /// the last value and the metrics text if `ok` never holds.
+    pub fn wait_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        ok: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.metrics_text();
+            let value = metric_value(&text, name, labels);
+            if ok(value) {
+                return value;
+            }
+            if Instant::now() >= deadline {
+                panic!("{name}{labels:?} is {value}, not the value awaited; metrics:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
 }
 
 impl Drop for Strait {
