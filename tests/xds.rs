@@ -439,8 +439,9 @@ async fn bad_cluster(protocol: &str) {
         "{rejection}"
     );
     assert!(
+        gw.wait_stderr("rejected part of an xDS response", Duration::from_secs(5)),
+        "{}",
         gw.stderr_text()
-            .contains("rejected part of an xDS response")
     );
 }
 
