@@ -239,14 +239,14 @@ async fn locality_stays_local_fails_over_by_priority_and_comes_back() {
     // The local endpoint dies: the first connection that meets it retries elsewhere, so
     // no client sees an error, and it is ejected.
     let local_addr = w[0].addr;
-    drop(w.remove(0));
+    w.remove(0).stop().await;
     let t = tally(&answers(&gw, &ca, &key, 12).await);
     assert_eq!(count(&t, 1), 12, "same region next: {t:?}");
     let state = gw.endpoint_state(&key, &local);
     assert!(state["ejections"].as_u64().unwrap() >= 1, "{state}");
 
     // The same-region endpoint dies too: the failover rule's region before the others.
-    drop(w.remove(0));
+    w.remove(0).stop().await;
     let t = tally(&answers(&gw, &ca, &key, 12).await);
     assert_eq!(count(&t, 3), 12, "failover r1 -> r3: {t:?}");
     let failed = gw.metric(

@@ -327,8 +327,7 @@ async fn bridge_prefers_its_own_network_fails_over_to_the_remote_one_and_returns
     );
 
     // Local endpoint gone: every connection still succeeds, through network2.
-    drop(local);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    local.stop().await;
     for _ in 0..4 {
         assert_eq!(round().await, Ok(4096), "{}", bridge.stderr_text());
     }

@@ -371,6 +371,15 @@ impl Workload {
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
     }
+
+    /// Stops the workload and returns once its listener is closed, so the next dial of
+    /// its address is refused. Dropping it only asks its task to stop: until the runtime
+    /// runs the cancellation, the listener still accepts (a gateway's next connection
+    /// would then be reset, or even answered, instead of refused).
+    pub async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
 }
 
 /// Verifies the server's chain against the test root (name `workload.test`, whatever
@@ -1041,6 +1050,12 @@ impl RawEcho {
 
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Stops the echo and returns once its listener is closed ([`Workload::stop`]).
+    pub async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
     }
 }
 
