@@ -191,11 +191,20 @@ pub async fn run(
             },
         ));
     }
-    // Signal handlers before readiness: a SIGHUP or SIGTERM sent as soon as the gateway
-    // is ready must reload or drain it, not meet the default action (exit).
+    // Signal handlers and the file watcher before readiness: a SIGHUP or SIGTERM sent as
+    // soon as the gateway is ready must reload or drain it, not meet the default action
+    // (exit), and a file changed as soon as it is ready must be reloaded, not missed.
     let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(4);
     spawn_sighup(reload_tx.clone());
     let mut stop = stop_signal();
+    let _watcher = match &source {
+        Source::Paths(paths) => {
+            let mut watched = paths.clone();
+            watched.extend(material::watched_paths(&snapshot));
+            watch_files(&watched, reload_tx.clone())
+        }
+        Source::Text { .. } => None,
+    };
     // Status first, so readiness answers 503 until every listener is bound.
     admin::start(
         shared.clone(),
@@ -242,15 +251,6 @@ pub async fn run(
             shared: shared.clone(),
         });
     }
-
-    let _watcher = match &source {
-        Source::Paths(paths) => {
-            let mut watched = paths.clone();
-            watched.extend(material::watched_paths(&snapshot));
-            watch_files(&watched, reload_tx.clone())
-        }
-        Source::Text { .. } => None,
-    };
 
     let mut handed_over = false;
     loop {
