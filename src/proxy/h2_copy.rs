@@ -1,5 +1,7 @@
 //! The copy between one HTTP/2 stream and a TCP socket (a 15008 tunnel), without a
-//! byte-stream adaptor in between, so the gateway itself copies no byte of the tunnel:
+//! byte-stream adaptor in between, so strait's own code copies no byte of the tunnel
+//! (rustls still copies the plaintext it decrypts into `h2`'s read buffer, and what it
+//! encrypts into its records):
 //!
 //! - towards the destination, the DATA frames' payloads (`Bytes` cut from the
 //!   connection's read buffer by `h2`) go to the socket as they are, several in one
