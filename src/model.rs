@@ -821,6 +821,8 @@ pub struct Endpoint {
     pub service_account: Option<String>,
     /// Labelled `security.istio.io/tlsMode: disabled`: never a passthrough target.
     pub tls_disabled: bool,
+    /// Which of the gateway's paths may dial it.
+    pub reach: Reach,
     /// Priority the control plane assigned (EDS `LocalityLbEndpoints.priority`, 0 first):
     /// when set, locality failover follows it as sent instead of computing one.
     pub priority: Option<u32>,
@@ -852,6 +854,36 @@ impl Endpoint {
         match &self.address {
             EndpointAddress::Ip(ip) => SocketAddr::new(*ip, self.port).to_string(),
             EndpointAddress::Hostname(h) => format!("{h}:{}", self.port),
+        }
+    }
+}
+
+/// Which of the gateway's paths may dial an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reach {
+    /// Every path whose own rules allow it: 15443 (AUTO_PASSTHROUGH), ISTIO_MUTUAL and
+    /// PASSTHROUGH servers, bridges, and 15008 tunnels when it accepts HBONE.
+    #[default]
+    Any,
+    /// 15008 tunnels only: istiod listed it for the ambient east-west gateway (the
+    /// `waypoint` stream's `inbound-vip` clusters), not for the router's clusters, so
+    /// Envoy's 15443, ISTIO_MUTUAL and PASSTHROUGH chains never reach it.
+    Tunnels,
+}
+
+impl Reach {
+    /// The paths that may dial an endpoint of this reach, as `config_dump` and
+    /// `/clusters` name them (before each path's own rules: HBONE, network, tlsMode).
+    pub fn paths(self) -> &'static [&'static str] {
+        match self {
+            Reach::Any => &[
+                "AUTO_PASSTHROUGH",
+                "PASSTHROUGH",
+                "ISTIO_MUTUAL",
+                "BRIDGE",
+                "HBONE",
+            ],
+            Reach::Tunnels => &["HBONE"],
         }
     }
 }

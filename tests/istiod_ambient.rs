@@ -888,6 +888,264 @@ async fn one_strait_serves_15008_from_the_waypoint_stream_and_15443_from_the_rou
     });
 }
 
+/// The router's own servers for the Service `echo`: ISTIO_MUTUAL on 15444 (a `tcp`
+/// route) and PASSTHROUGH on 15445 (a `tls` route on the SNI), both to `echo:80`.
+const ECHO_SERVERS: &str = "\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: echo-gateway, namespace: istio-system}
+spec:
+  selector: {istio: eastwestgateway}
+  servers:
+  - port: {number: 15444, name: tls-mutual, protocol: TLS}
+    tls: {mode: ISTIO_MUTUAL}
+    hosts: [\"*\"]
+  - port: {number: 15445, name: tls-passthrough, protocol: TLS}
+    tls: {mode: PASSTHROUGH}
+    hosts: [\"*\"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: istio-system}
+spec:
+  hosts: [\"*\"]
+  gateways: [istio-system/echo-gateway]
+  tcp:
+  - match: [{port: 15444}]
+    route: [{destination: {host: echo.echo.svc.cluster.local, port: {number: 80}}}]
+  tls:
+  - match: [{port: 15445, sniHosts: [echo.echo.svc.cluster.local]}]
+    route: [{destination: {host: echo.echo.svc.cluster.local, port: {number: 80}}}]
+";
+
+/// One mTLS connection to an ISTIO_MUTUAL server with the certificate in `client`: a line
+/// sent and whatever comes back (the upstream leg may fail: only where it went matters).
+async fn through_mutual(gateway: SocketAddr, client: &Path) {
+    use strait::tls::{TrustConfig, client_config, load_identity};
+    let id = load_identity(client).expect("client identity");
+    let trust = TrustConfig {
+        trust_domain: "cluster.local".into(),
+        aliases: Vec::new(),
+        federated: Default::default(),
+    };
+    let config = client_config(&id, &trust, None, &[b"istio".as_slice()]).expect("client config");
+    let tcp = tokio::net::TcpStream::connect(gateway)
+        .await
+        .unwrap_or_else(|e| panic!("connect {gateway}: {e}"));
+    let name = rustls::pki_types::ServerName::try_from(ECHO).unwrap();
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .expect("handshake in time");
+    let mut tls = tls.unwrap_or_else(|e| panic!("ISTIO_MUTUAL handshake: {e}"));
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tls.write_all(b"who\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
+}
+
+/// A Service whose pods are partly ambient-only: istiod lists the sidecar's pod (echo-2)
+/// in the router's clusters and the captured pods (echo-1, echo-3) only in the waypoint
+/// stream's `inbound-vip` cluster. The router's ISTIO_MUTUAL and PASSTHROUGH servers and
+/// its 15443 route to the same service port reach echo-2 alone, as Envoy's router
+/// clusters would; the captured pods' application ports never see a connection, and 15008
+/// still tunnels to them. `config_dump` and `/clusters` say which paths may dial each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_routers_servers_never_dial_the_pods_only_the_waypoint_stream_lists() {
+    if harness_bin().is_none() || hbone_peer_bin().is_none() {
+        return;
+    }
+    let lab = Lab::new("amb-only");
+    let spoke = lab.spoke("amb-only-s");
+    lab.run(|| async {
+        let istiod = start_istiod().await;
+        istiod.apply("echo-servers.yaml", ECHO_SERVERS);
+        let dir = TempDir::new("amb-only");
+        let ca = mesh_ca(dir.path(), "cluster.local");
+        let gateway_certs = mesh_cert(&ca, GATEWAY_SPIFFE, &dir.path().join("gateway"));
+        let source_certs = mesh_cert(&ca, SOURCE_ID, &dir.path().join("source"));
+        let dest_certs = mesh_cert(&ca, ECHO_ID, &dir.path().join("dest"));
+        let echo_1 = hbone_dest(
+            SocketAddr::from(([10, 0, 0, 21], 15008)),
+            &dest_certs,
+            "echo-1",
+            None,
+        )
+        .await
+        .expect("hbone-peer");
+        let echo_3 = hbone_dest(
+            SocketAddr::from(([10, 0, 0, 23], 15008)),
+            &dest_certs,
+            "echo-3",
+            None,
+        )
+        .await
+        .expect("hbone-peer");
+        // Every pod's application port, counting what reaches it.
+        let test_ca = TestCa::new();
+        let mut apps = Vec::new();
+        for last in [21, 22, 23] {
+            apps.push(
+                Workload::start_at(
+                    &test_ca,
+                    ECHO_ID,
+                    SocketAddr::from(([10, 0, 0, last], 8080)),
+                )
+                .await,
+            );
+        }
+        let strait = launch_strait_gateway(
+            &spoke,
+            POD,
+            &format!(
+                "    waypoint: {{}}\n  certificates: {{dir: {}}}\n",
+                gateway_certs.display()
+            ),
+            Path::new(strait_bin()),
+            &[],
+        );
+        spoke.ns.run(|| strait.wait_ready(Duration::from_secs(30)));
+        // Both streams' endpoints of echo:80 are in: the router's pod and the captured ones.
+        let joined = strait.eventually(Duration::from_secs(30), || {
+            let dump = config_dump(&strait);
+            let listening = dump["listeners"].as_array().is_some_and(|ls| {
+                ls.iter()
+                    .any(|l| l["address"].as_str().is_some_and(|a| a.ends_with(":15445")))
+            });
+            let count = dump["services"]
+                .as_array()
+                .and_then(|ss| ss.iter().find(|s| s["host"] == ECHO && s["port"] == 80))
+                .and_then(|s| s["endpoints"].as_array())
+                .map_or(0, |e| e.len());
+            listening && count == 3
+        });
+        assert!(
+            joined,
+            "{:#}\n{}",
+            config_dump(&strait)["services"],
+            strait.stderr_text()
+        );
+
+        // config_dump: which paths may dial each endpoint of echo:80.
+        let dump = config_dump(&strait);
+        let echo = dump["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["host"] == ECHO && s["port"] == 80)
+            .unwrap();
+        let mut paths: Vec<(String, Value, Value)> = echo["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["address"].as_str().unwrap().to_string(),
+                    e["reach"].clone(),
+                    e["dialledBy"].clone(),
+                )
+            })
+            .collect();
+        paths.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            paths,
+            [
+                ("10.0.0.21".to_string(), json!("Tunnels"), json!(["HBONE"])),
+                (
+                    "10.0.0.22".to_string(),
+                    json!("Any"),
+                    json!(["AUTO_PASSTHROUGH", "PASSTHROUGH", "ISTIO_MUTUAL", "BRIDGE"])
+                ),
+                ("10.0.0.23".to_string(), json!("Tunnels"), json!(["HBONE"])),
+            ]
+        );
+        // /clusters: the router paths' cluster holds echo-2 alone, the tunnels' the two
+        // captured pods.
+        let (code, body) = http_get(strait.admin, "/clusters").unwrap();
+        assert_eq!(code, 200, "{body}");
+        let clusters: Value = serde_json::from_str(&body).unwrap();
+        let members = |name: &str| -> Vec<String> {
+            clusters["clusters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap_or_else(|| panic!("no cluster {name}: {clusters:#}"))["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["address"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(
+            members(&format!("outbound_.80_._.{ECHO}")),
+            ["10.0.0.22:8080"]
+        );
+        let mut tunnels = members(&inbound_vip(80, ECHO));
+        tunnels.sort();
+        assert_eq!(tunnels, ["10.0.0.21:8080", "10.0.0.23:8080"]);
+
+        // ISTIO_MUTUAL, PASSTHROUGH and AUTO_PASSTHROUGH to echo:80, six each.
+        let mutual = SocketAddr::from((spoke.ip, 15444));
+        let passthrough = SocketAddr::from((spoke.ip, 15445));
+        let sni = format!("outbound_.80_._.{ECHO}");
+        for i in 0..6 {
+            through_mutual(mutual, &source_certs).await;
+            let seen = round_trip(passthrough, &test_ca, ECHO)
+                .await
+                .unwrap_or_else(|e| panic!("PASSTHROUGH {i}: {e}\n{}", strait.stderr_text()));
+            assert_eq!(seen, ECHO_ID);
+            let seen = round_trip(spoke.gateway(), &test_ca, &sni)
+                .await
+                .unwrap_or_else(|e| panic!("15443 {i}: {e}\n{}", strait.stderr_text()));
+            assert_eq!(seen, ECHO_ID);
+        }
+        // Each connection dialled echo-2's 8080 (once, or more where an upstream
+        // handshake was retried), and nothing else.
+        let all_at_echo_2 = strait.eventually(Duration::from_secs(10), || apps[1].accepted() >= 18);
+        let accepted: Vec<u64> = apps.iter().map(Workload::accepted).collect();
+        assert!(all_at_echo_2, "{accepted:?}\n{}", strait.stderr_text());
+        assert_eq!(
+            (accepted[0], accepted[2]),
+            (0, 0),
+            "echo-1 and echo-3 on 8080: {accepted:?}"
+        );
+
+        // 15008 still tunnels to the captured pods, and only to them.
+        let via = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut source = HboneSource::new(SocketAddr::from((spoke.ip, 15008)), &source_certs);
+        source.gateway_id = Some(GATEWAY_SPIFFE.into());
+        source.dest_id = Some(ECHO_ID.into());
+        source.maps = vec![(via, format!("{ECHO}:80"))];
+        let source = source.start(None).await.expect("hbone-peer");
+        let mut to_echo_1 = 0;
+        for i in 0..4 {
+            let back = tunnel_round_trip(via, b"hi\n", Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|| {
+                    panic!(
+                        "tunnel {i}:\n{}\n{}",
+                        source.lines().join("\n"),
+                        strait.stderr_text()
+                    )
+                });
+            let text = String::from_utf8_lossy(&back);
+            assert!(
+                text == "[echo-1] hi\n" || text == "[echo-3] hi\n",
+                "{text:?}"
+            );
+            to_echo_1 += usize::from(text.starts_with("[echo-1]"));
+        }
+        // Each pod prints a stream before it answers; the test's reader is awaited.
+        let wait = Duration::from_secs(10);
+        let streams = echo_1.wait_streams(to_echo_1, wait).await.len()
+            + echo_3.wait_streams(4 - to_echo_1, wait).await.len();
+        assert_eq!(streams, 4);
+    });
+}
+
 /// Readiness waits for both streams: with a waypoint node istiod refuses (an id that is
 /// not `<type>~<ip>~<pod>.<ns>~<domain>`), the router stream's configuration arrives and
 /// is served, and readiness stays 503, naming the waypoint node.

@@ -9,6 +9,7 @@ use crate::model::{
 };
 use crate::proxy::{ServiceClusters, Shared};
 use crate::route::sni::build_subset_key;
+use crate::upstream::Purpose;
 
 /// strait's own sections, and beside them Envoy's `configs` ([`super::envoy_dump`]),
 /// endpoints included when asked (`include_eds`, as Envoy's admin takes it).
@@ -90,6 +91,8 @@ pub fn config_dump(shared: &Shared, include_eds: bool) -> Value {
                 "weight": e.weight,
                 "serviceAccount": e.service_account,
                 "tlsDisabled": e.tls_disabled,
+                "reach": format!("{:?}", e.reach),
+                "dialledBy": Purpose::allowed(e, &s.network),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "bridges": snap.bridges.iter().map(|b| json!({
@@ -198,12 +201,28 @@ pub fn clusters(shared: &Shared) -> Value {
     keys.sort();
     let mut out = Vec::new();
     for key in keys {
-        let ServiceClusters { all, subsets } = runtime.clusters[key].as_ref();
-        let mut entries = vec![(None, all)];
-        entries.extend(subsets.iter().map(|(n, c)| (Some(n.as_str()), c)));
-        for (subset, cluster) in entries {
+        let ServiceClusters {
+            all,
+            subsets,
+            tunnels,
+        } = runtime.clusters[key].as_ref();
+        let mut entries = vec![(build_subset_key(key.port, None, &key.host), None, all)];
+        entries.extend(
+            subsets
+                .iter()
+                .map(|(n, c)| (build_subset_key(key.port, Some(n), &key.host), Some(n), c)),
+        );
+        // The 15008 tunnels' cluster, by the name Istio's ambient east-west gateway gives it.
+        entries.extend(tunnels.iter().map(|c| {
+            (
+                format!("inbound-vip|{}|tcp|{}", key.port, key.host),
+                None,
+                c,
+            )
+        }));
+        for (name, subset, cluster) in entries {
             out.push(json!({
-                "name": build_subset_key(key.port, subset, &key.host),
+                "name": name,
                 "service": key.host,
                 "port": key.port,
                 "subset": subset,
@@ -220,6 +239,7 @@ pub fn clusters(shared: &Shared) -> Value {
                     "connectFailures": m.state.total_failures(),
                     "activeConnections": m.state.active(),
                     "passthroughEligible": !m.endpoint.tls_disabled,
+                    "dialledBy": Purpose::allowed(&m.endpoint, &runtime.snapshot.settings.network),
                 })).collect::<Vec<_>>(),
             }));
         }

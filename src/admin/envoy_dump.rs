@@ -319,7 +319,9 @@ fn lb_address(e: &LbEndpoint) -> Option<HostAddress> {
                 json: json!({"envoy_internal_address": {
                     "server_listener_name": listener, "endpoint_id": i.endpoint_id,
                 }}),
-                authority: None,
+                // istiod's HBONE endpoints carry `<pod IP>:<target port>` here: the
+                // served endpoint's own authority.
+                authority: Some(i.endpoint_id.clone()),
             })
         }
         core::address::Address::Pipe(p) => Some(HostAddress {
@@ -330,7 +332,8 @@ fn lb_address(e: &LbEndpoint) -> Option<HostAddress> {
 }
 
 /// The served cluster behind an Istio cluster name: `outbound_.<port>_.<subset>_.<host>`
-/// (the SNI-DNAT form) or `outbound|<port>|<subset>|<host>`.
+/// (the SNI-DNAT form), `outbound|<port>|<subset>|<host>`, or the ambient east-west
+/// gateway's `inbound-vip|<port>|tcp|<host>` (the tunnels' cluster).
 fn served_cluster(
     runtime: &crate::proxy::Runtime,
     name: &str,
@@ -351,7 +354,12 @@ fn served_cluster(
         )
     };
     let key = crate::model::ServiceKey { host, port };
-    runtime.clusters.get(&key)?.get(subset.as_deref()).cloned()
+    let clusters = runtime.clusters.get(&key)?;
+    if name.starts_with("inbound-vip|") {
+        // The ambient east-west gateway's cluster of a service port: its tunnels'.
+        return clusters.tunnels.clone();
+    }
+    clusters.get(subset.as_deref()).cloned()
 }
 
 /// The served member at a host's address.

@@ -179,22 +179,33 @@ fn respond(req: &Request<Incoming>, roles: &[Role], shared: &Shared) -> Response
 }
 
 /// Samples every declared endpoint's outlier state into the endpoint gauges. Endpoint
-/// state is shared by a service's clusters, so the all-endpoints cluster covers them.
+/// state is shared by a service's clusters, so the all-endpoints cluster and the
+/// tunnels' (which alone holds the endpoints reached by tunnels only) cover them.
 fn refresh_endpoint_metrics(shared: &Shared) {
     let runtime = shared.runtime.load();
     let endpoints: Vec<(&str, u16, String, bool, u64)> = runtime
         .clusters
         .iter()
         .flat_map(|(key, clusters)| {
-            clusters.all.members.iter().map(move |m| {
-                (
-                    key.host.as_str(),
-                    key.port,
-                    m.endpoint.authority(),
-                    !m.state.is_ejected(),
-                    u64::from(m.state.ejection_count()),
-                )
-            })
+            let tunnels_only = clusters.tunnels.iter().flat_map(|c| {
+                c.members
+                    .iter()
+                    .filter(|m| m.endpoint.reach == crate::model::Reach::Tunnels)
+            });
+            clusters
+                .all
+                .members
+                .iter()
+                .chain(tunnels_only)
+                .map(move |m| {
+                    (
+                        key.host.as_str(),
+                        key.port,
+                        m.endpoint.authority(),
+                        !m.state.is_ejected(),
+                        u64::from(m.state.ejection_count()),
+                    )
+                })
         })
         .collect();
     shared.telemetry.metrics.set_endpoints(endpoints.iter().map(

@@ -401,6 +401,7 @@ fn endpoint(e: &EndpointDoc, port: &SePort, resolution: Resolution) -> Option<En
             .labels
             .get(TLS_MODE_LABEL)
             .is_some_and(|v| v == "disabled"),
+        reach: crate::model::Reach::Any,
         labels: e.labels.clone(),
         locality: e.locality.clone(),
         network: e.network.clone(),

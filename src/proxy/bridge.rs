@@ -492,6 +492,7 @@ mod tests {
             address: EndpointAddress::Ip([10, 0, 0, 1].into()),
             port: 8080,
             tls_disabled: tls_mode == Some("disabled"),
+            reach: crate::model::Reach::Any,
             labels,
             locality: Locality::default(),
             network: network.into(),

@@ -396,8 +396,15 @@ async fn tunnel(
         }
     };
     result.service = Some(service.host.clone());
-    let Some(cluster) = runtime.clusters.get(&service.key()).map(|c| c.all.clone()) else {
-        result.refuse(ResponseFlag::NoHealthyUpstream, "no_cluster");
+    let clusters = runtime.clusters.get(&service.key());
+    let Some(cluster) = clusters.and_then(|c| c.tunnels.clone()) else {
+        if clusters.is_some() {
+            // The service port has no endpoint that takes HBONE.
+            result.refuse(ResponseFlag::NoHealthyUpstream, "no_healthy_endpoint");
+            result.detail = Some("no endpoint of the service accepts HBONE".into());
+        } else {
+            result.refuse(ResponseFlag::NoHealthyUpstream, "no_cluster");
+        }
         return reply(
             &mut respond,
             StatusCode::SERVICE_UNAVAILABLE,

@@ -32,11 +32,15 @@ use handover::Inherited;
 
 pub use listener::{BindError, bind_reuseport};
 
-/// The clusters of one service port: all endpoints, and one per declared subset.
+/// The clusters of one service port: all endpoints, and one per declared subset, for
+/// 15443, ISTIO_MUTUAL and PASSTHROUGH servers and bridges; and its HBONE endpoints for
+/// 15008 tunnels ([`Cluster::tunnels`]).
 #[derive(Debug, Clone)]
 pub struct ServiceClusters {
     pub all: Arc<Cluster>,
     pub subsets: BTreeMap<String, Arc<Cluster>>,
+    /// `None` when no endpoint of the default route accepts HBONE.
+    pub tunnels: Option<Arc<Cluster>>,
 }
 
 impl ServiceClusters {
@@ -64,6 +68,7 @@ fn service_clusters(
     Some(Arc::new(ServiceClusters {
         all: Arc::new(all),
         subsets,
+        tunnels: Cluster::tunnels(service.clone(), registry).map(Arc::new),
     }))
 }
 
@@ -586,6 +591,7 @@ mod tests {
                     weight: 1,
                     service_account: None,
                     tls_disabled: false,
+                    reach: crate::model::Reach::Any,
                     priority: None,
                     locality_weight: None,
                 })

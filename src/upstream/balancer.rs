@@ -361,6 +361,7 @@ mod tests {
             weight,
             service_account: None,
             tls_disabled: false,
+            reach: crate::model::Reach::Any,
             priority: None,
             locality_weight: None,
         }
@@ -379,6 +380,75 @@ mod tests {
             default_route: Default::default(),
         });
         Cluster::new(service, None, &StateRegistry::default()).unwrap()
+    }
+
+    /// An endpoint reached by tunnels only is a member of the tunnels' cluster alone, and
+    /// each path balances over its own members: picks on one cluster never move the
+    /// other's round robin, so interleaved 15443 and 15008 connections still spread.
+    #[test]
+    fn an_endpoint_for_tunnels_only_is_a_member_of_the_tunnels_cluster_alone() {
+        use crate::model::{Reach, TUNNEL_LABEL};
+        let hbone = |last: u8, reach: Reach| Endpoint {
+            labels: [(TUNNEL_LABEL.to_string(), "http".to_string())].into(),
+            reach,
+            ..endpoint(last, 1, "", "")
+        };
+        let service = Arc::new(ServicePort {
+            host: "svc.test".into(),
+            namespace: "default".into(),
+            port: 80,
+            port_name: "tcp".into(),
+            endpoints: vec![
+                endpoint(1, 1, "", ""),
+                hbone(2, Reach::Any),
+                hbone(3, Reach::Tunnels),
+            ],
+            policy: lb(LbPolicy::RoundRobin),
+            subsets: BTreeMap::new(),
+            resolution: Default::default(),
+            default_route: Default::default(),
+        });
+        let registry = StateRegistry::default();
+        let all = Cluster::new(service.clone(), None, &registry).unwrap();
+        let tunnels = Cluster::tunnels(service.clone(), &registry).unwrap();
+        let names = |c: &Cluster| -> Vec<String> {
+            c.members.iter().map(|m| m.endpoint.authority()).collect()
+        };
+        assert_eq!(names(&all), ["10.0.0.1:8080", "10.0.0.2:8080"]);
+        assert_eq!(names(&tunnels), ["10.0.0.2:8080", "10.0.0.3:8080"]);
+        // The endpoint both list is one endpoint: its connections and failures are shared.
+        assert!(Arc::ptr_eq(
+            &all.members[1].state,
+            &tunnels.members[0].state
+        ));
+        let gw = Locality::default();
+        let mut seen = [[0usize; 2]; 2];
+        for _ in 0..10 {
+            seen[0][all.pick(Purpose::Terminated, &gw, &[]).member().unwrap()] += 1;
+            seen[1][tunnels.pick(Purpose::Hbone, &gw, &[]).member().unwrap()] += 1;
+        }
+        assert_eq!(seen, [[5, 5], [5, 5]]);
+        // Whatever cluster it sits in, no path but 15008 may use it.
+        let only = &service.endpoints[2];
+        for p in [
+            Purpose::Passthrough,
+            Purpose::Tls,
+            Purpose::Terminated,
+            Purpose::Bridge,
+        ] {
+            assert!(p.exclusion(only, "").is_some(), "{p:?}");
+        }
+        assert_eq!(Purpose::allowed(only, ""), ["HBONE"]);
+        assert_eq!(
+            Purpose::allowed(&service.endpoints[0], ""),
+            ["AUTO_PASSTHROUGH", "PASSTHROUGH", "ISTIO_MUTUAL", "BRIDGE"]
+        );
+        // A service port without an HBONE endpoint has no tunnels' cluster.
+        let plain = Arc::new(ServicePort {
+            endpoints: vec![endpoint(1, 1, "", "")],
+            ..ServicePort::clone(&service)
+        });
+        assert!(Cluster::tunnels(plain, &registry).is_none());
     }
 
     fn lb(lb: LbPolicy) -> TrafficPolicy {

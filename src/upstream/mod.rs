@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use crate::model::{
-    Changed, DefaultRoute, Endpoint, EndpointAddress, Locality, ServiceKey, ServicePort, Settings,
-    TrafficPolicy,
+    Changed, DefaultRoute, Endpoint, EndpointAddress, Locality, Reach, ServiceKey, ServicePort,
+    Settings, TrafficPolicy,
 };
 use crate::telemetry::{FirstByte, RouteMetrics};
 
@@ -287,8 +287,43 @@ impl Purpose {
         }
     }
 
+    /// Every purpose, in the order `config_dump` and `/clusters` list them.
+    pub const ALL: [Purpose; 5] = [
+        Purpose::Passthrough,
+        Purpose::Tls,
+        Purpose::Terminated,
+        Purpose::Bridge,
+        Purpose::Hbone,
+    ];
+
+    /// The purpose as `config_dump` and `/clusters` name it: the server mode, or `BRIDGE`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Purpose::Passthrough => "AUTO_PASSTHROUGH",
+            Purpose::Tls => "PASSTHROUGH",
+            Purpose::Terminated => "ISTIO_MUTUAL",
+            Purpose::Bridge => "BRIDGE",
+            Purpose::Hbone => "HBONE",
+        }
+    }
+
+    /// The names of the purposes that may use `endpoint` from a gateway in
+    /// `gateway_network`: what `config_dump` and `/clusters` show of it.
+    pub fn allowed(endpoint: &Endpoint, gateway_network: &str) -> Vec<&'static str> {
+        Purpose::ALL
+            .into_iter()
+            .filter(|p| p.exclusion(endpoint, gateway_network).is_none())
+            .map(Purpose::name)
+            .collect()
+    }
+
     /// Why a connection of this purpose can never use `endpoint`, or `None` when it can.
     pub fn exclusion(self, endpoint: &Endpoint, gateway_network: &str) -> Option<&'static str> {
+        if self != Purpose::Hbone && endpoint.reach == Reach::Tunnels {
+            return Some(
+                "listed by istiod for the ambient east-west gateway only (its inbound-vip cluster): a 15008 tunnel destination, never dialled by another path",
+            );
+        }
         match self {
             Purpose::Passthrough => passthrough_exclusion(endpoint, gateway_network),
             Purpose::Tls => network_exclusion(endpoint, gateway_network),
@@ -311,37 +346,85 @@ fn jittered(d: Duration, fraction: f64) -> Duration {
     d.saturating_add(extra)
 }
 
+/// The indexes of the endpoints a service port's default route sends to.
+fn default_route(service: &ServicePort) -> Vec<usize> {
+    match &service.default_route {
+        DefaultRoute::AllEndpoints => (0..service.endpoints.len()).collect(),
+        DefaultRoute::Endpoints(indexes) => indexes.clone(),
+        DefaultRoute::NotListed => Vec::new(),
+    }
+}
+
 impl Cluster {
+    /// The cluster of the service port (or of one subset) that 15443, ISTIO_MUTUAL and
+    /// PASSTHROUGH servers and bridges use: every endpoint of it but those reached by
+    /// tunnels only ([`Reach::Tunnels`]), as Envoy's router clusters hold only what
+    /// istiod listed for the router.
     pub fn new(
         service: Arc<ServicePort>,
         subset: Option<&str>,
         registry: &StateRegistry,
     ) -> Option<Cluster> {
         let (policy, indexes): (TrafficPolicy, Vec<usize>) = match subset {
-            None => (
-                service.policy.clone(),
-                match &service.default_route {
-                    DefaultRoute::AllEndpoints => (0..service.endpoints.len()).collect(),
-                    DefaultRoute::Endpoints(indexes) => indexes.clone(),
-                    DefaultRoute::NotListed => Vec::new(),
-                },
-            ),
+            None => (service.policy.clone(), default_route(&service)),
             Some(name) => {
                 let s = service.subsets.get(name)?;
                 (s.policy.clone(), s.endpoints.clone())
             }
         };
+        let members = indexes.into_iter().filter(|&i| {
+            service
+                .endpoints
+                .get(i)
+                .is_some_and(|e| e.reach != Reach::Tunnels)
+        });
+        Some(Self::of(service.clone(), subset, policy, members, registry))
+    }
+
+    /// The cluster 15008 tunnels use: the endpoints of the service port's default route
+    /// that accept HBONE, whoever listed them (Envoy's `inbound-vip|<port>|tcp|<host>`);
+    /// `None` when there is none. Its members share their live state (connections,
+    /// failures, ejection) with the same endpoints in the other clusters of the service.
+    pub fn tunnels(service: Arc<ServicePort>, registry: &StateRegistry) -> Option<Cluster> {
+        let members: Vec<usize> = default_route(&service)
+            .into_iter()
+            .filter(|&i| {
+                service
+                    .endpoints
+                    .get(i)
+                    .is_some_and(Endpoint::accepts_hbone)
+            })
+            .collect();
+        if members.is_empty() {
+            return None;
+        }
+        let policy = service.policy.clone();
+        Some(Self::of(
+            service,
+            None,
+            policy,
+            members.into_iter(),
+            registry,
+        ))
+    }
+
+    fn of(
+        service: Arc<ServicePort>,
+        subset: Option<&str>,
+        policy: TrafficPolicy,
+        indexes: impl Iterator<Item = usize>,
+        registry: &StateRegistry,
+    ) -> Cluster {
         let key = service.key();
         let members: Vec<Member> = indexes
-            .iter()
-            .filter_map(|&i| service.endpoints.get(i))
+            .filter_map(|i| service.endpoints.get(i))
             .map(|e| Member {
                 endpoint: e.clone(),
                 state: registry.state_for(&key, e),
             })
             .collect();
         let weights: Vec<u32> = members.iter().map(|m| m.endpoint.weight.max(1)).collect();
-        Some(Cluster {
+        Cluster {
             balancer: balancer::Balancer::new(policy.lb, &weights),
             service,
             subset: subset.map(str::to_string),
@@ -350,7 +433,7 @@ impl Cluster {
             plan: OnceLock::new(),
             active: AtomicU32::new(0),
             passthrough_metrics: OnceLock::new(),
-        })
+        }
     }
 
     pub fn active(&self) -> u32 {

@@ -23,8 +23,8 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use crate::model::{
-    Changed, DefaultRoute, Discovery, Endpoint, EndpointAddress, ListenerSpec, ServerTlsMode,
-    ServicePort, Snapshot, TUNNEL_LABEL, XdsProtocol,
+    Changed, DefaultRoute, Discovery, Endpoint, EndpointAddress, ListenerSpec, Reach,
+    ServerTlsMode, ServicePort, Snapshot, TUNNEL_LABEL, XdsProtocol,
 };
 
 pub use client::Published;
@@ -380,8 +380,9 @@ pub fn start(status: Arc<Status>) -> Arc<Feed> {
 /// A service port both streams name is one service port, as it is from files: the
 /// router's (its endpoints, balancer and policy serve 15443), with each endpoint the
 /// waypoint stream lists as taking HBONE labelled so ([`TUNNEL_LABEL`]); one the router
-/// does not list is added for tunnels only (never a 15443 destination: istiod did not
-/// give it to the router).
+/// does not list is added for tunnels only ([`Reach::Tunnels`]: never a destination of
+/// 15443, an ISTIO_MUTUAL or PASSTHROUGH server or a bridge, as istiod did not give it
+/// to the router's clusters).
 pub fn merge(
     files: &Snapshot,
     xds: Option<&Published>,
@@ -453,7 +454,7 @@ type JoinedPorts =
 
 /// The router's service port with the waypoint's HBONE endpoints: the same endpoint
 /// (address and port) labelled as taking HBONE, one the router does not have added,
-/// reachable by tunnels only.
+/// reachable by tunnels only ([`Reach::Tunnels`]).
 fn with_hbone(router: &ServicePort, hbone: &ServicePort) -> ServicePort {
     let mut out = router.clone();
     let index: HashMap<(EndpointAddress, u16), usize> = out
@@ -473,8 +474,9 @@ fn with_hbone(router: &ServicePort, hbone: &ServicePort) -> ServicePort {
             None => {
                 added.push(out.endpoints.len());
                 out.endpoints.push(Endpoint {
-                    // Not the router's: never a passthrough destination on 15443.
-                    tls_disabled: true,
+                    // Not the router's: a tunnel destination only, never one of 15443,
+                    // an ISTIO_MUTUAL or PASSTHROUGH server or a bridge.
+                    reach: Reach::Tunnels,
                     ..e.clone()
                 });
             }
@@ -563,6 +565,7 @@ mod tests {
             weight: 1,
             service_account: None,
             tls_disabled: false,
+            reach: crate::model::Reach::Any,
             priority: None,
             locality_weight: None,
         };
@@ -597,17 +600,17 @@ mod tests {
         let files = Snapshot::default();
         let first = merge(&files, Some(&router), Some(&waypoint), &joined);
         let p = &first.services[&key];
-        let seen: Vec<(String, bool, bool)> = p
+        let seen: Vec<(String, bool, Reach, bool)> = p
             .endpoints
             .iter()
-            .map(|e| (e.authority(), e.accepts_hbone(), e.tls_disabled))
+            .map(|e| (e.authority(), e.accepts_hbone(), e.reach, e.tls_disabled))
             .collect();
         assert_eq!(
             seen,
             [
-                ("10.0.0.22:8080".to_string(), false, false),
-                ("10.0.0.21:8080".to_string(), true, false),
-                ("10.0.0.23:8080".to_string(), true, true),
+                ("10.0.0.22:8080".to_string(), false, Reach::Any, false),
+                ("10.0.0.21:8080".to_string(), true, Reach::Any, false),
+                ("10.0.0.23:8080".to_string(), true, Reach::Tunnels, false),
             ]
         );
         assert_eq!(p.default_route, DefaultRoute::Endpoints(vec![0, 1, 2]));

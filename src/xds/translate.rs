@@ -1043,6 +1043,7 @@ fn read_endpoints(cla: &eds::ClusterLoadAssignment, dns: bool) -> Result<XEndpoi
                 address,
                 port,
                 tls_disabled: tls_mode.as_deref() == Some("disabled"),
+                reach: crate::model::Reach::Any,
                 labels,
                 locality: locality.clone(),
                 network: String::new(),

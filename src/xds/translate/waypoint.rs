@@ -35,7 +35,9 @@ use super::{
     Addr, ENDPOINTS, LISTENER, Listener, Read, TCP_PROXY, TCP_PROXY_TYPE, TLS_SOCKET_TYPE,
     XCluster, XEndpoints, address, mutual_tls, non_empty, read_endpoints, tcp_proxy, weight,
 };
-use crate::model::{Endpoint, EndpointAddress, Locality, RbacFilter, ServiceKey, TUNNEL_LABEL};
+use crate::model::{
+    Endpoint, EndpointAddress, Locality, RbacFilter, Reach, ServiceKey, TUNNEL_LABEL,
+};
 
 const HCM: &str = "envoy.filters.network.http_connection_manager";
 const HCM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -486,6 +488,8 @@ pub fn endpoints(any: &Any) -> Result<(String, Read<XEndpoints>), String> {
                 address: EndpointAddress::Ip(target.ip()),
                 port: target.port(),
                 tls_disabled: false,
+                // Listed for the ambient east-west gateway only: a tunnel destination.
+                reach: Reach::Tunnels,
                 labels: BTreeMap::from([(TUNNEL_LABEL.to_string(), "http".to_string())]),
                 locality: locality.clone(),
                 network: String::new(),
