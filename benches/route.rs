@@ -56,6 +56,7 @@ fn route(c: &mut Criterion) {
         alpn: None,
         routes: Vec::new(),
         rbac: Vec::new(),
+        vips: Vec::new(),
     }];
     let mut group = c.benchmark_group("route_resolve");
     for n in [1usize, 1_000, 100_000] {
@@ -67,6 +68,7 @@ fn route(c: &mut Criterion) {
             alpn: None,
             routes: Vec::new(),
             rbac: Vec::new(),
+            vips: Vec::new(),
         }];
         let target = host(n / 2);
         let hit = format!("outbound_.9080_._.{target}");

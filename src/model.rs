@@ -326,6 +326,21 @@ pub struct ServerSpec {
     /// as istiod compiles them (`policy::compile`), on ISTIO_MUTUAL, PASSTHROUGH and HBONE
     /// servers. An AUTO_PASSTHROUGH server has none, as istiod gives it none.
     pub rbac: Vec<RbacFilter>,
+    /// On an HBONE server from istiod: the Service addresses it also takes as a tunnel's
+    /// `:authority` (`<VIP>:<port>`), most specific range first. Empty elsewhere.
+    pub vips: Vec<VipRoute>,
+}
+
+/// A Service address an HBONE server takes as a tunnel's `:authority`: istiod's
+/// `main_internal` matches the exact `<host>:<port>` names first and, failing them, the
+/// destination address (Envoy takes it from an `:authority` of `<VIP>:<port>`) against
+/// each Service's VIPs and ports, to the same chains.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VipRoute {
+    pub range: Cidr,
+    pub port: u16,
+    /// The service port the chain routes to.
+    pub service: ServiceKey,
 }
 
 /// Envoy's network RBAC filter (`envoy.filters.network.rbac`), as far as a TCP gateway can

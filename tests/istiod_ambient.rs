@@ -793,6 +793,10 @@ async fn one_strait_serves_15008_from_the_waypoint_stream_and_15443_from_the_rou
         let via_echo = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let via_nope = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let via_local = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let via_vip = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let via_vip_9000 = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let via_vip_81 = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let via_local_vip = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut source = HboneSource::new(gateway_hbone, &source_certs);
         source.gateway_id = Some(GATEWAY_SPIFFE.into());
         source.dest_id = Some(ECHO_ID.into());
@@ -800,6 +804,10 @@ async fn one_strait_serves_15008_from_the_waypoint_stream_and_15443_from_the_rou
             (via_echo, format!("{ECHO}:80")),
             (via_nope, "nope.echo.svc.cluster.local:80".into()),
             (via_local, format!("{LOCAL}:80")),
+            (via_vip, "10.96.0.10:80".into()),
+            (via_vip_9000, "10.96.0.10:9000".into()),
+            (via_vip_81, "10.96.0.10:81".into()),
+            (via_local_vip, "10.96.0.11:80".into()),
         ];
         let source = source.start(None).await.expect("hbone-peer");
         let mut to_echo_1 = 0;
@@ -850,10 +858,49 @@ async fn one_strait_serves_15008_from_the_waypoint_stream_and_15443_from_the_rou
             "echo-2 takes no HBONE"
         );
 
-        // Names the waypoint stream does not serve: 404 on their stream.
+        // A Service's VIP and service port, as istiod's main_internal takes them after
+        // the names (its fallback on the destination address): the same service port,
+        // and the pod's ztunnel sees the authority as the source sent it.
+        for (via, port) in [(via_vip, 80), (via_vip_9000, 9000)] {
+            let back = tunnel_round_trip(via, b"vip\n", Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|| {
+                    panic!(
+                        "10.96.0.10:{port} did not come back:\n{}\n{}",
+                        source.lines().join("\n"),
+                        strait.stderr_text()
+                    )
+                });
+            let text = String::from_utf8_lossy(&back);
+            assert!(
+                text == "[echo-1] vip\n" || text == "[echo-3] vip\n",
+                "10.96.0.10:{port}: {text:?}"
+            );
+        }
+        let by_vip = || {
+            let mut seen: Vec<String> = echo_1
+                .streams()
+                .into_iter()
+                .chain(echo_3.streams())
+                .map(|s| s.authority)
+                .filter(|a| a.starts_with("10.96.0.10:"))
+                .collect();
+            seen.sort();
+            seen
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while by_vip().len() < 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(by_vip(), ["10.96.0.10:80", "10.96.0.10:9000"]);
+
+        // Names and addresses the waypoint stream does not serve: 404 on their stream
+        // (a port the Service lacks on its VIP, the VIP of a Service that is not global).
         for (via, authority) in [
             (via_nope, "nope.echo.svc.cluster.local:80".to_string()),
             (via_local, format!("{LOCAL}:80")),
+            (via_vip_81, "10.96.0.10:81".to_string()),
+            (via_local_vip, "10.96.0.11:80".to_string()),
         ] {
             let back = tunnel_round_trip(via, b"x", Duration::from_secs(10)).await;
             assert!(

@@ -66,6 +66,11 @@ pub fn config_dump(shared: &Shared, include_eds: bool) -> Value {
                 "hosts": srv.hosts.iter().map(HostMatch::to_string).collect::<Vec<_>>(),
                 "alpn": srv.alpn,
                 "rbac": srv.rbac.iter().map(rbac_filter).collect::<Vec<_>>(),
+                "vips": srv.vips.iter().map(|v| json!({
+                    "range": format!("{}/{}", v.range.addr, v.range.len),
+                    "port": v.port,
+                    "service": format!("{}:{}", v.service.host, v.service.port),
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "services": services.iter().map(|svc| json!({

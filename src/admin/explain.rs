@@ -200,7 +200,12 @@ fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealt
                     None => format!(
                         "candidate, {}",
                         live.describe(
-                            &build_subset_key(svc.port, m.subset, &svc.host),
+                            &if purpose == crate::upstream::Purpose::Hbone {
+                                // Tunnels balance over a cluster of their own.
+                                format!("inbound-vip|{}|tcp|{}", svc.port, svc.host)
+                            } else {
+                                build_subset_key(svc.port, m.subset, &svc.host)
+                            },
                             &e.authority()
                         )
                     ),

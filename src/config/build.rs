@@ -288,6 +288,7 @@ fn server_spec(s: &super::istio::ServerDoc) -> ServerSpec {
         alpn: None,
         routes: Vec::new(),
         rbac: Vec::new(),
+        vips: Vec::new(),
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod sni;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::model::{
@@ -274,7 +275,13 @@ fn host_not_in_gateway(servers: &[ServerSpec], host: &str) -> RouteMiss {
 pub fn parse_authority(authority: &str) -> Option<(std::borrow::Cow<'_, str>, u16)> {
     let (host, port) = authority.rsplit_once(':')?;
     let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
-    if host.is_empty() || host.starts_with('[') {
+    if let Some(v6) = host.strip_prefix('[') {
+        // `[<IPv6>]:<port>`: a Service's IPv6 VIP; nothing else is bracketed.
+        let v6 = v6.strip_suffix(']')?;
+        v6.parse::<std::net::Ipv6Addr>().ok()?;
+        return Some((std::borrow::Cow::Owned(v6.to_ascii_lowercase()), port));
+    }
+    if host.is_empty() {
         return None;
     }
     let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -287,8 +294,9 @@ pub fn parse_authority(authority: &str) -> Option<(std::borrow::Cow<'_, str>, u1
 
 /// Resolves an HBONE tunnel's `:authority` (`<service host>:<service port>`) against one
 /// listener's HBONE servers and the service table, as Istio's ambient east-west gateway
-/// maps `<svc-host>:<svc-port>` to the service port's endpoints. No subsets, no routes:
-/// a tunnel goes to the service port it names.
+/// maps `<svc-host>:<svc-port>` to the service port's endpoints, and failing a name,
+/// `<VIP>:<port>` by the servers' [`crate::model::VipRoute`]s. No subsets, no routes: a
+/// tunnel goes to the service port it names.
 pub fn resolve_authority<'s>(
     servers: &'s [ServerSpec],
     services: &'s Services,
@@ -297,13 +305,24 @@ pub fn resolve_authority<'s>(
     let (host, port) = parse_authority(authority).ok_or_else(|| RouteMiss::BadAuthority {
         authority: authority.chars().take(256).collect(),
     })?;
-    let server = servers
+    let exact = servers
         .iter()
-        .position(|s| s.mode == ServerTlsMode::Hbone && s.hosts.matches(&host))
-        .ok_or_else(|| host_not_in_gateway(servers, &host))?;
-    let lookup = ServiceKey {
-        host: host.into_owned(),
-        port,
+        .position(|s| s.mode == ServerTlsMode::Hbone && s.hosts.matches(&host));
+    let (server, lookup) = match exact {
+        Some(server) => (
+            server,
+            ServiceKey {
+                host: host.into_owned(),
+                port,
+            },
+        ),
+        // Failing the names, a Service VIP and port, as istiod's `main_internal` falls
+        // back on the destination address.
+        None => host
+            .parse::<IpAddr>()
+            .ok()
+            .and_then(|ip| vip_route(servers, ip, port))
+            .ok_or_else(|| host_not_in_gateway(servers, &host))?,
     };
     let Some(service) = services.get(&lookup) else {
         return Err(RouteMiss::UnknownService {
@@ -323,6 +342,21 @@ pub fn resolve_authority<'s>(
         subset: None,
         route: None,
     })
+}
+
+/// The first HBONE server taking `ip`:`port` as a Service VIP, and the service port it
+/// routes to.
+fn vip_route(servers: &[ServerSpec], ip: IpAddr, port: u16) -> Option<(usize, ServiceKey)> {
+    servers
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.mode == ServerTlsMode::Hbone)
+        .find_map(|(i, s)| {
+            s.vips
+                .iter()
+                .find(|v| v.port == port && v.range.contains(ip))
+                .map(|v| (i, v.service.clone()))
+        })
 }
 
 /// The ports declared for `host`, for explaining an `UnknownService` miss offline
@@ -360,6 +394,7 @@ mod tests {
             alpn: None,
             routes: Vec::new(),
             rbac: Vec::new(),
+            vips: Vec::new(),
         }];
         let mut subsets = BTreeMap::new();
         subsets.insert(
@@ -401,6 +436,7 @@ mod tests {
             alpn: None,
             routes: Vec::new(),
             rbac: Vec::new(),
+            vips: Vec::new(),
         }];
         let hit = resolve(
             &servers,
@@ -450,6 +486,7 @@ mod tests {
                 route("exact", &["a.b.example.com"], Some("v2")),
             ],
             rbac: Vec::new(),
+            vips: Vec::new(),
         }];
         let vs = |sni: &str| {
             resolve(&servers, &services, Some(sni))
@@ -488,6 +525,7 @@ mod tests {
                 }],
             }],
             rbac: Vec::new(),
+            vips: Vec::new(),
         }
     }
 
@@ -644,6 +682,45 @@ mod tests {
             miss("INBOUND_.9080_._.REVIEWS.DEFAULT.SVC.CLUSTER.LOCAL"),
             "not_subset_key"
         );
+    }
+
+    /// A tunnel's `:authority` names the service port by its host or, failing the names,
+    /// by a VIP and port the HBONE server takes (IPv6 in brackets); anything else misses.
+    #[test]
+    fn an_authority_routes_by_host_then_by_vip() {
+        use crate::model::{Cidr, VipRoute};
+        let (_, services) = table();
+        let reviews = ServiceKey::new("reviews.default.svc.cluster.local", 9080);
+        let vip = |addr: &str, len| VipRoute {
+            range: Cidr {
+                addr: addr.parse().unwrap(),
+                len,
+            },
+            port: 9080,
+            service: reviews.clone(),
+        };
+        let servers = vec![ServerSpec {
+            name: "xds/connect_terminate".into(),
+            mode: ServerTlsMode::Hbone,
+            hosts: vec![HostMatch::Exact(reviews.host.clone())].into(),
+            alpn: None,
+            routes: Vec::new(),
+            rbac: Vec::new(),
+            vips: vec![vip("10.96.0.10", 32), vip("fd00::10", 128)],
+        }];
+        let host = |a: &str| {
+            resolve_authority(&servers, &services, a)
+                .map(|m| format!("{}:{}", m.service.host, m.service.port))
+                .map_err(|e| e.reason())
+        };
+        let want = Ok(format!("{}:{}", reviews.host, reviews.port));
+        assert_eq!(host("reviews.default.svc.cluster.local:9080"), want);
+        assert_eq!(host("10.96.0.10:9080"), want);
+        assert_eq!(host("[fd00::10]:9080"), want);
+        assert_eq!(host("10.96.0.10:9081"), Err("host_not_in_gateway"));
+        assert_eq!(host("10.96.0.11:9080"), Err("host_not_in_gateway"));
+        assert_eq!(host("[fd00::10:9080"), Err("bad_authority"));
+        assert_eq!(host("[reviews]:9080"), Err("bad_authority"));
     }
 
     #[test]

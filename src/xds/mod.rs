@@ -517,6 +517,7 @@ mod tests {
             alpn: None,
             routes: Vec::new(),
             rbac,
+            vips: Vec::new(),
         };
         let files = Snapshot {
             rbac: vec![filter("istio-system/from-files")],

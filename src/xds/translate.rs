@@ -1216,6 +1216,7 @@ impl Assembly {
                     alpn: Some(alpn),
                     routes: Vec::new(),
                     rbac: rbac.to_vec(),
+                    vips: Vec::new(),
                 })
                 .collect();
             // ISTIO_MUTUAL servers: each chain is one, its hosts the chain's names.
@@ -1233,6 +1234,7 @@ impl Assembly {
                     alpn: None,
                     routes: vec![route],
                     rbac: chain.rbac.clone(),
+                    vips: Vec::new(),
                 });
             }
             // PASSTHROUGH routes, one server per distinct RBAC.
@@ -1262,6 +1264,7 @@ impl Assembly {
                     alpn: None,
                     routes,
                     rbac: rbac.to_vec(),
+                    vips: Vec::new(),
                 });
             }
             if specs.is_empty() {
@@ -1277,12 +1280,9 @@ impl Assembly {
         for (lname, l) in &held.listeners {
             let Listener::Hbone(h) = l else { continue };
             let mut hosts = BTreeSet::new();
-            for (key, r) in held
-                .authorities_of(h)
-                .map(|m| &m.routes)
-                .into_iter()
-                .flatten()
-            {
+            let map = held.authorities_of(h);
+            let mut served = BTreeSet::new();
+            for (key, r) in map.map(|m| &m.routes).into_iter().flatten() {
                 let Some(cluster) = held.clusters.get(&r.cluster) else {
                     self.missing_clusters.insert(r.cluster.clone());
                     continue;
@@ -1302,7 +1302,16 @@ impl Assembly {
                     ));
                 }
                 hosts.insert(key.host.clone());
+                served.insert(key);
             }
+            // A VIP reaches what its service port's name reaches, or nothing.
+            let vips = map
+                .map(|m| &m.vips)
+                .into_iter()
+                .flatten()
+                .filter(|v| served.contains(&v.service))
+                .cloned()
+                .collect();
             self.listeners.push(ListenerSpec {
                 addr: h.addr,
                 servers: vec![ServerSpec {
@@ -1312,6 +1321,7 @@ impl Assembly {
                     alpn: None,
                     routes: Vec::new(),
                     rbac: h.rbac.clone(),
+                    vips,
                 }],
             });
         }

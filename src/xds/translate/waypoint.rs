@@ -7,7 +7,8 @@
 //!   RBAC filter as on an ISTIO_MUTUAL chain;
 //! - `main_internal` (an internal listener whose `filter_chain_matcher` maps the
 //!   `:authority` `<host>:<service port>` to a chain, each a `tcp_proxy` to
-//!   `inbound-vip|<port>|tcp|<host>`) → [`AuthorityMap`];
+//!   `inbound-vip|<port>|tcp|<host>`, and failing that the Service VIP and port to the
+//!   same chains) → [`AuthorityMap`];
 //! - each `inbound-vip|…` cluster's EDS → the service port's HBONE endpoints: the internal
 //!   addresses whose `envoy.filters.listener.original_dst` metadata says `local:
 //!   <pod IP>:<target port>`, labelled as accepting HBONE, so the data path dials
@@ -36,7 +37,8 @@ use super::{
     XCluster, XEndpoints, address, mutual_tls, non_empty, read_endpoints, tcp_proxy, weight,
 };
 use crate::model::{
-    Endpoint, EndpointAddress, Locality, RbacFilter, Reach, ServiceKey, TUNNEL_LABEL,
+    Cidr, Endpoint, EndpointAddress, Locality, RbacFilter, Reach, ServiceKey, TUNNEL_LABEL,
+    VipRoute,
 };
 
 const HCM: &str = "envoy.filters.network.http_connection_manager";
@@ -67,9 +69,35 @@ pub struct HboneListener {
 pub struct AuthorityMap {
     /// `(host, service port)` → the `tcp_proxy` of its chain.
     pub routes: BTreeMap<ServiceKey, AuthorityRoute>,
+    /// The fallback on the destination address (`on_no_match`): `<VIP>:<port>` to the
+    /// service port of the chain it names, most specific range first.
+    pub vips: Vec<VipRoute>,
     /// Entries and chains left out, with why.
     pub skipped: Vec<String>,
 }
+
+/// `xds.type.matcher.v3.IPMatcher` (cncf/xds `ip.proto`), which envoy-types does not carry.
+#[derive(Clone, PartialEq, prost::Message)]
+struct IpMatcher {
+    #[prost(message, repeated, tag = "1")]
+    range_matchers: Vec<IpRangeMatcher>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct IpRangeMatcher {
+    #[prost(message, repeated, tag = "1")]
+    ranges: Vec<envoy_types::pb::xds::core::v3::CidrRange>,
+    #[prost(message, optional, tag = "2")]
+    on_match: Option<envoy_types::pb::xds::r#type::matcher::v3::matcher::OnMatch>,
+    #[prost(bool, tag = "3")]
+    exclusive: bool,
+}
+
+const IP_MATCHER: &str = "type.googleapis.com/xds.type.matcher.v3.IPMatcher";
+const DESTINATION_IP: &str =
+    "type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.DestinationIPInput";
+const DESTINATION_PORT: &str =
+    "type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.DestinationPortInput";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuthorityRoute {
@@ -309,8 +337,7 @@ fn connect_terminate(l: &lds::Listener, addr: SocketAddr) -> Result<Option<Hbone
 
 /// The authority map of an internal listener: the exact map of its
 /// `filter_chain_matcher`, each entry's action naming a filter chain that ends in a
-/// `tcp_proxy`. The fallback on the destination address (the Service's VIP) is not
-/// read: strait routes on the `:authority` itself.
+/// `tcp_proxy`; then its fallback on the destination address ([`vip_routes`]).
 fn authority_map(l: &lds::Listener) -> Result<AuthorityMap, String> {
     use envoy_types::pb::xds::r#type::matcher::v3::matcher::{
         MatcherType, matcher_tree::TreeType, on_match::OnMatch,
@@ -341,11 +368,8 @@ fn authority_map(l: &lds::Listener) -> Result<AuthorityMap, String> {
             return Ok(out);
         }
     };
-    if matcher.is_some_and(|m| m.on_no_match.is_some()) {
-        out.skipped.push(
-            "filter_chain_matcher.on_no_match (the Service VIP fallback): not read; the :authority names the service".into(),
-        );
-    }
+    // The service port each served chain routes to, for the VIP fallback.
+    let mut chain_keys: BTreeMap<String, ServiceKey> = BTreeMap::new();
     let mut keys: Vec<&String> = map.keys().collect();
     keys.sort();
     for key in keys {
@@ -402,8 +426,10 @@ fn authority_map(l: &lds::Listener) -> Result<AuthorityMap, String> {
                 "{key}: weighted_clusters served by its heaviest cluster {cluster} only"
             ));
         }
+        let service = ServiceKey::new(&host.to_ascii_lowercase(), port);
+        chain_keys.insert(chain_name.clone(), service.clone());
         out.routes.insert(
-            ServiceKey::new(&host.to_ascii_lowercase(), port),
+            service,
             AuthorityRoute {
                 cluster,
                 idle_timeout: proxy.idle_timeout,
@@ -411,7 +437,150 @@ fn authority_map(l: &lds::Listener) -> Result<AuthorityMap, String> {
             },
         );
     }
+    if let Some(no_match) = matcher.and_then(|m| m.on_no_match.as_ref()) {
+        vip_routes(no_match, &chains, &chain_keys, &mut out)?;
+    }
     Ok(out)
+}
+
+/// istiod's fallback after the exact map (`filter_chain_matcher.on_no_match`): a matcher
+/// on the destination IP (an `IPMatcher` of each Service's VIPs), each range then on the
+/// destination port, to the chain of that service port. Envoy takes the destination from
+/// the `:authority` (`envoy.filters.listener.original_dst.local_ip`), so an `:authority`
+/// of `<VIP>:<port>` reaches the chain `<host>:<port>` does. Read into [`VipRoute`]s for
+/// the chains the exact map serves; what has another shape is skipped with why, and a
+/// range that is not an address or an action naming a chain the listener does not have
+/// is rejected, as Envoy rejects them.
+fn vip_routes(
+    no_match: &envoy_types::pb::xds::r#type::matcher::v3::matcher::OnMatch,
+    chains: &BTreeMap<String, (usize, &lds::FilterChain)>,
+    chain_keys: &BTreeMap<String, ServiceKey>,
+    out: &mut AuthorityMap,
+) -> Result<(), String> {
+    use envoy_types::pb::xds::r#type::matcher::v3::matcher::{
+        MatcherType, matcher_tree::TreeType, on_match::OnMatch,
+    };
+    const AT: &str = "filter_chain_matcher.on_no_match";
+    let tree = match &no_match.on_match {
+        Some(OnMatch::Matcher(m)) => match &m.matcher_type {
+            Some(MatcherType::MatcherTree(t)) => Some(t),
+            _ => None,
+        },
+        _ => None,
+    };
+    let input = |t: &envoy_types::pb::xds::r#type::matcher::v3::matcher::MatcherTree| {
+        t.input
+            .as_ref()
+            .and_then(|i| i.typed_config.as_ref())
+            .map(|a| a.type_url.clone())
+            .unwrap_or_default()
+    };
+    let Some(tree) = tree.filter(|t| input(t) == DESTINATION_IP) else {
+        out.skipped.push(format!(
+            "{AT}: not a matcher on the destination IP: no VIP is served"
+        ));
+        return Ok(());
+    };
+    let Some(TreeType::CustomMatch(custom)) = &tree.tree_type else {
+        out.skipped
+            .push(format!("{AT}: not an IP range matcher: no VIP is served"));
+        return Ok(());
+    };
+    let ip: IpMatcher = match custom.typed_config.as_ref() {
+        Some(a) if a.type_url == IP_MATCHER => {
+            decode(a, IP_MATCHER).map_err(|e| format!("{AT}: {e}"))?
+        }
+        other => {
+            out.skipped.push(format!(
+                "{AT}: custom_match {}: not an IPMatcher: no VIP is served",
+                other.map_or("without typed_config", |a| a.type_url.as_str())
+            ));
+            return Ok(());
+        }
+    };
+    let mut vips = Vec::new();
+    for (r, rm) in ip.range_matchers.iter().enumerate() {
+        let at = format!("{AT}: range_matchers[{r}]");
+        let mut ranges = Vec::new();
+        for (k, c) in rm.ranges.iter().enumerate() {
+            let addr: IpAddr = c.address_prefix.parse().map_err(|_| {
+                format!(
+                    "{at}.ranges[{k}]: {:?} is not an IP address",
+                    c.address_prefix
+                )
+            })?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let len = c.prefix_len.as_ref().map_or(0, |l| l.value);
+            if len > max {
+                return Err(format!(
+                    "{at}.ranges[{k}]: prefix length {len} is too long for {addr}"
+                ));
+            }
+            ranges.push(Cidr {
+                addr,
+                len: len as u8,
+            });
+        }
+        if rm.exclusive {
+            out.skipped
+                .push(format!("{at}: exclusive: read as a non-exclusive range"));
+        }
+        let ports = match rm.on_match.as_ref().and_then(|m| m.on_match.as_ref()) {
+            Some(OnMatch::Matcher(m)) => match &m.matcher_type {
+                Some(MatcherType::MatcherTree(t)) if input(t) == DESTINATION_PORT => {
+                    match &t.tree_type {
+                        Some(TreeType::ExactMatchMap(m)) => Some(&m.map),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(ports) = ports else {
+            out.skipped.push(format!(
+                "{at}: not an exact map on the destination port: skipped"
+            ));
+            continue;
+        };
+        let mut keys: Vec<&String> = ports.keys().collect();
+        keys.sort();
+        for port in keys {
+            let chain = match &ports[port].on_match {
+                Some(OnMatch::Action(a)) => &a.name,
+                _ => {
+                    out.skipped.push(format!(
+                        "{at}: port {port}: not an action naming a filter chain"
+                    ));
+                    continue;
+                }
+            };
+            if !chains.contains_key(chain) {
+                return Err(format!(
+                    "{at}: port {port} names filter chain {chain:?}, which the listener does not have"
+                ));
+            }
+            let Ok(port) = port.parse::<u16>() else {
+                out.skipped.push(format!("{at}: {port:?} is not a port"));
+                continue;
+            };
+            let Some(service) = chain_keys.get(chain) else {
+                out.skipped.push(format!(
+                    "{at}: port {port}: chain {chain} is served under no <host>:<port>"
+                ));
+                continue;
+            };
+            vips.extend(ranges.iter().map(|range| VipRoute {
+                range: *range,
+                port,
+                service: service.clone(),
+            }));
+        }
+    }
+    // The most specific range first, as Envoy's trie picks it.
+    vips.sort_by_key(|v| std::cmp::Reverse(v.range.len));
+    out.vips = vips;
+    Ok(())
 }
 
 /// Reads one CDS resource of the waypoint stream: as the router's (an `ORIGINAL_DST`
@@ -794,6 +963,127 @@ mod tests {
         }
     }
 
+    /// `listener` with istiod's fallback on the destination address: each of `ranges`
+    /// and `port` to `chain`.
+    fn with_vips(
+        mut l: lds::Listener,
+        ranges: &[(&str, u32)],
+        port: &str,
+        chain: &str,
+    ) -> lds::Listener {
+        use envoy_types::pb::xds::core::v3::{CidrRange, TypedExtensionConfig};
+        use envoy_types::pb::xds::r#type::matcher::v3::{Matcher, matcher};
+        let input = |url: &str| TypedExtensionConfig {
+            name: "input".into(),
+            typed_config: Some(Any {
+                type_url: url.into(),
+                value: Vec::new(),
+            }),
+        };
+        let to_chain = matcher::OnMatch {
+            on_match: Some(matcher::on_match::OnMatch::Action(TypedExtensionConfig {
+                name: chain.into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let ports = Matcher {
+            matcher_type: Some(matcher::MatcherType::MatcherTree(matcher::MatcherTree {
+                input: Some(input(DESTINATION_PORT)),
+                tree_type: Some(matcher::matcher_tree::TreeType::ExactMatchMap(
+                    matcher::matcher_tree::MatchMap {
+                        map: [(port.to_string(), to_chain)].into(),
+                    },
+                )),
+            })),
+            ..Default::default()
+        };
+        let ip = IpMatcher {
+            range_matchers: vec![IpRangeMatcher {
+                ranges: ranges
+                    .iter()
+                    .map(|(a, len)| CidrRange {
+                        address_prefix: a.to_string(),
+                        prefix_len: Some(envoy_types::pb::google::protobuf::UInt32Value {
+                            value: *len,
+                        }),
+                    })
+                    .collect(),
+                on_match: Some(matcher::OnMatch {
+                    on_match: Some(matcher::on_match::OnMatch::Matcher(Box::new(ports))),
+                    ..Default::default()
+                }),
+                exclusive: false,
+            }],
+        };
+        let by_ip = Matcher {
+            matcher_type: Some(matcher::MatcherType::MatcherTree(matcher::MatcherTree {
+                input: Some(input(DESTINATION_IP)),
+                tree_type: Some(matcher::matcher_tree::TreeType::CustomMatch(
+                    TypedExtensionConfig {
+                        name: "ip".into(),
+                        typed_config: Some(any(IP_MATCHER, &ip)),
+                    },
+                )),
+            })),
+            ..Default::default()
+        };
+        if let Some(m) = l.filter_chain_matcher.as_mut() {
+            m.on_no_match = Some(Box::new(matcher::OnMatch {
+                on_match: Some(matcher::on_match::OnMatch::Matcher(Box::new(by_ip))),
+                ..Default::default()
+            }));
+        }
+        l
+    }
+
+    /// The fallback on the destination address: `<VIP>:<port>` to the service port whose
+    /// chain the range names; a range that is no address, or a chain the listener lacks,
+    /// is rejected as Envoy rejects it.
+    #[test]
+    fn the_vip_fallback_routes_a_services_vip_and_port_to_its_service_port() {
+        let l = with_vips(
+            main_internal(VIP),
+            &[("10.96.0.10", 32), ("fd00::10", 128)],
+            "80",
+            VIP,
+        );
+        let (_, read) = listener(&any(LISTENER, &l)).expect("valid");
+        let Listener::Authorities(m) = read.value else {
+            panic!("{:?}", read.value)
+        };
+        let echo = ServiceKey::new("echo.echo.svc.cluster.local", 80);
+        let route = |addr: &str, len| VipRoute {
+            range: Cidr {
+                addr: addr.parse().unwrap(),
+                len,
+            },
+            port: 80,
+            service: echo.clone(),
+        };
+        // The most specific range first.
+        assert_eq!(m.vips, [route("fd00::10", 128), route("10.96.0.10", 32)]);
+        assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+
+        let e = listener(&any(
+            LISTENER,
+            &with_vips(main_internal(VIP), &[("10.96.0.10", 32)], "80", "nope"),
+        ))
+        .err()
+        .expect("rejected");
+        assert!(e.contains("on_no_match") && e.contains("\"nope\""), "{e}");
+        let e = listener(&any(
+            LISTENER,
+            &with_vips(main_internal(VIP), &[("10.96.0", 32)], "80", VIP),
+        ))
+        .err()
+        .expect("rejected");
+        assert!(
+            e.contains("ranges[0]") && e.contains("not an IP address"),
+            "{e}"
+        );
+    }
+
     /// connect_terminate and main_internal make one HBONE server whose hosts are the
     /// map's, and the `inbound-vip` cluster's HBONE endpoints the service port's.
     #[test]
@@ -801,7 +1091,8 @@ mod tests {
         use super::super::{Assembly, Held};
         use crate::model::{HostMatch, ServerTlsMode};
         let mut held = Held::default();
-        for l in [connect_terminate(&["h2"]), main_internal(VIP)] {
+        let vip = with_vips(main_internal(VIP), &[("10.96.0.10", 32)], "80", VIP);
+        for l in [connect_terminate(&["h2"]), vip] {
             let (name, read) = listener(&any(LISTENER, &l)).expect("valid");
             assert!(read.problems.is_empty(), "{:?}", read.problems);
             held.listeners.insert(name, read.value);
@@ -846,6 +1137,15 @@ mod tests {
         assert_eq!(
             l.servers[0].hosts.iter().cloned().collect::<Vec<_>>(),
             [HostMatch::Exact("echo.echo.svc.cluster.local".into())]
+        );
+        let vips: Vec<(String, u16, &str)> = l.servers[0]
+            .vips
+            .iter()
+            .map(|v| (v.range.addr.to_string(), v.port, v.service.host.as_str()))
+            .collect();
+        assert_eq!(
+            vips,
+            [("10.96.0.10".to_string(), 80, "echo.echo.svc.cluster.local")]
         );
         let service = &assembly.services[&ServiceKey::new("echo.echo.svc.cluster.local", 80)];
         let dialled: Vec<String> = service.endpoints.iter().map(|e| e.authority()).collect();
