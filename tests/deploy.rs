@@ -29,6 +29,8 @@ const MANIFEST: &str = "deploy/strait-eastwest.yaml";
 const XDS_MANIFEST: &str = "deploy/strait-eastwest-xds.yaml";
 /// Istio's Gateway for the xDS flavour, applied to istiod.
 const EXPOSE_SERVICES: &str = "deploy/expose-services.yaml";
+/// The xDS manifest's ConfigMap with a waypoint stream, applied over it.
+const AMBIENT_CONFIG: &str = "deploy/strait-eastwest-ambient.yaml";
 const MANIFESTS: [(&str, Flavour); 2] = [(MANIFEST, Flavour::Files), (XDS_MANIFEST, Flavour::Xds)];
 /// strait's `spec.discovery` defaults, which are Istio's gateway pod layout.
 const ISTIO_TOKEN: &str = "/var/run/secrets/tokens/istio-token";
@@ -1732,6 +1734,93 @@ fn expose_services_is_istios_gateway_and_selects_the_xds_gateway() {
     assert_clean(
         EXPOSE_SERVICES,
         &expose_services_problems(&read(EXPOSE_SERVICES), &read(XDS_MANIFEST)),
+    );
+}
+
+/// `strait-eastwest-ambient.yaml` is one ConfigMap, the xDS manifest's `strait-config`
+/// with `discovery.waypoint` added and nothing else changed: applied over the xDS manifest,
+/// the whole still passes every xDS manifest check and `strait check` in the pod's
+/// environment, and its Service exposes 15008 as `tls-hbone`.
+#[test]
+fn the_ambient_config_is_the_xds_configmap_with_a_waypoint_stream() {
+    let overlay = read(AMBIENT_CONFIG);
+    let docs = load_docs(&overlay).unwrap();
+    assert_eq!(docs.len(), 1, "{AMBIENT_CONFIG}: one document");
+    let config_map = &docs[0];
+    assert_eq!(str_at(config_map, &["kind"]), Some("ConfigMap"));
+    let xds = read(XDS_MANIFEST);
+    let xds_docs = load_docs(&xds).unwrap();
+    let xds_config_map = xds_docs
+        .iter()
+        .find(|d| str_at(d, &["kind"]) == Some("ConfigMap"))
+        .unwrap();
+    for field in [&["metadata", "name"][..], &["metadata", "namespace"]] {
+        assert_eq!(
+            str_at(config_map, field),
+            str_at(xds_config_map, field),
+            "{field:?}"
+        );
+    }
+    assert_eq!(
+        labels(at(config_map, &["metadata", "labels"])),
+        labels(at(xds_config_map, &["metadata", "labels"]))
+    );
+    let bootstrap = |cm: &YamlOwned| {
+        let mut problems = Vec::new();
+        let docs = config_map_docs(cm, &mut problems);
+        assert_clean("ConfigMap", &problems);
+        docs.into_iter()
+            .find(|d| str_at(d, &["kind"]) == Some("Bootstrap"))
+            .expect("a Bootstrap")
+    };
+    let (ambient, plain) = (bootstrap(config_map), bootstrap(xds_config_map));
+    let waypoint = at(&ambient, &["spec", "discovery", "waypoint"]);
+    assert!(
+        waypoint.is_some_and(|w| w.as_mapping().is_some()),
+        "no discovery.waypoint"
+    );
+    // Without the waypoint, the same Bootstrap.
+    let mut without = ambient.clone();
+    if let Some(spec) = without
+        .as_mapping_mut()
+        .and_then(|m| {
+            m.iter_mut()
+                .find(|(k, _)| k.as_str() == Some("spec"))
+                .map(|(_, v)| v)
+        })
+        .and_then(YamlOwned::as_mapping_mut)
+    {
+        for (k, v) in spec.iter_mut() {
+            if k.as_str() == Some("discovery") {
+                *v = load_docs("{}").unwrap().remove(0);
+            }
+        }
+    }
+    assert_eq!(without, plain, "only discovery.waypoint differs");
+    // Applied over the xDS manifest.
+    let applied: Vec<&str> = xds
+        .split("\n---\n")
+        .map(|d| {
+            if d.contains("\nkind: ConfigMap\n") {
+                overlay.as_str()
+            } else {
+                d
+            }
+        })
+        .collect();
+    let applied = applied.join("\n---\n");
+    assert_clean(AMBIENT_CONFIG, &manifest_problems(&applied, Flavour::Xds));
+    assert_clean(AMBIENT_CONFIG, &strait_check_problems(&applied));
+    let service = load_docs(&applied)
+        .unwrap()
+        .into_iter()
+        .find(|d| str_at(d, &["kind"]) == Some("Service"))
+        .unwrap();
+    assert!(
+        seq(&service, &["spec", "ports"]).iter().any(|p| {
+            str_at(p, &["name"]) == Some("tls-hbone") && int_at(p, &["port"]) == Some(15008)
+        }),
+        "the Service exposes 15008 as tls-hbone"
     );
 }
 
