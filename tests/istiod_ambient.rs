@@ -22,7 +22,8 @@ use common::hbone::{HboneSource, hbone_dest, tunnel_round_trip};
 use common::istiod::{
     EXPOSE_SERVICES, GATEWAY_LABELS, GATEWAY_SPIFFE, GLOBAL_SERVICE_SCOPE, ISTIOD_IP, IstioctlRow,
     Istiod, IstiodOptions, Lab, SECURE_XDS_PORT, XdsDump, ambient_env, gateway_node_metadata,
-    harness_bin, hbone_peer_bin, istioctl_rows, launch_strait_gateway, sync_problems, xdsdump_bin,
+    harness_bin, hbone_peer_bin, istioctl_rows, launch_strait_gateway, proxy_config_output,
+    sync_problems, xdsdump_bin,
 };
 use common::jwt::{AUDIENCE, TokenIssuer};
 use common::{
@@ -1374,19 +1375,7 @@ spec:
 /// the header, each with its runs of spaces made one (the padding depends on the widest
 /// cell; a column left empty in one table would shift a split on the spaces), sorted.
 fn proxy_config_lines(istioctl: &Path, what: &str, file: &Path) -> Vec<String> {
-    let out = std::process::Command::new(istioctl)
-        .args(["proxy-config", what, "--file"])
-        .arg(file)
-        .output()
-        .expect("run istioctl");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "istioctl proxy-config {what} --file {}: {}\n{stdout}{}",
-        file.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = proxy_config_output(istioctl, what, file);
     let mut lines: Vec<String> = stdout
         .lines()
         .skip(1)

@@ -610,6 +610,13 @@ pub fn istioctl_rows(out: &str) -> Vec<IstioctlRow> {
 
 /// `istioctl proxy-config <what> --file <dump>`: the rows it prints, sorted.
 pub fn proxy_config_rows(istioctl: &Path, what: &str, file: &Path) -> Vec<IstioctlRow> {
+    let mut rows = istioctl_rows(&proxy_config_output(istioctl, what, file));
+    rows.sort();
+    rows
+}
+
+/// What `istioctl proxy-config <what> --file <dump>` prints; it must succeed.
+pub fn proxy_config_output(istioctl: &Path, what: &str, file: &Path) -> String {
     let out = Command::new(istioctl)
         .args(["proxy-config", what, "--file"])
         .arg(file)
@@ -623,9 +630,7 @@ pub fn proxy_config_rows(istioctl: &Path, what: &str, file: &Path) -> Vec<Istioc
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut rows = istioctl_rows(&stdout);
-    rows.sort();
-    rows
+    stdout.into_owned()
 }
 
 /// What keeps a syncz entry from `SYNCED`: per type, an error, a push not acked, or
