@@ -329,6 +329,8 @@ pub struct ServerSpec {
     /// On an HBONE server from istiod: the Service addresses it also takes as a tunnel's
     /// `:authority` (`<VIP>:<port>`), most specific range first. Empty elsewhere.
     pub vips: Vec<VipRoute>,
+    /// An HBONE server's HTTP/2 settings; other servers do not read them.
+    pub http2: Http2Settings,
 }
 
 /// A Service address an HBONE server takes as a tunnel's `:authority`: istiod's
@@ -341,6 +343,35 @@ pub struct VipRoute {
     pub port: u16,
     /// The service port the chain routes to.
     pub service: ServiceKey,
+}
+
+/// The HTTP/2 settings of an HBONE server's connections: what istiod's
+/// `http2_protocol_options` says, each setting it leaves out (and every setting, from
+/// files) strait's default, which is ztunnel's and Istio's gateway's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Settings {
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`: streams one connection may hold open.
+    pub max_concurrent_streams: u32,
+    /// `SETTINGS_INITIAL_WINDOW_SIZE`: what a stream may send before strait reads it.
+    pub initial_stream_window_size: u32,
+    /// The connection's window, shared by its streams.
+    pub initial_connection_window_size: u32,
+    /// A PING every `interval` …
+    pub keepalive_interval: Duration,
+    /// … and the connection closed when an answer takes longer than this.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        Http2Settings {
+            max_concurrent_streams: 100,
+            initial_stream_window_size: 4 << 20,
+            initial_connection_window_size: 16 << 20,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 /// Envoy's network RBAC filter (`envoy.filters.network.rbac`), as far as a TCP gateway can

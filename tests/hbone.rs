@@ -17,7 +17,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use common::*;
@@ -1504,7 +1504,10 @@ fn outcome(raw: &hbone::RawH2) -> Outcome {
             hbone::Seen::Reset { code, .. } => o.resets.push(code),
             hbone::Seen::GoAway { code, debug, .. } => o.goaway = Some((code, debug)),
             hbone::Seen::Closed => o.closed = true,
-            hbone::Seen::Data { .. } => {}
+            hbone::Seen::Data { .. }
+            | hbone::Seen::Settings(_)
+            | hbone::Seen::Ping(_)
+            | hbone::Seen::WindowUpdate { .. } => {}
         }
     }
     o
@@ -1836,6 +1839,333 @@ async fn header_floods_are_refused_counted_and_other_connections_served() {
             lab.gw.wait_stderr(reason, WAIT),
             "no log line names {reason}:\n{}",
             lab.gw.stderr_text()
+        );
+    }
+}
+
+/// istiod's `connect_terminate` (as `listener_waypoint.go` builds it) on `addr`: mutual
+/// TLS with the gateway's SDS secrets, an HTTP connection manager terminating `CONNECT`
+/// into `main_internal`, with `http2` as its `http2_protocol_options`.
+fn connect_terminate(
+    addr: SocketAddr,
+    http2: envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions,
+) -> envoy_types::pb::envoy::config::listener::v3::Listener {
+    use envoy_types::pb::envoy::config::listener::v3::{Filter, filter};
+    use envoy_types::pb::envoy::config::route::v3 as rds;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+    let mut l = xds::mutual_listener(
+        "connect_terminate",
+        addr,
+        &[],
+        &[],
+        &[("main_internal", 1)],
+        &[],
+    );
+    let manager = hcm::HttpConnectionManager {
+        stat_prefix: "connect_terminate".into(),
+        upgrade_configs: vec![hcm::http_connection_manager::UpgradeConfig {
+            upgrade_type: "CONNECT".into(),
+            ..Default::default()
+        }],
+        http2_protocol_options: Some(http2),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
+            rds::RouteConfiguration {
+                name: "local_route".into(),
+                virtual_hosts: vec![rds::VirtualHost {
+                    name: "connect".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![rds::Route {
+                        r#match: Some(rds::RouteMatch {
+                            path_specifier: Some(rds::route_match::PathSpecifier::ConnectMatcher(
+                                rds::route_match::ConnectMatcher {},
+                            )),
+                            ..Default::default()
+                        }),
+                        action: Some(rds::route::Action::Route(rds::RouteAction {
+                            cluster_specifier: Some(rds::route_action::ClusterSpecifier::Cluster(
+                                "main_internal".into(),
+                            )),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )),
+        http_filters: vec![hcm::HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let chain = &mut l.filter_chains[0];
+    chain.filter_chain_match = None;
+    chain.filters = vec![Filter {
+        name: "envoy.filters.network.http_connection_manager".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(xds::to_any(&manager))),
+    }];
+    l
+}
+
+/// `http2_protocol_options` as istiod writes them, with these values.
+fn http2_options(
+    streams: u32,
+    stream_window: u32,
+    connection_window: u32,
+    keepalive: (Duration, Duration),
+) -> envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions {
+    use envoy_types::pb::envoy::config::core::v3 as core;
+    use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
+    let pb = |d: Duration| PbDuration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    };
+    core::Http2ProtocolOptions {
+        allow_connect: true,
+        max_concurrent_streams: Some(UInt32Value { value: streams }),
+        initial_stream_window_size: Some(UInt32Value {
+            value: stream_window,
+        }),
+        initial_connection_window_size: Some(UInt32Value {
+            value: connection_window,
+        }),
+        connection_keepalive: Some(core::KeepaliveSettings {
+            interval: Some(pb(keepalive.0)),
+            timeout: Some(pb(keepalive.1)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The SETTINGS a raw client saw first from the server, as a map.
+fn server_settings(raw: &hbone::RawH2) -> Option<std::collections::BTreeMap<u16, u32>> {
+    raw.seen().into_iter().find_map(|s| match s {
+        hbone::Seen::Settings(p) => Some(p.into_iter().collect()),
+        _ => None,
+    })
+}
+
+const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+
+/// From istiod (the `waypoint` stream), the HTTP/2 terms of 15008 are those of
+/// `connect_terminate`'s `http2_protocol_options`: a raw HTTP/2 client sees the
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` and `SETTINGS_INITIAL_WINDOW_SIZE` istiod sent, the
+/// connection window raised to its size, a PING once the keep-alive interval has passed,
+/// and its connection closed when it leaves the PINGs unanswered past the timeout (one
+/// that answers stays). `config_dump` shows them on the HBONE server. A change applies to
+/// new connections; a value Envoy's validation rejects is NACKed naming the field, and the
+/// terms in force stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istiods_http2_options_are_what_15008_serves() {
+    let certs = Certs::new();
+    let sleep = certs.issue(SLEEP_ID, "sleep");
+    let istiod = xds::FakeIstiod::start(xds::IstiodOptions::plaintext()).await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let keepalive = (Duration::from_millis(400), Duration::from_millis(800));
+    istiod.set_listener(&connect_terminate(
+        addr,
+        http2_options(7, 1 << 20, 3 << 20, keepalive),
+    ));
+    let ports = Ports::new();
+    let gw = Strait::start(
+        ports,
+        &ports.bootstrap(&format!(
+            "  network: net1\n  certificates: {{dir: {}}}\n  discovery:\n    address: {}\n    node: {{ip: 127.0.0.1, podName: istio-eastwestgateway-1, namespace: istio-system}}\n    waypoint: {{}}\n",
+            certs.gateway.display(),
+            istiod.url()
+        )),
+    );
+
+    // config_dump: the HBONE server's terms, as istiod sent them.
+    let http2_in_dump = || {
+        let (_, body) = http_get(gw.admin, "/config_dump").expect("config_dump");
+        let dump: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        dump["listeners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|l| l["servers"].as_array().cloned().unwrap_or_default())
+            .find(|s| s["mode"] == "HBONE")
+            .map(|s| s["http2"].clone())
+    };
+    let expected = serde_json::json!({
+        "maxConcurrentStreams": 7,
+        "initialStreamWindowSize": 1 << 20,
+        "initialConnectionWindowSize": 3 << 20,
+        "keepaliveInterval": "400ms",
+        "keepaliveTimeout": "800ms",
+    });
+    assert!(
+        gw.eventually(WAIT, || http2_in_dump() == Some(expected.clone())),
+        "{:?}\n{}",
+        http2_in_dump(),
+        gw.stderr_text()
+    );
+
+    // A client that answers PINGs.
+    let started = Instant::now();
+    let raw = hbone::RawH2::start(outer_tls(addr, &sleep, &certs.gateway).await.unwrap());
+    assert!(
+        raw.wait(WAIT, |s| s
+            .iter()
+            .any(|e| matches!(e, hbone::Seen::Settings(_))))
+            .await
+    );
+    let settings = server_settings(&raw).unwrap();
+    assert_eq!(
+        settings.get(&SETTINGS_MAX_CONCURRENT_STREAMS),
+        Some(&7),
+        "{settings:?}"
+    );
+    assert_eq!(
+        settings.get(&SETTINGS_INITIAL_WINDOW_SIZE),
+        Some(&(1 << 20)),
+        "{settings:?}"
+    );
+    // The connection window starts at 65,535 (RFC 9113 §6.9.2); the server raises it.
+    let raised = |s: &[hbone::Seen]| {
+        s.iter()
+            .filter_map(|e| match e {
+                hbone::Seen::WindowUpdate {
+                    stream: 0,
+                    increment,
+                } => Some(*increment as u64),
+                _ => None,
+            })
+            .sum::<u64>()
+    };
+    assert!(
+        raw.wait(WAIT, |s| raised(s) == (3 << 20) - 65_535).await,
+        "{:?}",
+        raw.seen()
+    );
+    // PINGs every interval, not before.
+    let pings = |s: &[hbone::Seen]| -> Vec<Instant> {
+        s.iter()
+            .filter_map(|e| match e {
+                hbone::Seen::Ping(at) => Some(*at),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(
+        raw.wait(WAIT, |s| pings(s).len() >= 3).await,
+        "{:?}",
+        raw.seen()
+    );
+    let at = pings(&raw.seen());
+    assert!(
+        at[0] - started >= keepalive.0,
+        "first PING after {:?}",
+        at[0] - started
+    );
+    for w in at.windows(2) {
+        assert!(w[1] - w[0] >= keepalive.0, "PINGs {:?} apart", w[1] - w[0]);
+    }
+    assert!(
+        !raw.seen().contains(&hbone::Seen::Closed),
+        "answered PINGs keep the connection: {:?}",
+        raw.seen()
+    );
+
+    // A client that leaves them unanswered is closed after the timeout.
+    let deaf_started = Instant::now();
+    let deaf = hbone::RawH2::start_deaf(outer_tls(addr, &sleep, &certs.gateway).await.unwrap());
+    assert!(
+        deaf.wait(WAIT, |s| s.contains(&hbone::Seen::Closed)).await,
+        "{:?}",
+        deaf.seen()
+    );
+    let first_ping = pings(&deaf.seen())[0];
+    assert!(
+        deaf_started.elapsed() >= keepalive.0 + keepalive.1
+            && first_ping.elapsed() < keepalive.1 + Duration::from_secs(2),
+        "closed {:?} after its start, {:?} after the PING",
+        deaf_started.elapsed(),
+        first_ping.elapsed()
+    );
+    assert!(
+        !raw.seen().contains(&hbone::Seen::Closed),
+        "the answering client's connection stays: {:?}",
+        raw.seen()
+    );
+
+    // A change applies to the next connection.
+    istiod.set_listener(&connect_terminate(
+        addr,
+        http2_options(
+            9,
+            1 << 20,
+            3 << 20,
+            (Duration::from_secs(10), Duration::from_secs(20)),
+        ),
+    ));
+    istiod.push();
+    assert!(
+        gw.eventually(WAIT, || http2_in_dump()
+            .is_some_and(|h| h["maxConcurrentStreams"] == 9)),
+        "{:?}",
+        http2_in_dump()
+    );
+    let next = hbone::RawH2::start(outer_tls(addr, &sleep, &certs.gateway).await.unwrap());
+    assert!(
+        next.wait(WAIT, |s| s
+            .iter()
+            .any(|e| matches!(e, hbone::Seen::Settings(_))))
+            .await
+    );
+    assert_eq!(
+        server_settings(&next)
+            .unwrap()
+            .get(&SETTINGS_MAX_CONCURRENT_STREAMS),
+        Some(&9)
+    );
+
+    // Values Envoy's validation rejects: NACKed, naming the field; 9 stays in force.
+    for (options, field) in [
+        (
+            http2_options(0, 1 << 20, 3 << 20, keepalive),
+            "http2_protocol_options.max_concurrent_streams",
+        ),
+        (
+            http2_options(9, 1000, 3 << 20, keepalive),
+            "http2_protocol_options.initial_stream_window_size",
+        ),
+        (
+            http2_options(9, 1 << 20, 3 << 20, (keepalive.0, Duration::ZERO)),
+            "http2_protocol_options.connection_keepalive.timeout",
+        ),
+    ] {
+        istiod.set_listener(&connect_terminate(addr, options));
+        istiod.push();
+        let field = field.to_string();
+        assert!(
+            istiod
+                .wait_for(WAIT, |r| r.of_type(xds::LDS_TYPE).any(
+                    |q| q.is_nack() && q.error.as_deref().is_some_and(|e| e.contains(&field))
+                ))
+                .await,
+            "no NACK naming {field}: {:?}",
+            istiod.requests(xds::LDS_TYPE)
+        );
+        let again = hbone::RawH2::start(outer_tls(addr, &sleep, &certs.gateway).await.unwrap());
+        assert!(
+            again
+                .wait(WAIT, |s| s
+                    .iter()
+                    .any(|e| matches!(e, hbone::Seen::Settings(_))))
+                .await
+        );
+        assert_eq!(
+            server_settings(&again)
+                .unwrap()
+                .get(&SETTINGS_MAX_CONCURRENT_STREAMS),
+            Some(&9),
+            "{field}"
         );
     }
 }

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use crate::model::{
     AccessLogTarget, Cidr, EndpointAddress, HostMatch, RbacFilter, RbacPermission, RbacPrincipal,
-    ServicePort, StringMatch, StringMatchKind, TrafficPolicy,
+    ServerTlsMode, ServicePort, StringMatch, StringMatchKind, TrafficPolicy,
 };
 use crate::proxy::{ServiceClusters, Shared};
 use crate::route::sni::build_subset_key;
@@ -71,6 +71,13 @@ pub fn config_dump(shared: &Shared, include_eds: bool) -> Value {
                     "port": v.port,
                     "service": format!("{}:{}", v.service.host, v.service.port),
                 })).collect::<Vec<_>>(),
+                "http2": (srv.mode == ServerTlsMode::Hbone).then(|| json!({
+                    "maxConcurrentStreams": srv.http2.max_concurrent_streams,
+                    "initialStreamWindowSize": srv.http2.initial_stream_window_size,
+                    "initialConnectionWindowSize": srv.http2.initial_connection_window_size,
+                    "keepaliveInterval": format!("{:?}", srv.http2.keepalive_interval),
+                    "keepaliveTimeout": format!("{:?}", srv.http2.keepalive_timeout),
+                })),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "services": services.iter().map(|svc| json!({

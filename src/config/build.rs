@@ -289,6 +289,7 @@ fn server_spec(s: &super::istio::ServerDoc) -> ServerSpec {
         routes: Vec::new(),
         rbac: Vec::new(),
         vips: Vec::new(),
+        http2: Default::default(),
     }
 }
 

@@ -32,7 +32,7 @@ use super::h2_copy::copy_h2_tcp;
 use super::h2_refusals::{Refusals, Watched};
 use super::upstream_leg::{Opened, copy_limits, open_upstream, record_copy};
 use super::{DrainState, LiveGuard, OpenGuard, Shared};
-use crate::model::ServerTlsMode;
+use crate::model::{Http2Settings, ServerTlsMode};
 use crate::policy::authz::{RbacConn, check_rbac};
 use crate::route;
 use crate::telemetry::{Accepted, ConnectionResult, IstioLabels, ResponseFlag};
@@ -40,20 +40,10 @@ use crate::tls::spiffe::SpiffeId;
 use crate::tls::{classify_handshake_error, handshake_error_detail, peer_spiffe_id};
 use crate::upstream::Purpose;
 
-/// Concurrent streams per outer connection, as ztunnel and Istio's gateway allow.
-const MAX_STREAMS: u32 = 100;
-/// Flow-control windows, ztunnel's: a stalled stream holds at most its own window of the
-/// connection's, so one slow destination cannot stop the others.
-const STREAM_WINDOW: u32 = 4 << 20;
-const CONNECTION_WINDOW: u32 = 16 << 20;
 /// Largest frame the client may send (ztunnel sends up to 1 MiB).
 const MAX_FRAME: u32 = 1 << 20;
 /// Largest header list a stream may carry; a `CONNECT` needs a few hundred bytes.
 const MAX_HEADER_LIST: u32 = 16 << 10;
-/// Keep-alive pings, Envoy's on Istio's gateway: one after this much time …
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// … and the connection is closed when its answer takes longer than this.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Envoy's defaults against streams reset before they are answered (CVE-2023-44487's
 /// second half, which a concurrent-stream limit does not stop): a stream the client resets
@@ -187,10 +177,10 @@ pub(super) async fn handle(
     // AuthorizationPolicy applies to the outer identity: the source workload's own. The
     // server's RBAC filters are compiled from files or sent by istiod.
     let servers = runtime.servers_for(&listener);
-    let rbac = servers
-        .iter()
-        .find(|s| s.mode == ServerTlsMode::Hbone)
-        .map_or(&[][..], |s| s.rbac.as_slice());
+    let server = servers.iter().find(|s| s.mode == ServerTlsMode::Hbone);
+    let rbac = server.map_or(&[][..], |s| s.rbac.as_slice());
+    // The settings in force when the connection came; a later change applies to the next.
+    let http2 = server.map(|s| s.http2).unwrap_or_default();
     // A system call: only where a policy may read the destination address.
     let local = if rbac.is_empty() {
         listener
@@ -222,12 +212,14 @@ pub(super) async fn handle(
         identity.to_string(),
     );
     let tls = Watched::new(tls, refusals.clone());
+    // Flow control is per stream: a stalled stream holds at most its own window of the
+    // connection's, so one slow destination cannot stop the others.
     let handshake = h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_window_size(http2.initial_stream_window_size)
+        .initial_connection_window_size(http2.initial_connection_window_size)
         .max_frame_size(MAX_FRAME)
         .max_header_list_size(MAX_HEADER_LIST)
-        .max_concurrent_streams(MAX_STREAMS)
+        .max_concurrent_streams(http2.max_concurrent_streams)
         .handshake::<_, Bytes>(tls);
     let hello_timeout = shared.runtime.load().snapshot.settings.client_hello_timeout;
     let mut conn = match tokio::time::timeout(hello_timeout, handshake).await {
@@ -258,7 +250,7 @@ pub(super) async fn handle(
         _open: open,
     });
 
-    serve_streams(&shared, &outer, &mut conn, &mut result, &refusals).await;
+    serve_streams(&shared, &outer, &mut conn, &mut result, &refusals, &http2).await;
     if let Some(reason) = refusals.goaway() {
         result.refuse(ResponseFlag::DownstreamProtocolError, reason);
         result.detail = Some(format!(
@@ -279,6 +271,7 @@ async fn serve_streams<T>(
     conn: &mut h2::server::Connection<T, Bytes>,
     result: &mut ConnectionResult,
     refusals: &Refusals,
+    http2: &Http2Settings,
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -290,7 +283,7 @@ async fn serve_streams<T>(
         draining = true;
     }
     let mut closing = std::pin::pin!(shared.closing());
-    let mut keepalive = std::pin::pin!(keepalive(conn.ping_pong()));
+    let mut keepalive = std::pin::pin!(keepalive(conn.ping_pong(), http2));
     loop {
         tokio::select! {
             next = conn.accept() => match next {
@@ -334,16 +327,16 @@ async fn serve_streams<T>(
     }
 }
 
-/// Pings the client every [`KEEPALIVE_INTERVAL`]; resolves when an answer takes longer than
-/// [`KEEPALIVE_TIMEOUT`]. Never resolves when the connection is gone (the accept loop
-/// sees that) or cannot ping.
-async fn keepalive(ping: Option<PingPong>) {
+/// Pings the client every `keepalive_interval`; resolves when an answer takes longer than
+/// `keepalive_timeout`. Never resolves when the connection is gone (the accept loop sees
+/// that) or cannot ping.
+async fn keepalive(ping: Option<PingPong>, http2: &Http2Settings) {
     let Some(mut ping) = ping else {
         return std::future::pending().await;
     };
     loop {
-        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
-        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping.ping(Ping::opaque())).await {
+        tokio::time::sleep(http2.keepalive_interval).await;
+        match tokio::time::timeout(http2.keepalive_timeout, ping.ping(Ping::opaque())).await {
             Ok(Ok(_)) => {}
             Ok(Err(_)) => return std::future::pending().await,
             Err(_) => return,

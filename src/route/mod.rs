@@ -395,6 +395,7 @@ mod tests {
             routes: Vec::new(),
             rbac: Vec::new(),
             vips: Vec::new(),
+            http2: Default::default(),
         }];
         let mut subsets = BTreeMap::new();
         subsets.insert(
@@ -437,6 +438,7 @@ mod tests {
             routes: Vec::new(),
             rbac: Vec::new(),
             vips: Vec::new(),
+            http2: Default::default(),
         }];
         let hit = resolve(
             &servers,
@@ -487,6 +489,7 @@ mod tests {
             ],
             rbac: Vec::new(),
             vips: Vec::new(),
+            http2: Default::default(),
         }];
         let vs = |sni: &str| {
             resolve(&servers, &services, Some(sni))
@@ -526,6 +529,7 @@ mod tests {
             }],
             rbac: Vec::new(),
             vips: Vec::new(),
+            http2: Default::default(),
         }
     }
 
@@ -707,6 +711,7 @@ mod tests {
             routes: Vec::new(),
             rbac: Vec::new(),
             vips: vec![vip("10.96.0.10", 32), vip("fd00::10", 128)],
+            http2: Default::default(),
         }];
         let host = |a: &str| {
             resolve_authority(&servers, &services, a)

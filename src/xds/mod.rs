@@ -518,6 +518,7 @@ mod tests {
             routes: Vec::new(),
             rbac,
             vips: Vec::new(),
+            http2: Default::default(),
         };
         let files = Snapshot {
             rbac: vec![filter("istio-system/from-files")],

@@ -1217,6 +1217,7 @@ impl Assembly {
                     routes: Vec::new(),
                     rbac: rbac.to_vec(),
                     vips: Vec::new(),
+                    http2: Default::default(),
                 })
                 .collect();
             // ISTIO_MUTUAL servers: each chain is one, its hosts the chain's names.
@@ -1235,6 +1236,7 @@ impl Assembly {
                     routes: vec![route],
                     rbac: chain.rbac.clone(),
                     vips: Vec::new(),
+                    http2: Default::default(),
                 });
             }
             // PASSTHROUGH routes, one server per distinct RBAC.
@@ -1265,6 +1267,7 @@ impl Assembly {
                     routes,
                     rbac: rbac.to_vec(),
                     vips: Vec::new(),
+                    http2: Default::default(),
                 });
             }
             if specs.is_empty() {
@@ -1322,6 +1325,7 @@ impl Assembly {
                     routes: Vec::new(),
                     rbac: h.rbac.clone(),
                     vips,
+                    http2: h.http2,
                 }],
             });
         }

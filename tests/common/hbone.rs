@@ -421,10 +421,18 @@ pub fn reference_gateway_bootstrap(
     })
 }
 
-/// What a [`RawH2`] client received, frame by frame (SETTINGS, PING and WINDOW_UPDATE
-/// are answered or skipped, not recorded).
+/// What a [`RawH2`] client received, frame by frame (acknowledgements of its own SETTINGS
+/// and PINGs are skipped).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {
+    /// The server's SETTINGS: `(identifier, value)` pairs, in order.
+    Settings(Vec<(u16, u32)>),
+    /// A PING from the server, and when it came.
+    Ping(Instant),
+    WindowUpdate {
+        stream: u32,
+        increment: u32,
+    },
     /// A response HEADERS frame: its `:status` (`None` when the block does not start with
     /// one this decoder reads) and whether it ended the stream.
     Headers {
@@ -627,6 +635,21 @@ impl RawH2 {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
     {
+        Self::start_with(io, true)
+    }
+
+    /// [`RawH2::start`], leaving the server's PINGs unanswered: a peer gone quiet.
+    pub fn start_deaf<S>(io: S) -> RawH2
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
+        Self::start_with(io, false)
+    }
+
+    fn start_with<S>(io: S, answer_pings: bool) -> RawH2
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
         let (mut read, mut write) = tokio::io::split(io);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -684,12 +707,30 @@ impl RawH2 {
                         }),
                         0x4 if flags & 0x1 == 0 => {
                             let _ = answers.send(h2_frame(0x4, 0x1, 0, &[]));
-                            None
+                            Some(Seen::Settings(
+                                payload
+                                    .chunks_exact(6)
+                                    .map(|p| {
+                                        (
+                                            u16::from_be_bytes([p[0], p[1]]),
+                                            u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
+                                        )
+                                    })
+                                    .collect(),
+                            ))
                         }
                         0x6 if flags & 0x1 == 0 => {
-                            let _ = answers.send(h2_frame(0x6, 0x1, 0, &payload));
-                            None
+                            if answer_pings {
+                                let _ = answers.send(h2_frame(0x6, 0x1, 0, &payload));
+                            }
+                            Some(Seen::Ping(Instant::now()))
                         }
+                        0x8 if len == 4 => Some(Seen::WindowUpdate {
+                            stream,
+                            increment: u32::from_be_bytes([
+                                payload[0], payload[1], payload[2], payload[3],
+                            ]) & 0x7fff_ffff,
+                        }),
                         0x7 if len >= 8 => Some(Seen::GoAway {
                             last: u32::from_be_bytes([
                                 payload[0], payload[1], payload[2], payload[3],

@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3 as envoy_core;
 use envoy_types::pb::envoy::config::endpoint::v3 as eds;
 use envoy_types::pb::envoy::config::listener::v3 as lds;
 use envoy_types::pb::envoy::config::route::v3 as rds;
@@ -37,19 +38,14 @@ use super::{
     XCluster, XEndpoints, address, mutual_tls, non_empty, read_endpoints, tcp_proxy, weight,
 };
 use crate::model::{
-    Cidr, Endpoint, EndpointAddress, Locality, RbacFilter, Reach, ServiceKey, TUNNEL_LABEL,
-    VipRoute,
+    Cidr, Endpoint, EndpointAddress, Http2Settings, Locality, RbacFilter, Reach, ServiceKey,
+    TUNNEL_LABEL, VipRoute,
 };
 
 const HCM: &str = "envoy.filters.network.http_connection_manager";
 const HCM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 /// The endpoint metadata that carries an HBONE endpoint's `<pod IP>:<target port>`.
 const ORIGINAL_DST: &str = "envoy.filters.listener.original_dst";
-/// What strait's 15008 listener serves (`proxy::hbone`), for comparing with what istiod
-/// asks: concurrent streams per connection and keep-alive interval and timeout.
-const STREAMS: u32 = 100;
-const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(20));
-
 /// `connect_terminate`: the outer mTLS and HTTP/2 `CONNECT` on 15008.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HboneListener {
@@ -60,6 +56,8 @@ pub struct HboneListener {
     pub rbac: Vec<RbacFilter>,
     /// HTTP filters strait does not run (Istio's peer metadata, filter state, the router).
     pub ignored_filters: BTreeSet<String>,
+    /// The HTTP connection manager's `http2_protocol_options`, as served.
+    pub http2: Http2Settings,
     /// Settings read where strait serves its own, for `config_dump`.
     pub notes: Vec<String>,
 }
@@ -262,29 +260,18 @@ fn connect_terminate(l: &lds::Listener, addr: SocketAddr) -> Result<Option<Hbone
             "{chain}: the HTTP connection manager does not take CONNECT"
         )));
     }
-    if let Some(o) = &manager.http2_protocol_options {
-        if let Some(n) = o.max_concurrent_streams.as_ref().map(|v| v.value)
-            && n != STREAMS
-        {
-            notes.push(format!(
-                "http2_protocol_options.max_concurrent_streams {n}: strait serves {STREAMS}"
-            ));
-        }
-        if let Some(k) = &o.connection_keepalive {
-            let d = |d: &Option<envoy_types::pb::google::protobuf::Duration>| {
-                d.as_ref()
-                    .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
-            };
-            if (d(&k.interval), d(&k.timeout)) != (Some(KEEPALIVE.0), Some(KEEPALIVE.1)) {
-                notes.push(format!(
-                    "http2_protocol_options.connection_keepalive {:?}/{:?}: strait pings every {:?} and waits {:?}",
-                    d(&k.interval),
-                    d(&k.timeout),
-                    KEEPALIVE.0,
-                    KEEPALIVE.1
-                ));
-            }
-        }
+    let http2 = http2_settings(manager.http2_protocol_options.as_ref())
+        .map_err(|e| Served::Invalid(format!("{chain}: {HCM} {e}")))?;
+    if manager
+        .http2_protocol_options
+        .as_ref()
+        .and_then(|o| o.connection_keepalive.as_ref())
+        .is_some_and(|k| k.interval_jitter.is_some() || k.connection_idle_interval.is_some())
+    {
+        notes.push(format!(
+            "http2_protocol_options.connection_keepalive: interval_jitter and connection_idle_interval not applied; strait pings every {:?}",
+            http2.keepalive_interval
+        ));
     }
     let routes = match &manager.route_specifier {
         Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc)) => rc,
@@ -331,8 +318,79 @@ fn connect_terminate(l: &lds::Listener, addr: SocketAddr) -> Result<Option<Hbone
         cluster,
         rbac,
         ignored_filters: ignored,
+        http2,
         notes,
     }))
+}
+
+/// The HTTP/2 settings an `http2_protocol_options` asks for, each within the range
+/// Envoy's validation allows (a value outside makes the listener invalid, naming the
+/// field); a setting left out keeps strait's default ([`Http2Settings::default`]).
+fn http2_settings(
+    options: Option<&envoy_core::Http2ProtocolOptions>,
+) -> Result<Http2Settings, String> {
+    let mut out = Http2Settings::default();
+    let Some(o) = options else {
+        return Ok(out);
+    };
+    // Envoy's `(validate.rules).uint32 = {lte: 2147483647 gte: MIN}`.
+    let ranged = |field: &str, value: Option<u32>, min: u32| match value {
+        Some(n) if n < min || n > i32::MAX as u32 => Err(format!(
+            "http2_protocol_options.{field}: {n} is outside [{min}, 2147483647] (Envoy: value must be inside range)"
+        )),
+        v => Ok(v),
+    };
+    let value =
+        |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>| v.as_ref().map(|v| v.value);
+    if let Some(n) = ranged(
+        "max_concurrent_streams",
+        value(&o.max_concurrent_streams),
+        1,
+    )? {
+        out.max_concurrent_streams = n;
+    }
+    if let Some(n) = ranged(
+        "initial_stream_window_size",
+        value(&o.initial_stream_window_size),
+        65535,
+    )? {
+        out.initial_stream_window_size = n;
+    }
+    if let Some(n) = ranged(
+        "initial_connection_window_size",
+        value(&o.initial_connection_window_size),
+        65535,
+    )? {
+        out.initial_connection_window_size = n;
+    }
+    if let Some(k) = &o.connection_keepalive {
+        // Envoy's `(validate.rules).duration = {gte {nanos: 1000000}}`.
+        let duration = |field: &str,
+                        d: &Option<envoy_types::pb::google::protobuf::Duration>|
+         -> Result<Option<Duration>, String> {
+            let Some(d) = d else { return Ok(None) };
+            let valid = d.seconds >= 0 && (0..1_000_000_000).contains(&d.nanos);
+            let value = Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32);
+            if !valid || value < Duration::from_millis(1) {
+                return Err(format!(
+                    "http2_protocol_options.connection_keepalive.{field}: {}s {}ns is below 1ms (Envoy: value must be greater than or equal to 1ms)",
+                    d.seconds, d.nanos
+                ));
+            }
+            Ok(Some(value))
+        };
+        let Some(timeout) = duration("timeout", &k.timeout)? else {
+            return Err(
+                "http2_protocol_options.connection_keepalive.timeout: required (Envoy: value is required)"
+                    .into(),
+            );
+        };
+        out.keepalive_timeout = timeout;
+        if let Some(interval) = duration("interval", &k.interval)? {
+            out.keepalive_interval = interval;
+        }
+    }
+    Ok(out)
 }
 
 /// The authority map of an internal listener: the exact map of its
@@ -1151,6 +1209,142 @@ mod tests {
         let dialled: Vec<String> = service.endpoints.iter().map(|e| e.authority()).collect();
         assert_eq!(dialled, ["10.0.0.21:8080"]);
         assert!(assembly.awaiting_endpoints(&held).is_empty());
+    }
+
+    /// `connect_terminate` with `options` as its `http2_protocol_options`.
+    fn with_http2(options: envoy_core::Http2ProtocolOptions) -> lds::Listener {
+        let mut l = connect_terminate(&["h2"]);
+        let chain = &mut l.filter_chains[0];
+        let Some(lds::filter::ConfigType::TypedConfig(a)) = &chain.filters[0].config_type else {
+            unreachable!("built above")
+        };
+        let mut manager: hcm::HttpConnectionManager = decode(a, HCM_TYPE).unwrap();
+        manager.http2_protocol_options = Some(options);
+        chain.filters[0].config_type = typed(HCM_TYPE, &manager);
+        l
+    }
+
+    fn keepalive(
+        interval: Option<(i64, i32)>,
+        timeout: Option<(i64, i32)>,
+    ) -> envoy_core::KeepaliveSettings {
+        let pb = |(seconds, nanos)| envoy_types::pb::google::protobuf::Duration { seconds, nanos };
+        envoy_core::KeepaliveSettings {
+            interval: interval.map(pb),
+            timeout: timeout.map(pb),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn istiods_http2_options_are_the_hbone_servers_and_left_out_ones_strait_defaults() {
+        use envoy_types::pb::google::protobuf::UInt32Value;
+        let read = |options| match listener(&any(LISTENER, &with_http2(options))) {
+            Ok((
+                _,
+                Read {
+                    value: Listener::Hbone(h),
+                    ..
+                },
+            )) => Ok(h.http2),
+            Ok((_, other)) => panic!("{:?}", other.value),
+            Err(e) => Err(e),
+        };
+        // What istiod sends (listener_waypoint.go): 100 streams, keep-alive 10 s / 20 s.
+        let istiods = envoy_core::Http2ProtocolOptions {
+            allow_connect: true,
+            max_concurrent_streams: Some(UInt32Value { value: 100 }),
+            connection_keepalive: Some(keepalive(Some((10, 0)), Some((20, 0)))),
+            ..Default::default()
+        };
+        assert_eq!(read(istiods.clone()), Ok(Http2Settings::default()));
+        let other = envoy_core::Http2ProtocolOptions {
+            max_concurrent_streams: Some(UInt32Value { value: 7 }),
+            initial_stream_window_size: Some(UInt32Value { value: 65535 }),
+            initial_connection_window_size: Some(UInt32Value {
+                value: i32::MAX as u32,
+            }),
+            connection_keepalive: Some(keepalive(None, Some((0, 1_000_000)))),
+            ..istiods.clone()
+        };
+        assert_eq!(
+            read(other),
+            Ok(Http2Settings {
+                max_concurrent_streams: 7,
+                initial_stream_window_size: 65535,
+                initial_connection_window_size: i32::MAX as u32,
+                keepalive_interval: Http2Settings::default().keepalive_interval,
+                keepalive_timeout: Duration::from_millis(1),
+            })
+        );
+        assert_eq!(
+            read(envoy_core::Http2ProtocolOptions {
+                allow_connect: true,
+                ..Default::default()
+            }),
+            Ok(Http2Settings::default())
+        );
+        // Envoy's validation rules, each refused naming its field.
+        let u = |value| Some(UInt32Value { value });
+        let refused = [
+            (
+                envoy_core::Http2ProtocolOptions {
+                    max_concurrent_streams: u(0),
+                    ..istiods.clone()
+                },
+                "http2_protocol_options.max_concurrent_streams: 0 is outside [1, 2147483647]",
+            ),
+            (
+                envoy_core::Http2ProtocolOptions {
+                    max_concurrent_streams: u(1 << 31),
+                    ..istiods.clone()
+                },
+                "http2_protocol_options.max_concurrent_streams: 2147483648 is outside",
+            ),
+            (
+                envoy_core::Http2ProtocolOptions {
+                    initial_stream_window_size: u(65534),
+                    ..istiods.clone()
+                },
+                "http2_protocol_options.initial_stream_window_size: 65534 is outside [65535, 2147483647]",
+            ),
+            (
+                envoy_core::Http2ProtocolOptions {
+                    initial_connection_window_size: u(u32::MAX),
+                    ..istiods.clone()
+                },
+                "http2_protocol_options.initial_connection_window_size: 4294967295 is outside",
+            ),
+            (
+                envoy_core::Http2ProtocolOptions {
+                    connection_keepalive: Some(keepalive(Some((10, 0)), None)),
+                    ..istiods.clone()
+                },
+                "http2_protocol_options.connection_keepalive.timeout: required",
+            ),
+            (
+                envoy_core::Http2ProtocolOptions {
+                    connection_keepalive: Some(keepalive(Some((10, 0)), Some((0, 999_999)))),
+                    ..istiods.clone()
+                },
+                "http2_protocol_options.connection_keepalive.timeout: 0s 999999ns is below 1ms",
+            ),
+            (
+                envoy_core::Http2ProtocolOptions {
+                    connection_keepalive: Some(keepalive(Some((-1, 0)), Some((20, 0)))),
+                    ..istiods.clone()
+                },
+                "http2_protocol_options.connection_keepalive.interval: -1s 0ns is below 1ms",
+            ),
+        ];
+        for (options, why) in refused {
+            let e = read(options).expect_err(why);
+            assert!(
+                e.starts_with("listener connect_terminate: filter_chains[0]: "),
+                "{e}"
+            );
+            assert!(e.contains(why), "{e}\nwanted: {why}");
+        }
     }
 
     #[test]
