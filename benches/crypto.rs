@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 
 use common::{TempDir, free_port, mesh_ca, mesh_cert, mesh_client_config};
 use rustls::NamedGroup;
-use support::{CpuProbe, loadavg, median, on_path, pin_self_to};
+use support::{CoreProbe, CpuProbe, loadavg, median, on_path, pin_self_to};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -211,6 +211,15 @@ fn linger0(s: &TcpStream) {
 
 impl Target {
     async fn open(&self, svc: Svc, tls: &Arc<rustls::ClientConfig>) -> io::Result<Stream> {
+        Ok(self.open_kind(svc, tls).await?.0)
+    }
+
+    /// The stream, and for a TLS entry how its handshake went (full or resumed).
+    async fn open_kind(
+        &self,
+        svc: Svc,
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> io::Result<(Stream, Option<rustls::HandshakeKind>)> {
         match &self.entry {
             Entry::Gateway(addr) => {
                 let s = TcpStream::connect(addr).await?;
@@ -221,55 +230,82 @@ impl Target {
                 let t = tokio_rustls::TlsConnector::from(tls.clone())
                     .connect(name, s)
                     .await?;
-                Ok(Box::new(t))
+                let kind = t.get_ref().1.handshake_kind();
+                Ok((Box::new(t), kind))
             }
             Entry::Bridge(addrs) => {
                 let s = TcpStream::connect(addrs[svc.kind as usize]).await?;
                 s.set_nodelay(true)?;
                 linger0(&s);
-                Ok(Box::new(s))
+                Ok((Box::new(s), None))
             }
         }
     }
 }
 
 /// Handshakes (with one byte echoed back, so the proxy has verified the client, connected
-/// upstream and passed data) per second over `CONNECTORS` connectors.
-async fn handshake_rate(t: &Target, svc: Svc, tls: &Arc<rustls::ClientConfig>, secs: f64) -> f64 {
+/// upstream and passed data) per second over `CONNECTORS` connectors, made in turn by
+/// `clients` (each with its own session store when they resume); and the share of the
+/// handshakes that resumed a session.
+async fn handshake_rate_of(
+    t: &Target,
+    svc: Svc,
+    clients: Arc<Vec<Arc<rustls::ClientConfig>>>,
+    secs: f64,
+) -> (f64, f64) {
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
+    let turn = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..CONNECTORS {
-        let (t, tls) = (t.clone(), tls.clone());
+        let (t, clients, turn) = (t.clone(), clients.clone(), turn.clone());
         tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
+            let (mut n, mut resumed) = (0u64, 0u64);
             let mut failed = None;
             while Instant::now() < end {
-                match one_exchange(&t, svc, &tls).await {
-                    Ok(()) => n += 1,
+                let i = turn.fetch_add(1, Ordering::Relaxed) as usize % clients.len();
+                match one_exchange_kind(&t, svc, &clients[i]).await {
+                    Ok(kind) => {
+                        n += 1;
+                        resumed += u64::from(kind == Some(rustls::HandshakeKind::Resumed));
+                    }
                     Err(e) => {
                         failed.get_or_insert(e.to_string());
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                 }
             }
-            (n, failed)
+            (n, resumed, failed)
         }));
     }
-    let mut total = 0;
+    let (mut total, mut resumed) = (0, 0);
     for task in tasks {
-        if let Ok((n, failed)) = task.await {
+        if let Ok((n, r, failed)) = task.await {
             total += n;
+            resumed += r;
             if let Some(e) = failed {
                 eprintln!("  {}: a handshake failed: {e}", t.name);
             }
         }
     }
-    total as f64 / start.elapsed().as_secs_f64()
+    let share = if total == 0 {
+        0.0
+    } else {
+        resumed as f64 / total as f64
+    };
+    (total as f64 / start.elapsed().as_secs_f64(), share)
 }
 
 async fn one_exchange(t: &Target, svc: Svc, tls: &Arc<rustls::ClientConfig>) -> io::Result<()> {
-    let mut s = tokio::time::timeout(Duration::from_secs(5), t.open(svc, tls))
+    one_exchange_kind(t, svc, tls).await.map(|_| ())
+}
+
+async fn one_exchange_kind(
+    t: &Target,
+    svc: Svc,
+    tls: &Arc<rustls::ClientConfig>,
+) -> io::Result<Option<rustls::HandshakeKind>> {
+    let (mut s, kind) = tokio::time::timeout(Duration::from_secs(5), t.open_kind(svc, tls))
         .await
         .map_err(|_| io::Error::other("handshake timed out"))??;
     s.write_all(b"x").await?;
@@ -277,7 +313,7 @@ async fn one_exchange(t: &Target, svc: Svc, tls: &Arc<rustls::ClientConfig>) -> 
     tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
         .await
         .map_err(|_| io::Error::other("echo timed out"))??;
-    Ok(())
+    Ok(kind)
 }
 
 /// Gbit/s client → sink over `conns` connections, counted by the sink.
@@ -446,6 +482,84 @@ impl Certs {
             _dir: dir,
         }
     }
+}
+
+/// The load generator's view of a proxy's certificate: accepted without verification.
+///
+/// A client's side of an mTLS handshake costs about what a server's does (a P-256
+/// signature, three verifications, a key exchange), and the bench's clients share one core
+/// with the workloads: verifying every proxy's chain and CertificateVerify kept the
+/// handshake rates bounded by that core rather than by the proxy. The proxies do all of
+/// their work as before (each verifies the client's chain and signature in full); only the
+/// client skips checking the proxy, the same for every proxy. The chain each proxy presents
+/// is checked once, when it is started (`start_proxy`'s probe verifies it).
+#[derive(Debug)]
+struct Unverified(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The load generator's TLS client: the client SVID in `certs`, exactly `groups` (key
+/// share for the first) and `versions`, ALPN as a sidecar offers it, the proxy's
+/// certificate not verified ([`Unverified`]; with `BENCH_CLIENT_VERIFY=1` verified against
+/// the mesh roots, as before), and TLS 1.3 tickets kept in `store` (none: every connection
+/// a full handshake).
+fn load_client(
+    certs: &Path,
+    groups: &[NamedGroup],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    store: Option<Arc<dyn rustls::client::ClientSessionStore>>,
+) -> Arc<rustls::ClientConfig> {
+    let alpn = ["istio-peer-exchange", "istio"];
+    let mut config = if std::env::var("BENCH_CLIENT_VERIFY").is_ok_and(|v| v == "1") {
+        (*mesh_client_config(certs, groups, versions, &alpn).expect("client TLS")).clone()
+    } else {
+        let id = strait::tls::load_identity(certs).expect("client SVID");
+        let provider = common::provider_with_groups(groups);
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
+            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+            .expect("client SVID");
+        config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+        config
+    };
+    config.resumption = match store {
+        Some(store) => rustls::client::Resumption::store(store),
+        None => rustls::client::Resumption::disabled(),
+    };
+    Arc::new(config)
 }
 
 /// The workloads' addresses: plaintext and mTLS, by kind.
@@ -918,6 +1032,97 @@ const BRIDGE_BULK: [Bulk; 2] = [
     },
 ];
 
+/// A resumption scenario: `clients` clients (each keeping its own TLS 1.3 tickets, each
+/// ticket presented once, as rustls clients and strait's own do) take turns, 32
+/// connections at a time; every client has made one full handshake before the clock
+/// starts.
+struct Resume {
+    id: &'static str,
+    label: &'static str,
+    clients: usize,
+}
+
+const RESUME: [Resume; 2] = [
+    Resume {
+        id: "hs13-res1",
+        label: "TLS 1.3 resumptions, 1 client",
+        clients: 1,
+    },
+    Resume {
+        id: "hs13-res1k",
+        label: "TLS 1.3 resumptions, 1,024 clients",
+        clients: 1024,
+    },
+];
+
+/// `clients` fresh clients of `template`, each with a store of its own (the server name is
+/// the same for every proxy: a ticket from one proxy must not be offered to the next).
+fn resuming_clients(
+    template: &rustls::ClientConfig,
+    clients: usize,
+) -> Arc<Vec<Arc<rustls::ClientConfig>>> {
+    Arc::new(
+        (0..clients)
+            .map(|_| {
+                let mut c = template.clone();
+                c.resumption = rustls::client::Resumption::store(Arc::new(
+                    strait::tls::resume::TicketStore::new(),
+                ));
+                Arc::new(c)
+            })
+            .collect(),
+    )
+}
+
+/// One connection per client (at least `CONNECTORS`), `CONNECTORS` at a time, so that
+/// every client holds tickets before a resumption scenario is timed.
+async fn prime(t: &Target, svc: Svc, clients: &Arc<Vec<Arc<rustls::ClientConfig>>>) {
+    let n = clients.len().max(CONNECTORS);
+    let mut batch = Vec::new();
+    for i in 0..n {
+        let (t, c) = (t.clone(), clients[i % clients.len()].clone());
+        batch.push(tokio::spawn(async move { one_exchange(&t, svc, &c).await }));
+        if batch.len() == CONNECTORS || i + 1 == n {
+            for task in batch.drain(..) {
+                let _ = task.await;
+            }
+        }
+    }
+}
+
+/// Runs a handshake scenario against `t` and records, under `id` for this round: the rate,
+/// the proxy's CPU per handshake, and how much of a core the proxy and this process (the
+/// clients and the workloads) used, and how busy CPU 1 was in all. Returns the share of
+/// handshakes that resumed.
+async fn measure_handshakes(
+    cells: &mut Cells,
+    t: &Target,
+    id: &str,
+    round: usize,
+    svc: Svc,
+    clients: Arc<Vec<Arc<rustls::ClientConfig>>>,
+    secs: f64,
+) -> f64 {
+    let probe = CpuProbe::start(t.pid);
+    let me = CpuProbe::start(Some(std::process::id()));
+    let cores = CoreProbe::start();
+    let (rate, resumed) = handshake_rate_of(t, svc, clients, secs).await;
+    cells.put(&t.name, id, round, rate);
+    if let Some(us) = probe.per_unit(rate) {
+        cells.put(&t.name, &format!("cpu_{id}"), round, us);
+    }
+    if let Some(x) = probe.share() {
+        cells.put(&t.name, &format!("use_{id}"), round, x * 100.0);
+    }
+    if let Some(x) = me.share() {
+        cells.put(&t.name, &format!("load_{id}"), round, x * 100.0);
+    }
+    if let Some(x) = cores.busy(1) {
+        cells.put(&t.name, &format!("cpu1_{id}"), round, x * 100.0);
+    }
+    resumed
+}
+
 async fn bulk(t: &Target, b: &Bulk, tls: &Arc<rustls::ClientConfig>, secs: f64) -> f64 {
     let svc = if b.mtls { Svc::mtls } else { Svc::plain };
     if b.up {
@@ -944,6 +1149,9 @@ fn rows() -> Vec<Row> {
         rows.push(row(h.id, h.label, "/s"));
     }
     rows.push(row("re-hs", "re-encrypt: handshakes (X25519)", "/s"));
+    for r in &RESUME {
+        rows.push(row(r.id, r.label, "/s"));
+    }
     rows.push(row("br-cps", "bridge: connections (mTLS out)", "/s"));
     for b in BULK.iter().chain(&REENC).chain(&BRIDGE_BULK) {
         rows.push(row(b.id, b.label, "Gbit/s"));
@@ -956,6 +1164,20 @@ fn rows() -> Vec<Row> {
         ));
     }
     rows.push(row("cpu_re-hs", "  CPU / handshake, re-hs", "µs"));
+    for r in &RESUME {
+        rows.push(row(
+            &format!("cpu_{}", r.id),
+            &format!("  CPU / handshake, {}", r.id),
+            "µs",
+        ));
+    }
+    for r in &RESUME {
+        rows.push(row(
+            &format!("resumed_{}", r.id),
+            &format!("  resumed, {}", r.id),
+            "%",
+        ));
+    }
     rows.push(row("cpu_br-cps", "  CPU / connection, br-cps", "µs"));
     for b in BULK.iter().chain(&REENC).chain(&BRIDGE_BULK) {
         rows.push(row(
@@ -1106,16 +1328,17 @@ async fn run(secs: f64, rounds: usize, conns: usize) {
     let v13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
     let v12: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
     let pq = strait::tls::provider::POST_QUANTUM;
-    let client = |groups: &[NamedGroup], versions| {
-        mesh_client_config(
-            &certs.client,
-            groups,
-            versions,
-            &["istio-peer-exchange", "istio"],
-        )
-        .expect("client TLS")
-    };
+    let client =
+        |groups: &[NamedGroup], versions| load_client(&certs.client, groups, versions, None);
     let default_tls = client(HANDSHAKES[0].groups, v13);
+    // Proxies are started with a client that verifies the chain they present.
+    let probe_tls = mesh_client_config(
+        &certs.client,
+        HANDSHAKES[0].groups,
+        v13,
+        &["istio-peer-exchange", "istio"],
+    )
+    .expect("client TLS");
 
     println!(
         "strait crypto bench: {secs}s per scenario, {rounds} round(s), {conns} conns for RSS; proxy on CPU 0, load + workloads on CPU 1; client provider {}; loadavg at start {}",
@@ -1131,7 +1354,7 @@ async fn run(secs: f64, rounds: usize, conns: usize) {
         if !want("idle") {
             break;
         }
-        match start_proxy(name, kind, &certs, &w, None, "0", &default_tls).await {
+        match start_proxy(name, kind, &certs, &w, None, "0", &probe_tls).await {
             Ok(p) => {
                 if let Some(v) = rss_per_idle_conn(&p.target, &default_tls, conns).await {
                     cells.put(name, "idle", 0, v);
@@ -1142,7 +1365,7 @@ async fn run(secs: f64, rounds: usize, conns: usize) {
     }
     let mut alive = Vec::new();
     for (name, kind) in &proxies {
-        match start_proxy(name, kind, &certs, &w, None, "0", &default_tls).await {
+        match start_proxy(name, kind, &certs, &w, None, "0", &probe_tls).await {
             Ok(p) => {
                 names.push(name.clone());
                 alive.push(p);
@@ -1163,7 +1386,7 @@ async fn run(secs: f64, rounds: usize, conns: usize) {
             &w,
             None,
             "1",
-            &default_tls,
+            &probe_tls,
         )
         .await
         .map_err(|e| println!("note: {e}; no bridge rows"))
@@ -1175,7 +1398,7 @@ async fn run(secs: f64, rounds: usize, conns: usize) {
             .iter()
             .filter(|(_, k)| !matches!(k, ProxyKind::Haproxy(_)))
         {
-            match start_proxy(name, kind, &certs, &w, Some(gw), "0", &default_tls).await {
+            match start_proxy(name, kind, &certs, &w, Some(gw), "0", &probe_tls).await {
                 Ok(p) => bridges.push(p),
                 Err(e) => println!("note: bridge {e}"),
             }
@@ -1189,6 +1412,7 @@ async fn run(secs: f64, rounds: usize, conns: usize) {
         .filter(|(_, h)| want(h.id) && (pq || !h.groups.contains(&NamedGroup::X25519MLKEM768)))
         .map(|(i, h)| (i, client(h.groups, if h.tls12 { v12 } else { v13 })))
         .collect();
+    let one = |tls: &Arc<rustls::ClientConfig>| Arc::new(vec![tls.clone()]);
 
     for round in 0..rounds {
         eprintln!("round {}/{rounds} (loadavg {})", round + 1, loadavg());
@@ -1208,22 +1432,31 @@ async fn run(secs: f64, rounds: usize, conns: usize) {
             let h = &HANDSHAKES[*i];
             eprintln!("  {}", h.id);
             for t in &order {
-                let probe = CpuProbe::start(t.pid);
-                let rate = handshake_rate(t, Svc::plain(Kind::Echo), tls, secs).await;
-                cells.put(&t.name, h.id, round, rate);
-                if let Some(us) = probe.per_unit(rate) {
-                    cells.put(&t.name, &format!("cpu_{}", h.id), round, us);
-                }
+                let svc = Svc::plain(Kind::Echo);
+                measure_handshakes(&mut cells, t, h.id, round, svc, one(tls), secs).await;
             }
         }
         if want("re-hs") {
             for t in &order {
-                let probe = CpuProbe::start(t.pid);
-                let rate = handshake_rate(t, Svc::mtls(Kind::Echo), &default_tls, secs).await;
-                cells.put(&t.name, "re-hs", round, rate);
-                if let Some(us) = probe.per_unit(rate) {
-                    cells.put(&t.name, "cpu_re-hs", round, us);
-                }
+                let svc = Svc::mtls(Kind::Echo);
+                measure_handshakes(&mut cells, t, "re-hs", round, svc, one(&default_tls), secs)
+                    .await;
+            }
+        }
+        for r in RESUME.iter().filter(|r| want(r.id)) {
+            eprintln!("  {}", r.id);
+            for t in &order {
+                let svc = Svc::plain(Kind::Echo);
+                let clients = resuming_clients(&default_tls, r.clients);
+                prime(t, svc, &clients).await;
+                let resumed =
+                    measure_handshakes(&mut cells, t, r.id, round, svc, clients, secs).await;
+                cells.put(
+                    &t.name,
+                    &format!("resumed_{}", r.id),
+                    round,
+                    resumed * 100.0,
+                );
             }
         }
         for b in BULK.iter().chain(&REENC).filter(|b| want(b.id)) {
@@ -1239,12 +1472,9 @@ async fn run(secs: f64, rounds: usize, conns: usize) {
         }
         if want("br-cps") {
             for t in &border {
-                let probe = CpuProbe::start(t.pid);
-                let rate = handshake_rate(t, Svc::plain(Kind::Echo), &default_tls, secs).await;
-                cells.put(&t.name, "br-cps", round, rate);
-                if let Some(us) = probe.per_unit(rate) {
-                    cells.put(&t.name, "cpu_br-cps", round, us);
-                }
+                let svc = Svc::plain(Kind::Echo);
+                measure_handshakes(&mut cells, t, "br-cps", round, svc, one(&default_tls), secs)
+                    .await;
             }
         }
         for b in BRIDGE_BULK.iter().filter(|b| want(b.id)) {
@@ -1263,6 +1493,7 @@ async fn run(secs: f64, rounds: usize, conns: usize) {
     drop(far);
     drop(alive);
     print_table(&names, &cells);
+    print_use(&names, &cells);
     print_goals(&names, &cells);
     println!("\nloadavg at the end of the load scenarios: {load_end}");
     let _ = io::stdout().flush();
@@ -1315,6 +1546,46 @@ fn print_table(names: &[String], cells: &Cells) {
                 Some(r) => print!("{r:>10.2}"),
                 None => print!("{:>10}", "-"),
             }
+        }
+        println!();
+    }
+}
+
+/// Where the connection-rate scenarios were bounded: per target, how much of its core the
+/// proxy used, how much of the other core this process (clients and workloads) used, and
+/// how busy that core was in all (the rest of the machine included); medians over rounds.
+fn print_use(names: &[String], cells: &Cells) {
+    println!(
+        "\ncore use during the connection scenarios, % (proxy on CPU 0 / this process on CPU 1 / CPU 1 busy in all):"
+    );
+    let ids: Vec<&str> = HANDSHAKES
+        .iter()
+        .map(|h| h.id)
+        .chain(["re-hs"])
+        .chain(RESUME.iter().map(|r| r.id))
+        .chain(["br-cps"])
+        .collect();
+    for id in ids {
+        if !names
+            .iter()
+            .any(|n| cells.get(n, &format!("use_{id}")).is_some())
+        {
+            continue;
+        }
+        print!("  {id:<14}");
+        for n in names {
+            let f = |what: &str| {
+                cells
+                    .get(n, &format!("{what}_{id}"))
+                    .map_or("-".to_string(), |v| format!("{v:.0}"))
+            };
+            print!(
+                "  {:>8} {:>3}/{:>3}/{:>3}",
+                n.chars().take(8).collect::<String>(),
+                f("use"),
+                f("load"),
+                f("cpu1")
+            );
         }
         println!();
     }

@@ -155,3 +155,46 @@ impl CpuProbe {
         (units > 0.0).then(|| spent as f64 / 1000.0 / units)
     }
 }
+
+impl CpuProbe {
+    /// The share of one core the process used since the start (1.0: a whole core).
+    pub fn share(&self) -> Option<f64> {
+        let spent = cpu_ns(self.pid)?.checked_sub(self.cpu?)?;
+        Some(spent as f64 / 1e9 / self.start.elapsed().as_secs_f64())
+    }
+}
+
+/// Busy and total jiffies of each CPU, from `/proc/stat` (busy: all but idle and iowait).
+fn cpu_jiffies() -> Vec<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            let total: u64 = f.iter().take(8).sum();
+            let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+            (total - idle, total)
+        })
+        .collect()
+}
+
+/// How busy each CPU was, whoever ran on it, over a scenario.
+pub struct CoreProbe(Vec<(u64, u64)>);
+
+impl CoreProbe {
+    pub fn start() -> CoreProbe {
+        CoreProbe(cpu_jiffies())
+    }
+
+    /// The busy share of CPU `cpu` since the start.
+    pub fn busy(&self, cpu: usize) -> Option<f64> {
+        let (b0, t0) = *self.0.get(cpu)?;
+        let (b1, t1) = *cpu_jiffies().get(cpu)?;
+        let total = t1.checked_sub(t0)?;
+        (total > 0).then(|| (b1 - b0) as f64 / total as f64)
+    }
+}
