@@ -757,15 +757,16 @@ async fn key_exchange_groups_are_the_ones_envoy_offers() {
                 addr,
                 &client,
                 &format!("-alpn istio -groups {groups}"),
-                "ping",
+                "through-the-gateway",
             )
             .await;
             let group = temp_key(&out);
             if who == "strait" {
                 // Through strait the line also comes back: the handshake is the real one.
+                // (It may follow the dump of a session ticket on the same line.)
                 assert_eq!(
                     group.is_some(),
-                    out.contains("\nping"),
+                    out.contains("through-the-gateway"),
                     "{groups}: a handshake must carry the line\n{out}\n{err}"
                 );
             }
@@ -955,5 +956,204 @@ async fn cipher_suite_is_the_clients_first_as_envoy_picks_it() {
                 );
             }
         }
+    }
+}
+
+/// A client configuration for the identity in `certs` (trusting the mesh root, requiring
+/// `GW_ID`) that keeps its TLS 1.3 tickets across connections, as strait's own clients do.
+fn resuming_client(certs: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut id = load_identity(certs).unwrap();
+    id.roots = load_identity(&certs.parent().unwrap().join("gw"))
+        .unwrap()
+        .roots;
+    let trust = TrustConfig {
+        trust_domain: "cluster.local".into(),
+        aliases: vec!["old.local".into()],
+        federated: Default::default(),
+    };
+    let expected = strait::tls::SpiffeId::parse(GW_ID).unwrap();
+    client_config(&id, &trust, Some(&expected), &[b"istio"]).unwrap()
+}
+
+/// One connection with `config`: how its handshake went and whether a line came back
+/// through the gateway.
+async fn exchange_with(
+    gw: std::net::SocketAddr,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+) -> (Option<rustls::HandshakeKind>, bool) {
+    let tcp = TcpStream::connect(gw).await.unwrap();
+    let name = ServerName::try_from(format!("outbound_.9080_._.{ECHO}")).unwrap();
+    let Ok(mut tls) = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+    else {
+        return (None, false);
+    };
+    let kind = tls.get_ref().1.handshake_kind();
+    let echoed = async {
+        tls.write_all(b"ping\n").await?;
+        let mut back = [0u8; 5];
+        tls.read_exact(&mut back).await?;
+        std::io::Result::Ok(&back == b"ping\n")
+    };
+    let echoed = tokio::time::timeout(Duration::from_secs(10), echoed)
+        .await
+        .is_ok_and(|r| r.unwrap_or(false));
+    (kind, echoed)
+}
+
+/// A resumed session carries the identity its full handshake verified, and that identity
+/// goes through AuthorizationPolicy again on every connection: a client denied by policy
+/// still completes the TLS handshake (and receives tickets, as from Envoy), and resuming
+/// with them gets it refused again, not let through without an identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_is_authorized_again_on_every_connection() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let s = setup();
+    let (echo, _task) = plaintext_echo().await;
+    let ports = Ports::new();
+    let policies = r#"---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-curl, namespace: istio-system}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: ["cluster.local/ns/foo/sa/curl"]}
+"#;
+    let gw = Strait::start(ports, &config(&ports, &s.gw_certs, echo.port(), policies));
+    let sleep = resuming_client(&s.sleep("sleep"));
+    let curl = resuming_client(&issue(
+        &s.mesh_ca,
+        "spiffe://cluster.local/ns/foo/sa/curl",
+        &s.dir.path().join("curl"),
+    ));
+    assert_eq!(exchange_with(gw.gateway, &sleep).await, (Some(Full), true));
+    assert_eq!(
+        exchange_with(gw.gateway, &sleep).await,
+        (Some(Resumed), true)
+    );
+    assert_eq!(exchange_with(gw.gateway, &curl).await, (Some(Full), false));
+    assert_eq!(
+        exchange_with(gw.gateway, &curl).await,
+        (Some(Resumed), false),
+        "the denied client resumed and was let through"
+    );
+    let counted = || {
+        (
+            gw.metric("strait_refusals_total", &[("reason", "denied_by_policy")]),
+            gw.metric(
+                "strait_tls_handshakes_total",
+                &[("role", "server"), ("session", "resumed")],
+            ),
+        )
+    };
+    assert!(
+        gw.eventually(Duration::from_secs(5), || counted() == (2.0, 2.0)),
+        "{:?}\n{:?}",
+        counted(),
+        gw.access_log()
+    );
+    let denied: Vec<_> = gw
+        .access_log()
+        .iter()
+        .filter(|l| l["response_flag"] == "UAEX")
+        .map(|l| l["peer_identity"].clone())
+        .collect();
+    assert_eq!(
+        denied,
+        vec![
+            serde_json::json!("spiffe://cluster.local/ns/foo/sa/curl"),
+            serde_json::json!("spiffe://cluster.local/ns/foo/sa/curl"),
+        ]
+    );
+}
+
+/// How `openssl s_client` says its handshake went: `New` or `Reused`.
+fn session_kind(out: &str) -> Option<&'static str> {
+    out.lines().find_map(|l| {
+        if l.starts_with("Reused, ") {
+            Some("Reused")
+        } else if l.starts_with("New, ") {
+            Some("New")
+        } else {
+            None
+        }
+    })
+}
+
+/// Tickets are stateless, as Envoy's: a client may present one ticket on several
+/// connections (BoringSSL's clients, Envoy sidecars, keep one session per upstream and
+/// offer it on every new connection), and each resumes, on strait as on a real Envoy with
+/// the same certificate. A reload of the gateway's certificate ends every session made
+/// before it: the same ticket then gets a full handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ticket_resumes_again_as_on_envoy_until_a_reload() {
+    let s = setup();
+    let (echo, _task) = plaintext_echo().await;
+    let ports = Ports::new();
+    let gw = Strait::start(ports, &config(&ports, &s.gw_certs, echo.port(), ""));
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let Some(envoy) = xds::Envoy::launch(
+        &xds::mtls_envoy_bootstrap(listen, admin, echo, &s.gw_certs, None),
+        admin,
+        xds::EnvoyOptions {
+            delta: true,
+            listener: listen,
+        },
+        None,
+    )
+    .await
+    else {
+        return;
+    };
+    let client = s.sleep("tickets");
+    for (who, addr) in [("strait", gw.gateway), ("envoy", listen)] {
+        let session = s.dir.path().join(format!("{who}.session"));
+        let opts = |io: &str| format!("-alpn istio -tls1_3 -sess_{io} {}", session.display());
+        let (out, err) =
+            openssl_mtls_with(addr, &client, &opts("out"), "through-the-gateway").await;
+        assert_eq!(session_kind(&out), Some("New"), "{who}: {out}\n{err}");
+        for again in 0..2 {
+            let (out, err) =
+                openssl_mtls_with(addr, &client, &opts("in"), "through-the-gateway").await;
+            assert_eq!(
+                session_kind(&out),
+                Some("Reused"),
+                "{who}, the ticket presented {} times: {out}\n{err}\n{}",
+                again + 1,
+                envoy.log()
+            );
+            // The echo may follow a ticket's dump on the same line.
+            assert!(out.contains("through-the-gateway"), "{who}: {out}\n{err}");
+        }
+    }
+
+    // A new gateway SVID from the same CA, written in place: strait reloads.
+    let staged = s.dir.path().join("staged");
+    issue(&s.mesh_ca, GW_ID, &staged);
+    for f in ["cert-chain.pem", "key.pem"] {
+        let tmp = s.gw_certs.join(format!(".{f}.tmp"));
+        std::fs::copy(staged.join(f), &tmp).unwrap();
+        std::fs::rename(&tmp, s.gw_certs.join(f)).unwrap();
+    }
+    let session = s.dir.path().join("strait.session");
+    let opts = format!("-alpn istio -tls1_3 -sess_in {}", session.display());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (out, err) = openssl_mtls_with(gw.gateway, &client, &opts, "through-the-gateway").await;
+        match session_kind(&out) {
+            Some("New") => {
+                assert!(out.contains("through-the-gateway"), "{out}\n{err}");
+                break;
+            }
+            kind => assert!(
+                std::time::Instant::now() < deadline,
+                "still {kind:?} 20 s after the reload: {out}\n{err}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -89,6 +89,22 @@ pub fn client_provider() -> Arc<CryptoProvider> {
     })
 }
 
+/// Session tickets for one server configuration: stateless, as Envoy's BoringSSL issues
+/// them. The session (its secret, the client's verified chain, SNI and cipher suite) is
+/// sealed with a key that lives in this process only, made at random for this configuration
+/// and rotated every 6 hours (a ticket sealed under the previous key still opens for 6 more).
+///
+/// Against rustls' default (a stateful cache of 256 sessions, each taken once) this lets
+/// any number of clients resume, and a client present a ticket again (as BoringSSL's
+/// clients, Envoy sidecars, do) while the configuration lives. It keeps what the cache
+/// kept: a ticket opens only under the configuration that sealed it, so a reload of
+/// certificates, trust or settings (which builds new configurations) ends every session
+/// made before it; and the connection's peer identity is the chain stored in the
+/// session, authorized again on every connection like a new one.
+pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
+    imp::Ticketer::new()
+}
+
 /// The names of `groups`, for logs and tests.
 pub fn names(groups: &[&'static dyn SupportedKxGroup]) -> Vec<NamedGroup> {
     groups.iter().map(|g| g.name()).collect()

@@ -207,6 +207,9 @@ impl From<PeerRejection> for Error {
 
 /// A server configuration for ISTIO_MUTUAL termination: presents `id`'s SVID and
 /// requires a client certificate trusted under `trust`.
+///
+/// Every server configuration (ISTIO_MUTUAL and HBONE) seals its TLS 1.3 sessions into
+/// stateless tickets under a key of its own ([`super::provider::ticketer`]).
 pub fn server_config(
     id: &Identity,
     trust: &TrustConfig,
@@ -267,6 +270,7 @@ fn server_config_versions(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(id.chain.clone(), id.key.clone_key())?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.ticketer = super::provider::ticketer()?;
     Ok(Arc::new(config))
 }
 
