@@ -35,6 +35,7 @@ fn table(n: usize) -> Services {
             port_name: "tcp".into(),
             endpoints: vec![],
             policy: TrafficPolicy::default(),
+            tunnel_policy: TrafficPolicy::default(),
             subsets,
             resolution: Default::default(),
             default_route: Default::default(),

@@ -807,6 +807,13 @@ pub struct ServicePort {
     pub endpoints: Vec<Endpoint>,
     /// Service-level traffic policy (DestinationRule `trafficPolicy`, port-level merged in).
     pub policy: TrafficPolicy,
+    /// The policy of the 15008 tunnels' cluster (`inbound-vip|<port>|tcp|<host>`). istiod
+    /// gives an ambient east-west gateway's `inbound-vip` clusters no DestinationRule
+    /// policy (LEAST_REQUEST, no outlier detection, no connection limit) and takes only the
+    /// DestinationRule's top-level `connectionPool.tcp` `idleTimeout` and
+    /// `maxConnectionDuration` onto the tunnel's `tcp_proxy`: from istiod, what its
+    /// cluster and `tcp_proxy` say; from files, the same built from the DestinationRule.
+    pub tunnel_policy: TrafficPolicy,
     /// Declared subsets by name.
     pub subsets: BTreeMap<String, Subset>,
     pub resolution: Resolution,

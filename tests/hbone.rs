@@ -1271,22 +1271,35 @@ async fn istios_source_reaches_istios_destination_through_strait() {
     }));
 }
 
-/// A tunnel is a connection to the service's cluster like any other: a dead endpoint is
-/// skipped for another (every tunnel still succeeds, and outlier detection ejects it), and
-/// `connectionPool.tcp.maxConnections` bounds the tunnels open at once (`503`, `UO`).
+/// The tunnels' cluster (`inbound-vip|9080|tcp|<host>`) has the policy istiod gives an
+/// ambient east-west gateway's, whatever the DestinationRule says: LEAST_REQUEST, no
+/// outlier detection and no connection limit, with only the rule's top-level
+/// `connectionPool.tcp.idleTimeout` on the tunnel. The same rule's outlier detection and
+/// `maxConnections` hold on 15443: an endpoint 15443 ejected is still a tunnel destination,
+/// and tunnels are not counted against the limit 15443 is refused at (`UO`). A dead
+/// endpoint is skipped for another on both paths (every tunnel still succeeds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tunnels_retry_past_dead_endpoints_and_respect_the_connection_pool() {
+async fn a_destination_rules_policy_holds_on_15443_and_not_on_the_tunnels_cluster() {
     let certs = Certs::new();
     let sleep = certs.issue(SLEEP_ID, "sleep");
+    let ca = TestCa::new();
+    // `a` answers on 15008 and 9080; `b` on 15008 only (15443 fails on it); `dead` on neither.
     let a = Dest::start("a", Behaviour::Echo).await;
+    let b = Dest::start("b", Behaviour::Echo).await;
     let dead = endpoint_ip();
-    let limited = Dest::start("limited", Behaviour::Echo).await;
+    let app = Workload::start_at(
+        &ca,
+        "spiffe://cluster.local/ns/default/sa/reviews",
+        SocketAddr::from((a.ip, 9080)),
+    )
+    .await;
+    let ports = Ports::new();
+    let hbone_port = free_port();
     let rest = service(
         REVIEWS,
-        &(endpoint(a.ip, Some("http"), "net1") + &endpoint(dead, Some("http"), "net1")),
-    ) + &service(
-        "limited.default.svc.cluster.local",
-        &endpoint(limited.ip, Some("http"), "net1"),
+        &(endpoint(a.ip, Some("http"), "net1")
+            + &endpoint(b.ip, Some("http"), "net1")
+            + &endpoint(dead, Some("http"), "net1")),
     ) + "---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -1294,62 +1307,151 @@ metadata: {name: reviews, namespace: default}
 spec:
   host: reviews.default.svc.cluster.local
   trafficPolicy:
-    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}
+    connectionPool: {tcp: {maxConnections: 1, idleTimeout: 7m}}
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}
 ---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: limited, namespace: default}
-spec:
-  host: limited.default.svc.cluster.local
-  trafficPolicy:
-    connectionPool: {tcp: {maxConnections: 1}}
-";
-    let (gw, hbone) = start_gateway(&certs, &rest);
-    let client = hbone_connect(hbone, &sleep, &certs.gateway).await.unwrap();
-    for i in 0..6 {
-        let (status, mut t) = client.connect(&format!("{REVIEWS}:9080")).await.unwrap();
-        assert_eq!(status, 200, "tunnel {i}");
-        assert_eq!(greeted_by(&t.exchange("x\n", true).await), "a");
-        t.shutdown().await.unwrap();
-    }
-    let dead_endpoint = format!("{dead}:9080");
-    assert!(
-        gw.eventually(WAIT, || gw.metric(
-            "strait_endpoint_ejections_total",
-            &[("endpoint", &dead_endpoint)]
-        ) == 1.0),
-        "{}",
-        gw.metrics_text()
-    );
+" + &ports.gateway_doc(&["*.local"]);
+    let gw = Strait::start(ports, &config(&ports, hbone_port, &certs, &rest));
+    let hbone_addr = SocketAddr::from(([127, 0, 0, 1], hbone_port));
+    let sni = format!("outbound_.9080_._.{REVIEWS}");
+    let outbound = sni.as_str();
+    let inbound_vip = format!("inbound-vip|9080|tcp|{REVIEWS}");
 
-    let limited_authority = "limited.default.svc.cluster.local:9080";
-    let (status, mut first) = client.connect(limited_authority).await.unwrap();
-    assert_eq!(status, 200);
-    first.exchange("one\n", true).await;
-    let (status, body) = client.connect(limited_authority).await.unwrap();
-    assert_eq!(status, 503, "{}", body.body().await);
-    assert_eq!(limited.accepted(), 1);
-    // The first tunnel is untouched, and its slot frees when it ends.
-    first.exchange("two\n", false).await;
-    first.shutdown().await.unwrap();
-    drop(first);
-    assert!(gw.eventually(WAIT, || gw.metric(
+    // The two clusters' policies, as /clusters and config_dump show them.
+    let clusters = gw.clusters();
+    let policy_of = |name: &str| {
+        clusters["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no cluster {name}: {clusters:#}"))["policy"]
+            .clone()
+    };
+    let (router, tunnels) = (policy_of(outbound), policy_of(&inbound_vip));
+    assert_eq!(router["maxConnections"], 1, "{router:#}");
+    assert_eq!(
+        router["outlierDetection"]["consecutiveErrors"], 1,
+        "{router:#}"
+    );
+    assert_eq!(
+        (
+            &tunnels["loadBalancer"],
+            &tunnels["maxConnections"],
+            &tunnels["outlierDetection"],
+            &tunnels["idleTimeout"],
+            &tunnels["destinationRule"],
+        ),
+        (
+            &serde_json::json!("LeastRequest"),
+            &serde_json::Value::Null,
+            &serde_json::Value::Null,
+            &serde_json::json!("420s"),
+            &serde_json::json!("default/reviews"),
+        ),
+        "{tunnels:#}"
+    );
+    let (code, body) = http_get(gw.admin, "/config_dump").unwrap();
+    assert_eq!(code, 200);
+    let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let port = dump["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["host"] == REVIEWS)
+        .unwrap()
+        .clone();
+    assert_eq!(port["policy"], router, "{port:#}");
+    assert_eq!(port["tunnelPolicy"], tunnels, "{port:#}");
+
+    // 15443 ejects the endpoints it fails on (each connection retried to `a`).
+    let ejected = |e: &str| gw.metric("strait_endpoint_ejections_total", &[("endpoint", e)]) == 1.0;
+    let (b_endpoint, dead_endpoint) = (format!("{}:9080", b.ip), format!("{dead}:9080"));
+    let deadline = Instant::now() + WAIT;
+    while !(ejected(&b_endpoint) && ejected(&dead_endpoint)) {
+        assert!(Instant::now() < deadline, "{}", gw.metrics_text());
+        // The slot of the connection before may not be free yet: a refusal is fine here.
+        let _ = round_trip(gw.gateway, &ca, outbound).await;
+    }
+    for e in [&b_endpoint, &dead_endpoint] {
+        assert_eq!(gw.endpoint_state(outbound, e)["health"], "ejected");
+        assert_eq!(gw.endpoint_state(&inbound_vip, e)["health"], "healthy");
+    }
+
+    // One 15443 connection held: the next one is refused at maxConnections (UO).
+    assert!(gw.eventually(WAIT, || {
+        gw.clusters()["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == outbound && c["activeConnections"] == 0)
+    }));
+    let refused = |gw: &Strait| {
+        gw.metric(
+            "strait_refusals_total",
+            &[
+                ("response_flag", "UO"),
+                ("reason", "cluster_max_connections"),
+            ],
+        )
+    };
+    let before = refused(&gw);
+    let (mut held, _) = tls_connect(gw.gateway, &ca, outbound, &["istio"])
+        .await
+        .unwrap();
+    assert_eq!(echo_once(&mut held, b"held\n").await, b"held\n");
+    let mut second = tls_connect(gw.gateway, &ca, outbound, &["istio"]).await;
+    if let Ok((tls, _)) = &mut second {
+        // A handshake that completed locally is refused on its first read.
+        let mut buf = [0u8; 1];
+        let _ = tls.write_all(b"x").await;
+        assert!(matches!(tls.read(&mut buf).await, Ok(0) | Err(_)));
+    }
+    gw.wait_metric(
         "strait_refusals_total",
         &[
             ("response_flag", "UO"),
-            ("reason", "cluster_max_connections")
-        ]
-    ) == 1.0));
-    let mut admitted = false;
-    for _ in 0..50 {
-        let (status, _t) = client.connect(limited_authority).await.unwrap();
-        if status == 200 {
-            admitted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+            ("reason", "cluster_max_connections"),
+        ],
+        |v| v == before + 1.0,
+    );
+
+    // Meanwhile tunnels: four held at once (no connection limit on their cluster) …
+    let client = hbone_connect(hbone_addr, &sleep, &certs.gateway)
+        .await
+        .unwrap();
+    let mut open = Vec::new();
+    for i in 0..4 {
+        let (status, mut t) = client.connect(&format!("{REVIEWS}:9080")).await.unwrap();
+        assert_eq!(status, 200, "held tunnel {i}: {}", gw.stderr_text());
+        t.exchange(&format!("open {i}\n"), true).await;
+        open.push(t);
     }
-    assert!(admitted, "the pool slot was not released");
+    // … then one after another: `b`, which 15443 ejected, is a destination, and `dead` is
+    // skipped for another endpoint each time it is picked.
+    let mut picks = std::collections::BTreeMap::new();
+    for i in 0..20 {
+        let (status, mut t) = client.connect(&format!("{REVIEWS}:9080")).await.unwrap();
+        assert_eq!(status, 200, "tunnel {i}");
+        let text = t.exchange("x\n", true).await;
+        *picks.entry(greeted_by(&text).to_string()).or_insert(0) += 1;
+        t.shutdown().await.unwrap();
+    }
+    assert!(picks.get("b").is_some_and(|n| *n > 0), "{picks:?}");
+    assert!(b.accepted() > 0);
+    for mut t in open {
+        t.shutdown().await.unwrap();
+    }
+    drop(held);
+    // The tunnels' failed dials of `dead` are counted, but not as the consecutive errors
+    // 15443's outlier detection reads (its ejection had reset them).
+    let dead_state = gw.endpoint_state(&inbound_vip, &dead_endpoint);
+    assert_eq!(dead_state["consecutiveFailures"], 0, "{dead_state:#}");
+    assert!(
+        dead_state["connectFailures"].as_u64().unwrap() > 1,
+        "{picks:?} {dead_state:#}"
+    );
+    assert!(a.accepted() > 0 && app.accepted() > 0);
 }
 
 /// The floods a source could send on one outer connection.

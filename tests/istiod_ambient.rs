@@ -27,8 +27,8 @@ use common::istiod::{
 };
 use common::jwt::{AUDIENCE, TokenIssuer};
 use common::{
-    Strait, TempDir, TestCa, Workload, free_port, http_get, mesh_ca, mesh_cert, round_trip,
-    strait_bin,
+    Strait, TempDir, TestCa, Workload, echo_once, free_port, http_get, mesh_ca, mesh_cert,
+    round_trip, strait_bin, tls_connect,
 };
 use serde_json::{Value, json};
 
@@ -625,6 +625,23 @@ async fn syncz_of(istiod: &Istiod, proxy: &str) -> Vec<Value> {
         .collect()
 }
 
+/// strait as network1's gateway pod [`POD`] in `spoke`, with both streams (`discovery.waypoint`)
+/// and the SVID in `certs`, once ready.
+fn ready_waypoint_gateway(spoke: &common::istiod::Spoke, certs: &Path) -> Strait {
+    let strait = launch_strait_gateway(
+        spoke,
+        POD,
+        &format!(
+            "    waypoint: {{}}\n  certificates: {{dir: {}}}\n",
+            certs.display()
+        ),
+        Path::new(strait_bin()),
+        &[],
+    );
+    spoke.ns.run(|| strait.wait_ready(Duration::from_secs(30)));
+    strait
+}
+
 fn config_dump(strait: &Strait) -> Value {
     let (code, body) = http_get(strait.admin, "/config_dump").expect("config_dump");
     assert_eq!(code, 200, "{body}");
@@ -683,17 +700,7 @@ async fn one_strait_serves_15008_from_the_waypoint_stream_and_15443_from_the_rou
             );
         }
 
-        let strait = launch_strait_gateway(
-            &spoke,
-            POD,
-            &format!(
-                "    waypoint: {{}}\n  certificates: {{dir: {}}}\n",
-                gateway_certs.display()
-            ),
-            Path::new(strait_bin()),
-            &[],
-        );
-        spoke.ns.run(|| strait.wait_ready(Duration::from_secs(30)));
+        let strait = ready_waypoint_gateway(&spoke, &gateway_certs);
 
         // Both identities SYNCED at istiod.
         let proxy = format!("{POD}.istio-system");
@@ -1044,17 +1051,7 @@ async fn the_routers_servers_never_dial_the_pods_only_the_waypoint_stream_lists(
                 .await,
             );
         }
-        let strait = launch_strait_gateway(
-            &spoke,
-            POD,
-            &format!(
-                "    waypoint: {{}}\n  certificates: {{dir: {}}}\n",
-                gateway_certs.display()
-            ),
-            Path::new(strait_bin()),
-            &[],
-        );
-        spoke.ns.run(|| strait.wait_ready(Duration::from_secs(30)));
+        let strait = ready_waypoint_gateway(&spoke, &gateway_certs);
         // Both streams' endpoints of echo:80 are in: the router's pod and the captured ones.
         let joined = strait.eventually(Duration::from_secs(30), || {
             let dump = config_dump(&strait);
@@ -1191,6 +1188,213 @@ async fn the_routers_servers_never_dial_the_pods_only_the_waypoint_stream_lists(
         let streams = echo_1.wait_streams(to_echo_1, wait).await.len()
             + echo_3.wait_streams(4 - to_echo_1, wait).await.len();
         assert_eq!(streams, 4);
+    });
+}
+
+/// A DestinationRule on `echo`: a connection limit of one, outlier detection, and a TCP
+/// idle timeout.
+const ECHO_RULE: &str = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: echo}
+spec:
+  host: echo.echo.svc.cluster.local
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 1, idleTimeout: 7m}}
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}
+";
+
+/// Through Istio's source `via`: one tunnel held open after its first answer, the name of
+/// the pod that answered, or `None` when the tunnel was refused.
+async fn held_tunnel(via: SocketAddr) -> Option<(tokio::net::TcpStream, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(via).await.ok()?;
+    stream.write_all(b"hi\n").await.ok()?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 64];
+    while !out.ends_with(b"hi\n") {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+    let text = String::from_utf8_lossy(&out).to_string();
+    Some((stream, text))
+}
+
+/// istiod gives an ambient east-west gateway's `inbound-vip` clusters no DestinationRule
+/// policy ("east-west gateways don't respect DestinationRule": LEAST_REQUEST, unlimited
+/// circuit breakers, no outlier detection) and puts only the rule's TCP idle timeout on
+/// `main_internal`'s `tcp_proxy`, while the router's cluster of the same service port
+/// takes the whole rule. strait serves each stream's as sent: the connection limit of one
+/// holds on 15443 (a second connection is refused, `UO`) and not on the tunnels (two held
+/// at once through Istio's source), and `/clusters` and `config_dump` show each cluster's
+/// policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rule_shapes_the_routers_cluster_and_not_the_tunnels() {
+    if !present() || hbone_peer_bin().is_none() {
+        return;
+    }
+    let lab = Lab::new("amb-dr");
+    let spoke = lab.spoke("amb-dr-s");
+    lab.run(|| async {
+        let istiod = start_istiod().await;
+        istiod.apply("echo-rule.yaml", ECHO_RULE);
+        let sni = format!("outbound_.80_._.{ECHO}");
+        let vip_80 = inbound_vip(80, ECHO);
+
+        // What istiod sends each node.
+        let router = dump_when(
+            &istiod,
+            "router~10.0.0.8~istio-eastwestgateway-1.istio-system~istio-system.svc.cluster.local",
+            &gateway_node_metadata(
+                Ipv4Addr::new(10, 0, 0, 8),
+                json!({
+                    "istio": "eastwestgateway",
+                    "app": "istio-eastwestgateway",
+                    "topology.istio.io/network": "network1",
+                }),
+            ),
+            |d| {
+                d.get("clusters", &sni)
+                    .is_some_and(|c| c["outlierDetection"].is_object())
+            },
+        )
+        .await;
+        let routers = router.get("clusters", &sni).unwrap();
+        assert_eq!(
+            routers["circuitBreakers"]["thresholds"][0]["maxConnections"], 1,
+            "{routers:#}"
+        );
+        let waypoint = dump_when(
+            &istiod,
+            &waypoint_id(),
+            &gateway_node_metadata(WAYPOINT_IP, east_west_labels()),
+            |d| {
+                d.get("listeners", "main_internal").is_some_and(|l| {
+                    l["filterChains"].as_array().into_iter().flatten().any(|c| {
+                        filter(c, "envoy.filters.network.tcp_proxy")["idleTimeout"] == "420s"
+                    })
+                })
+            },
+        )
+        .await;
+        let tunnels = waypoint.get("clusters", &vip_80).unwrap();
+        assert_eq!(tunnels["lbPolicy"], "LEAST_REQUEST", "{tunnels:#}");
+        assert!(tunnels["outlierDetection"].is_null(), "{tunnels:#}");
+        assert_eq!(
+            tunnels["circuitBreakers"]["thresholds"][0]["maxConnections"],
+            u32::MAX,
+            "{tunnels:#}"
+        );
+
+        // strait on the same istiod, both streams.
+        let dir = TempDir::new("amb-dr");
+        let ca = mesh_ca(dir.path(), "cluster.local");
+        let gateway_certs = mesh_cert(&ca, GATEWAY_SPIFFE, &dir.path().join("gateway"));
+        let source_certs = mesh_cert(&ca, SOURCE_ID, &dir.path().join("source"));
+        let dest_certs = mesh_cert(&ca, ECHO_ID, &dir.path().join("dest"));
+        let mut dests = Vec::new();
+        for (last, name) in [(21, "echo-1"), (23, "echo-3")] {
+            dests.push(
+                hbone_dest(
+                    SocketAddr::from(([10, 0, 0, last], 15008)),
+                    &dest_certs,
+                    name,
+                    None,
+                )
+                .await
+                .expect("hbone-peer"),
+            );
+        }
+        let test_ca = TestCa::new();
+        let echo_2 =
+            Workload::start_at(&test_ca, ECHO_ID, SocketAddr::from(([10, 0, 0, 22], 8080))).await;
+        let strait = ready_waypoint_gateway(&spoke, &gateway_certs);
+        let policies = || {
+            let (code, body) = http_get(strait.admin, "/clusters").unwrap();
+            assert_eq!(code, 200, "{body}");
+            let clusters: Value = serde_json::from_str(&body).unwrap();
+            let of = |name: &str| {
+                clusters["clusters"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|c| c["name"] == name)
+                    .map(|c| c["policy"].clone())
+            };
+            (of(&sni), of(&vip_80))
+        };
+        let both = strait.eventually(Duration::from_secs(30), || {
+            matches!(policies(), (Some(r), Some(t))
+                if r["maxConnections"] == 1 && t["idleTimeout"] == "420s")
+        });
+        assert!(both, "{:?}\n{}", policies(), strait.stderr_text());
+        let (Some(routers), Some(tunnels)) = policies() else {
+            unreachable!("awaited above")
+        };
+        assert_eq!(
+            routers["outlierDetection"]["consecutiveErrors"], 1,
+            "{routers:#}"
+        );
+        assert_eq!(
+            (
+                &tunnels["loadBalancer"],
+                &tunnels["maxConnections"],
+                &tunnels["outlierDetection"],
+            ),
+            (&json!("LeastRequest"), &Value::Null, &Value::Null),
+            "{tunnels:#}"
+        );
+        let dump = config_dump(&strait);
+        let port = dump["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["host"] == ECHO && s["port"] == 80)
+            .unwrap();
+        assert_eq!(port["policy"], routers);
+        assert_eq!(port["tunnelPolicy"], tunnels);
+
+        // 15443: one connection held to echo-2; the next is refused at the limit.
+        let uo = [
+            ("response_flag", "UO"),
+            ("reason", "cluster_max_connections"),
+        ];
+        let (mut held, seen) = tls_connect(spoke.gateway(), &test_ca, &sni, &["istio"])
+            .await
+            .unwrap_or_else(|e| panic!("15443: {e}\n{}", strait.stderr_text()));
+        assert_eq!(seen, ECHO_ID);
+        assert_eq!(echo_once(&mut held, b"held\n").await, b"held\n");
+        let _ = round_trip(spoke.gateway(), &test_ca, &sni).await;
+        strait.wait_metric("strait_refusals_total", &uo, |v| v == 1.0);
+        assert_eq!(echo_2.accepted(), 1);
+
+        // 15008 meanwhile: two tunnels held at once, neither refused.
+        let via = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut source = HboneSource::new(SocketAddr::from((spoke.ip, 15008)), &source_certs);
+        source.gateway_id = Some(GATEWAY_SPIFFE.into());
+        source.dest_id = Some(ECHO_ID.into());
+        source.maps = vec![(via, format!("{ECHO}:80"))];
+        let source = source.start(None).await.expect("hbone-peer");
+        let mut open = Vec::new();
+        for i in 0..2 {
+            let (stream, text) = held_tunnel(via).await.unwrap_or_else(|| {
+                panic!(
+                    "tunnel {i} refused:\n{}\n{}",
+                    source.lines().join("\n"),
+                    strait.stderr_text()
+                )
+            });
+            assert!(
+                text == "[echo-1] hi\n" || text == "[echo-3] hi\n",
+                "{text:?}"
+            );
+            open.push(stream);
+        }
+        assert_eq!(strait.metric("strait_refusals_total", &uo), 1.0);
+        drop(open);
+        drop(held);
     });
 }
 

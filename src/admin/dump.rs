@@ -87,6 +87,7 @@ pub fn config_dump(shared: &Shared, include_eds: bool) -> Value {
             "portName": svc.port_name,
             "sni": build_subset_key(svc.port, None, &svc.host),
             "policy": policy(&svc.policy),
+            "tunnelPolicy": policy(&svc.tunnel_policy),
             "subsets": svc.subsets.values().map(|sub| json!({
                 "name": sub.name,
                 "sni": build_subset_key(svc.port, Some(&sub.name), &svc.host),
@@ -191,6 +192,7 @@ fn string_match(m: &StringMatch) -> Value {
 
 fn policy(p: &TrafficPolicy) -> Value {
     json!({
+        "destinationRule": p.destination_rule,
         "loadBalancer": format!("{:?}", p.lb),
         "connectTimeout": p.connect_timeout.map(|d| format!("{d:?}")),
         "idleTimeout": p.idle_timeout.map(|d| format!("{d:?}")),
@@ -238,13 +240,14 @@ pub fn clusters(shared: &Shared) -> Value {
                 "service": key.host,
                 "port": key.port,
                 "subset": subset,
+                "policy": policy(&cluster.policy),
                 "activeConnections": cluster.active(),
                 "endpoints": cluster.members.iter().map(|m| json!({
                     "address": m.endpoint.authority(),
                     "locality": m.endpoint.locality.to_string(),
                     "network": m.endpoint.network,
                     "weight": m.endpoint.weight,
-                    "health": if m.state.is_ejected() { "ejected" } else { "healthy" },
+                    "health": if cluster.is_ejected(m) { "ejected" } else { "healthy" },
                     "ejectedForMs": m.state.ejected_for().map(|d| d.as_millis() as u64),
                     "ejections": m.state.ejection_count(),
                     "consecutiveFailures": m.state.consecutive_failures(),

@@ -241,7 +241,10 @@ pub fn cluster_statuses(shared: &Shared) -> Vec<Json> {
                     continue;
                 };
                 let member = served.as_ref().and_then(|c| member(c, &address));
-                let ejected = member.as_ref().is_some_and(|m| m.state.is_ejected());
+                let ejected = served
+                    .as_ref()
+                    .zip(member.as_ref())
+                    .is_some_and(|(c, m)| c.is_ejected(m));
                 let health = core::HealthStatus::try_from(e.health_status)
                     .unwrap_or(core::HealthStatus::Unknown);
                 // Envoy reports an endpoint EDS left UNKNOWN as HEALTHY.

@@ -478,6 +478,7 @@ fn build_services(
                         port_name: port.name.clone(),
                         endpoints,
                         policy: Default::default(),
+                        tunnel_policy: tunnel_policy(None),
                         subsets: BTreeMap::new(),
                         resolution: se.resolution,
                         default_route: Default::default(),
@@ -487,6 +488,26 @@ fn build_services(
         }
     }
     out
+}
+
+/// The policy of a service port's 15008 tunnels, as istiod builds an ambient east-west
+/// gateway's `inbound-vip` cluster and its `tcp_proxy` (`cluster_waypoint.go`,
+/// `listener_waypoint.go`): LEAST_REQUEST, no outlier detection, no connection limit and
+/// the default connect timeout whatever the DestinationRule says ("east-west gateways don't
+/// respect DestinationRule"); only the rule's top-level `connectionPool.tcp.idleTimeout`
+/// and `maxConnectionDuration` hold, on the tunnel (port-level settings do not).
+fn tunnel_policy(dr: Option<&DestinationRuleDoc>) -> crate::model::TrafficPolicy {
+    let pool = dr.and_then(|d| d.policy.top.pool.as_ref());
+    let idle_timeout = pool.and_then(|p| p.idle_timeout);
+    let max_connection_duration = pool.and_then(|p| p.max_connection_duration);
+    let applied = idle_timeout.is_some() || max_connection_duration.is_some();
+    crate::model::TrafficPolicy {
+        destination_rule: dr.filter(|_| applied).map(|d| d.meta.qualified()),
+        lb: crate::model::LbPolicy::LeastRequest,
+        idle_timeout,
+        max_connection_duration,
+        ..Default::default()
+    }
 }
 
 fn apply_destination_rules(sink: &mut Sink, rules: &[DestinationRuleDoc], services: &mut Services) {
@@ -546,6 +567,7 @@ fn apply_destination_rules(sink: &mut Sink, rules: &[DestinationRuleDoc], servic
         let source = Some(dr.meta.qualified());
         svc.policy = base.to_policy();
         svc.policy.destination_rule = source.clone();
+        svc.tunnel_policy = tunnel_policy(Some(dr));
         for s in &dr.subsets {
             let endpoints = svc
                 .endpoints

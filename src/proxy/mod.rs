@@ -597,6 +597,7 @@ mod tests {
                 })
                 .collect(),
             policy: TrafficPolicy::default(),
+            tunnel_policy: TrafficPolicy::default(),
             subsets: Default::default(),
             resolution: Default::default(),
             default_route: Default::default(),

@@ -414,6 +414,7 @@ mod tests {
             port_name: "tcp".into(),
             endpoints: vec![],
             policy: TrafficPolicy::default(),
+            tunnel_policy: TrafficPolicy::default(),
             subsets,
             resolution: Default::default(),
             default_route: Default::default(),

@@ -825,6 +825,7 @@ mod tests {
             port_name: "tcp".into(),
             endpoints: vec![],
             policy: TrafficPolicy::default(),
+            tunnel_policy: TrafficPolicy::default(),
             subsets: [
                 subset("v1", &[("version", "v1")]),
                 subset("canary", &[("version", "v3"), ("track", "canary")]),

@@ -104,7 +104,7 @@ pub(super) fn pick(
     // failed attempts are set aside.
     let healthy_count = eligible
         .iter()
-        .filter(|&&i| !members[i].state.is_ejected())
+        .filter(|&&i| !cluster.is_ejected(&members[i]))
         .count();
     let min_health = cluster
         .policy
@@ -113,7 +113,7 @@ pub(super) fn pick(
         .map_or(0, |o| o.min_health_percent);
     // Below minHealthPercent, ejection is ignored (Envoy's panic threshold).
     let panic = outlier::panicking(healthy_count, eligible.len(), min_health);
-    let healthy = |i: usize| panic || !members[i].state.is_ejected();
+    let healthy = |i: usize| panic || !cluster.is_ejected(&members[i]);
     // Every member this purpose may use, healthy or not: what a priority's health is
     // judged against.
     let mut considered = match plan {
@@ -374,6 +374,7 @@ mod tests {
             port: 80,
             port_name: "tcp".into(),
             endpoints,
+            tunnel_policy: policy.clone(),
             policy,
             subsets: BTreeMap::new(),
             resolution: Default::default(),
@@ -404,6 +405,7 @@ mod tests {
                 hbone(3, Reach::Tunnels),
             ],
             policy: lb(LbPolicy::RoundRobin),
+            tunnel_policy: lb(LbPolicy::RoundRobin),
             subsets: BTreeMap::new(),
             resolution: Default::default(),
             default_route: Default::default(),
@@ -449,6 +451,60 @@ mod tests {
             ..ServicePort::clone(&service)
         });
         assert!(Cluster::tunnels(plain, &registry).is_none());
+    }
+
+    /// The tunnels' cluster has its own policy: with outlier detection on the service
+    /// (15443's) and none on the tunnels (istiod's `inbound-vip`), an endpoint 15443
+    /// ejected is still dialled by tunnels, and the tunnels' failures neither eject nor
+    /// count towards 15443's consecutive errors.
+    #[test]
+    fn the_tunnels_cluster_ejects_and_skips_only_by_its_own_outlier_detection() {
+        use crate::model::TUNNEL_LABEL;
+        let hbone = |last: u8| Endpoint {
+            labels: [(TUNNEL_LABEL.to_string(), "http".to_string())].into(),
+            ..endpoint(last, 1, "", "")
+        };
+        let service = Arc::new(ServicePort {
+            host: "svc.test".into(),
+            namespace: "default".into(),
+            port: 80,
+            port_name: "tcp".into(),
+            endpoints: vec![hbone(1), hbone(2)],
+            policy: TrafficPolicy {
+                outlier: Some(OutlierDetection {
+                    consecutive_errors: 2,
+                    max_ejection_percent: 100,
+                    ..Default::default()
+                }),
+                ..lb(LbPolicy::RoundRobin)
+            },
+            tunnel_policy: lb(LbPolicy::RoundRobin),
+            subsets: BTreeMap::new(),
+            resolution: Default::default(),
+            default_route: Default::default(),
+        });
+        let registry = StateRegistry::default();
+        let all = Cluster::new(service.clone(), None, &registry).unwrap();
+        let tunnels = Cluster::tunnels(service, &registry).unwrap();
+        // Tunnel failures: counted, never an ejection, never 15443's consecutive errors.
+        for _ in 0..5 {
+            assert_eq!(tunnels.record_failure(0), None);
+        }
+        assert_eq!(all.members[0].state.total_failures(), 5);
+        assert_eq!(all.members[0].state.consecutive_failures(), 0);
+        assert!(!all.members[0].state.is_ejected());
+        // 15443's own failures eject it there; the tunnels still pick it.
+        assert_eq!(all.record_failure(0), None);
+        assert!(all.record_failure(0).is_some());
+        assert!(all.is_ejected(&all.members[0]));
+        assert!(!tunnels.is_ejected(&tunnels.members[0]));
+        let gw = nowhere();
+        let mut seen = [[0usize; 2]; 2];
+        for _ in 0..10 {
+            seen[0][all.pick(Purpose::Terminated, &gw, &[]).member().unwrap()] += 1;
+            seen[1][tunnels.pick(Purpose::Hbone, &gw, &[]).member().unwrap()] += 1;
+        }
+        assert_eq!(seen, [[0, 10], [5, 5]]);
     }
 
     fn lb(lb: LbPolicy) -> TrafficPolicy {

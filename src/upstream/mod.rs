@@ -382,9 +382,11 @@ impl Cluster {
     }
 
     /// The cluster 15008 tunnels use: the endpoints of the service port's default route
-    /// that accept HBONE, whoever listed them (Envoy's `inbound-vip|<port>|tcp|<host>`);
-    /// `None` when there is none. Its members share their live state (connections,
-    /// failures, ejection) with the same endpoints in the other clusters of the service.
+    /// that accept HBONE, whoever listed them (Envoy's `inbound-vip|<port>|tcp|<host>`),
+    /// under the service port's tunnel policy ([`ServicePort::tunnel_policy`]); `None`
+    /// when there is none. Its members share their connection counts with the same
+    /// endpoints in the other clusters of the service; ejection holds only in clusters
+    /// with outlier detection ([`Cluster::is_ejected`]).
     pub fn tunnels(service: Arc<ServicePort>, registry: &StateRegistry) -> Option<Cluster> {
         let members: Vec<usize> = default_route(&service)
             .into_iter()
@@ -398,7 +400,7 @@ impl Cluster {
         if members.is_empty() {
             return None;
         }
-        let policy = service.policy.clone();
+        let policy = service.tunnel_policy.clone();
         Some(Self::of(
             service,
             None,
@@ -535,13 +537,23 @@ impl Cluster {
         locality::Plan::new(&self.policy, gateway, &localities, &weights)
     }
 
+    /// Whether `member` is ejected as this cluster sees it: an endpoint the outlier
+    /// detection of the service's clusters ejected, where this cluster has outlier
+    /// detection itself. A cluster without it (Envoy: no outlier detector) dials every
+    /// member, as the 15008 tunnels' cluster from istiod does.
+    pub fn is_ejected(&self, member: &Member) -> bool {
+        self.policy.outlier.is_some() && member.state.is_ejected()
+    }
+
     /// Records a failed connect attempt; ejects the endpoint when outlier detection says
-    /// so. Returns the ejection time when this failure ejected it.
+    /// so. Returns the ejection time when this failure ejected it. A cluster without
+    /// outlier detection counts the failure but leaves the consecutive count, which only
+    /// outlier detection reads, to the clusters that have it.
     pub fn record_failure(&self, member: usize) -> Option<Duration> {
         let m = self.members.get(member)?;
         m.state.total_failures.fetch_add(1, Ordering::Relaxed);
-        let failures = m.state.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let od = self.policy.outlier.as_ref()?;
+        let failures = m.state.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < od.consecutive_errors.max(1) || m.state.is_ejected() {
             return None;
         }
@@ -579,6 +591,9 @@ impl Cluster {
     }
 
     pub fn record_success(&self, member: usize) {
+        if self.policy.outlier.is_none() {
+            return;
+        }
         if let Some(m) = self.members.get(member) {
             m.state.consecutive_failures.store(0, Ordering::Relaxed);
         }

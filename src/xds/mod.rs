@@ -378,7 +378,8 @@ pub fn start(status: Arc<Status>) -> Arc<Feed> {
 /// joined again only when one of them changed it (`joined` keeps the joins).
 ///
 /// A service port both streams name is one service port, as it is from files: the
-/// router's (its endpoints, balancer and policy serve 15443), with each endpoint the
+/// router's (its endpoints, balancer and policy serve 15443; the tunnels keep the
+/// waypoint's cluster policy), with each endpoint the
 /// waypoint stream lists as taking HBONE labelled so ([`TUNNEL_LABEL`]); one the router
 /// does not list is added for tunnels only ([`Reach::Tunnels`]: never a destination of
 /// 15443, an ISTIO_MUTUAL or PASSTHROUGH server or a bridge, as istiod did not give it
@@ -452,11 +453,15 @@ pub struct Joined(Mutex<JoinedPorts>);
 type JoinedPorts =
     HashMap<crate::model::ServiceKey, (Arc<ServicePort>, Arc<ServicePort>, Arc<ServicePort>)>;
 
-/// The router's service port with the waypoint's HBONE endpoints: the same endpoint
-/// (address and port) labelled as taking HBONE, one the router does not have added,
-/// reachable by tunnels only ([`Reach::Tunnels`]).
+/// The router's service port with the waypoint's HBONE endpoints and tunnel policy: the
+/// same endpoint (address and port) labelled as taking HBONE, one the router does not
+/// have added, reachable by tunnels only ([`Reach::Tunnels`]); the tunnels' cluster takes
+/// the policy of the waypoint's `inbound-vip` cluster.
 fn with_hbone(router: &ServicePort, hbone: &ServicePort) -> ServicePort {
     let mut out = router.clone();
+    // The tunnels' cluster is the waypoint's `inbound-vip` one, as istiod sent it: the
+    // router's DestinationRule policy is not its own.
+    out.tunnel_policy = hbone.policy.clone();
     let index: HashMap<(EndpointAddress, u16), usize> = out
         .endpoints
         .iter()
@@ -571,7 +576,20 @@ mod tests {
             priority: None,
             locality_weight: None,
         };
-        let port = |endpoints: Vec<Endpoint>| {
+        // Each stream's cluster policy: the router's from a DestinationRule, the
+        // waypoint's `inbound-vip` cluster as istiod builds it (no DestinationRule).
+        let router_policy = crate::model::TrafficPolicy {
+            destination_rule: Some("echo/echo".into()),
+            max_connections: Some(1),
+            outlier: Some(Default::default()),
+            ..Default::default()
+        };
+        let waypoint_policy = crate::model::TrafficPolicy {
+            lb: crate::model::LbPolicy::LeastRequest,
+            connect_timeout: Some(Duration::from_secs(10)),
+            ..Default::default()
+        };
+        let port = |endpoints: Vec<Endpoint>, policy: &crate::model::TrafficPolicy| {
             Arc::new(ServicePort {
                 host: "echo.echo.svc.cluster.local".into(),
                 namespace: "echo".into(),
@@ -579,7 +597,8 @@ mod tests {
                 port_name: String::new(),
                 default_route: DefaultRoute::Endpoints((0..endpoints.len()).collect()),
                 endpoints,
-                policy: Default::default(),
+                policy: policy.clone(),
+                tunnel_policy: policy.clone(),
                 subsets: BTreeMap::new(),
                 resolution: Default::default(),
             })
@@ -590,14 +609,20 @@ mod tests {
             ..Published::default()
         };
         // The router lists the sidecar pod .22 and the HBONE pod .21; the waypoint .21 and .23.
-        let router = published(port(vec![
-            endpoint([10, 0, 0, 22], false),
-            endpoint([10, 0, 0, 21], false),
-        ]));
-        let waypoint = published(port(vec![
-            endpoint([10, 0, 0, 21], true),
-            endpoint([10, 0, 0, 23], true),
-        ]));
+        let router = published(port(
+            vec![
+                endpoint([10, 0, 0, 22], false),
+                endpoint([10, 0, 0, 21], false),
+            ],
+            &router_policy,
+        ));
+        let waypoint = published(port(
+            vec![
+                endpoint([10, 0, 0, 21], true),
+                endpoint([10, 0, 0, 23], true),
+            ],
+            &waypoint_policy,
+        ));
         let joined = Joined::default();
         let files = Snapshot::default();
         let first = merge(&files, Some(&router), Some(&waypoint), &joined);
@@ -616,11 +641,14 @@ mod tests {
             ]
         );
         assert_eq!(p.default_route, DefaultRoute::Endpoints(vec![0, 1, 2]));
+        // 15443 keeps the router's policy, the tunnels the waypoint's cluster's.
+        assert_eq!(p.policy, router_policy);
+        assert_eq!(p.tunnel_policy, waypoint_policy);
         // Nothing changed: the very same join.
         let again = merge(&files, Some(&router), Some(&waypoint), &joined);
         assert!(Arc::ptr_eq(&first.services[&key], &again.services[&key]));
         // The router's port changed: joined again.
-        let router = published(port(vec![endpoint([10, 0, 0, 22], false)]));
+        let router = published(port(vec![endpoint([10, 0, 0, 22], false)], &router_policy));
         let third = merge(&files, Some(&router), Some(&waypoint), &joined);
         assert!(!Arc::ptr_eq(&first.services[&key], &third.services[&key]));
         assert_eq!(third.services[&key].endpoints.len(), 3);

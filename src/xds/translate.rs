@@ -1497,6 +1497,9 @@ fn service(key: &ServiceKey, routes: &[Route], held: &Held) -> ServicePort {
         port: key.port,
         port_name: String::new(),
         endpoints,
+        // One stream's service port is one cluster: a waypoint stream's is the
+        // `inbound-vip` cluster the tunnels use, with its `tcp_proxy`'s timeouts.
+        tunnel_policy: policy.clone(),
         policy,
         subsets,
         resolution,
