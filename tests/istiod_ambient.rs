@@ -1855,3 +1855,226 @@ async fn istioctl_proxy_status_lists_the_router_and_the_waypoint_stream_synced()
         }
     });
 }
+
+const RATINGS: &str = "ratings.echo.svc.cluster.local";
+const WAYPOINT: &str = "waypoint.echo.svc.cluster.local";
+
+/// A Service with a waypoint, beside [`KUBE`]: the global Service `ratings` (VIP
+/// 10.96.0.12, port 80 → 8080, one captured pod at 10.0.0.32) labelled
+/// `istio.io/use-waypoint: waypoint`; the waypoint as Istio deploys it for a Gateway of
+/// class `istio-waypoint`: the Gateway (its address in `status.addresses`, which istiod
+/// waits for), its GatewayClass, its Service (`waypoint`, VIP 10.96.0.20, port 15008) and
+/// one ready pod at 10.0.0.41 labelled as a waypoint's (`gateway.istio.io/managed:
+/// istio.io-mesh-controller`), with their EndpointSlices.
+const WAYPOINT_KUBE: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: istio-waypoint}
+spec: {controllerName: istio.io/mesh-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: waypoint
+  namespace: echo
+  labels: {istio.io/waypoint-for: service}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - {name: mesh, port: 15008, protocol: HBONE}
+status:
+  addresses:
+  - {type: Hostname, value: waypoint.echo.svc.cluster.local}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: waypoint
+  namespace: echo
+  labels:
+    gateway.istio.io/managed: istio.io-mesh-controller
+    gateway.networking.k8s.io/gateway-name: waypoint
+    istio.io/waypoint-for: service
+spec:
+  selector: {gateway.networking.k8s.io/gateway-name: waypoint}
+  clusterIP: 10.96.0.20
+  ports:
+  - {name: mesh, port: 15008, targetPort: 15008, protocol: TCP, appProtocol: all}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-1
+  namespace: echo
+  labels:
+    gateway.istio.io/managed: istio.io-mesh-controller
+    gateway.networking.k8s.io/gateway-name: waypoint
+spec: {serviceAccountName: waypoint, nodeName: node1, containers: [{name: istio-proxy, image: proxyv2}]}
+status:
+  phase: Running
+  podIP: 10.0.0.41
+  podIPs: [{ip: 10.0.0.41}]
+  conditions: [{type: Ready, status: \"True\"}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: waypoint-1
+  namespace: echo
+  labels: {kubernetes.io/service-name: waypoint}
+addressType: IPv4
+endpoints:
+- addresses: [10.0.0.41]
+  conditions: {ready: true}
+  targetRef: {kind: Pod, name: waypoint-1, namespace: echo}
+ports:
+- {name: mesh, port: 15008, protocol: TCP}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: ratings
+  namespace: echo
+  labels: {istio.io/global: \"true\", istio.io/use-waypoint: waypoint}
+spec:
+  selector: {app: ratings}
+  clusterIP: 10.96.0.12
+  ports:
+  - {name: http, port: 80, targetPort: 8080, protocol: TCP}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: ratings-1
+  namespace: echo
+  labels: {app: ratings}
+  annotations: {ambient.istio.io/redirection: enabled}
+spec: {serviceAccountName: ratings, nodeName: node1, containers: [{name: ratings, image: ratings}]}
+status:
+  phase: Running
+  podIP: 10.0.0.32
+  podIPs: [{ip: 10.0.0.32}]
+  conditions: [{type: Ready, status: \"True\"}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: ratings-1
+  namespace: echo
+  labels: {kubernetes.io/service-name: ratings}
+addressType: IPv4
+endpoints:
+- addresses: [10.0.0.32]
+  conditions: {ready: true}
+  targetRef: {kind: Pod, name: ratings-1, namespace: echo}
+ports:
+- {name: http, port: 8080, protocol: TCP}
+";
+
+/// The action (a filter chain's name) of a matcher's `OnMatch`.
+fn action(on_match: &Value) -> &str {
+    on_match["action"]["name"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an action: {on_match}"))
+}
+
+/// What istiod sends the ambient east-west gateway for a Service with a waypoint (the
+/// waypoint Gateway reaches istiod through the harness's in-memory Gateway API client):
+/// `connect_terminate` copies the outer CONNECT's `x-istio-source` into the filter state
+/// `io.istio.source`, and `main_internal`'s entry for the Service (its name, and its VIP
+/// port) is not a chain but a matcher on that state: `waypoint` and `gateway` (the
+/// Service does not set `istio.io/ingress-use-waypoint`) go to the Service's own chain,
+/// any other value (or none) to the waypoint's chain `inbound-vip|15008|tcp|<waypoint>`,
+/// whose EDS lists the waypoint's pod. A Service without a waypoint keeps its chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istiod_dispatches_a_service_with_a_waypoint_on_x_istio_source() {
+    if !present() {
+        return;
+    }
+    let lab = Lab::new("amb-wp-xds");
+    lab.run(|| async {
+        let istiod = start_istiod().await;
+        istiod.apply_kube("waypoint.yaml", WAYPOINT_KUBE);
+        let meta = gateway_node_metadata(WAYPOINT_IP, east_west_labels());
+        let waypoint_chain = inbound_vip(15008, WAYPOINT);
+        let dump = dump_when(&istiod, &waypoint_id(), &meta, |d| {
+            d.get("endpoints", &waypoint_chain)
+                .is_some_and(|e| healthy(e).len() == 1)
+                && d.get("listeners", "main_internal").is_some_and(|m| {
+                    m["filterChainMatcher"]["matcherTree"]["exactMatchMap"]["map"]
+                        [format!("{RATINGS}:80")]["matcher"]
+                        .is_object()
+                })
+        })
+        .await;
+
+        let ct = dump.get("listeners", "connect_terminate").unwrap();
+        let hcm = filter(
+            &ct["filterChains"][0],
+            "envoy.filters.network.http_connection_manager",
+        );
+        let source = hcm["httpFilters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "request_source")
+            .expect("the request_source filter");
+        assert_eq!(
+            source["typedConfig"]["onRequestHeaders"][0]["objectKey"],
+            "io.istio.source"
+        );
+        assert_eq!(
+            source["typedConfig"]["onRequestHeaders"][0]["formatString"]["textFormatSource"]
+                ["inlineString"],
+            "%REQ(x-istio-source)%"
+        );
+
+        let main = dump.get("listeners", "main_internal").unwrap();
+        let map = &main["filterChainMatcher"]["matcherTree"]["exactMatchMap"]["map"];
+        let ratings_chain = inbound_vip(80, RATINGS);
+        let by_source = |m: &Value| {
+            let tree = &m["matcher"]["matcherTree"];
+            assert_eq!(tree["input"]["typedConfig"]["key"], "io.istio.source", "{m}");
+            let mut values: Vec<(String, String)> = tree["exactMatchMap"]["map"]
+                .as_object()
+                .unwrap_or_else(|| panic!("not an exact map: {m}"))
+                .iter()
+                .map(|(k, v)| (k.clone(), action(v).to_string()))
+                .collect();
+            values.sort();
+            (values, action(&m["matcher"]["onNoMatch"]).to_string())
+        };
+        let want = (
+            vec![
+                ("gateway".to_string(), ratings_chain.clone()),
+                ("waypoint".to_string(), ratings_chain.clone()),
+            ],
+            waypoint_chain.clone(),
+        );
+        assert_eq!(by_source(&map[format!("{RATINGS}:80")]), want);
+        // The waypoint serves under its own name; echo keeps its chain.
+        assert_eq!(action(&map[format!("{WAYPOINT}:15008")]), waypoint_chain);
+        assert_eq!(action(&map[format!("{ECHO}:80")]), inbound_vip(80, ECHO));
+        // The VIP port dispatches the same way.
+        let ranges = main["filterChainMatcher"]["onNoMatch"]["matcher"]["matcherTree"]
+            ["customMatch"]["typedConfig"]["rangeMatchers"]
+            .as_array()
+            .unwrap();
+        let vip = ranges
+            .iter()
+            .find(|r| r["ranges"][0]["addressPrefix"] == "10.96.0.12")
+            .unwrap_or_else(|| panic!("no range for ratings' VIP: {ranges:?}"));
+        assert_eq!(
+            by_source(&vip["onMatch"]["matcher"]["matcherTree"]["exactMatchMap"]["map"]["80"]),
+            want
+        );
+        // The waypoint's chain goes to its pod's 15008.
+        let wp = healthy(dump.get("endpoints", &waypoint_chain).unwrap());
+        assert_eq!(
+            wp[0]["metadata"]["filterMetadata"]["envoy.filters.listener.original_dst"]["local"],
+            "10.0.0.41:15008",
+            "{wp:?}"
+        );
+        assert!(dump.get("endpoints", &ratings_chain).is_some());
+    });
+}
