@@ -59,6 +59,7 @@ fn route(c: &mut Criterion) {
         rbac: Vec::new(),
         vips: Vec::new(),
         http2: Default::default(),
+        sources: Default::default(),
     }];
     let mut group = c.benchmark_group("route_resolve");
     for n in [1usize, 1_000, 100_000] {
@@ -72,6 +73,7 @@ fn route(c: &mut Criterion) {
             rbac: Vec::new(),
             vips: Vec::new(),
             http2: Default::default(),
+            sources: Default::default(),
         }];
         let target = host(n / 2);
         let hit = format!("outbound_.9080_._.{target}");

@@ -63,6 +63,10 @@ enum Command {
         /// ALPN protocols the client would offer (comma-separated); default: istio
         #[arg(long, default_value = "istio")]
         alpn: String,
+        /// For a tunnel: the x-istio-source header on its CONNECT (a waypoint sends
+        /// "waypoint"), which picks where a Service with a waypoint routes
+        #[arg(long)]
+        source: Option<String>,
     },
     /// Mesh CA tooling.
     Ca {
@@ -156,10 +160,12 @@ fn dispatch(command: Command) -> Result<ExitCode, String> {
             admin: Some(admin),
             sni,
             alpn,
+            source,
             ..
         } => {
-            let (routes, text) = strait::admin::explain::ask_running(admin, &sni, &alpn)
-                .map_err(|e| format!("cannot ask the gateway on {admin}: {e}"))?;
+            let (routes, text) =
+                strait::admin::explain::ask_running(admin, &sni, &alpn, source.as_deref())
+                    .map_err(|e| format!("cannot ask the gateway on {admin}: {e}"))?;
             print!("{text}");
             Ok(if routes {
                 ExitCode::SUCCESS
@@ -168,7 +174,11 @@ fn dispatch(command: Command) -> Result<ExitCode, String> {
             })
         }
         Command::Route {
-            config, sni, alpn, ..
+            config,
+            sni,
+            alpn,
+            source,
+            ..
         } => {
             let loaded = config::load_paths(&config).map_err(|e| e.to_string())?;
             let alpn: Vec<String> = alpn
@@ -176,7 +186,8 @@ fn dispatch(command: Command) -> Result<ExitCode, String> {
                 .filter(|s| !s.is_empty())
                 .map(str::to_string)
                 .collect();
-            let report = strait::admin::explain::explain(&loaded.snapshot, &sni, &alpn);
+            let report =
+                strait::admin::explain::explain(&loaded.snapshot, &sni, &alpn, source.as_deref());
             print!("{}", report.text);
             Ok(if report.routes {
                 ExitCode::SUCCESS

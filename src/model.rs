@@ -331,6 +331,74 @@ pub struct ServerSpec {
     pub vips: Vec<VipRoute>,
     /// An HBONE server's HTTP/2 settings; other servers do not read them.
     pub http2: Http2Settings,
+    /// On an HBONE server from istiod: the `<host>:<port>` authorities whose service port
+    /// is chosen by the tunnel's source (a Service with a waypoint). Empty elsewhere.
+    pub sources: BTreeMap<ServiceKey, Arc<SourceRoutes>>,
+}
+
+/// Where an HBONE server sends one `:authority`: the service port of one chain, or the
+/// one the tunnel's source picks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TunnelTarget {
+    Service(ServiceKey),
+    BySource(Arc<SourceRoutes>),
+}
+
+/// istiod's dispatch of a tunnel to a Service that has a waypoint, on the outer
+/// `CONNECT`'s `x-istio-source` (which `connect_terminate` copies into the filter state
+/// `main_internal` matches on): `waypoint` (the waypoint already applied the Service's
+/// policies) goes to the Service's own endpoints, anything else to the waypoint's chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceRoutes {
+    /// The request header whose value is matched; `None` when no filter of the HBONE
+    /// listener sets the matched filter state from a header (every tunnel then takes
+    /// `otherwise`, as Envoy finds the state absent).
+    pub header: Option<String>,
+    /// The filter state the matcher reads (istiod: `io.istio.source`).
+    pub state_key: String,
+    /// `exact_match_map`: value → service port.
+    pub exact: BTreeMap<String, ServiceKey>,
+    /// `prefix_match_map`: the longest matching prefix wins, as Envoy's trie.
+    pub prefix: Vec<(String, ServiceKey)>,
+    /// `on_no_match`; `None` refuses the tunnel.
+    pub otherwise: Option<ServiceKey>,
+}
+
+/// Which entry of a [`SourceRoutes`] took a tunnel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourcePick {
+    Exact(String),
+    Prefix(String),
+    OnNoMatch,
+}
+
+impl SourceRoutes {
+    /// The service port for a source value (`None`: the header is absent), and which
+    /// entry chose it; `None` when no entry does and there is no `on_no_match`.
+    pub fn pick(&self, value: Option<&str>) -> Option<(&ServiceKey, SourcePick)> {
+        if let (Some(v), Some(_)) = (value, &self.header) {
+            if let Some(k) = self.exact.get(v) {
+                return Some((k, SourcePick::Exact(v.to_string())));
+            }
+            if let Some((p, k)) = self
+                .prefix
+                .iter()
+                .filter(|(p, _)| v.starts_with(p.as_str()))
+                .max_by_key(|(p, _)| p.len())
+            {
+                return Some((k, SourcePick::Prefix(p.clone())));
+            }
+        }
+        self.otherwise.as_ref().map(|k| (k, SourcePick::OnNoMatch))
+    }
+
+    /// Every service port it can send to.
+    pub fn targets(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.exact
+            .values()
+            .chain(self.prefix.iter().map(|(_, k)| k))
+            .chain(&self.otherwise)
+    }
 }
 
 /// A Service address an HBONE server takes as a tunnel's `:authority`: istiod's
@@ -341,8 +409,8 @@ pub struct ServerSpec {
 pub struct VipRoute {
     pub range: Cidr,
     pub port: u16,
-    /// The service port the chain routes to.
-    pub service: ServiceKey,
+    /// The service port the chain routes to, or the dispatch on the tunnel's source.
+    pub target: TunnelTarget,
 }
 
 /// The HTTP/2 settings of an HBONE server's connections: what istiod's

@@ -2078,3 +2078,370 @@ async fn istiod_dispatches_a_service_with_a_waypoint_on_x_istio_source() {
         assert!(dump.get("endpoints", &ratings_chain).is_some());
     });
 }
+
+const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/echo/sa/waypoint";
+const RATINGS_ID: &str = "spiffe://cluster.local/ns/echo/sa/ratings";
+
+/// A pod's 15008 that counts the connections it accepts and splices each to `to` (the
+/// destination ztunnel standing in for the pod, on another port of the same address).
+async fn counting_relay(addr: SocketAddr, to: SocketAddr) -> Arc<AtomicU64> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
+                }
+            });
+        }
+    });
+    accepted
+}
+
+/// One `CONNECT` for `authority` through the gateway's 15008 with `headers`, from a Rust
+/// HTTP/2 client on a fresh outer connection as a source ztunnel opens it (mTLS 1.3, ALPN
+/// h2, no SNI, the source's SVID, the gateway's SPIFFE ID checked): the response status.
+/// Unlike Istio's dialer, it can send `x-istio-source`, as a waypoint does.
+async fn connect_with(
+    gateway: SocketAddr,
+    certs: &Path,
+    authority: &str,
+    headers: &[(&str, &str)],
+) -> Result<u16, String> {
+    use strait::tls::{SpiffeId, TrustConfig, client_config, load_identity};
+    let id = load_identity(certs).map_err(|e| e.to_string())?;
+    let trust = TrustConfig {
+        trust_domain: "cluster.local".into(),
+        aliases: vec![],
+        federated: Default::default(),
+    };
+    let expected = SpiffeId::parse(GATEWAY_SPIFFE).unwrap();
+    let config = client_config(&id, &trust, Some(&expected), &[b"h2"]).unwrap();
+    let mut config = (*config).clone();
+    config.enable_sni = false;
+    let tcp = tokio::net::TcpStream::connect(gateway)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("gateway").unwrap(),
+            tcp,
+        )
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (send, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| format!("HTTP/2: {e}"))?;
+    let task = tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let mut send = send.ready().await.map_err(|e| e.to_string())?;
+    let (resp, _stream) = send
+        .send_request(req.body(()).unwrap(), false)
+        .map_err(|e| e.to_string())?;
+    let status = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .map_err(|_| "no response".to_string())?
+        .map_err(|e| e.to_string())?
+        .status()
+        .as_u16();
+    task.abort();
+    Ok(status)
+}
+
+/// A Service with a waypoint through strait's 15008, as istiod configures it: a tunnel
+/// from a source ztunnel (Istio's own dialer, no `x-istio-source`) to `ratings` goes to
+/// the waypoint's pod (the destination standing in for the waypoint sees the authority
+/// and the source's identity), by name and by VIP; a `CONNECT` carrying
+/// `x-istio-source: waypoint` (as a waypoint sends it once it applied the Service's
+/// policies) or `gateway` goes to the Service's own pod, any other value to the waypoint;
+/// `echo`, which has no waypoint, is unchanged. The Rust client and Istio's dialer are
+/// shown alike on the plain case first. `/config_dump` and `strait route --source` show
+/// the dispatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_with_a_waypoint_is_tunnelled_to_its_waypoint_unless_the_waypoint_sent_it() {
+    if harness_bin().is_none() || hbone_peer_bin().is_none() {
+        return;
+    }
+    let lab = Lab::new("amb-wp");
+    let spoke = lab.spoke("amb-wp-s");
+    lab.run(|| async {
+        let istiod = start_istiod().await;
+        istiod.apply_kube("waypoint.yaml", WAYPOINT_KUBE);
+        let dir = TempDir::new("amb-wp");
+        let ca = mesh_ca(dir.path(), "cluster.local");
+        let gateway_certs = mesh_cert(&ca, GATEWAY_SPIFFE, &dir.path().join("gateway"));
+        let source_certs = mesh_cert(&ca, SOURCE_ID, &dir.path().join("source"));
+        let dest = |id: &str, dir_name: &str| mesh_cert(&ca, id, &dir.path().join(dir_name));
+        let (echo_certs, waypoint_certs, ratings_certs) = (
+            dest(ECHO_ID, "echo"),
+            dest(WAYPOINT_ID, "waypoint"),
+            dest(RATINGS_ID, "ratings"),
+        );
+        let peer = |listen: SocketAddr, certs: std::path::PathBuf, name: &'static str| async move {
+            hbone_dest(listen, &certs, name, None)
+                .await
+                .expect("hbone-peer")
+        };
+        let echo_1 = peer(SocketAddr::from(([10, 0, 0, 21], 15008)), echo_certs.clone(), "echo-1").await;
+        let echo_3 = peer(SocketAddr::from(([10, 0, 0, 23], 15008)), echo_certs, "echo-3").await;
+        // The waypoint's pod and ratings' pod: a counting relay on each 15008, to a
+        // destination ztunnel beside it.
+        let waypoint = peer(SocketAddr::from(([10, 0, 0, 41], 15009)), waypoint_certs, "waypoint").await;
+        let ratings = peer(SocketAddr::from(([10, 0, 0, 32], 15009)), ratings_certs, "ratings-1").await;
+        let to_waypoint = counting_relay(
+            SocketAddr::from(([10, 0, 0, 41], 15008)),
+            SocketAddr::from(([10, 0, 0, 41], 15009)),
+        )
+        .await;
+        let to_ratings = counting_relay(
+            SocketAddr::from(([10, 0, 0, 32], 15008)),
+            SocketAddr::from(([10, 0, 0, 32], 15009)),
+        )
+        .await;
+
+        let strait = launch_strait_gateway(
+            &spoke,
+            POD,
+            &format!(
+                "    waypoint: {{}}\n  certificates: {{dir: {}}}\n",
+                gateway_certs.display()
+            ),
+            Path::new(strait_bin()),
+            &[],
+        );
+        spoke.ns.run(|| strait.wait_ready(Duration::from_secs(30)));
+        // Served once the waypoint stream brought the waypoint's own name.
+        let ratings_80 = format!("{RATINGS}:80");
+        let waypoint_15008 = format!("{WAYPOINT}:15008");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let dump = config_dump(&strait);
+            let hosts: Vec<Value> = dump["listeners"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|l| l["servers"].as_array().unwrap())
+                .filter(|s| s["mode"] == "HBONE")
+                .flat_map(|s| s["hosts"].as_array().unwrap().clone())
+                .collect();
+            if hosts.contains(&json!(WAYPOINT)) && hosts.contains(&json!(ECHO)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{WAYPOINT} not served: {dump:#}\n{}",
+                strait.stderr_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // Istio's source ztunnel: no x-istio-source, so ratings' tunnels go to the
+        // waypoint, by name and by VIP; echo's to its pods.
+        let gateway_hbone = SocketAddr::from((spoke.ip, 15008));
+        let via_ratings = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let via_ratings_vip = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let via_echo = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut source = HboneSource::new(gateway_hbone, &source_certs);
+        source.gateway_id = Some(GATEWAY_SPIFFE.into());
+        source.maps = vec![
+            (via_ratings, ratings_80.clone()),
+            (via_ratings_vip, "10.96.0.12:80".into()),
+            (via_echo, format!("{ECHO}:80")),
+        ];
+        let source = source.start(None).await.expect("hbone-peer");
+        // Every case runs; the mismatches are reported together.
+        let mut wrong: Vec<String> = Vec::new();
+        let round_trip = |via: SocketAddr, what: &'static str| async move {
+            tunnel_round_trip(via, what.as_bytes(), Duration::from_secs(10))
+                .await
+                .map(|b| String::from_utf8_lossy(&b).to_string())
+        };
+        for (via, what, want) in [
+            (via_ratings, "by name\n", "[waypoint] by name\n"),
+            (via_ratings_vip, "by vip\n", "[waypoint] by vip\n"),
+        ] {
+            let got = round_trip(via, what).await;
+            if got.as_deref() != Some(want) {
+                wrong.push(format!("Istio's dialer {what:?}: {got:?}, want {want:?}"));
+            }
+        }
+        let echoed = round_trip(via_echo, "echo\n").await;
+        assert!(
+            echoed.as_deref() == Some("[echo-1] echo\n") || echoed.as_deref() == Some("[echo-3] echo\n"),
+            "{echoed:?}"
+        );
+        if wrong.is_empty() {
+            let streams = waypoint.wait_streams(2, Duration::from_secs(10)).await;
+            let mut seen: Vec<(String, String)> = streams
+                .iter()
+                .map(|s| (s.authority.clone(), s.peer.clone()))
+                .collect();
+            seen.sort();
+            assert_eq!(
+                seen,
+                [
+                    ("10.96.0.12:80".to_string(), SOURCE_ID.to_string()),
+                    (ratings_80.clone(), SOURCE_ID.to_string()),
+                ],
+                "the waypoint sees the source's authority and identity: the inner TLS is end to end"
+            );
+        }
+        let dialled = (
+            to_waypoint.load(Ordering::SeqCst),
+            to_ratings.load(Ordering::SeqCst),
+        );
+        if dialled != (2, 0) {
+            wrong.push(format!(
+                "Istio's dialer: (waypoint, ratings-1) dialled {dialled:?}, want (2, 0)"
+            ));
+        }
+        assert!(ratings.streams().is_empty());
+        let echo_streams = echo_1.streams().len() + echo_3.streams().len();
+        assert!(echo_streams <= 1, "one tunnel to echo");
+
+        // The Rust client behaves as Istio's dialer on the plain case, then sends
+        // x-istio-source: each CONNECT is answered 200 once the pod it went to accepted.
+        let counts = || {
+            (
+                to_waypoint.load(Ordering::SeqCst),
+                to_ratings.load(Ordering::SeqCst),
+            )
+        };
+        let mut want = counts();
+        let cases: [(&str, Option<&str>, bool); 7] = [
+            (ratings_80.as_str(), None, true),
+            (ratings_80.as_str(), Some("waypoint"), false),
+            (ratings_80.as_str(), Some("gateway"), false),
+            (ratings_80.as_str(), Some("sidecar"), true),
+            (ratings_80.as_str(), Some("Waypoint"), true),
+            ("10.96.0.12:80", Some("waypoint"), false),
+            ("10.96.0.12:80", None, true),
+        ];
+        for (authority, source_value, to_the_waypoint) in cases {
+            let headers: Vec<(&str, &str)> = source_value
+                .map(|v| vec![("x-istio-source", v)])
+                .unwrap_or_default();
+            let status = connect_with(gateway_hbone, &source_certs, authority, &headers).await;
+            if status != Ok(200) {
+                wrong.push(format!(
+                    "{authority} x-istio-source {source_value:?}: {status:?}, want 200"
+                ));
+                continue;
+            }
+            if to_the_waypoint {
+                want.0 += 1;
+            } else {
+                want.1 += 1;
+            }
+            // The relay counts from its own task: awaited.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while counts() != want && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if counts() != want {
+                wrong.push(format!(
+                    "{authority} x-istio-source {source_value:?}: (waypoint, ratings-1) dialled {:?}, want {want:?}",
+                    counts()
+                ));
+                want = counts();
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{wrong:#?}\n{}\n{}",
+            source.lines().join("\n"),
+            strait.stderr_text()
+        );
+        // A Service without a waypoint ignores the header.
+        let status = connect_with(
+            gateway_hbone,
+            &source_certs,
+            &format!("{ECHO}:80"),
+            &[("x-istio-source", "waypoint")],
+        )
+        .await;
+        assert_eq!(status, Ok(200));
+
+        // The dispatch, as config_dump shows it, once istiod sent it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let hbone_server = loop {
+            let dump = config_dump(&strait);
+            let server = dump["listeners"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|l| l["servers"].as_array().unwrap())
+                .find(|s| s["mode"] == "HBONE" && s["bySource"][&ratings_80].is_object())
+                .cloned();
+            if let Some(s) = server {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no dispatch for {ratings_80}: {dump:#}\n{}",
+                strait.stderr_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let want = json!({
+            "header": "x-istio-source",
+            "filterState": "io.istio.source",
+            "exact": {"gateway": ratings_80, "waypoint": ratings_80},
+            "prefix": {},
+            "onNoMatch": waypoint_15008,
+        });
+        assert_eq!(hbone_server["bySource"][&ratings_80], want, "{hbone_server:#}");
+        let vip = hbone_server["vips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["range"] == "10.96.0.12/32" && v["port"] == 80)
+            .unwrap_or_else(|| panic!("{hbone_server:#}"));
+        assert_eq!(vip["bySource"], want);
+        for (stream, d) in [("router", "discovery"), ("waypoint", "waypointDiscovery")] {
+            let dump = config_dump(&strait);
+            for (t, s) in dump[d]["types"].as_object().unwrap() {
+                assert_eq!(s["nacks"], 0, "{stream} {t}: {:#}", dump[d]);
+            }
+        }
+
+        // strait route explains the dispatch, with a source and without.
+        let route = |source: Option<&str>| {
+            let admin = strait.admin.to_string();
+            let mut args = vec!["route", "--admin", admin.as_str(), ratings_80.as_str()];
+            if let Some(s) = source {
+                args.extend(["--source", s]);
+            }
+            let out = std::process::Command::new(strait_bin())
+                .args(&args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        let text = route(Some("waypoint"));
+        assert!(
+            text.contains(&format!(
+                "dispatch   on x-istio-source (filter state io.istio.source): \"waypoint\" takes exact \"waypoint\" -> {ratings_80}"
+            )) && text.contains(&format!("service    {ratings_80} ")),
+            "{text}"
+        );
+        let text = route(None);
+        assert!(
+            text.contains(&format!(
+                "dispatch   on x-istio-source (filter state io.istio.source): absent takes on_no_match -> {waypoint_15008}"
+            )) && text.contains(&format!("service    {waypoint_15008} ")),
+            "{text}"
+        );
+    });
+}

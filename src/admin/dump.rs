@@ -5,7 +5,8 @@ use serde_json::{Value, json};
 
 use crate::model::{
     AccessLogTarget, Cidr, EndpointAddress, HostMatch, RbacFilter, RbacPermission, RbacPrincipal,
-    ServerTlsMode, ServicePort, StringMatch, StringMatchKind, TrafficPolicy,
+    ServerTlsMode, ServiceKey, ServicePort, SourceRoutes, StringMatch, StringMatchKind,
+    TrafficPolicy, TunnelTarget,
 };
 use crate::proxy::{ServiceClusters, Shared};
 use crate::route::sni::build_subset_key;
@@ -66,11 +67,18 @@ pub fn config_dump(shared: &Shared, include_eds: bool) -> Value {
                 "hosts": srv.hosts.iter().map(HostMatch::to_string).collect::<Vec<_>>(),
                 "alpn": srv.alpn,
                 "rbac": srv.rbac.iter().map(rbac_filter).collect::<Vec<_>>(),
-                "vips": srv.vips.iter().map(|v| json!({
-                    "range": format!("{}/{}", v.range.addr, v.range.len),
-                    "port": v.port,
-                    "service": format!("{}:{}", v.service.host, v.service.port),
-                })).collect::<Vec<_>>(),
+                "vips": srv.vips.iter().map(|v| {
+                    let mut vip = json!({
+                        "range": format!("{}/{}", v.range.addr, v.range.len),
+                        "port": v.port,
+                    });
+                    match &v.target {
+                        TunnelTarget::Service(k) => vip["service"] = json!(format!("{}:{}", k.host, k.port)),
+                        TunnelTarget::BySource(r) => vip["bySource"] = source_routes(r),
+                    }
+                    vip
+                }).collect::<Vec<_>>(),
+                "bySource": srv.sources.iter().map(|(k, r)| (format!("{}:{}", k.host, k.port), source_routes(r))).collect::<serde_json::Map<_, _>>(),
                 "http2": (srv.mode == ServerTlsMode::Hbone).then(|| json!({
                     "maxConcurrentStreams": srv.http2.max_concurrent_streams,
                     "initialStreamWindowSize": srv.http2.initial_stream_window_size,
@@ -112,6 +120,19 @@ pub fn config_dump(shared: &Shared, include_eds: bool) -> Value {
             "name": b.name, "listen": b.listen.to_string(), "host": b.host, "port": b.port,
             "subset": b.subset, "identity": b.identity,
         })).collect::<Vec<_>>(),
+    })
+}
+
+/// A dispatch on a tunnel's source: the header (and the filter state istiod matches), each
+/// value's service port and the one every other source takes.
+fn source_routes(r: &SourceRoutes) -> serde_json::Value {
+    let key = |k: &ServiceKey| format!("{}:{}", k.host, k.port);
+    json!({
+        "header": r.header,
+        "filterState": r.state_key,
+        "exact": r.exact.iter().map(|(v, k)| (v.clone(), json!(key(k)))).collect::<serde_json::Map<_, _>>(),
+        "prefix": r.prefix.iter().map(|(v, k)| (v.clone(), json!(key(k)))).collect::<serde_json::Map<_, _>>(),
+        "onNoMatch": r.otherwise.as_ref().map(key),
     })
 }
 

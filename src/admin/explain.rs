@@ -12,9 +12,15 @@ pub struct Explanation {
     pub routes: bool,
 }
 
-pub fn explain(snapshot: &Snapshot, sni: &str, alpn: &[String]) -> Explanation {
+/// `source`: the tunnel's `x-istio-source`, for an authority dispatched on it.
+pub fn explain(
+    snapshot: &Snapshot,
+    sni: &str,
+    alpn: &[String],
+    source: Option<&str>,
+) -> Explanation {
     let live = LiveHealth::fetch(snapshot.settings.admin_addr);
-    explain_with(snapshot, sni, alpn, live)
+    explain_with(snapshot, sni, alpn, source, live)
 }
 
 /// Explains against the snapshot a gateway is running, with its own endpoint state (the
@@ -23,16 +29,27 @@ pub fn explain_running(
     snapshot: &Snapshot,
     sni: &str,
     alpn: &[String],
+    source: Option<&str>,
     clusters: serde_json::Value,
 ) -> Explanation {
     let live = LiveHealth {
         clusters: Some(clusters),
         admin: snapshot.settings.admin_addr,
     };
-    explain_with(snapshot, sni, alpn, live)
+    explain_with(snapshot, sni, alpn, source, live)
 }
 
-fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealth) -> Explanation {
+/// The header a tunnel's source is read from (istiod's `connect_terminate` copies it into
+/// the filter state `main_internal` dispatches on).
+const SOURCE_HEADER: &str = "x-istio-source";
+
+fn explain_with(
+    snapshot: &Snapshot,
+    sni: &str,
+    alpn: &[String],
+    source: Option<&str>,
+    live: LiveHealth,
+) -> Explanation {
     let mut out = String::new();
     let mut routes = false;
     let is_hbone =
@@ -46,6 +63,14 @@ fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealt
             out,
             "parsed     host={host} port={port} (an HBONE tunnel's destination)"
         );
+        match source {
+            Some(v) => {
+                let _ = writeln!(out, "source     {SOURCE_HEADER}: {v}");
+            }
+            None => {
+                let _ = writeln!(out, "source     no {SOURCE_HEADER} header");
+            }
+        }
     } else {
         explain_sni(&mut out, snapshot, sni, alpn);
     }
@@ -58,7 +83,12 @@ fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealt
     for listener in &snapshot.listeners {
         let _ = writeln!(out, "\nlistener   {}", listener.addr);
         let r = if is_hbone(listener) {
-            route::resolve_authority(&listener.servers, &snapshot.services, sni)
+            let header = |name: &str| {
+                source
+                    .filter(|_| name.eq_ignore_ascii_case(SOURCE_HEADER))
+                    .map(str::to_string)
+            };
+            route::resolve_authority(&listener.servers, &snapshot.services, sni, &header)
         } else if authority.is_some() {
             let _ = writeln!(
                 out,
@@ -95,6 +125,44 @@ fn explain_with(snapshot: &Snapshot, sni: &str, alpn: &[String], live: LiveHealt
             server.name,
             server.hosts.describe(16)
         );
+        if let Some(c) = &m.source {
+            let header = c.routes.header.as_deref().unwrap_or("(no header)");
+            let seen = c
+                .value
+                .as_deref()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_else(|| "absent".into());
+            let entry = match &c.pick {
+                crate::model::SourcePick::Exact(v) => format!("exact {v:?}"),
+                crate::model::SourcePick::Prefix(p) => format!("prefix {p:?}"),
+                crate::model::SourcePick::OnNoMatch => "on_no_match".into(),
+            };
+            let _ = writeln!(
+                out,
+                "dispatch   on {header} (filter state {}): {seen} takes {entry} -> {}:{}",
+                c.routes.state_key, m.service.host, m.service.port
+            );
+            let mut all: Vec<String> = c
+                .routes
+                .exact
+                .iter()
+                .map(|(v, k)| format!("{v:?} -> {}:{}", k.host, k.port))
+                .chain(
+                    c.routes
+                        .prefix
+                        .iter()
+                        .map(|(p, k)| format!("{p:?}* -> {}:{}", k.host, k.port)),
+                )
+                .chain(
+                    c.routes
+                        .otherwise
+                        .iter()
+                        .map(|k| format!("otherwise -> {}:{}", k.host, k.port)),
+                )
+                .collect();
+            all.sort();
+            let _ = writeln!(out, "           ({})", all.join(", "));
+        }
         if let Some(r) = m.route {
             let matched = if r.sni_hosts.is_empty() {
                 "tcp route".to_string()
@@ -350,12 +418,14 @@ pub fn ask_running(
     admin: std::net::SocketAddr,
     sni: &str,
     alpn: &str,
+    source: Option<&str>,
 ) -> std::io::Result<(bool, String)> {
     use std::io::{Read, Write};
     let timeout = std::time::Duration::from_secs(5);
     let mut s = std::net::TcpStream::connect_timeout(&admin, timeout)?;
     s.set_read_timeout(Some(timeout))?;
-    let query: String = format!("sni={sni}&alpn={alpn}")
+    let source = source.map(|v| format!("&source={v}")).unwrap_or_default();
+    let query: String = format!("sni={sni}&alpn={alpn}{source}")
         .chars()
         .filter(|c| c.is_ascii_graphic())
         .collect();

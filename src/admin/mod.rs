@@ -219,14 +219,17 @@ fn refresh_endpoint_metrics(shared: &Shared) {
     ));
 }
 
-/// `/route?sni=NAME[&alpn=a,b]`: `strait route` against the snapshot in force. 200 when
-/// the name routes, 404 when it does not.
+/// `/route?sni=NAME[&alpn=a,b][&source=VALUE]`: `strait route` against the snapshot in
+/// force (`source`: a tunnel's `x-istio-source`). 200 when the name routes, 404 when it
+/// does not.
 fn route(query: &str, shared: &Shared) -> Response<Full<Bytes>> {
     let mut sni = None;
+    let mut source = None;
     let mut alpn = vec!["istio".to_string()];
     for pair in query.split('&') {
         match pair.split_once('=') {
             Some(("sni", v)) => sni = Some(v.to_string()),
+            Some(("source", v)) => source = Some(v.to_string()),
             Some(("alpn", v)) => {
                 alpn = v
                     .split(',')
@@ -244,7 +247,13 @@ fn route(query: &str, shared: &Shared) -> Response<Full<Bytes>> {
         );
     };
     let runtime = shared.runtime.load();
-    let report = explain::explain_running(&runtime.snapshot, &sni, &alpn, dump::clusters(shared));
+    let report = explain::explain_running(
+        &runtime.snapshot,
+        &sni,
+        &alpn,
+        source.as_deref(),
+        dump::clusters(shared),
+    );
     let status = if report.routes {
         StatusCode::OK
     } else {

@@ -290,6 +290,7 @@ fn server_spec(s: &super::istio::ServerDoc) -> ServerSpec {
         rbac: Vec::new(),
         vips: Vec::new(),
         http2: Default::default(),
+        sources: Default::default(),
     }
 }
 

@@ -378,9 +378,21 @@ async fn tunnel(
     let runtime = shared.runtime.load_full();
     let settings = &runtime.snapshot.settings;
     let servers = runtime.servers_for(&outer.listener);
-    let routed = route::resolve_authority(servers, &runtime.snapshot.services, &authority);
+    let headers = request.headers();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let routed = route::resolve_authority(servers, &runtime.snapshot.services, &authority, &header);
     let service = match routed {
-        Ok(m) => m.service.clone(),
+        Ok(m) => {
+            if let Some(s) = &m.source {
+                tracing::debug!(peer = %outer.downstream, %authority, source = ?s.value, pick = ?s.pick, "HBONE tunnel dispatched on its source to {}:{}", m.service.host, m.service.port);
+            }
+            m.service.clone()
+        }
         Err(miss) => {
             result.refuse(ResponseFlag::NoRoute, miss.reason());
             tracing::info!(peer = %outer.downstream, %authority, "HBONE tunnel refused NR: {miss}");

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::model::{
     DefaultRoute, HostMatch, L4Route, ServerSpec, ServerTlsMode, ServiceKey, ServicePort, Services,
+    SourcePick, SourceRoutes, TunnelTarget,
 };
 use sni::{SniMiss, lower_case, parse_subset_key};
 
@@ -49,6 +50,14 @@ pub enum RouteMiss {
     #[error("no VirtualService tls route on this server takes the name {sni}")]
     NoTlsRoute { sni: String },
     #[error(
+        "{authority} is dispatched on the tunnel's source and no entry takes {header}: {value} (and there is no on_no_match)"
+    )]
+    NoSourceRoute {
+        authority: String,
+        header: String,
+        value: String,
+    },
+    #[error(
         "VirtualService {virtual_service} routes here, but none of its destinations is declared"
     )]
     NoDestination { virtual_service: String },
@@ -67,6 +76,7 @@ impl RouteMiss {
             RouteMiss::NotListed { .. } => "not_listed",
             RouteMiss::BadAuthority { .. } => "bad_authority",
             RouteMiss::NoTlsRoute { .. } => "no_tls_route",
+            RouteMiss::NoSourceRoute { .. } => "no_source_route",
             RouteMiss::NoDestination { .. } => "no_destination",
         }
     }
@@ -82,6 +92,18 @@ pub struct RouteMatch<'s> {
     pub subset: Option<&'s str>,
     /// The VirtualService route that chose the destination, when one did.
     pub route: Option<&'s L4Route>,
+    /// On an HBONE server, when the tunnel's source chose the service port: the dispatch,
+    /// the value read and the entry that took it.
+    pub source: Option<SourceChoice<'s>>,
+}
+
+/// How a tunnel's source chose its service port ([`SourceRoutes`]).
+#[derive(Debug, Clone)]
+pub struct SourceChoice<'s> {
+    pub routes: &'s SourceRoutes,
+    /// The header's value on the `CONNECT` (`None`: absent).
+    pub value: Option<String>,
+    pub pick: SourcePick,
 }
 
 /// Resolves an SNI against one listener's servers and the service table.
@@ -151,6 +173,7 @@ pub fn resolve<'s>(
         service,
         subset,
         route: None,
+        source: None,
     })
 }
 
@@ -243,6 +266,7 @@ fn route_to<'s>(
         service,
         subset,
         route: Some(route),
+        source: None,
     })
 }
 
@@ -296,11 +320,13 @@ pub fn parse_authority(authority: &str) -> Option<(std::borrow::Cow<'_, str>, u1
 /// listener's HBONE servers and the service table, as Istio's ambient east-west gateway
 /// maps `<svc-host>:<svc-port>` to the service port's endpoints, and failing a name,
 /// `<VIP>:<port>` by the servers' [`crate::model::VipRoute`]s. No subsets, no routes: a
-/// tunnel goes to the service port it names.
+/// tunnel goes to the service port it names, or, for a Service with a waypoint, to the one
+/// its source picks ([`SourceRoutes`]: `header` gives the `CONNECT`'s header by name).
 pub fn resolve_authority<'s>(
     servers: &'s [ServerSpec],
     services: &'s Services,
     authority: &str,
+    header: &dyn Fn(&str) -> Option<String>,
 ) -> Result<RouteMatch<'s>, RouteMiss> {
     let (host, port) = parse_authority(authority).ok_or_else(|| RouteMiss::BadAuthority {
         authority: authority.chars().take(256).collect(),
@@ -308,21 +334,59 @@ pub fn resolve_authority<'s>(
     let exact = servers
         .iter()
         .position(|s| s.mode == ServerTlsMode::Hbone && s.hosts.matches(&host));
-    let (server, lookup) = match exact {
-        Some(server) => (
-            server,
-            ServiceKey {
+    let (server, target) = match exact {
+        Some(server) => {
+            let key = ServiceKey {
                 host: host.into_owned(),
                 port,
-            },
-        ),
+            };
+            match servers[server].sources.get(&key) {
+                Some(by_source) => (server, Target::BySource(by_source)),
+                None => (server, Target::Service(key)),
+            }
+        }
         // Failing the names, a Service VIP and port, as istiod's `main_internal` falls
         // back on the destination address.
         None => host
             .parse::<IpAddr>()
             .ok()
             .and_then(|ip| vip_route(servers, ip, port))
+            .map(|(i, t)| {
+                (
+                    i,
+                    match t {
+                        TunnelTarget::Service(k) => Target::Service(k.clone()),
+                        TunnelTarget::BySource(s) => Target::BySource(s),
+                    },
+                )
+            })
             .ok_or_else(|| host_not_in_gateway(servers, &host))?,
+    };
+    let (lookup, source) = match target {
+        Target::Service(key) => (key, None),
+        Target::BySource(routes) => {
+            let value = routes.header.as_deref().and_then(header);
+            let Some((key, pick)) = routes.pick(value.as_deref()) else {
+                return Err(RouteMiss::NoSourceRoute {
+                    authority: authority.chars().take(256).collect(),
+                    header: routes
+                        .header
+                        .clone()
+                        .unwrap_or_else(|| format!("filter state {}", routes.state_key)),
+                    value: value
+                        .map(|v| format!("{:?}", v.chars().take(64).collect::<String>()))
+                        .unwrap_or_else(|| "(absent)".into()),
+                });
+            };
+            (
+                key.clone(),
+                Some(SourceChoice {
+                    routes,
+                    value,
+                    pick,
+                }),
+            )
+        }
     };
     let Some(service) = services.get(&lookup) else {
         return Err(RouteMiss::UnknownService {
@@ -341,12 +405,18 @@ pub fn resolve_authority<'s>(
         service,
         subset: None,
         route: None,
+        source,
     })
 }
 
-/// The first HBONE server taking `ip`:`port` as a Service VIP, and the service port it
-/// routes to.
-fn vip_route(servers: &[ServerSpec], ip: IpAddr, port: u16) -> Option<(usize, ServiceKey)> {
+/// Where an authority leads before the source is read.
+enum Target<'s> {
+    Service(ServiceKey),
+    BySource(&'s SourceRoutes),
+}
+
+/// The first HBONE server taking `ip`:`port` as a Service VIP, and where it routes.
+fn vip_route(servers: &[ServerSpec], ip: IpAddr, port: u16) -> Option<(usize, &TunnelTarget)> {
     servers
         .iter()
         .enumerate()
@@ -355,7 +425,7 @@ fn vip_route(servers: &[ServerSpec], ip: IpAddr, port: u16) -> Option<(usize, Se
             s.vips
                 .iter()
                 .find(|v| v.port == port && v.range.contains(ip))
-                .map(|v| (i, v.service.clone()))
+                .map(|v| (i, &v.target))
         })
 }
 
@@ -396,6 +466,7 @@ mod tests {
             rbac: Vec::new(),
             vips: Vec::new(),
             http2: Default::default(),
+            sources: Default::default(),
         }];
         let mut subsets = BTreeMap::new();
         subsets.insert(
@@ -440,6 +511,7 @@ mod tests {
             rbac: Vec::new(),
             vips: Vec::new(),
             http2: Default::default(),
+            sources: Default::default(),
         }];
         let hit = resolve(
             &servers,
@@ -491,6 +563,7 @@ mod tests {
             rbac: Vec::new(),
             vips: Vec::new(),
             http2: Default::default(),
+            sources: Default::default(),
         }];
         let vs = |sni: &str| {
             resolve(&servers, &services, Some(sni))
@@ -531,6 +604,7 @@ mod tests {
             rbac: Vec::new(),
             vips: Vec::new(),
             http2: Default::default(),
+            sources: Default::default(),
         }
     }
 
@@ -702,7 +776,7 @@ mod tests {
                 len,
             },
             port: 9080,
-            service: reviews.clone(),
+            target: crate::model::TunnelTarget::Service(reviews.clone()),
         };
         let servers = vec![ServerSpec {
             name: "xds/connect_terminate".into(),
@@ -713,9 +787,10 @@ mod tests {
             rbac: Vec::new(),
             vips: vec![vip("10.96.0.10", 32), vip("fd00::10", 128)],
             http2: Default::default(),
+            sources: Default::default(),
         }];
         let host = |a: &str| {
-            resolve_authority(&servers, &services, a)
+            resolve_authority(&servers, &services, a, &|_| None)
                 .map(|m| format!("{}:{}", m.service.host, m.service.port))
                 .map_err(|e| e.reason())
         };
@@ -737,5 +812,99 @@ mod tests {
         assert!(!offer(&["h2"]));
         assert!(!offer(&[]));
         assert!(alpn_allowed(std::iter::empty(), &[]));
+    }
+
+    /// A name dispatched on the tunnel's source: the header's value picks the service
+    /// port (exact, then the longest prefix, then on_no_match); with no on_no_match an
+    /// unlisted value misses; a VIP dispatches as the name does.
+    #[test]
+    fn an_authority_dispatched_on_the_source_routes_by_the_header() {
+        use crate::model::{Cidr, SourcePick, SourceRoutes, TunnelTarget, VipRoute};
+        let (_, mut services) = table();
+        let reviews = ServiceKey::new("reviews.default.svc.cluster.local", 9080);
+        let waypoint = ServiceKey::new("waypoint.default.svc.cluster.local", 15008);
+        let mut wp = (*services[&reviews]).clone();
+        wp.host = waypoint.host.clone();
+        wp.port = waypoint.port;
+        services.insert(waypoint.clone(), Arc::new(wp));
+        let mut routes = SourceRoutes {
+            header: Some("x-istio-source".into()),
+            state_key: "io.istio.source".into(),
+            exact: [("waypoint".to_string(), reviews.clone())].into(),
+            prefix: vec![
+                ("gate".into(), waypoint.clone()),
+                ("gateway".into(), reviews.clone()),
+            ],
+            otherwise: Some(waypoint.clone()),
+        };
+        let server = |routes: &SourceRoutes| ServerSpec {
+            name: "xds/connect_terminate".into(),
+            mode: ServerTlsMode::Hbone,
+            hosts: vec![HostMatch::Exact(reviews.host.clone())].into(),
+            alpn: None,
+            routes: Vec::new(),
+            rbac: Vec::new(),
+            vips: vec![VipRoute {
+                range: Cidr {
+                    addr: "10.96.0.10".parse().unwrap(),
+                    len: 32,
+                },
+                port: 9080,
+                target: TunnelTarget::BySource(Arc::new(routes.clone())),
+            }],
+            sources: [(reviews.clone(), Arc::new(routes.clone()))].into(),
+            http2: Default::default(),
+        };
+        let go = |servers: &[ServerSpec], authority: &str, source: Option<&str>| {
+            let header = |name: &str| {
+                source
+                    .filter(|_| name == "x-istio-source")
+                    .map(str::to_string)
+            };
+            resolve_authority(servers, &services, authority, &header)
+                .map(|m| (m.service.port, m.source.map(|s| s.pick)))
+                .map_err(|e| e.reason())
+        };
+        let servers = vec![server(&routes)];
+        let name = "reviews.default.svc.cluster.local:9080";
+        assert_eq!(
+            go(&servers, name, Some("waypoint")),
+            Ok((9080, Some(SourcePick::Exact("waypoint".into()))))
+        );
+        assert_eq!(
+            go(&servers, name, Some("gateway-1")),
+            Ok((9080, Some(SourcePick::Prefix("gateway".into()))))
+        );
+        assert_eq!(
+            go(&servers, name, Some("gatekeeper")),
+            Ok((15008, Some(SourcePick::Prefix("gate".into()))))
+        );
+        assert_eq!(
+            go(&servers, name, Some("Waypoint")),
+            Ok((15008, Some(SourcePick::OnNoMatch)))
+        );
+        assert_eq!(
+            go(&servers, name, None),
+            Ok((15008, Some(SourcePick::OnNoMatch)))
+        );
+        assert_eq!(
+            go(&servers, "10.96.0.10:9080", Some("waypoint")),
+            Ok((9080, Some(SourcePick::Exact("waypoint".into()))))
+        );
+        routes.otherwise = None;
+        let servers = vec![server(&routes)];
+        assert_eq!(go(&servers, name, Some("sidecar")), Err("no_source_route"));
+        assert_eq!(
+            go(&servers, name, Some("waypoint")),
+            Ok((9080, Some(SourcePick::Exact("waypoint".into()))))
+        );
+        // No header behind the filter state: every tunnel takes on_no_match.
+        routes.header = None;
+        routes.otherwise = Some(waypoint);
+        let servers = vec![server(&routes)];
+        assert_eq!(
+            go(&servers, name, Some("waypoint")),
+            Ok((15008, Some(SourcePick::OnNoMatch)))
+        );
     }
 }

@@ -524,6 +524,7 @@ mod tests {
             rbac,
             vips: Vec::new(),
             http2: Default::default(),
+            sources: Default::default(),
         };
         let files = Snapshot {
             rbac: vec![filter("istio-system/from-files")],

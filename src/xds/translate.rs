@@ -29,7 +29,7 @@ use crate::model::{
     DefaultRoute, Destination, Endpoint, EndpointAddress, HostMatch, HostSet, L4Route, LbPolicy,
     ListenerSpec, Locality, OutlierDetection, RbacAction, RbacFilter, RbacPermission, RbacPolicy,
     RbacPrincipal, Resolution, ServerSpec, ServerTlsMode, ServiceKey, ServicePort, Services,
-    Subset, TLS_MODE_LABEL, TrafficPolicy,
+    SourceRoutes, Subset, TLS_MODE_LABEL, TrafficPolicy, TunnelTarget, VipRoute,
 };
 use crate::route::sni::parse_subset_key;
 
@@ -1218,6 +1218,7 @@ impl Assembly {
                     rbac: rbac.to_vec(),
                     vips: Vec::new(),
                     http2: Default::default(),
+                    sources: Default::default(),
                 })
                 .collect();
             // ISTIO_MUTUAL servers: each chain is one, its hosts the chain's names.
@@ -1237,6 +1238,7 @@ impl Assembly {
                     rbac: chain.rbac.clone(),
                     vips: Vec::new(),
                     http2: Default::default(),
+                    sources: Default::default(),
                 });
             }
             // PASSTHROUGH routes, one server per distinct RBAC.
@@ -1268,6 +1270,7 @@ impl Assembly {
                     rbac: rbac.to_vec(),
                     vips: Vec::new(),
                     http2: Default::default(),
+                    sources: Default::default(),
                 });
             }
             if specs.is_empty() {
@@ -1304,16 +1307,42 @@ impl Assembly {
                         key.host, key.port, r.cluster
                     ));
                 }
-                hosts.insert(key.host.clone());
                 served.insert(key);
             }
+            // The names: each a served chain's, or dispatched on the tunnel's source.
+            let names = map.map(|m| &m.names).into_iter().flatten();
+            for key in names {
+                let dispatched = map.is_some_and(|m| m.sources.contains_key(key));
+                if dispatched || served.contains(key) {
+                    hosts.insert(key.host.clone());
+                }
+            }
+            // A source dispatch reads the header connect_terminate copies into the
+            // filter state it matches on.
+            let with_header = |r: &SourceRoutes| {
+                Arc::new(SourceRoutes {
+                    header: h.state_headers.get(&r.state_key).cloned(),
+                    ..r.clone()
+                })
+            };
+            let sources = map
+                .map(|m| &m.sources)
+                .into_iter()
+                .flatten()
+                .map(|(k, r)| (k.clone(), with_header(r)))
+                .collect();
             // A VIP reaches what its service port's name reaches, or nothing.
             let vips = map
                 .map(|m| &m.vips)
                 .into_iter()
                 .flatten()
-                .filter(|v| served.contains(&v.service))
-                .cloned()
+                .filter_map(|v| match &v.target {
+                    TunnelTarget::Service(k) => served.contains(k).then(|| v.clone()),
+                    TunnelTarget::BySource(r) => Some(VipRoute {
+                        target: TunnelTarget::BySource(with_header(r)),
+                        ..v.clone()
+                    }),
+                })
                 .collect();
             self.listeners.push(ListenerSpec {
                 addr: h.addr,
@@ -1326,6 +1355,7 @@ impl Assembly {
                     rbac: h.rbac.clone(),
                     vips,
                     http2: h.http2,
+                    sources,
                 }],
             });
         }

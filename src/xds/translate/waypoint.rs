@@ -39,7 +39,7 @@ use super::{
 };
 use crate::model::{
     Cidr, Endpoint, EndpointAddress, Http2Settings, Locality, RbacFilter, Reach, ServiceKey,
-    TUNNEL_LABEL, VipRoute,
+    SourceRoutes, TUNNEL_LABEL, TunnelTarget, VipRoute,
 };
 
 const HCM: &str = "envoy.filters.network.http_connection_manager";
@@ -58,6 +58,10 @@ pub struct HboneListener {
     pub ignored_filters: BTreeSet<String>,
     /// The HTTP connection manager's `http2_protocol_options`, as served.
     pub http2: Http2Settings,
+    /// Filter state keys a `set_filter_state` filter sets from one request header
+    /// (`%REQ(<header>)%`), key → header: what a matcher behind the listener can read of
+    /// the `CONNECT` (istiod: `io.istio.source` ← `x-istio-source`).
+    pub state_headers: BTreeMap<String, String>,
     /// Settings read where strait serves its own, for `config_dump`.
     pub notes: Vec<String>,
 }
@@ -65,8 +69,15 @@ pub struct HboneListener {
 /// `main_internal`: the exact map from `:authority` to the cluster of its service port.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct AuthorityMap {
-    /// `(host, service port)` → the `tcp_proxy` of its chain.
+    /// The service port of each chain served → its `tcp_proxy`: the chains the exact map
+    /// names, keyed by their `<host>:<port>`, and those a source dispatch names, keyed by
+    /// their cluster `inbound-vip|<port>|tcp|<host>` unless a name already keys them.
     pub routes: BTreeMap<ServiceKey, AuthorityRoute>,
+    /// The `<host>:<port>` names of the exact map.
+    pub names: BTreeSet<ServiceKey>,
+    /// The names dispatched on the tunnel's source (a Service with a waypoint), with the
+    /// filter state key read; `header` is filled in once the HBONE listener is known.
+    pub sources: BTreeMap<ServiceKey, SourceRoutes>,
     /// The fallback on the destination address (`on_no_match`): `<VIP>:<port>` to the
     /// service port of the chain it names, most specific range first.
     pub vips: Vec<VipRoute>,
@@ -92,6 +103,10 @@ struct IpRangeMatcher {
 }
 
 const IP_MATCHER: &str = "type.googleapis.com/xds.type.matcher.v3.IPMatcher";
+const FILTER_STATE_INPUT: &str =
+    "type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.FilterStateInput";
+const SET_FILTER_STATE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config";
 const DESTINATION_IP: &str =
     "type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.DestinationIPInput";
 const DESTINATION_PORT: &str =
@@ -247,6 +262,8 @@ fn connect_terminate(l: &lds::Listener, addr: SocketAddr) -> Result<Option<Hbone
         .map(|f| f.name.clone())
         .collect();
     ignored.extend(manager.http_filters.iter().map(|f| f.name.clone()));
+    let state_headers =
+        state_headers(&manager).map_err(|e| Served::Invalid(format!("{chain}: {e}")))?;
     if !manager
         .upgrade_configs
         .iter()
@@ -319,6 +336,7 @@ fn connect_terminate(l: &lds::Listener, addr: SocketAddr) -> Result<Option<Hbone
         rbac,
         ignored_filters: ignored,
         http2,
+        state_headers,
         notes,
     }))
 }
@@ -393,6 +411,53 @@ fn http2_settings(
     Ok(out)
 }
 
+/// The filter state keys the connection manager's `set_filter_state` filters set from
+/// exactly one request header (`%REQ(<header>)%`), key → header (lower case). A filter
+/// that does not decode is rejected, as Envoy rejects it.
+fn state_headers(manager: &hcm::HttpConnectionManager) -> Result<BTreeMap<String, String>, String> {
+    use envoy_types::pb::envoy::config::core::v3::{data_source, substitution_format_string};
+    use envoy_types::pb::envoy::extensions::filters::common::set_filter_state::v3::filter_state_value;
+    use envoy_types::pb::envoy::extensions::filters::http::set_filter_state::v3 as sfs;
+    let mut out = BTreeMap::new();
+    for (i, f) in manager.http_filters.iter().enumerate() {
+        let Some(hcm::http_filter::ConfigType::TypedConfig(a)) = &f.config_type else {
+            continue;
+        };
+        if a.type_url != SET_FILTER_STATE {
+            continue;
+        }
+        let config: sfs::Config = decode(a, SET_FILTER_STATE)
+            .map_err(|e| format!("http_filters[{i}] ({}): {e}", f.name))?;
+        for v in &config.on_request_headers {
+            let Some(filter_state_value::Key::ObjectKey(key)) = &v.key else {
+                continue;
+            };
+            let Some(filter_state_value::Value::FormatString(fs)) = &v.value else {
+                continue;
+            };
+            #[allow(deprecated)]
+            let text = match &fs.format {
+                Some(substitution_format_string::Format::TextFormat(t)) => t.as_str(),
+                Some(substitution_format_string::Format::TextFormatSource(d)) => match &d.specifier
+                {
+                    Some(data_source::Specifier::InlineString(t)) => t.as_str(),
+                    _ => continue,
+                },
+                _ => continue,
+            };
+            let Some(header) = text
+                .strip_prefix("%REQ(")
+                .and_then(|t| t.strip_suffix(")%"))
+                .filter(|h| !h.is_empty() && !h.contains([')', '%', '?', ':']))
+            else {
+                continue;
+            };
+            out.insert(key.clone(), header.to_ascii_lowercase());
+        }
+    }
+    Ok(out)
+}
+
 /// The authority map of an internal listener: the exact map of its
 /// `filter_chain_matcher`, each entry's action naming a filter chain that ends in a
 /// `tcp_proxy`; then its fallback on the destination address ([`vip_routes`]).
@@ -430,14 +495,20 @@ fn authority_map(l: &lds::Listener) -> Result<AuthorityMap, String> {
     let mut chain_keys: BTreeMap<String, ServiceKey> = BTreeMap::new();
     let mut keys: Vec<&String> = map.keys().collect();
     keys.sort();
+    // Names whose entry is a matcher: read once every plain name keys its chain.
+    let mut dispatched = Vec::new();
     for key in keys {
         let on_match = &map[key];
         let chain_name = match &on_match.on_match {
             Some(OnMatch::Action(a)) => a.name.clone(),
-            _ => {
-                out.skipped
-                    .push(format!("{key}: not an action naming a filter chain"));
+            Some(OnMatch::Matcher(m)) => {
+                dispatched.push((key, m));
                 continue;
+            }
+            None => {
+                return Err(format!(
+                    "filter_chain_matcher: {key}: on_match is required (Envoy: oneof on_match)"
+                ));
             }
         };
         let Some((i, fc)) = chains.get(&chain_name) else {
@@ -446,11 +517,7 @@ fn authority_map(l: &lds::Listener) -> Result<AuthorityMap, String> {
                 "filter_chain_matcher: {key} names filter chain {chain_name:?}, which the listener does not have"
             ));
         };
-        let Some((host, port)) = key
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok().filter(|p| *p != 0)?)))
-            .filter(|(h, _)| !h.is_empty())
-        else {
+        let Some((host, port)) = host_port(key) else {
             out.skipped.push(format!("{key}: not <host>:<port>"));
             continue;
         };
@@ -468,37 +535,258 @@ fn authority_map(l: &lds::Listener) -> Result<AuthorityMap, String> {
             ));
             continue;
         }
-        let Some(lds::filter::ConfigType::TypedConfig(a)) = &last.config_type else {
-            return Err(format!(
-                "filter_chains[{i}]: tcp_proxy without typed_config"
-            ));
-        };
-        let proxy = decode(a, TCP_PROXY_TYPE)
-            .and_then(|p| tcp_proxy(&p))
-            .map_err(|e| format!("filter_chains[{i}] ({chain_name}): tcp_proxy {e}"))?;
-        let Some((cluster, _)) = proxy.clusters.iter().max_by_key(|(_, w)| *w).cloned() else {
+        let Some((route, several)) = chain_proxy(*i, fc, &chain_name)? else {
             continue;
         };
-        if proxy.clusters.len() > 1 {
+        if several {
             out.skipped.push(format!(
-                "{key}: weighted_clusters served by its heaviest cluster {cluster} only"
+                "{key}: weighted_clusters served by its heaviest cluster {} only",
+                route.cluster
             ));
         }
         let service = ServiceKey::new(&host.to_ascii_lowercase(), port);
         chain_keys.insert(chain_name.clone(), service.clone());
-        out.routes.insert(
-            service,
-            AuthorityRoute {
-                cluster,
-                idle_timeout: proxy.idle_timeout,
-                max_duration: proxy.max_duration,
-            },
-        );
+        out.names.insert(service.clone());
+        out.routes.insert(service, route);
+    }
+    for (key, m) in dispatched {
+        let at = format!("filter_chain_matcher.matcher_tree.exact_match_map.map[{key}].matcher");
+        let Some((host, port)) = host_port(key) else {
+            return Err(format!(
+                "{at}: {key:?} is not <host>:<port>: strait dispatches on the source only for a service port's name"
+            ));
+        };
+        let routes = source_routes(m, &at, &chains, &mut chain_keys, &mut out)?;
+        let service = ServiceKey::new(&host.to_ascii_lowercase(), port);
+        out.names.insert(service.clone());
+        out.sources.insert(service, routes);
     }
     if let Some(no_match) = matcher.and_then(|m| m.on_no_match.as_ref()) {
-        vip_routes(no_match, &chains, &chain_keys, &mut out)?;
+        vip_routes(no_match, &chains, &mut chain_keys, &mut out)?;
     }
     Ok(out)
+}
+
+/// `<host>:<port>` of an exact map key.
+fn host_port(key: &str) -> Option<(&str, u16)> {
+    key.rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok().filter(|p| *p != 0)?)))
+        .filter(|(h, _)| !h.is_empty())
+}
+
+/// The `tcp_proxy` ending chain `i` (`None` when it names no cluster), and whether it
+/// splits over several clusters (served by the heaviest).
+fn chain_proxy(
+    i: usize,
+    fc: &lds::FilterChain,
+    chain_name: &str,
+) -> Result<Option<(AuthorityRoute, bool)>, String> {
+    let Some(lds::filter::ConfigType::TypedConfig(a)) =
+        fc.filters.last().and_then(|f| f.config_type.as_ref())
+    else {
+        return Err(format!(
+            "filter_chains[{i}]: tcp_proxy without typed_config"
+        ));
+    };
+    let proxy = decode(a, TCP_PROXY_TYPE)
+        .and_then(|p| tcp_proxy(&p))
+        .map_err(|e| format!("filter_chains[{i}] ({chain_name}): tcp_proxy {e}"))?;
+    let Some((cluster, _)) = proxy.clusters.iter().max_by_key(|(_, w)| *w).cloned() else {
+        return Ok(None);
+    };
+    Ok(Some((
+        AuthorityRoute {
+            cluster,
+            idle_timeout: proxy.idle_timeout,
+            max_duration: proxy.max_duration,
+        },
+        proxy.clusters.len() > 1,
+    )))
+}
+
+/// istiod's dispatch of a Service with a waypoint (`main_internal`'s entry for its name
+/// or its VIP port): a matcher tree on a filter state (`io.istio.source`, which
+/// `connect_terminate` sets from `x-istio-source`), an exact (or prefix) map of values to
+/// chains, and `on_no_match` to the waypoint's chain. Each chain named is served under its
+/// service port. A shape Envoy would reject, or one strait does not serve (another input,
+/// a custom or nested matcher, a chain that is not a `tcp_proxy` to
+/// `inbound-vip|<port>|tcp|<host>`), is rejected naming the field.
+fn source_routes(
+    m: &envoy_types::pb::xds::r#type::matcher::v3::Matcher,
+    at: &str,
+    chains: &BTreeMap<String, (usize, &lds::FilterChain)>,
+    chain_keys: &mut BTreeMap<String, ServiceKey>,
+    out: &mut AuthorityMap,
+) -> Result<SourceRoutes, String> {
+    use envoy_types::pb::envoy::extensions::matching::common_inputs::network::v3::FilterStateInput;
+    use envoy_types::pb::xds::r#type::matcher::v3::matcher::{
+        MatcherType, OnMatch as OnMatchMsg, matcher_tree::TreeType, on_match::OnMatch,
+    };
+    let tree = match &m.matcher_type {
+        Some(MatcherType::MatcherTree(t)) => t,
+        Some(MatcherType::MatcherList(_)) => {
+            return Err(format!(
+                "{at}.matcher_list: not served: strait dispatches a tunnel on its source with a matcher_tree on a filter state"
+            ));
+        }
+        None => return Err(format!("{at}: matcher_type is required (Envoy: oneof)")),
+    };
+    let input = tree
+        .input
+        .as_ref()
+        .ok_or_else(|| format!("{at}.matcher_tree.input: is required"))?;
+    let Some(ty) = input.typed_config.as_ref() else {
+        return Err(format!(
+            "{at}.matcher_tree.input ({}): typed_config is required",
+            input.name
+        ));
+    };
+    if ty.type_url != FILTER_STATE_INPUT {
+        return Err(format!(
+            "{at}.matcher_tree.input: {} not served: strait dispatches a tunnel only on a filter state set from a request header",
+            ty.type_url
+        ));
+    }
+    let state: FilterStateInput =
+        decode(ty, FILTER_STATE_INPUT).map_err(|e| format!("{at}.matcher_tree.input: {e}"))?;
+    if state.key.is_empty() {
+        return Err(format!(
+            "{at}.matcher_tree.input.key: must not be empty (Envoy: string min_len 1)"
+        ));
+    }
+    if !state.field.is_empty() {
+        return Err(format!(
+            "{at}.matcher_tree.input.field {:?}: not served: strait matches a filter state set from a header as a whole",
+            state.field
+        ));
+    }
+    let mut target = |on: &OnMatchMsg, field: &str| -> Result<ServiceKey, String> {
+        match &on.on_match {
+            Some(OnMatch::Action(a)) => {
+                source_target(&a.name, &format!("{at}.{field}"), chains, chain_keys, out)
+            }
+            Some(OnMatch::Matcher(_)) => Err(format!(
+                "{at}.{field}.matcher: a nested matcher: not served: each source value names a filter chain"
+            )),
+            None => Err(format!("{at}.{field}: on_match is required (Envoy: oneof)")),
+        }
+    };
+    let mut routes = SourceRoutes {
+        header: None,
+        state_key: state.key.clone(),
+        exact: BTreeMap::new(),
+        prefix: Vec::new(),
+        otherwise: None,
+    };
+    match &tree.tree_type {
+        Some(TreeType::ExactMatchMap(map)) => {
+            let mut values: Vec<&String> = map.map.keys().collect();
+            values.sort();
+            for v in values {
+                let k = target(
+                    &map.map[v],
+                    &format!("matcher_tree.exact_match_map.map[{v}]"),
+                )?;
+                routes.exact.insert(v.clone(), k);
+            }
+        }
+        Some(TreeType::PrefixMatchMap(map)) => {
+            let mut values: Vec<&String> = map.map.keys().collect();
+            values.sort();
+            for v in values {
+                let k = target(
+                    &map.map[v],
+                    &format!("matcher_tree.prefix_match_map.map[{v}]"),
+                )?;
+                routes.prefix.push((v.clone(), k));
+            }
+        }
+        Some(TreeType::CustomMatch(c)) => {
+            return Err(format!(
+                "{at}.matcher_tree.custom_match ({}): not served: strait reads an exact or prefix map of source values",
+                c.name
+            ));
+        }
+        None => {
+            return Err(format!(
+                "{at}.matcher_tree: tree_type is required (Envoy: oneof)"
+            ));
+        }
+    }
+    if let Some(no_match) = &m.on_no_match {
+        routes.otherwise = Some(target(no_match, "on_no_match")?);
+    }
+    Ok(routes)
+}
+
+/// The service port of chain `name`, which a source dispatch sends to: the name that
+/// already keys it, or else its `tcp_proxy`'s cluster `inbound-vip|<port>|<proto>|<host>`
+/// (istiod names the waypoint's chain so), whose route is added.
+fn source_target(
+    name: &str,
+    at: &str,
+    chains: &BTreeMap<String, (usize, &lds::FilterChain)>,
+    chain_keys: &mut BTreeMap<String, ServiceKey>,
+    out: &mut AuthorityMap,
+) -> Result<ServiceKey, String> {
+    let Some((i, fc)) = chains.get(name) else {
+        return Err(format!(
+            "{at} names filter chain {name:?}, which the listener does not have"
+        ));
+    };
+    if let Some(k) = chain_keys.get(name) {
+        return Ok(k.clone());
+    }
+    let last = fc.filters.last().ok_or_else(|| {
+        format!("{at}: filter chain {name} has no filters: strait sends a tunnel to a tcp_proxy")
+    })?;
+    let is_tcp_proxy = last.name == TCP_PROXY
+        || matches!(&last.config_type, Some(lds::filter::ConfigType::TypedConfig(a)) if a.type_url == TCP_PROXY_TYPE);
+    if !is_tcp_proxy {
+        return Err(format!(
+            "{at}: filter chain {name} ends in {}: not served: strait sends a tunnel to a tcp_proxy",
+            last.name
+        ));
+    }
+    let Some((route, several)) = chain_proxy(*i, fc, name)? else {
+        return Err(format!(
+            "{at}: filter chain {name}: its tcp_proxy names no cluster"
+        ));
+    };
+    if several {
+        return Err(format!(
+            "{at}: filter chain {name}: weighted_clusters not served behind a source dispatch"
+        ));
+    }
+    let key = inbound_vip_key(&route.cluster).ok_or_else(|| {
+        format!(
+            "{at}: filter chain {name} sends to cluster {}, not inbound-vip|<port>|<protocol>|<host>: strait cannot tell its service port",
+            route.cluster
+        )
+    })?;
+    if let Some(other) = out.routes.get(&key)
+        && other.cluster != route.cluster
+    {
+        return Err(format!(
+            "{at}: filter chain {name}: service port {}:{} already goes to {}",
+            key.host, key.port, other.cluster
+        ));
+    }
+    out.routes.entry(key.clone()).or_insert(route);
+    chain_keys.insert(name.to_string(), key.clone());
+    Ok(key)
+}
+
+/// `inbound-vip|<port>|<protocol>|<host>` → `<host>:<port>`.
+fn inbound_vip_key(cluster: &str) -> Option<ServiceKey> {
+    let mut parts = cluster.splitn(4, '|');
+    if parts.next()? != "inbound-vip" {
+        return None;
+    }
+    let port = parts.next()?.parse::<u16>().ok().filter(|p| *p != 0)?;
+    let _protocol = parts.next()?;
+    let host = parts.next().filter(|h| !h.is_empty() && !h.contains('|'))?;
+    Some(ServiceKey::new(host, port))
 }
 
 /// istiod's fallback after the exact map (`filter_chain_matcher.on_no_match`): a matcher
@@ -512,7 +800,7 @@ fn authority_map(l: &lds::Listener) -> Result<AuthorityMap, String> {
 fn vip_routes(
     no_match: &envoy_types::pb::xds::r#type::matcher::v3::matcher::OnMatch,
     chains: &BTreeMap<String, (usize, &lds::FilterChain)>,
-    chain_keys: &BTreeMap<String, ServiceKey>,
+    chain_keys: &mut BTreeMap<String, ServiceKey>,
     out: &mut AuthorityMap,
 ) -> Result<(), String> {
     use envoy_types::pb::xds::r#type::matcher::v3::matcher::{
@@ -606,7 +894,30 @@ fn vip_routes(
         for port in keys {
             let chain = match &ports[port].on_match {
                 Some(OnMatch::Action(a)) => &a.name,
-                _ => {
+                Some(OnMatch::Matcher(m)) => {
+                    // A Service with a waypoint: its VIP port dispatches on the source as
+                    // its name does.
+                    let Ok(p) = port.parse::<u16>() else {
+                        out.skipped.push(format!("{at}: {port:?} is not a port"));
+                        continue;
+                    };
+                    let routes = std::sync::Arc::new(source_routes(
+                        m,
+                        &format!(
+                            "{at}.on_match.matcher.matcher_tree.exact_match_map.map[{port}].matcher"
+                        ),
+                        chains,
+                        chain_keys,
+                        out,
+                    )?);
+                    vips.extend(ranges.iter().map(|range| VipRoute {
+                        range: *range,
+                        port: p,
+                        target: TunnelTarget::BySource(routes.clone()),
+                    }));
+                    continue;
+                }
+                None => {
                     out.skipped.push(format!(
                         "{at}: port {port}: not an action naming a filter chain"
                     ));
@@ -631,7 +942,7 @@ fn vip_routes(
             vips.extend(ranges.iter().map(|range| VipRoute {
                 range: *range,
                 port,
-                service: service.clone(),
+                target: TunnelTarget::Service(service.clone()),
             }));
         }
     }
@@ -1117,7 +1428,7 @@ mod tests {
                 len,
             },
             port: 80,
-            service: echo.clone(),
+            target: TunnelTarget::Service(echo.clone()),
         };
         // The most specific range first.
         assert_eq!(m.vips, [route("fd00::10", 128), route("10.96.0.10", 32)]);
@@ -1199,7 +1510,10 @@ mod tests {
         let vips: Vec<(String, u16, &str)> = l.servers[0]
             .vips
             .iter()
-            .map(|v| (v.range.addr.to_string(), v.port, v.service.host.as_str()))
+            .map(|v| match &v.target {
+                TunnelTarget::Service(k) => (v.range.addr.to_string(), v.port, k.host.as_str()),
+                TunnelTarget::BySource(_) => panic!("{v:?}"),
+            })
             .collect();
         assert_eq!(
             vips,
@@ -1365,5 +1679,238 @@ mod tests {
                 && e.contains("no-such-chain"),
             "{e}"
         );
+    }
+
+    const WP: &str = "inbound-vip|15008|tcp|waypoint.echo.svc.cluster.local";
+
+    /// istiod's entry for a Service with a waypoint: a matcher on the filter state
+    /// `io.istio.source`, `waypoint` and `gateway` to the Service's chain, anything else to
+    /// the waypoint's (`wp_cluster` its tcp_proxy's cluster).
+    fn by_source(
+        input: &str,
+        values: &[(&str, &str)],
+        otherwise: &str,
+    ) -> envoy_types::pb::xds::r#type::matcher::v3::Matcher {
+        use envoy_types::pb::envoy::extensions::matching::common_inputs::network::v3::FilterStateInput;
+        use envoy_types::pb::xds::core::v3::TypedExtensionConfig;
+        use envoy_types::pb::xds::r#type::matcher::v3::{Matcher, matcher};
+        let to = |chain: &str| matcher::OnMatch {
+            on_match: Some(matcher::on_match::OnMatch::Action(TypedExtensionConfig {
+                name: chain.into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        Matcher {
+            matcher_type: Some(matcher::MatcherType::MatcherTree(matcher::MatcherTree {
+                input: Some(TypedExtensionConfig {
+                    name: "request-source-filter-state".into(),
+                    typed_config: Some(any(
+                        input,
+                        &FilterStateInput {
+                            key: "io.istio.source".into(),
+                            field: String::new(),
+                        },
+                    )),
+                }),
+                tree_type: Some(matcher::matcher_tree::TreeType::ExactMatchMap(
+                    matcher::matcher_tree::MatchMap {
+                        map: values.iter().map(|(v, c)| (v.to_string(), to(c))).collect(),
+                    },
+                )),
+            })),
+            on_no_match: Some(Box::new(to(otherwise))),
+        }
+    }
+
+    /// [`main_internal`] whose entry for echo is `m`, with the waypoint's chain (a
+    /// tcp_proxy to `wp_cluster`) beside echo's.
+    fn dispatched(
+        m: envoy_types::pb::xds::r#type::matcher::v3::Matcher,
+        wp_cluster: &str,
+    ) -> lds::Listener {
+        use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+        use envoy_types::pb::xds::r#type::matcher::v3::matcher;
+        let mut l = main_internal(VIP);
+        if let Some(matcher::MatcherType::MatcherTree(t)) = l
+            .filter_chain_matcher
+            .as_mut()
+            .and_then(|f| f.matcher_type.as_mut())
+            && let Some(matcher::matcher_tree::TreeType::ExactMatchMap(map)) = t.tree_type.as_mut()
+        {
+            map.map.insert(
+                "echo.echo.svc.cluster.local:80".into(),
+                matcher::OnMatch {
+                    on_match: Some(matcher::on_match::OnMatch::Matcher(Box::new(m))),
+                    ..Default::default()
+                },
+            );
+        }
+        let proxy = tcp::TcpProxy {
+            stat_prefix: WP.into(),
+            cluster_specifier: Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(wp_cluster.into())),
+            ..Default::default()
+        };
+        l.filter_chains.push(lds::FilterChain {
+            name: WP.into(),
+            filters: vec![lds::Filter {
+                name: TCP_PROXY.into(),
+                config_type: typed(TCP_PROXY_TYPE, &proxy),
+            }],
+            ..Default::default()
+        });
+        l
+    }
+
+    /// A Service with a waypoint: its name dispatches on the source, each value to the
+    /// service port of the chain it names (the waypoint's keyed by its cluster); the
+    /// shapes Envoy rejects, and those strait does not serve, are rejected naming the field.
+    #[test]
+    fn a_source_dispatch_is_read_and_other_shapes_are_rejected_by_name() {
+        let echo = ServiceKey::new("echo.echo.svc.cluster.local", 80);
+        let waypoint = ServiceKey::new("waypoint.echo.svc.cluster.local", 15008);
+        let istiod = by_source(
+            FILTER_STATE_INPUT,
+            &[("waypoint", VIP), ("gateway", VIP)],
+            WP,
+        );
+        let (_, read) = listener(&any(LISTENER, &dispatched(istiod.clone(), WP))).expect("valid");
+        let Listener::Authorities(m) = read.value else {
+            panic!("{:?}", read.value)
+        };
+        let routes = &m.sources[&echo];
+        assert_eq!(routes.state_key, "io.istio.source");
+        assert_eq!(
+            routes.exact,
+            BTreeMap::from([
+                ("gateway".to_string(), echo.clone()),
+                ("waypoint".to_string(), echo.clone())
+            ])
+        );
+        assert_eq!(routes.otherwise, Some(waypoint.clone()));
+        assert_eq!(m.names, BTreeSet::from([echo.clone()]));
+        let clusters: Vec<(&ServiceKey, &str)> = m
+            .routes
+            .iter()
+            .map(|(k, r)| (k, r.cluster.as_str()))
+            .collect();
+        assert_eq!(clusters, [(&echo, VIP), (&waypoint, WP)]);
+
+        let reject = |l: lds::Listener, words: &[&str]| {
+            let e = listener(&any(LISTENER, &l)).err().expect("rejected");
+            assert!(words.iter().all(|w| e.contains(w)), "{words:?}: {e}");
+        };
+        let at = "map[echo.echo.svc.cluster.local:80].matcher";
+        // Another input: valid, not served.
+        reject(
+            dispatched(by_source(DESTINATION_PORT, &[("waypoint", VIP)], WP), WP),
+            &[
+                at,
+                "matcher_tree.input",
+                "DestinationPortInput",
+                "not served",
+            ],
+        );
+        // A chain the listener lacks: Envoy rejects it.
+        reject(
+            dispatched(
+                by_source(FILTER_STATE_INPUT, &[("waypoint", "nope")], WP),
+                WP,
+            ),
+            &[at, "exact_match_map.map[waypoint]", "\"nope\""],
+        );
+        // A chain whose service port strait cannot tell.
+        reject(
+            dispatched(istiod.clone(), "outbound|15008||waypoint"),
+            &[
+                at,
+                "on_no_match",
+                "outbound|15008||waypoint",
+                "service port",
+            ],
+        );
+        // A custom match and a matcher list: not served.
+        let mut custom = istiod.clone();
+        if let Some(envoy_types::pb::xds::r#type::matcher::v3::matcher::MatcherType::MatcherTree(
+            t,
+        )) = custom.matcher_type.as_mut()
+        {
+            t.tree_type = Some(
+                envoy_types::pb::xds::r#type::matcher::v3::matcher::matcher_tree::TreeType::CustomMatch(
+                    envoy_types::pb::xds::core::v3::TypedExtensionConfig {
+                        name: "trie".into(),
+                        ..Default::default()
+                    },
+                ),
+            );
+        }
+        reject(dispatched(custom, WP), &[at, "custom_match", "not served"]);
+        let mut list = istiod;
+        list.matcher_type = Some(
+            envoy_types::pb::xds::r#type::matcher::v3::matcher::MatcherType::MatcherList(
+                Default::default(),
+            ),
+        );
+        reject(dispatched(list, WP), &[at, "matcher_list", "not served"]);
+    }
+
+    /// The filter state a `set_filter_state` filter of `connect_terminate` sets from a
+    /// request header is the one a source dispatch reads.
+    #[test]
+    fn connect_terminate_names_the_header_behind_each_filter_state() {
+        use envoy_types::pb::envoy::config::core::v3::{
+            DataSource, SubstitutionFormatString, data_source, substitution_format_string,
+        };
+        use envoy_types::pb::envoy::extensions::filters::common::set_filter_state::v3::{
+            FilterStateValue, filter_state_value,
+        };
+        use envoy_types::pb::envoy::extensions::filters::http::set_filter_state::v3 as sfs;
+        let value = |key: &str, format: &str| FilterStateValue {
+            key: Some(filter_state_value::Key::ObjectKey(key.into())),
+            value: Some(filter_state_value::Value::FormatString(
+                SubstitutionFormatString {
+                    format: Some(substitution_format_string::Format::TextFormatSource(
+                        DataSource {
+                            specifier: Some(data_source::Specifier::InlineString(format.into())),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                },
+            )),
+            factory_key: "istio.hashable_string".into(),
+            ..Default::default()
+        };
+        let config = sfs::Config {
+            on_request_headers: vec![
+                value("io.istio.source", "%REQ(x-istio-source)%"),
+                value("io.istio.connect_authority", "%REQ(:AUTHORITY)%"),
+                value("io.istio.peer_principal", "%DOWNSTREAM_PEER_URI_SAN%"),
+            ],
+            ..Default::default()
+        };
+        let manager = hcm::HttpConnectionManager {
+            http_filters: vec![hcm::HttpFilter {
+                name: "request_source".into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                    SET_FILTER_STATE,
+                    &config,
+                ))),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            state_headers(&manager).expect("valid"),
+            BTreeMap::from([("io.istio.source".to_string(), "x-istio-source".to_string())])
+        );
+        let mut bad = manager;
+        if let Some(hcm::http_filter::ConfigType::TypedConfig(a)) =
+            &mut bad.http_filters[0].config_type
+        {
+            a.value = vec![0xff];
+        }
+        let e = state_headers(&bad).expect_err("rejected");
+        assert!(e.contains("http_filters[0] (request_source)"), "{e}");
     }
 }
