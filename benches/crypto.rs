@@ -462,7 +462,8 @@ async fn rss_per_idle_conn(
 // Certificates and proxies
 
 struct Certs {
-    _dir: TempDir,
+    dir: TempDir,
+    ca: PathBuf,
     gateway: PathBuf,
     client: PathBuf,
     workload: PathBuf,
@@ -470,6 +471,24 @@ struct Certs {
 }
 
 impl Certs {
+    /// `n` more client SVIDs (`…/sa/client-<i>`), issued in process, each in its own
+    /// directory (with the mesh root, as `strait cert issue` writes them).
+    fn clients(&self, n: usize) -> Vec<PathBuf> {
+        let day = Duration::from_secs(86400);
+        (0..n)
+            .map(|i| {
+                let out = self.dir.path().join(format!("client-{i}"));
+                let id = format!("spiffe://{TRUST_DOMAIN}/ns/bench/sa/client-{i}");
+                if !out.join("cert-chain.pem").exists() {
+                    let id = strait::tls::SpiffeId::parse(&id).expect("a SPIFFE ID");
+                    strait::identity::ca::issue_svid(&self.ca, &id, &out, day)
+                        .expect("client SVID");
+                }
+                out
+            })
+            .collect()
+    }
+
     fn new() -> Certs {
         let dir = TempDir::new("crypto-bench");
         let ca = mesh_ca(dir.path(), TRUST_DOMAIN);
@@ -479,7 +498,8 @@ impl Certs {
             client: issue(CLIENT_ID, "client"),
             workload: issue(WORKLOAD_ID, "workload"),
             bridge: issue(BRIDGE_ID, "bridge"),
-            _dir: dir,
+            ca,
+            dir,
         }
     }
 }
@@ -1032,6 +1052,10 @@ const BRIDGE_BULK: [Bulk; 2] = [
     },
 ];
 
+/// Full handshakes by [`IDS_N`] clients of distinct identities taking turns (id, label).
+const IDS: (&str, &str) = ("hs13-ids", "TLS 1.3 handshakes, 1,024 identities");
+const IDS_N: usize = 1024;
+
 /// A resumption scenario: `clients` clients (each keeping its own TLS 1.3 tickets, each
 /// ticket presented once, as rustls clients and strait's own do) take turns, 32
 /// connections at a time; every client has made one full handshake before the clock
@@ -1149,6 +1173,7 @@ fn rows() -> Vec<Row> {
         rows.push(row(h.id, h.label, "/s"));
     }
     rows.push(row("re-hs", "re-encrypt: handshakes (X25519)", "/s"));
+    rows.push(row(IDS.0, IDS.1, "/s"));
     for r in &RESUME {
         rows.push(row(r.id, r.label, "/s"));
     }
@@ -1164,6 +1189,11 @@ fn rows() -> Vec<Row> {
         ));
     }
     rows.push(row("cpu_re-hs", "  CPU / handshake, re-hs", "µs"));
+    rows.push(row(
+        &format!("cpu_{}", IDS.0),
+        &format!("  CPU / handshake, {}", IDS.0),
+        "µs",
+    ));
     for r in &RESUME {
         rows.push(row(
             &format!("cpu_{}", r.id),
@@ -1413,6 +1443,17 @@ async fn run(secs: f64, rounds: usize, conns: usize) {
         .map(|(i, h)| (i, client(h.groups, if h.tls12 { v12 } else { v13 })))
         .collect();
     let one = |tls: &Arc<rustls::ClientConfig>| Arc::new(vec![tls.clone()]);
+    // Distinct client identities taking turns: no signature of a client's leaf is seen
+    // again before 1,023 others.
+    let many_ids = want(IDS.0).then(|| {
+        Arc::new(
+            certs
+                .clients(IDS_N)
+                .iter()
+                .map(|c| load_client(c, HANDSHAKES[0].groups, v13, None))
+                .collect::<Vec<_>>(),
+        )
+    });
 
     for round in 0..rounds {
         eprintln!("round {}/{rounds} (loadavg {})", round + 1, loadavg());
@@ -1434,6 +1475,13 @@ async fn run(secs: f64, rounds: usize, conns: usize) {
             for t in &order {
                 let svc = Svc::plain(Kind::Echo);
                 measure_handshakes(&mut cells, t, h.id, round, svc, one(tls), secs).await;
+            }
+        }
+        if let Some(clients) = &many_ids {
+            eprintln!("  {}", IDS.0);
+            for t in &order {
+                let svc = Svc::plain(Kind::Echo);
+                measure_handshakes(&mut cells, t, IDS.0, round, svc, clients.clone(), secs).await;
             }
         }
         if want("re-hs") {
@@ -1561,7 +1609,7 @@ fn print_use(names: &[String], cells: &Cells) {
     let ids: Vec<&str> = HANDSHAKES
         .iter()
         .map(|h| h.id)
-        .chain(["re-hs"])
+        .chain(["re-hs", IDS.0])
         .chain(RESUME.iter().map(|r| r.id))
         .chain(["br-cps"])
         .collect();

@@ -3,6 +3,7 @@
 pub mod certs;
 pub mod client_hello;
 pub mod material;
+pub mod memo;
 pub mod provider;
 pub mod resume;
 pub mod spiffe;

@@ -408,8 +408,16 @@ impl SpiffeClientVerifier {
         trust: &TrustConfig,
         provider: &Arc<CryptoProvider>,
     ) -> Result<Self, CertError> {
+        // The chain's signatures are remembered once they pass (`memo`'s text); the
+        // CertificateVerify below goes to the provider's algorithms every time.
+        let chain_provider = Arc::new(CryptoProvider {
+            signature_verification_algorithms: super::memo::memoizing(
+                provider.signature_verification_algorithms,
+            ),
+            ..(**provider).clone()
+        });
         let anchors = Anchors::new(id, trust, |store| {
-            WebPkiClientVerifier::builder_with_provider(store, provider.clone())
+            WebPkiClientVerifier::builder_with_provider(store, chain_provider.clone())
                 .build()
                 .map_err(|e| e.to_string())
         })?;
