@@ -460,6 +460,18 @@ async fn rotating_certificates_keeps_open_connections_and_serves_the_new_one() {
     assert_ne!(first, second, "gateway presents the new certificate");
     // The connection opened before the rotation still flows.
     assert_eq!(echo_once(&mut open, b"still here\n").await, b"still here\n");
+    // A client of the old CA, whose chain passed (and whose signatures were remembered)
+    // before the rotation, no longer chains to a trusted root.
+    mtls_connect(gw.gateway, &client)
+        .await
+        .expect_err("the old CA's client is refused after the rotation");
+    assert!(
+        gw.eventually(Duration::from_secs(5), || gw
+            .metric("strait_refusals_total", &[("reason", "untrusted_chain")])
+            == 1.0),
+        "{:?}",
+        gw.access_log()
+    );
 }
 
 /// A meshed workload that requires a mesh client certificate and reports the peer's
