@@ -391,14 +391,6 @@ impl SourceRoutes {
         }
         self.otherwise.as_ref().map(|k| (k, SourcePick::OnNoMatch))
     }
-
-    /// Every service port it can send to.
-    pub fn targets(&self) -> impl Iterator<Item = &ServiceKey> {
-        self.exact
-            .values()
-            .chain(self.prefix.iter().map(|(_, k)| k))
-            .chain(&self.otherwise)
-    }
 }
 
 /// A Service address an HBONE server takes as a tunnel's `:authority`: istiod's

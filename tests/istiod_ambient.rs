@@ -1861,7 +1861,9 @@ const WAYPOINT: &str = "waypoint.echo.svc.cluster.local";
 
 /// A Service with a waypoint, beside [`KUBE`]: the global Service `ratings` (VIP
 /// 10.96.0.12, port 80 → 8080, one captured pod at 10.0.0.32) labelled
-/// `istio.io/use-waypoint: waypoint`; the waypoint as Istio deploys it for a Gateway of
+/// `istio.io/use-waypoint: waypoint`, and `details` (VIP 10.96.0.13, one captured pod at
+/// 10.0.0.33) with the same waypoint and `istio.io/ingress-use-waypoint: "true"`; the
+/// waypoint as Istio deploys it for a Gateway of
 /// class `istio-waypoint`: the Gateway (its address in `status.addresses`, which istiod
 /// waits for), its GatewayClass, its Service (`waypoint`, VIP 10.96.0.20, port 15008) and
 /// one ready pod at 10.0.0.41 labelled as a waypoint's (`gateway.istio.io/managed:
@@ -1969,7 +1971,49 @@ endpoints:
   targetRef: {kind: Pod, name: ratings-1, namespace: echo}
 ports:
 - {name: http, port: 8080, protocol: TCP}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: details
+  namespace: echo
+  labels: {istio.io/global: \"true\", istio.io/use-waypoint: waypoint, istio.io/ingress-use-waypoint: \"true\"}
+spec:
+  selector: {app: details}
+  clusterIP: 10.96.0.13
+  ports:
+  - {name: http, port: 80, targetPort: 8080, protocol: TCP}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: details-1
+  namespace: echo
+  labels: {app: details}
+  annotations: {ambient.istio.io/redirection: enabled}
+spec: {serviceAccountName: details, nodeName: node1, containers: [{name: details, image: details}]}
+status:
+  phase: Running
+  podIP: 10.0.0.33
+  podIPs: [{ip: 10.0.0.33}]
+  conditions: [{type: Ready, status: \"True\"}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: details-1
+  namespace: echo
+  labels: {kubernetes.io/service-name: details}
+addressType: IPv4
+endpoints:
+- addresses: [10.0.0.33]
+  conditions: {ready: true}
+  targetRef: {kind: Pod, name: details-1, namespace: echo}
+ports:
+- {name: http, port: 8080, protocol: TCP}
 ";
+
+const DETAILS: &str = "details.echo.svc.cluster.local";
 
 /// The action (a filter chain's name) of a matcher's `OnMatch`.
 fn action(on_match: &Value) -> &str {
@@ -2052,6 +2096,19 @@ async fn istiod_dispatches_a_service_with_a_waypoint_on_x_istio_source() {
             waypoint_chain.clone(),
         );
         assert_eq!(by_source(&map[format!("{RATINGS}:80")]), want);
+        // With istio.io/ingress-use-waypoint, an ingress gateway's tunnels take the
+        // waypoint too.
+        let details_chain = inbound_vip(80, DETAILS);
+        assert_eq!(
+            by_source(&map[format!("{DETAILS}:80")]),
+            (
+                vec![
+                    ("gateway".to_string(), waypoint_chain.clone()),
+                    ("waypoint".to_string(), details_chain),
+                ],
+                waypoint_chain.clone(),
+            )
+        );
         // The waypoint serves under its own name; echo keeps its chain.
         assert_eq!(action(&map[format!("{WAYPOINT}:15008")]), waypoint_chain);
         assert_eq!(action(&map[format!("{ECHO}:80")]), inbound_vip(80, ECHO));
@@ -2208,6 +2265,7 @@ async fn a_service_with_a_waypoint_is_tunnelled_to_its_waypoint_unless_the_waypo
             SocketAddr::from(([10, 0, 0, 32], 15009)),
         )
         .await;
+        let to_details = counting_listener(SocketAddr::from(([10, 0, 0, 33], 15008))).await;
 
         let strait = launch_strait_gateway(
             &spoke,
@@ -2362,6 +2420,33 @@ async fn a_service_with_a_waypoint_is_tunnelled_to_its_waypoint_unless_the_waypo
             source.lines().join("\n"),
             strait.stderr_text()
         );
+        // details sets istio.io/ingress-use-waypoint: an ingress gateway's tunnel goes to
+        // the waypoint, a waypoint's to details' pod.
+        let before = (to_waypoint.load(Ordering::SeqCst), to_details.load(Ordering::SeqCst));
+        let details_80 = format!("{DETAILS}:80");
+        for (value, want) in [
+            ("gateway", (before.0 + 1, before.1)),
+            ("waypoint", (before.0 + 1, before.1 + 1)),
+        ] {
+            let status = connect_with(
+                gateway_hbone,
+                &source_certs,
+                &details_80,
+                &[("x-istio-source", value)],
+            )
+            .await;
+            let now = || (to_waypoint.load(Ordering::SeqCst), to_details.load(Ordering::SeqCst));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while now() != want && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(
+                (status, now()),
+                (Ok(200), want),
+                "{details_80} x-istio-source {value}: (waypoint, details-1) dials"
+            );
+        }
+
         // A Service without a waypoint ignores the header.
         let status = connect_with(
             gateway_hbone,
