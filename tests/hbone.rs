@@ -1271,6 +1271,94 @@ async fn istios_source_reaches_istios_destination_through_strait() {
     }));
 }
 
+/// Each tunnel's `istio_tcp_*` series are its outer connection's client and its service:
+/// two clients, each with one outer connection carrying tunnels to two services in turn,
+/// and one tunnel refused (`UF`), are counted exactly under their own labels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tunnel_is_counted_under_its_client_and_service() {
+    const CURL_ID: &str = "spiffe://cluster.local/ns/foo/sa/curl";
+    const DETAILS: &str = "details.default.svc.cluster.local";
+    const GONE: &str = "gone.default.svc.cluster.local";
+    let certs = Certs::new();
+    let clients = [
+        (SLEEP_ID, certs.issue(SLEEP_ID, "sleep")),
+        (CURL_ID, certs.issue(CURL_ID, "curl")),
+    ];
+    let reviews = Dest::start("r", Behaviour::Echo).await;
+    let details = Dest::start("d", Behaviour::Echo).await;
+    let rest = service(REVIEWS, &endpoint(reviews.ip, Some("http"), "net1"))
+        + &service(DETAILS, &endpoint(details.ip, Some("http"), "net1"))
+        + &service(GONE, &endpoint(endpoint_ip(), Some("http"), "net1"));
+    let (gw, hbone) = start_gateway(&certs, &rest);
+    // (client, service) → tunnels; sleep 3 + 2, curl 1 + 4, and one refused each.
+    let plan = [(3usize, 2usize), (1, 4)];
+    for ((_, dir), (to_reviews, to_details)) in clients.iter().zip(plan) {
+        let client = hbone_connect(hbone, dir, &certs.gateway).await.unwrap();
+        let mut turns: Vec<&str> = Vec::new();
+        for i in 0..to_reviews.max(to_details) {
+            if i < to_reviews {
+                turns.push(REVIEWS);
+            }
+            if i < to_details {
+                turns.push(DETAILS);
+            }
+        }
+        turns.push(GONE);
+        for host in turns {
+            let (status, mut t) = client.connect(&format!("{host}:9080")).await.unwrap();
+            if host == GONE {
+                assert_eq!(status, 503);
+                continue;
+            }
+            assert_eq!(status, 200);
+            assert!(t.exchange("x\n", true).await.ends_with("x\n"));
+            t.shutdown().await.unwrap();
+        }
+    }
+    let count = |name: &str, principal: &str, host: &str, flag: &str| {
+        gw.metric(
+            name,
+            &[
+                ("reporter", "waypoint"),
+                ("source_principal", principal),
+                ("destination_service", host),
+                ("response_flags", flag),
+            ],
+        )
+    };
+    gw.wait_metric("strait_hbone_active_streams", &[], |v| v == 0.0);
+    for ((principal, _), (to_reviews, to_details)) in clients.iter().zip(plan) {
+        for (host, n) in [(REVIEWS, to_reviews), (DETAILS, to_details)] {
+            let n = n as f64;
+            assert_eq!(
+                count("istio_tcp_connections_opened_total", principal, host, "-"),
+                n
+            );
+            assert_eq!(
+                count("istio_tcp_connections_closed_total", principal, host, "-"),
+                n
+            );
+            // Each tunnel's bytes: "x\n" up, the greeting and the echo down.
+            assert_eq!(
+                count("istio_tcp_received_bytes_total", principal, host, "-"),
+                2.0 * n
+            );
+            assert_eq!(
+                count("istio_tcp_sent_bytes_total", principal, host, "-"),
+                6.0 * n
+            );
+        }
+        assert_eq!(
+            count("istio_tcp_connections_opened_total", principal, GONE, "-"),
+            1.0
+        );
+        assert_eq!(
+            count("istio_tcp_connections_closed_total", principal, GONE, "UF"),
+            1.0
+        );
+    }
+}
+
 /// The tunnels' cluster (`inbound-vip|9080|tcp|<host>`) has the policy istiod gives an
 /// ambient east-west gateway's, whatever the DestinationRule says: LEAST_REQUEST, no
 /// outlier detection and no connection limit, with only the rule's top-level

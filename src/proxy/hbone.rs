@@ -32,10 +32,10 @@ use super::h2_copy::copy_h2_tcp;
 use super::h2_refusals::{Refusals, Watched};
 use super::upstream_leg::{Opened, copy_limits, open_upstream, record_copy};
 use super::{DrainState, LiveGuard, OpenGuard, Shared};
-use crate::model::{Http2Settings, ServerTlsMode};
+use crate::model::{Http2Settings, ServerTlsMode, ServicePort};
 use crate::policy::authz::{RbacConn, check_rbac};
 use crate::route;
-use crate::telemetry::{Accepted, ConnectionResult, IstioLabels, ResponseFlag};
+use crate::telemetry::{Accepted, ConnectionResult, IstioLabels, ResponseFlag, RouteMetrics};
 use crate::tls::spiffe::SpiffeId;
 use crate::tls::{classify_handshake_error, handshake_error_detail, peer_spiffe_id};
 use crate::upstream::Purpose;
@@ -87,8 +87,48 @@ struct Outer {
     downstream: SocketAddr,
     identity: SpiffeId,
     resets: PrematureResets,
+    /// The `istio_tcp_*` series of this connection's tunnels, by destination service:
+    /// their labels are the client's identity and the service's host and namespace, so
+    /// each is looked up once per connection and service ([`Outer::route`]).
+    routes: std::sync::Mutex<Vec<(String, String, Arc<RouteMetrics>)>>,
     _live: LiveGuard,
     _open: OpenGuard,
+}
+
+/// Destination services whose series one outer connection keeps; a connection that
+/// tunnels to more looks the others up per tunnel.
+const ROUTES_PER_CONNECTION: usize = 16;
+
+impl Outer {
+    /// The `istio_tcp_*` series of a tunnel of this connection to `service`, as Istio's
+    /// ambient gateway labels it (`reporter="waypoint"`, `source_principal` the client's).
+    fn route(&self, shared: &Shared, service: &ServicePort) -> Arc<RouteMetrics> {
+        // A poisoned lock only means another tunnel panicked mid-push; the list is whole.
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, route)) = routes
+            .iter()
+            .find(|(host, ns, _)| *host == service.host && *ns == service.namespace)
+        {
+            return route.clone();
+        }
+        let labels = IstioLabels::for_route(
+            &shared.telemetry.identity,
+            service,
+            None,
+            Some(&self.identity.principal()),
+            true,
+        )
+        .as_waypoint();
+        let route = shared.telemetry.metrics.route(labels);
+        if routes.len() < ROUTES_PER_CONNECTION {
+            routes.push((
+                service.host.clone(),
+                service.namespace.clone(),
+                route.clone(),
+            ));
+        }
+        route
+    }
 }
 
 /// Counts a stream as ended when its task ends, premature when so marked.
@@ -246,6 +286,7 @@ pub(super) async fn handle(
         downstream: peer,
         identity,
         resets: PrematureResets::default(),
+        routes: Default::default(),
         _live: live,
         _open: open,
     });
@@ -416,15 +457,7 @@ async fn tunnel(
             "no healthy upstream\n",
         );
     };
-    let labels = IstioLabels::for_route(
-        &shared.telemetry.identity,
-        &service,
-        None,
-        Some(&outer.identity.principal()),
-        true,
-    )
-    .as_waypoint();
-    let counters = result.open_route(labels);
+    let counters = result.open_shared_route(outer.route(&shared, &service));
     // A client that gives up before the answer stops the dial at once.
     let dialled = tokio::select! {
         opened = open_upstream(&shared, settings, &cluster, Purpose::Hbone, None, &mut result) => Ok(opened),
