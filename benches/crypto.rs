@@ -504,53 +504,9 @@ impl Certs {
     }
 }
 
-/// The load generator's view of a proxy's certificate: accepted without verification.
-///
-/// A client's side of an mTLS handshake costs about what a server's does (a P-256
-/// signature, three verifications, a key exchange), and the bench's clients share one core
-/// with the workloads: verifying every proxy's chain and CertificateVerify kept the
-/// handshake rates bounded by that core rather than by the proxy. The proxies do all of
-/// their work as before (each verifies the client's chain and signature in full); only the
-/// client skips checking the proxy, the same for every proxy. The chain each proxy presents
-/// is checked once, when it is started (`start_proxy`'s probe verifies it).
-#[derive(Debug)]
-struct Unverified(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// The load generator's TLS client: the client SVID in `certs`, exactly `groups` (key
 /// share for the first) and `versions`, ALPN as a sidecar offers it, the proxy's
-/// certificate not verified ([`Unverified`]; with `BENCH_CLIENT_VERIFY=1` verified against
+/// certificate not verified ([`support::Unverified`]; with `BENCH_CLIENT_VERIFY=1` verified against
 /// the mesh roots, as before), and TLS 1.3 tickets kept in `store` (none: every connection
 /// a full handshake).
 fn load_client(
@@ -569,7 +525,7 @@ fn load_client(
             .with_protocol_versions(versions)
             .expect("versions")
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
+            .with_custom_certificate_verifier(Arc::new(support::Unverified(provider)))
             .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
             .expect("client SVID");
         config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();

@@ -19,7 +19,10 @@
 //!   into raw TCP, AMBIENT.md §6).
 //!
 //! The load is a source ztunnel's outer level: rustls (TLS 1.3, ALPN `h2`, the client's
-//! SVID, no resumption) and the `h2` crate with ztunnel's windows (4 MiB per stream, 16 MiB
+//! SVID, no resumption; unlike a ztunnel, it does not verify the gateway's certificate on
+//! each handshake, the same for both gateways, so that the client's core does not bound the
+//! handshake rate: each gateway's chain is verified once, when it starts; both gateways
+//! still verify the client's chain and signature in full) and the `h2` crate with ztunnel's windows (4 MiB per stream, 16 MiB
 //! per connection), one `CONNECT` per tunnel with `:authority = <host>:9080`. The
 //! destinations are plaintext TCP servers on `127.0.0.x:15008` (the endpoints' HBONE port):
 //! an echo and a sink that counts what it receives.
@@ -40,6 +43,7 @@
 //! Environment: `BENCH_SECS` (1.5), `BENCH_ROUNDS` (3), `BENCH_TUNNELS` (5000),
 //! `BENCH_PROXIES` (`strait,envoy`), `BENCH_SCENARIOS` (ids or prefixes),
 //! `BENCH_STRAIT_ALT` (`label=/path/to/strait,...`: more strait builds as extra columns),
+//! `BENCH_CLIENT_VERIFY=1` (the client verifies the gateway on every handshake),
 //! `STRAIT_BIN`, `STRAIT_TEST_ENVOY`.
 
 #[path = "../tests/common/mod.rs"]
@@ -741,18 +745,35 @@ async fn run(secs: f64, rounds: usize, tunnels: usize) {
     let ca = mesh_ca(dir.path(), TRUST_DOMAIN);
     let gw_certs = mesh_cert(&ca, GATEWAY_ID, &dir.path().join("gateway"));
     let client_certs = mesh_cert(&ca, CLIENT_ID, &dir.path().join("client"));
-    let tls = {
-        let c = mesh_client_config(
-            &client_certs,
-            &[NamedGroup::X25519, NamedGroup::secp256r1],
-            &[&rustls::version::TLS13],
-            &["h2"],
-        )
-        .expect("client TLS");
-        let mut c = (*c).clone();
+    // The client that checks each gateway's chain once, when it starts, and the load
+    // generator's: the gateway's certificate not verified ([`support::Unverified`]; with
+    // `BENCH_CLIENT_VERIFY=1` verified on every handshake, as a source ztunnel does).
+    let groups = [NamedGroup::X25519, NamedGroup::secp256r1];
+    let source = |c: rustls::ClientConfig| {
+        let mut c = c;
         c.enable_sni = false;
         c.resumption = rustls::client::Resumption::disabled();
         Arc::new(c)
+    };
+    let verified = source(
+        (*mesh_client_config(&client_certs, &groups, &[&rustls::version::TLS13], &["h2"])
+            .expect("client TLS"))
+        .clone(),
+    );
+    let tls = if std::env::var("BENCH_CLIENT_VERIFY").is_ok_and(|v| v == "1") {
+        verified.clone()
+    } else {
+        let id = strait::tls::load_identity(&client_certs).expect("client SVID");
+        let provider = common::provider_with_groups(&groups);
+        let mut c = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(support::Unverified(provider)))
+            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+            .expect("client SVID");
+        c.alpn_protocols = vec![b"h2".to_vec()];
+        source(c)
     };
     let echo = start_destination(false).await;
     let sink = start_destination(true).await;
@@ -769,7 +790,7 @@ async fn run(secs: f64, rounds: usize, tunnels: usize) {
         if !want("idle") {
             break;
         }
-        match start_proxy(name, kind, &gw_certs, echo, sink, &tls).await {
+        match start_proxy(name, kind, &gw_certs, echo, sink, &verified).await {
             Ok(p) => {
                 if let Some(v) = rss_per_idle_tunnel(&p.target, &tls, tunnels).await {
                     cells.put(name, "idle", 0, v);
@@ -780,7 +801,7 @@ async fn run(secs: f64, rounds: usize, tunnels: usize) {
     }
     let mut alive = Vec::new();
     for (name, kind) in &proxies {
-        match start_proxy(name, kind, &gw_certs, echo, sink, &tls).await {
+        match start_proxy(name, kind, &gw_certs, echo, sink, &verified).await {
             Ok(p) => {
                 names.push(name.clone());
                 alive.push(p);
