@@ -290,7 +290,11 @@ async fn outer_tls(
 }
 
 async fn hbone_connect(gw: SocketAddr, client: &Path, mesh: &Path) -> Result<Hbone, String> {
-    let tls = outer_tls(gw, client, mesh).await?;
+    hbone_over(outer_tls(gw, client, mesh).await?).await
+}
+
+/// HTTP/2 over an outer TLS connection, with ztunnel's windows.
+async fn hbone_over(tls: tokio_rustls::client::TlsStream<TcpStream>) -> Result<Hbone, String> {
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
@@ -847,6 +851,73 @@ spec:
             && l["response_flag"] == "UAEX"
     })));
     drop(t);
+}
+
+/// A session never outlives a certificate it was made with, on 15008 as on ISTIO_MUTUAL:
+/// an outer connection that resumes a session whose client certificate has expired since
+/// is refused as `expired` (as its full handshake would be), and gets no tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outer_connection_does_not_resume_past_its_client_certificate() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let certs = Certs::new();
+    let short = certs.dir.path().join("short");
+    strait(&[
+        "cert",
+        "issue",
+        "--ca",
+        certs.ca.to_str().unwrap(),
+        "--id",
+        SLEEP_ID,
+        "--out",
+        short.to_str().unwrap(),
+        "--valid-for",
+        "3s",
+    ]);
+    let issued = std::time::Instant::now();
+    let a = Dest::start("a", Behaviour::Echo).await;
+    let (gw, hbone) = start_gateway(
+        &certs,
+        &service(REVIEWS, &endpoint(a.ip, Some("http"), "net1")),
+    );
+    // A source that keeps its tickets, as ztunnel's rustls client does.
+    let mut id = load_identity(&short).unwrap();
+    id.roots = load_identity(&certs.gateway).unwrap().roots;
+    let trust = TrustConfig {
+        trust_domain: "cluster.local".into(),
+        aliases: vec![],
+        federated: Default::default(),
+    };
+    let expected = SpiffeId::parse(GW_ID).unwrap();
+    let mut config = (*client_config(&id, &trust, Some(&expected), &[b"h2"]).unwrap()).clone();
+    config.enable_sni = false;
+    let config = Arc::new(config);
+    let tunnel = || async {
+        let tcp = TcpStream::connect(hbone).await.map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(ServerName::try_from("gateway").unwrap(), tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let kind = tls.get_ref().1.handshake_kind();
+        let outer = hbone_over(tls).await?;
+        let (status, mut t) = outer.connect(&format!("{REVIEWS}:9080")).await?;
+        let greeted = greeted_by(&t.exchange("hi\n", true).await).to_string();
+        Ok::<_, String>((kind, status, greeted))
+    };
+    assert_eq!(tunnel().await, Ok((Some(Full), 200, "a".to_string())));
+    assert_eq!(tunnel().await, Ok((Some(Resumed), 200, "a".to_string())));
+    // notAfter is the issue time plus 3 s, in whole seconds.
+    tokio::time::sleep(
+        (issued + Duration::from_secs(5)).saturating_duration_since(std::time::Instant::now()),
+    )
+    .await;
+    let late = tunnel().await;
+    assert!(
+        late.is_err(),
+        "a tunnel after the client certificate expired: {late:?}"
+    );
+    gw.wait_metric("strait_refusals_total", &[("reason", "expired")], |v| {
+        v == 1.0
+    });
 }
 
 /// Each stream has its own flow control: a destination that never reads holds back its

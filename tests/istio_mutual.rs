@@ -1082,6 +1082,54 @@ spec:
     );
 }
 
+/// A session never outlives a certificate it was made with: a ticket lives for hours, a
+/// client certificate may expire before it, and a resumed connection whose client chain
+/// has expired since is refused as `expired`, as its full handshake would be; other
+/// clients are served on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_does_not_resume_past_its_client_certificate() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let s = setup();
+    let (echo, _task) = plaintext_echo().await;
+    let ports = Ports::new();
+    let gw = Strait::start(ports, &config(&ports, &s.gw_certs, echo.port(), ""));
+    let short = s.dir.path().join("short");
+    strait(&[
+        "cert",
+        "issue",
+        "--ca",
+        s.mesh_ca.to_str().unwrap(),
+        "--id",
+        "spiffe://cluster.local/ns/foo/sa/short",
+        "--out",
+        short.to_str().unwrap(),
+        "--valid-for",
+        "3s",
+    ]);
+    let issued = std::time::Instant::now();
+    let client = resuming_client(&short);
+    assert_eq!(exchange_with(gw.gateway, &client).await, (Some(Full), true));
+    assert_eq!(
+        exchange_with(gw.gateway, &client).await,
+        (Some(Resumed), true)
+    );
+    // notAfter is the issue time plus 3 s, in whole seconds.
+    tokio::time::sleep(
+        (issued + Duration::from_secs(5)).saturating_duration_since(std::time::Instant::now()),
+    )
+    .await;
+    assert_eq!(
+        exchange_with(gw.gateway, &client).await,
+        (Some(Resumed), false),
+        "a session resumed past its client certificate's notAfter"
+    );
+    gw.wait_metric("strait_refusals_total", &[("reason", "expired")], |v| {
+        v == 1.0
+    });
+    let sleep = resuming_client(&s.sleep("sleep"));
+    assert_eq!(exchange_with(gw.gateway, &sleep).await, (Some(Full), true));
+}
+
 /// How `openssl s_client` says its handshake went: `New` or `Reused`.
 fn session_kind(out: &str) -> Option<&'static str> {
     out.lines().find_map(|l| {

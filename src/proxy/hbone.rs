@@ -197,6 +197,16 @@ pub(super) async fn handle(
             return;
         }
     };
+    if crate::tls::resumed_past_validity(tls.get_ref().1) {
+        result.refuse(
+            ResponseFlag::Unauthorized,
+            crate::tls::Refusal::Expired.reason(),
+        );
+        tracing::info!(%peer, "HBONE refused: resumed a session whose client certificate has expired");
+        let mut tls = tls;
+        let _ = tls.shutdown().await;
+        return;
+    }
     result.alpn = Some("h2".into());
     // The verifier required a certificate with exactly one SPIFFE ID of a trusted domain.
     let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {

@@ -93,6 +93,16 @@ pub(super) async fn serve(
             return;
         }
     };
+    if crate::tls::resumed_past_validity(tls.get_ref().1) {
+        result.refuse(
+            ResponseFlag::Unauthorized,
+            crate::tls::Refusal::Expired.reason(),
+        );
+        tracing::info!(peer = %result.downstream, "refused: resumed a session whose client certificate has expired");
+        let mut tls = tls;
+        let _ = tls.shutdown().await;
+        return;
+    }
     // With PeerAuthentication PERMISSIVE a client may present no certificate; one that
     // is presented has been verified to carry exactly one SPIFFE ID.
     let peer_id = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {

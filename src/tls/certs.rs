@@ -94,6 +94,38 @@ pub fn cert_not_after(cert: &CertificateDer) -> Result<SystemTime, CertError> {
     time.ok_or_else(|| CertError::X509(format!("notAfter {secs} is out of range")))
 }
 
+/// Whether a resumed session's peer chain is outside its validity period at `now`.
+///
+/// A full handshake checks every certificate's period as it verifies the chain; a resumed
+/// one brings back the chain verified when the session was made, which a ticket can outlive
+/// by hours. So a server checks the periods again on resumption: a session never outlives
+/// a certificate it was made with. A certificate that cannot be read counts as outside.
+pub fn resumed_chain_expired(chain: &[CertificateDer], now: SystemTime) -> bool {
+    let Ok(since_epoch) = now.duration_since(UNIX_EPOCH) else {
+        return true;
+    };
+    let now = since_epoch.as_secs() as i64;
+    chain
+        .iter()
+        .any(|cert| match X509Certificate::from_der(cert) {
+            Ok((_, x509)) => {
+                let v = x509.validity();
+                now < v.not_before.timestamp() || now > v.not_after.timestamp()
+            }
+            Err(_) => true,
+        })
+}
+
+/// Whether `conn` resumed a session whose peer chain has left its validity period since
+/// ([`resumed_chain_expired`]): such a connection is refused as `expired`, as its full
+/// handshake would be.
+pub fn resumed_past_validity(conn: &rustls::ServerConnection) -> bool {
+    conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+        && conn
+            .peer_certificates()
+            .is_some_and(|chain| resumed_chain_expired(chain, SystemTime::now()))
+}
+
 /// The SPIFFE ID of a peer's leaf certificate: exactly one URI SAN, a valid SPIFFE ID.
 pub fn peer_spiffe_id(cert: &CertificateDer) -> Result<SpiffeId, PeerIdError> {
     let (_, x509) =

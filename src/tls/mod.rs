@@ -11,7 +11,7 @@ pub mod verify;
 
 pub use certs::{
     CertError, Identity, PeerIdError, cert_not_after, load_identity, load_trust_bundle,
-    peer_spiffe_id,
+    peer_spiffe_id, resumed_chain_expired, resumed_past_validity,
 };
 pub use spiffe::{SpiffeId, SpiffeIdError};
 pub use verify::{
