@@ -263,12 +263,9 @@ impl Drop for Hbone {
     }
 }
 
-/// The outer TLS of an HBONE connection, as a source ztunnel opens it.
-async fn outer_tls(
-    gw: SocketAddr,
-    client: &Path,
-    mesh: &Path,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+/// A source ztunnel's outer TLS: the identity in `client`, the mesh root of `mesh`, ALPN
+/// h2, no SNI, the gateway's SPIFFE ID checked.
+fn source_config(client: &Path, mesh: &Path) -> rustls::ClientConfig {
     let mut id = load_identity(client).unwrap();
     id.roots = load_identity(mesh).unwrap().roots;
     let trust = TrustConfig {
@@ -277,9 +274,19 @@ async fn outer_tls(
         federated: Default::default(),
     };
     let expected = SpiffeId::parse(GW_ID).unwrap();
-    let config = client_config(&id, &trust, Some(&expected), &[b"h2"]).unwrap();
-    let mut config = (*config).clone();
+    let mut config = (*client_config(&id, &trust, Some(&expected), &[b"h2"]).unwrap()).clone();
     config.enable_sni = false;
+    config
+}
+
+/// The outer TLS of an HBONE connection, as a source ztunnel opens it (a full handshake
+/// each time).
+async fn outer_tls(
+    gw: SocketAddr,
+    client: &Path,
+    mesh: &Path,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let mut config = source_config(client, mesh);
     config.resumption = rustls::client::Resumption::disabled();
     let tcp = TcpStream::connect(gw).await.map_err(|e| e.to_string())?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -880,17 +887,7 @@ async fn an_outer_connection_does_not_resume_past_its_client_certificate() {
         &service(REVIEWS, &endpoint(a.ip, Some("http"), "net1")),
     );
     // A source that keeps its tickets, as ztunnel's rustls client does.
-    let mut id = load_identity(&short).unwrap();
-    id.roots = load_identity(&certs.gateway).unwrap().roots;
-    let trust = TrustConfig {
-        trust_domain: "cluster.local".into(),
-        aliases: vec![],
-        federated: Default::default(),
-    };
-    let expected = SpiffeId::parse(GW_ID).unwrap();
-    let mut config = (*client_config(&id, &trust, Some(&expected), &[b"h2"]).unwrap()).clone();
-    config.enable_sni = false;
-    let config = Arc::new(config);
+    let config = Arc::new(source_config(&short, &certs.gateway));
     let tunnel = || async {
         let tcp = TcpStream::connect(hbone).await.map_err(|e| e.to_string())?;
         let tls = tokio_rustls::TlsConnector::from(config.clone())
