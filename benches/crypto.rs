@@ -506,7 +506,7 @@ impl Certs {
 
 /// The load generator's TLS client: the client SVID in `certs`, exactly `groups` (key
 /// share for the first) and `versions`, ALPN as a sidecar offers it, the proxy's
-/// certificate not verified ([`support::Unverified`]; with `BENCH_CLIENT_VERIFY=1` verified against
+/// certificate not verified ([`common::Unverified`]; with `BENCH_CLIENT_VERIFY=1` verified against
 /// the mesh roots, as before), and TLS 1.3 tickets kept in `store` (none: every connection
 /// a full handshake).
 fn load_client(
@@ -525,7 +525,7 @@ fn load_client(
             .with_protocol_versions(versions)
             .expect("versions")
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(support::Unverified(provider)))
+            .with_custom_certificate_verifier(Arc::new(common::Unverified(provider)))
             .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
             .expect("client SVID");
         config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();

@@ -746,7 +746,7 @@ async fn run(secs: f64, rounds: usize, tunnels: usize) {
     let gw_certs = mesh_cert(&ca, GATEWAY_ID, &dir.path().join("gateway"));
     let client_certs = mesh_cert(&ca, CLIENT_ID, &dir.path().join("client"));
     // The client that checks each gateway's chain once, when it starts, and the load
-    // generator's: the gateway's certificate not verified ([`support::Unverified`]; with
+    // generator's: the gateway's certificate not verified ([`common::Unverified`]; with
     // `BENCH_CLIENT_VERIFY=1` verified on every handshake, as a source ztunnel does).
     let groups = [NamedGroup::X25519, NamedGroup::secp256r1];
     let source = |c: rustls::ClientConfig| {
@@ -769,7 +769,7 @@ async fn run(secs: f64, rounds: usize, tunnels: usize) {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("versions")
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(support::Unverified(provider)))
+            .with_custom_certificate_verifier(Arc::new(common::Unverified(provider)))
             .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
             .expect("client SVID");
         c.alpn_protocols = vec![b"h2".to_vec()];

@@ -824,7 +824,8 @@ spec:
             .with_protocol_versions(versions)
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAny))
+            // Any server certificate: only the version or the ALPN can fail this handshake.
+            .with_custom_certificate_verifier(Arc::new(Unverified(provider())))
             .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
             .unwrap();
         let mut config = config;
@@ -1063,45 +1064,6 @@ async fn a_reset_ends_its_tunnel_while_the_destination_stalls() {
     // The other tunnel is untouched.
     fast.exchange("after\n", false).await;
     assert_eq!(stall.accepted(), 1);
-}
-
-/// Accepts any server certificate: for clients whose handshake must fail for another
-/// reason (protocol version, ALPN), so that only that reason can fail it.
-#[derive(Debug)]
-struct AcceptAny;
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// Envoy as Istio's ambient east-west gateway, serving each `(host, endpoint ip)` on port
