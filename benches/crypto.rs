@@ -668,9 +668,16 @@ fn envoy_upstream_tls(certs: &Path, sni: Option<String>, peer: Option<&str>) -> 
         validation["match_typed_subject_alt_names"] =
             serde_json::json!([{"san_type": "URI", "matcher": {"exact": id}}]);
     }
+    // istiod's TLS versions for an ISTIO_MUTUAL cluster (`defaultUpstreamCommonTLSContext`):
+    // without them Envoy's client stops at TLS 1.2, and its bridge and re-encryption would
+    // resume and handshake with the workloads and gateway in TLS 1.2 where a sidecar uses 1.3.
     let mut tls = serde_json::json!({
         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
         "common_tls_context": {
+            "tls_params": {
+                "tls_minimum_protocol_version": "TLSv1_2",
+                "tls_maximum_protocol_version": "TLSv1_3"
+            },
             "alpn_protocols": ["istio"],
             "tls_certificates": [{"certificate_chain": envoy_file(certs, "cert-chain.pem"), "private_key": envoy_file(certs, "key.pem")}],
             "validation_context": validation
