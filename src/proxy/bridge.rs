@@ -33,6 +33,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::tls::io::{TlsIo, WRITE_BUFFER};
+
 use super::copy::{ByteCounters, CopyOutcome, copy_streams, copy_tcp};
 use super::upstream_leg::{MAX_CONNECT_ATTEMPTS, MetricsObserver, copy_limits, record_copy};
 use super::{Runtime, Shared};
@@ -91,7 +93,7 @@ pub fn hop_for<'a>(
 /// The upstream side of a bridged connection.
 enum Link {
     Plain(TcpStream),
-    Mutual(Box<TlsStream<TcpStream>>),
+    Mutual(Box<TlsStream<TlsIo<TcpStream>>>),
 }
 
 struct Opened {
@@ -367,7 +369,7 @@ async fn handshake(
     sni: &str,
     tcp: TcpStream,
     timeout: Duration,
-) -> Result<(TlsStream<TcpStream>, String), Handshake> {
+) -> Result<(TlsStream<TlsIo<TcpStream>>, String), Handshake> {
     let material = shared.tls.load_full().ok_or_else(|| {
         Handshake::Rejected(
             "no_bridge_certificate",
@@ -386,11 +388,12 @@ async fn handshake(
     let name = ServerName::try_from(sni.to_string()).map_err(|e| {
         Handshake::Rejected("bad_upstream_sni", format!("SNI {sni} is not usable: {e}"))
     })?;
-    let connect = tokio_rustls::TlsConnector::from(client.clone()).connect(name, tcp);
+    let connect = tokio_rustls::TlsConnector::from(client.clone()).connect(name, TlsIo::plain(tcp));
     let tls = match tokio::time::timeout(timeout, connect).await {
-        Ok(Ok(tls)) => {
+        Ok(Ok(mut tls)) => {
             let kind = tls.get_ref().1.handshake_kind();
             shared.telemetry.metrics.tls_handshakes.client(kind);
+            tls.get_mut().1.set_buffer_limit(Some(WRITE_BUFFER));
             tls
         }
         Ok(Err(e)) => {

@@ -536,10 +536,13 @@ where
     })
 }
 
-/// Where [`StreamPump`] reads: four TLS records of plaintext, so that one read from a
-/// socket feeds four records to a TLS writer (written with one vectored call), and up to
-/// four records read from TLS go to a socket in one write.
-const STREAM_SCRATCH: usize = 4 * TLS_RECORD;
+/// Where [`StreamPump`] reads: sixteen TLS records of plaintext (256 KiB), so that one
+/// read from a socket feeds sixteen records to a TLS writer (sent in vectored calls), and
+/// up to sixteen records read from TLS go to a socket in one write: a bulk direction wakes
+/// its receiver once per 256 KiB, as Envoy's writes of what one read event decrypted do.
+/// One buffer per worker thread; what a full writer leaves is copied out (at most this
+/// much per direction, a quarter of Envoy's default per-connection buffer limit).
+const STREAM_SCRATCH: usize = 16 * TLS_RECORD;
 /// The most plaintext one TLS record carries.
 const TLS_RECORD: usize = 16 * 1024;
 

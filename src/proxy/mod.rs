@@ -10,7 +10,6 @@ pub mod hello;
 mod listener;
 mod mutual;
 mod passthrough;
-mod rewind;
 mod upstream_leg;
 
 use std::collections::{BTreeMap, HashMap};

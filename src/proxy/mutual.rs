@@ -11,13 +11,13 @@ use tokio::net::TcpStream;
 
 use super::copy::{ByteCounters, copy_streams};
 use super::hello::{Alert, refuse_with_alert};
-use super::rewind::Rewind;
 use super::upstream_leg::{Held, Opened, Splice, copy_limits, open_upstream};
 use super::{Runtime, Shared};
 use crate::model::{RbacFilter, ServicePort, UpstreamTls};
 use crate::policy::authz::{RbacConn, check_rbac};
 use crate::route::sni::build_subset_key;
 use crate::telemetry::{ConnectionResult, IstioLabels, ResponseFlag};
+use crate::tls::io::{TlsIo, WRITE_BUFFER};
 use crate::tls::{classify_handshake_error, handshake_error_detail, peer_spiffe_id};
 use crate::upstream::Purpose;
 
@@ -73,11 +73,12 @@ pub(super) async fn serve(
     // The handshake reads the ClientHello we already consumed, then the rest from the socket.
     let config = material.server_for(offered_alpn);
     let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
-    let handshake = acceptor.accept(Rewind::new(hello, stream));
+    let handshake = acceptor.accept(TlsIo::new(hello, stream));
     let tls = match tokio::time::timeout(settings.client_hello_timeout, handshake).await {
-        Ok(Ok(tls)) => {
+        Ok(Ok(mut tls)) => {
             let kind = tls.get_ref().1.handshake_kind();
             shared.telemetry.metrics.tls_handshakes.server(kind);
+            tls.get_mut().1.set_buffer_limit(Some(WRITE_BUFFER));
             tls
         }
         Ok(Err(e)) => {
@@ -201,10 +202,11 @@ pub(super) async fn serve(
             }
         };
         let up = tokio_rustls::TlsConnector::from(client.clone())
-            .connect(name, connected.stream)
+            .connect(name, TlsIo::plain(connected.stream))
             .await;
         match up {
-            Ok(up) => {
+            Ok(mut up) => {
+                up.get_mut().1.set_buffer_limit(Some(WRITE_BUFFER));
                 let kind = up.get_ref().1.handshake_kind();
                 shared.telemetry.metrics.tls_handshakes.client(kind);
                 let copy = copy_streams(tls, up, limits, counters, drain);

@@ -2,6 +2,7 @@
 
 pub mod certs;
 pub mod client_hello;
+pub mod io;
 pub mod material;
 pub mod memo;
 pub mod provider;
