@@ -909,7 +909,8 @@ fn cipher(out: &str) -> Option<String> {
 /// TLS parameters: BoringSSL's server (on a CPU with AES instructions) scores the AES-GCM
 /// suites and ChaCha20-Poly1305 alike and keeps the client's order between them, and so does
 /// strait. A client listing AES-256-GCM first (rustls, OpenSSL) gets it from both; an Envoy
-/// sidecar lists AES-128-GCM first and gets that.
+/// sidecar lists AES-128-GCM first and gets that, and so does strait's own client (the
+/// Bridge's and re-encryption's configuration), which offers the suites in Envoy's order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cipher_suite_is_the_clients_first_as_envoy_picks_it() {
     let s = setup();
@@ -968,6 +969,20 @@ async fn cipher_suite_is_the_clients_first_as_envoy_picks_it() {
                 );
             }
         }
+    }
+    let ours = resuming_client(&client);
+    for (who, addr) in [("strait", gw.gateway), ("envoy", listen)] {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from(format!("outbound_.9080_._.{ECHO}")).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(ours.clone())
+            .connect(name, tcp)
+            .await
+            .unwrap_or_else(|e| panic!("strait's client to {who}: {e}"));
+        assert_eq!(
+            tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+            "strait's client, served by {who}"
+        );
     }
 }
 

@@ -27,6 +27,14 @@
 //!   `pqc` policy) asks for it with a HelloRetryRequest and gets it. Offering the hybrid first
 //!   would add 1.2 KB and an ML-KEM key generation to every ClientHello for peers that mostly
 //!   ignore it.
+//!
+//! Cipher suites: as a server strait keeps the client's order (as BoringSSL does with AES
+//! instructions); as a client it offers them in the order Envoy's upstream does (BoringSSL on
+//! a CPU with AES instructions, Envoy's default TLS 1.2 list): AES-128-GCM first, then
+//! AES-256-GCM, then ChaCha20-Poly1305, so that a sidecar (which keeps the client's order)
+//! picks for strait what it picks for an Envoy gateway. rustls' own order puts AES-256-GCM
+//! first, which costs the record path more AES rounds per byte and the handshake a SHA-384
+//! key schedule. All of them are suites Istio's proxies accept.
 
 use std::sync::Arc;
 
@@ -81,10 +89,33 @@ pub fn server_provider() -> Arc<CryptoProvider> {
     })
 }
 
+/// What strait offers as a client, in this order (see the module's text): the provider's
+/// suites, ordered as Envoy's upstream offers them.
+pub fn client_suites() -> Vec<rustls::SupportedCipherSuite> {
+    use rustls::CipherSuite as C;
+    const ORDER: [C; 9] = [
+        C::TLS13_AES_128_GCM_SHA256,
+        C::TLS13_AES_256_GCM_SHA384,
+        C::TLS13_CHACHA20_POLY1305_SHA256,
+        C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    ];
+    let all = imp::default_provider().cipher_suites;
+    ORDER
+        .iter()
+        .filter_map(|want| all.iter().find(|s| s.suite() == *want).copied())
+        .collect()
+}
+
 /// The provider for strait's own TLS clients.
 pub fn client_provider() -> Arc<CryptoProvider> {
     Arc::new(CryptoProvider {
         kx_groups: client_groups(),
+        cipher_suites: client_suites(),
         ..imp::default_provider()
     })
 }
@@ -127,6 +158,24 @@ mod tests {
             .chain(pq)
             .collect();
         assert_eq!(names(&client_groups()), client);
+        // The suites as Envoy's upstream offers them, and every one the provider has.
+        use rustls::CipherSuite as C;
+        let suites: Vec<C> = client_suites().iter().map(|s| s.suite()).collect();
+        assert_eq!(
+            suites,
+            [
+                C::TLS13_AES_128_GCM_SHA256,
+                C::TLS13_AES_256_GCM_SHA384,
+                C::TLS13_CHACHA20_POLY1305_SHA256,
+                C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+                C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+                C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            ]
+        );
+        assert_eq!(suites.len(), provider().cipher_suites.len());
         // Never P-384: several times X25519's cost, and refused by Envoy's server.
         for p in [server_provider(), client_provider()] {
             assert!(!names(&p.kx_groups).contains(&NamedGroup::secp384r1));
