@@ -51,6 +51,7 @@ use std::time::{Duration, Instant};
 
 use common::{TempDir, free_port, mesh_ca, mesh_cert, mesh_client_config};
 use rustls::NamedGroup;
+use strait::tls::io::TlsIo;
 use support::{CoreProbe, CpuProbe, loadavg, median, on_path, pin_self_to};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -115,6 +116,13 @@ trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 type Stream = Box<dyn Io>;
 
+/// Whether the bench's own TLS ends (its clients, the mTLS workloads) read their sockets
+/// ahead of rustls' 4 KiB reads, with strait's `TlsIo`, the same for every proxy:
+/// `BENCH_CLIENT_READ_AHEAD=0` restores plain sockets.
+fn client_reads_ahead() -> bool {
+    std::env::var("BENCH_CLIENT_READ_AHEAD").map_or(true, |v| v != "0")
+}
+
 /// Echo: copies back; sink: counts until the FIN, then writes its count (8 bytes); source:
 /// reads a 4-byte write size, then writes forever.
 async fn serve(kind: Kind, mut s: Stream) -> io::Result<()> {
@@ -172,6 +180,10 @@ async fn start_workload(kind: Kind, tls: Option<Arc<rustls::ServerConfig>>) -> S
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let stream: Stream = match acceptor {
+                    Some(a) if client_reads_ahead() => match a.accept(TlsIo::plain(s)).await {
+                        Ok(t) => Box::new(t),
+                        Err(_) => return,
+                    },
                     Some(a) => match a.accept(s).await {
                         Ok(t) => Box::new(t),
                         Err(_) => return,
@@ -227,11 +239,16 @@ impl Target {
                 linger0(&s);
                 let name =
                     rustls::pki_types::ServerName::try_from(svc.sni()).map_err(io::Error::other)?;
-                let t = tokio_rustls::TlsConnector::from(tls.clone())
-                    .connect(name, s)
-                    .await?;
-                let kind = t.get_ref().1.handshake_kind();
-                Ok((Box::new(t), kind))
+                let connector = tokio_rustls::TlsConnector::from(tls.clone());
+                if client_reads_ahead() {
+                    let t = connector.connect(name, TlsIo::plain(s)).await?;
+                    let kind = t.get_ref().1.handshake_kind();
+                    Ok((Box::new(t), kind))
+                } else {
+                    let t = connector.connect(name, s).await?;
+                    let kind = t.get_ref().1.handshake_kind();
+                    Ok((Box::new(t), kind))
+                }
             }
             Entry::Bridge(addrs) => {
                 let s = TcpStream::connect(addrs[svc.kind as usize]).await?;
@@ -1110,6 +1127,35 @@ async fn measure_handshakes(
     resumed
 }
 
+/// One bulk scenario against `t`: Gbit/s, the proxy's CPU per GB, and the core use as for
+/// the connection scenarios (a single connection's rate is bounded by the busier core).
+async fn measure_bulk(
+    cells: &mut Cells,
+    t: &Target,
+    b: &Bulk,
+    round: usize,
+    tls: &Arc<rustls::ClientConfig>,
+    secs: f64,
+) {
+    let probe = CpuProbe::start(t.pid);
+    let me = CpuProbe::start(Some(std::process::id()));
+    let cores = CoreProbe::start();
+    let gbit = bulk(t, b, tls, secs).await;
+    cells.put(&t.name, b.id, round, gbit);
+    if let Some(us) = probe.per_unit(gbit / 8.0) {
+        cells.put(&t.name, &format!("cpu_{}", b.id), round, us / 1000.0);
+    }
+    if let Some(x) = probe.share() {
+        cells.put(&t.name, &format!("use_{}", b.id), round, x * 100.0);
+    }
+    if let Some(x) = me.share() {
+        cells.put(&t.name, &format!("load_{}", b.id), round, x * 100.0);
+    }
+    if let Some(x) = cores.busy(1) {
+        cells.put(&t.name, &format!("cpu1_{}", b.id), round, x * 100.0);
+    }
+}
+
 async fn bulk(t: &Target, b: &Bulk, tls: &Arc<rustls::ClientConfig>, secs: f64) -> f64 {
     let svc = if b.mtls { Svc::mtls } else { Svc::plain };
     if b.up {
@@ -1473,12 +1519,7 @@ async fn run(secs: f64, rounds: usize, conns: usize) {
         for b in BULK.iter().chain(&REENC).filter(|b| want(b.id)) {
             eprintln!("  {}", b.id);
             for t in &order {
-                let probe = CpuProbe::start(t.pid);
-                let gbit = bulk(t, b, &default_tls, secs).await;
-                cells.put(&t.name, b.id, round, gbit);
-                if let Some(us) = probe.per_unit(gbit / 8.0) {
-                    cells.put(&t.name, &format!("cpu_{}", b.id), round, us / 1000.0);
-                }
+                measure_bulk(&mut cells, t, b, round, &default_tls, secs).await;
             }
         }
         if want("br-cps") {
@@ -1490,12 +1531,7 @@ async fn run(secs: f64, rounds: usize, conns: usize) {
         }
         for b in BRIDGE_BULK.iter().filter(|b| want(b.id)) {
             for t in &border {
-                let probe = CpuProbe::start(t.pid);
-                let gbit = bulk(t, b, &default_tls, secs).await;
-                cells.put(&t.name, b.id, round, gbit);
-                if let Some(us) = probe.per_unit(gbit / 8.0) {
-                    cells.put(&t.name, &format!("cpu_{}", b.id), round, us / 1000.0);
-                }
+                measure_bulk(&mut cells, t, b, round, &default_tls, secs).await;
             }
         }
     }
@@ -1562,19 +1598,18 @@ fn print_table(names: &[String], cells: &Cells) {
     }
 }
 
-/// Where the connection-rate scenarios were bounded: per target, how much of its core the
+/// Where each scenario was bounded: per target, how much of its core the
 /// proxy used, how much of the other core this process (clients and workloads) used, and
 /// how busy that core was in all (the rest of the machine included); medians over rounds.
 fn print_use(names: &[String], cells: &Cells) {
-    println!(
-        "\ncore use during the connection scenarios, % (proxy on CPU 0 / this process on CPU 1 / CPU 1 busy in all):"
-    );
+    println!("\ncore use, % (proxy on CPU 0 / this process on CPU 1 / CPU 1 busy in all):");
     let ids: Vec<&str> = HANDSHAKES
         .iter()
         .map(|h| h.id)
         .chain(["re-hs", IDS.0])
         .chain(RESUME.iter().map(|r| r.id))
         .chain(["br-cps"])
+        .chain(BULK.iter().chain(&REENC).chain(&BRIDGE_BULK).map(|b| b.id))
         .collect();
     for id in ids {
         if !names
