@@ -33,9 +33,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::tls::io::{TlsIo, WRITE_BUFFER};
+use crate::tls::io::TlsIo;
 
-use super::copy::{ByteCounters, CopyOutcome, copy_streams, copy_tcp};
+use super::copy::{ByteCounters, CopyOutcome, STREAM_SCRATCH, copy_streams, copy_tcp};
 use super::upstream_leg::{MAX_CONNECT_ATTEMPTS, MetricsObserver, copy_limits, record_copy};
 use super::{Runtime, Shared};
 use crate::model::{BridgeSpec, Endpoint, NetworkGateway, ServiceKey, Settings, UpstreamTls};
@@ -393,7 +393,7 @@ async fn handshake(
         Ok(Ok(mut tls)) => {
             let kind = tls.get_ref().1.handshake_kind();
             shared.telemetry.metrics.tls_handshakes.client(kind);
-            tls.get_mut().1.set_buffer_limit(Some(WRITE_BUFFER));
+            tls.get_mut().1.set_buffer_limit(Some(STREAM_SCRATCH));
             tls
         }
         Ok(Err(e)) => {

@@ -542,7 +542,13 @@ where
 /// its receiver once per 256 KiB, as Envoy's writes of what one read event decrypted do.
 /// One buffer per worker thread; what a full writer leaves is copied out (at most this
 /// much per direction, a quarter of Envoy's default per-connection buffer limit).
-const STREAM_SCRATCH: usize = 16 * TLS_RECORD;
+///
+/// A TLS connection this copy writes to takes as much at once
+/// (`set_buffer_limit(Some(STREAM_SCRATCH))`; rustls' default is four records), so that it
+/// encrypts a whole read into records in one call and nothing is left over for the copy
+/// to keep aside while the socket is full. The bound on what one direction holds under
+/// backpressure is the same.
+pub(super) const STREAM_SCRATCH: usize = 16 * TLS_RECORD;
 /// The most plaintext one TLS record carries.
 const TLS_RECORD: usize = 16 * 1024;
 

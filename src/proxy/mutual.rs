@@ -9,7 +9,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::copy::{ByteCounters, copy_streams};
+use super::copy::{ByteCounters, STREAM_SCRATCH, copy_streams};
 use super::hello::{Alert, refuse_with_alert};
 use super::upstream_leg::{Held, Opened, Splice, copy_limits, open_upstream};
 use super::{Runtime, Shared};
@@ -17,7 +17,7 @@ use crate::model::{RbacFilter, ServicePort, UpstreamTls};
 use crate::policy::authz::{RbacConn, check_rbac};
 use crate::route::sni::build_subset_key;
 use crate::telemetry::{ConnectionResult, IstioLabels, ResponseFlag};
-use crate::tls::io::{TlsIo, WRITE_BUFFER};
+use crate::tls::io::TlsIo;
 use crate::tls::{classify_handshake_error, handshake_error_detail, peer_spiffe_id};
 use crate::upstream::Purpose;
 
@@ -78,7 +78,7 @@ pub(super) async fn serve(
         Ok(Ok(mut tls)) => {
             let kind = tls.get_ref().1.handshake_kind();
             shared.telemetry.metrics.tls_handshakes.server(kind);
-            tls.get_mut().1.set_buffer_limit(Some(WRITE_BUFFER));
+            tls.get_mut().1.set_buffer_limit(Some(STREAM_SCRATCH));
             tls
         }
         Ok(Err(e)) => {
@@ -206,7 +206,7 @@ pub(super) async fn serve(
             .await;
         match up {
             Ok(mut up) => {
-                up.get_mut().1.set_buffer_limit(Some(WRITE_BUFFER));
+                up.get_mut().1.set_buffer_limit(Some(STREAM_SCRATCH));
                 let kind = up.get_ref().1.handshake_kind();
                 shared.telemetry.metrics.tls_handshakes.client(kind);
                 let copy = copy_streams(tls, up, limits, counters, drain);

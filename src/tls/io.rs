@@ -29,15 +29,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// with their headers and tags.
 const READ_AHEAD: usize = 4 * (16 * 1024 + 5 + 256);
 
-/// A read that asks for this much or more goes straight to the socket.
-const DIRECT: usize = READ_AHEAD;
-
-/// How much a TLS connection that strait's stream copy writes to takes at once: the
-/// copy's whole read (sixteen records; rustls' default is four), so that it encrypts it
-/// into records in one call and nothing is left over for the copy to keep aside while the
-/// socket is full. The bound on what one direction holds under backpressure is the same.
-pub const WRITE_BUFFER: usize = 256 * 1024;
-
 pub struct TlsIo<S> {
     /// Read from the socket and not yet taken; empty (no allocation) otherwise.
     ahead: BytesMut,
@@ -87,7 +78,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for TlsIo<S> {
             this.take_ahead(buf);
             return Poll::Ready(Ok(()));
         }
-        if buf.remaining() >= DIRECT {
+        // A caller that asks for as much as a read ahead would take reads the socket itself.
+        if buf.remaining() >= READ_AHEAD {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
         this.ahead.reserve(READ_AHEAD);
