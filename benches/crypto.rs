@@ -116,11 +116,15 @@ trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 type Stream = Box<dyn Io>;
 
-/// Whether the bench's own TLS ends (its clients, the mTLS workloads) read their sockets
-/// ahead of rustls' 4 KiB reads, with strait's `TlsIo`, the same for every proxy:
-/// `BENCH_CLIENT_READ_AHEAD=0` restores plain sockets.
-fn client_reads_ahead() -> bool {
-    std::env::var("BENCH_CLIENT_READ_AHEAD").map_or(true, |v| v != "0")
+/// The socket under one of the bench's own TLS ends (its clients, the mTLS workloads):
+/// read ahead of rustls' 4 KiB reads with strait's `TlsIo`, the same for every proxy;
+/// `BENCH_CLIENT_READ_AHEAD=0` gives rustls the plain socket.
+fn under_tls(s: TcpStream) -> Stream {
+    if std::env::var("BENCH_CLIENT_READ_AHEAD").is_ok_and(|v| v == "0") {
+        Box::new(s)
+    } else {
+        Box::new(TlsIo::plain(s))
+    }
 }
 
 /// Echo: copies back; sink: counts until the FIN, then writes its count (8 bytes); source:
@@ -180,11 +184,7 @@ async fn start_workload(kind: Kind, tls: Option<Arc<rustls::ServerConfig>>) -> S
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let stream: Stream = match acceptor {
-                    Some(a) if client_reads_ahead() => match a.accept(TlsIo::plain(s)).await {
-                        Ok(t) => Box::new(t),
-                        Err(_) => return,
-                    },
-                    Some(a) => match a.accept(s).await {
+                    Some(a) => match a.accept(under_tls(s)).await {
                         Ok(t) => Box::new(t),
                         Err(_) => return,
                     },
@@ -239,16 +239,11 @@ impl Target {
                 linger0(&s);
                 let name =
                     rustls::pki_types::ServerName::try_from(svc.sni()).map_err(io::Error::other)?;
-                let connector = tokio_rustls::TlsConnector::from(tls.clone());
-                if client_reads_ahead() {
-                    let t = connector.connect(name, TlsIo::plain(s)).await?;
-                    let kind = t.get_ref().1.handshake_kind();
-                    Ok((Box::new(t), kind))
-                } else {
-                    let t = connector.connect(name, s).await?;
-                    let kind = t.get_ref().1.handshake_kind();
-                    Ok((Box::new(t), kind))
-                }
+                let t = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, under_tls(s))
+                    .await?;
+                let kind = t.get_ref().1.handshake_kind();
+                Ok((Box::new(t), kind))
             }
             Entry::Bridge(addrs) => {
                 let s = TcpStream::connect(addrs[svc.kind as usize]).await?;
@@ -1107,24 +1102,45 @@ async fn measure_handshakes(
     clients: Arc<Vec<Arc<rustls::ClientConfig>>>,
     secs: f64,
 ) -> f64 {
-    let probe = CpuProbe::start(t.pid);
-    let me = CpuProbe::start(Some(std::process::id()));
-    let cores = CoreProbe::start();
+    let probes = Probes::start(t);
     let (rate, resumed) = handshake_rate_of(t, svc, clients, secs).await;
     cells.put(&t.name, id, round, rate);
-    if let Some(us) = probe.per_unit(rate) {
+    if let Some(us) = probes.proxy.per_unit(rate) {
         cells.put(&t.name, &format!("cpu_{id}"), round, us);
     }
-    if let Some(x) = probe.share() {
-        cells.put(&t.name, &format!("use_{id}"), round, x * 100.0);
-    }
-    if let Some(x) = me.share() {
-        cells.put(&t.name, &format!("load_{id}"), round, x * 100.0);
-    }
-    if let Some(x) = cores.busy(1) {
-        cells.put(&t.name, &format!("cpu1_{id}"), round, x * 100.0);
-    }
+    probes.put_use(cells, t, id, round);
     resumed
+}
+
+/// The CPU probes around one measurement: the proxy's, this process's, and CPU 1's.
+struct Probes {
+    proxy: CpuProbe,
+    me: CpuProbe,
+    cores: CoreProbe,
+}
+
+impl Probes {
+    fn start(t: &Target) -> Probes {
+        Probes {
+            proxy: CpuProbe::start(t.pid),
+            me: CpuProbe::start(Some(std::process::id())),
+            cores: CoreProbe::start(),
+        }
+    }
+
+    /// The core use since `start`: `use_` (the proxy's share of its core), `load_` (this
+    /// process's), `cpu1_` (how busy CPU 1 was in all), in percent.
+    fn put_use(&self, cells: &mut Cells, t: &Target, id: &str, round: usize) {
+        if let Some(x) = self.proxy.share() {
+            cells.put(&t.name, &format!("use_{id}"), round, x * 100.0);
+        }
+        if let Some(x) = self.me.share() {
+            cells.put(&t.name, &format!("load_{id}"), round, x * 100.0);
+        }
+        if let Some(x) = self.cores.busy(1) {
+            cells.put(&t.name, &format!("cpu1_{id}"), round, x * 100.0);
+        }
+    }
 }
 
 /// One bulk scenario against `t`: Gbit/s, the proxy's CPU per GB, and the core use as for
@@ -1137,23 +1153,13 @@ async fn measure_bulk(
     tls: &Arc<rustls::ClientConfig>,
     secs: f64,
 ) {
-    let probe = CpuProbe::start(t.pid);
-    let me = CpuProbe::start(Some(std::process::id()));
-    let cores = CoreProbe::start();
+    let probes = Probes::start(t);
     let gbit = bulk(t, b, tls, secs).await;
     cells.put(&t.name, b.id, round, gbit);
-    if let Some(us) = probe.per_unit(gbit / 8.0) {
+    if let Some(us) = probes.proxy.per_unit(gbit / 8.0) {
         cells.put(&t.name, &format!("cpu_{}", b.id), round, us / 1000.0);
     }
-    if let Some(x) = probe.share() {
-        cells.put(&t.name, &format!("use_{}", b.id), round, x * 100.0);
-    }
-    if let Some(x) = me.share() {
-        cells.put(&t.name, &format!("load_{}", b.id), round, x * 100.0);
-    }
-    if let Some(x) = cores.busy(1) {
-        cells.put(&t.name, &format!("cpu1_{}", b.id), round, x * 100.0);
-    }
+    probes.put_use(cells, t, b.id, round);
 }
 
 async fn bulk(t: &Target, b: &Bulk, tls: &Arc<rustls::ClientConfig>, secs: f64) -> f64 {
